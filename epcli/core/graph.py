@@ -1,0 +1,94 @@
+"""The EP layer graph and its exact collapse by forward propagation.
+
+Nodes ``0 .. depth``: node 0 is the layer input, node ``j + 1`` is layer ``j``
+applied to node ``j`` (then its batch-norm), plus every skip that lands on it.
+Each node is tracked as one affine map of the input, so the collapse costs one
+composition per edge: linear in depth, never an expansion over all paths.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from epcli.core.affine import Affine, BatchNormFold, LinearAlgebra
+from epcli.core.conv import ConvAlgebra
+
+__all__ = ["LINEAR", "CONV2D", "ChainLayer", "SkipEdge", "skip_edges", "collapse_chain"]
+
+LINEAR = LinearAlgebra()
+CONV2D = ConvAlgebra()
+
+SkipEdge = tuple[int, int]
+"""A skip ``(source node, destination node)``."""
+
+
+def skip_edges(depth: int, intervals: Iterable[int]) -> tuple[SkipEdge, ...]:
+    """Skips for each interval n (-1 means depth, repeats ignored): m - n -> m for m = n, 2n, ... <= depth.
+
+    Ordered by interval first, as the original implementation adds them.
+    """
+    edges: list[SkipEdge] = []
+    for n in dict.fromkeys(depth if n == -1 else n for n in intervals):
+        edges.extend((m - n, m) for m in range(n, depth + 1, n))
+    return tuple(edges)
+
+
+@dataclass(frozen=True)
+class ChainLayer:
+    """One layer of the chain: its weight, optional bias and optional folded batch-norm."""
+
+    weight: Tensor
+    bias: Tensor | None = None
+    norm: BatchNormFold | None = None
+
+
+def _as_float64(layer: ChainLayer) -> ChainLayer:
+    def cast(t: Tensor | None) -> Tensor | None:
+        return None if t is None else t.detach().to(torch.float64)
+
+    norm = layer.norm
+    if norm is not None:
+        norm = BatchNormFold(cast(norm.scale), cast(norm.shift))  # type: ignore[arg-type]
+    return ChainLayer(cast(layer.weight), cast(layer.bias), norm)  # type: ignore[arg-type]
+
+
+def collapse_chain(
+    algebra: LinearAlgebra | ConvAlgebra,
+    in_features: int,
+    layers: Sequence[ChainLayer],
+    skips: Mapping[SkipEdge, ChainLayer | None],
+) -> Affine:
+    """Collapse an EP chain to one affine map, in float64.
+
+    ``layers[j]`` maps node j to node j + 1; ``skips`` maps each skip edge to its
+    learnable projection, or None for an identity skip. Nodes are dropped once no
+    later skip reads them, so memory stays at the few nodes still needed.
+    """
+    layers = [_as_float64(layer) for layer in layers]
+    projections = {edge: None if p is None else _as_float64(p) for edge, p in skips.items()}
+    incoming: dict[int, list[tuple[int, ChainLayer | None]]] = {}
+    last_read: dict[int, int] = {}
+    for (source, destination), projection in projections.items():
+        incoming.setdefault(destination, []).append((source, projection))
+        last_read[source] = max(last_read.get(source, -1), destination)
+
+    like = layers[0].weight
+    nodes: dict[int, Affine] = {0: algebra.identity(in_features, like)}
+    current = nodes[0]
+    for j, layer in enumerate(layers):
+        current = algebra.compose(layer.weight, layer.bias, current)
+        if layer.norm is not None:
+            current = current.scaled(layer.norm.scale, layer.norm.shift)
+        destination = j + 1
+        for source, projection in incoming.get(destination, ()):
+            branch = nodes[source]
+            if projection is not None:
+                branch = algebra.compose(projection.weight, projection.bias, branch)
+            current = algebra.add(current, branch)
+        nodes = {i: v for i, v in nodes.items() if last_read.get(i, -1) > destination}
+        nodes[destination] = current
+    return current

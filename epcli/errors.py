@@ -1,0 +1,45 @@
+"""Typed errors raised by epcli.
+
+Every error a user can cause is an :class:`EpcliError`, so callers (and the
+CLI) can catch one type. Messages name the file, layer or key at fault and say
+how to fix it.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "EpcliError",
+    "CheckpointError",
+    "UnsafeCheckpointError",
+    "ConfigError",
+    "ShapeMismatchError",
+    "VerificationError",
+]
+
+
+class EpcliError(Exception):
+    """Base class of every error epcli raises on bad input."""
+
+
+class CheckpointError(EpcliError):
+    """A checkpoint file is missing, unreadable, malformed or lacks epcli metadata."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint would need to run code (non-allowlisted pickle globals) to load."""
+
+
+class ConfigError(EpcliError, ValueError):
+    """An EP layer configuration (from a file or an argument) is invalid.
+
+    Also a :class:`ValueError`, so code written against the original layers,
+    which raised ValueError for bad arguments, keeps working.
+    """
+
+
+class ShapeMismatchError(EpcliError):
+    """Tensors disagree in shape with the configuration that should have produced them."""
+
+
+class VerificationError(EpcliError):
+    """Collapsed and expanded forms disagree beyond the requested tolerance."""

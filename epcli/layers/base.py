@@ -1,0 +1,213 @@
+"""Behaviour shared by EP layers: structure, expanded forward, cached collapse.
+
+An EP layer trains as a chain ``layer_dict.<i> = Sequential(layer, [BatchNorm])``
+with optional skips and, in eval mode, runs the single collapsed layer. The
+collapse is a pure function of the parameters and buffers, cached under a
+fingerprint of them (storage, version counter, dtype, device), so it is
+recomputed after ``load_state_dict``, optimizer steps or ``.to()`` and never
+goes stale.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from epcli.core import Affine, BatchNormFold, ChainLayer, collapse_chain
+from epcli.core.affine import LinearAlgebra
+from epcli.core.conv import ConvAlgebra
+from epcli.layers.config import EPConfig
+
+__all__ = ["EPLayer"]
+
+_STALE_COLLAPSED_KEYS = ("weight", "bias")
+"""Buffers the original implementation persisted; derived here, so ignored on load."""
+
+
+def _float64(tensor: Tensor | None) -> Tensor | None:
+    return None if tensor is None else tensor.detach().to(torch.float64)
+
+
+def _fold(norm: nn.Module) -> BatchNormFold:
+    """Eval-mode batch-norm as scale/shift, computed in float64 with the module's own eps."""
+    return BatchNormFold.from_statistics(
+        _float64(norm.running_mean), _float64(norm.running_var), norm.eps, _float64(norm.weight), _float64(norm.bias)
+    )
+
+
+class EPLayer(nn.Module):
+    """Base of :class:`EPLinear` and :class:`EPConv2d`; not used directly."""
+
+    _algebra: LinearAlgebra | ConvAlgebra
+
+    def __init__(self, config: EPConfig) -> None:
+        super().__init__()
+        self._config = config
+        self.collapse_on_eval = config.collapse_on_eval
+        dims = config.node_dims
+        self.layer_dict = nn.ModuleDict(
+            {str(j): self._make_block(j, dims[j], dims[j + 1]) for j in range(config.depth)}
+        )
+        self.residual_dict = nn.ModuleDict(
+            {
+                self.skip_key(edge): self._make_projection(edge[1], dims[edge[0]], dims[edge[1]])
+                for edge in config.skips
+            }
+            if config.learnable_skips
+            else {}
+        )
+        self._incoming: dict[int, list[int]] = {}
+        for source, destination in config.skips:
+            self._incoming.setdefault(destination, []).append(source)
+        self._cache: tuple[tuple[Any, ...], Tensor, Tensor | None] | None = None
+        self.reset_parameters()
+
+    @classmethod
+    def from_config(cls, config: EPConfig) -> EPLayer:
+        """A freshly initialised layer built from ``config`` (e.g. one read from a checkpoint)."""
+        return cls(**config.to_dict())
+
+    # ---- structure --------------------------------------------------------------
+    @staticmethod
+    def skip_key(edge: tuple[int, int]) -> str:
+        """Key of a learnable skip in ``residual_dict``: ``"<source>_<destination>"``."""
+        return f"{edge[0]}_{edge[1]}"
+
+    def _make_layer(self, index: int, in_dim: int, out_dim: int) -> nn.Module:
+        raise NotImplementedError
+
+    def _make_norm(self, channels: int) -> nn.Module:
+        raise NotImplementedError
+
+    def _make_projection(self, destination: int, in_dim: int, out_dim: int) -> nn.Module:
+        raise NotImplementedError
+
+    def _make_block(self, index: int, in_dim: int, out_dim: int) -> nn.Sequential:
+        block = [self._make_layer(index, in_dim, out_dim)]
+        if self._config.batch_norm:
+            block.append(self._make_norm(out_dim))
+        return nn.Sequential(*block)
+
+    @property
+    def config(self) -> EPConfig:
+        """The frozen configuration this layer was built from (with the current ``collapse_on_eval``)."""
+        if self._config.collapse_on_eval == self.collapse_on_eval:
+            return self._config
+        return type(self._config).from_dict({**self._config.to_dict(), "collapse_on_eval": self.collapse_on_eval})
+
+    @property
+    def depth(self) -> int:
+        return self._config.depth
+
+    @property
+    def width(self) -> float:
+        return self._config.width
+
+    @property
+    def residual(self) -> bool:
+        return self._config.residual
+
+    @property
+    def residual_mode(self) -> str:
+        return self._config.residual_mode
+
+    @property
+    def negative_slope(self) -> float:
+        return self._config.negative_slope
+
+    # ---- initialisation ---------------------------------------------------------
+    _init_fan_mode = "fan_in"
+
+    def reset_parameters(self) -> None:
+        """Kaiming-normal weights (gain for the following activation on the last layer), uniform biases.
+
+        The same scheme as the original implementation, so training behaves alike.
+        """
+        last = self._config.depth - 1
+        for index, block in enumerate(self.layer_dict.values()):
+            layer = block[0]
+            slope = self._config.negative_slope if index == last else 1.0
+            nn.init.kaiming_normal_(layer.weight, a=slope, mode=self._init_fan_mode, nonlinearity="leaky_relu")
+            if layer.bias is not None:
+                fan_in = layer.weight[0].numel()
+                bound = 1.0 / math.sqrt(fan_in)
+                nn.init.uniform_(layer.bias, -bound, bound)
+            if len(block) > 1:
+                block[1].reset_parameters()
+        for projection in self.residual_dict.values():
+            projection.reset_parameters()
+
+    # ---- forward ----------------------------------------------------------------
+    def forward(self, x: Tensor, override: bool = False) -> Tensor:
+        """Expanded graph in training mode (or with ``override``), the collapsed layer in eval mode."""
+        if self.training or override or not self.collapse_on_eval:
+            return self.expanded_forward(x)
+        weight, bias = self._collapsed()
+        return self._collapsed_forward(x, weight, bias)
+
+    def expanded_forward(self, x: Tensor) -> Tensor:
+        """Run the chain layer by layer, adding skips where they land."""
+        nodes = {0: x}
+        current = x
+        for j, block in enumerate(self.layer_dict.values()):
+            current = block(current)
+            for source in self._incoming.get(j + 1, ()):
+                current = current + self._skip_branch(nodes[source], (source, j + 1), current)
+            nodes[j + 1] = current
+        return current
+
+    def _skip_branch(self, source: Tensor, edge: tuple[int, int], destination: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _collapsed_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        raise NotImplementedError
+
+    # ---- collapse ---------------------------------------------------------------
+    def collapse(self) -> Affine:
+        """The exact collapsed map in float64 (no caching; see ``weight`` / ``bias`` for the cached cast)."""
+        layers = []
+        for block in self.layer_dict.values():
+            layer = block[0]
+            norm = _fold(block[1]) if len(block) > 1 else None
+            layers.append(ChainLayer(layer.weight, layer.bias, norm))
+        skips: dict[tuple[int, int], ChainLayer | None] = {}
+        for edge in self._config.skips:
+            projection = self.residual_dict[self.skip_key(edge)] if self._config.learnable_skips else None
+            skips[edge] = None if projection is None else ChainLayer(projection.weight, projection.bias)
+        with torch.no_grad():
+            return collapse_chain(self._algebra, self._config.in_dim, layers, skips)
+
+    def _fingerprint(self) -> tuple[Any, ...]:
+        tensors = tuple(
+            (t.data_ptr(), t._version, t.dtype, t.device, t.shape) for t in (*self.parameters(), *self.buffers())
+        )
+        eps = tuple(block[1].eps for block in self.layer_dict.values() if len(block) > 1)
+        return tensors + eps
+
+    def _collapsed(self) -> tuple[Tensor, Tensor | None]:
+        key = self._fingerprint()
+        if self._cache is None or self._cache[0] != key:
+            affine = self.collapse()
+            reference = self.layer_dict["0"][0].weight
+            bias = None if affine.bias is None else affine.bias.to(reference.dtype)
+            self._cache = (key, affine.weight.to(reference.dtype), bias)
+        return self._cache[1], self._cache[2]
+
+    @property
+    def weight(self) -> Tensor:
+        """Collapsed weight in the layer's dtype (recomputed only when parameters change)."""
+        return self._collapsed()[0]
+
+    @property
+    def bias(self) -> Tensor | None:
+        """Collapsed bias, or None when no layer, batch-norm or projection contributes one."""
+        return self._collapsed()[1]
+
+    # ---- state_dict compatibility -----------------------------------------------
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        for name in _STALE_COLLAPSED_KEYS:
+            state_dict.pop(prefix + name, None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

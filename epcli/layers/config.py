@@ -1,0 +1,268 @@
+"""Frozen, validated configurations of EP layers.
+
+A config holds every constructor argument of an EP layer, so a layer can be
+rebuilt from it (``to_dict`` / ``from_dict`` carry it through JSON metadata).
+Validation lives here, once, for layers built in code and read from files alike.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+
+from epcli.core.graph import SkipEdge, skip_edges
+from epcli.errors import ConfigError
+
+__all__ = ["CONFIG_VERSION", "EPConfig", "EPLinearConfig", "EPConv2dConfig", "RESIDUAL_MODES"]
+
+CONFIG_VERSION = 1
+"""Bumped whenever the meaning or the set of config fields changes."""
+
+RESIDUAL_MODES = ("none", "learn")
+
+
+def _describe(value: Any) -> str:
+    return f"{value!r} ({type(value).__name__})"
+
+
+def _is_int(value: Any) -> bool:
+    """Python and NumPy integers (``np.sum`` of kernel sizes is common in user code), not bools."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
+def _as_tuple(value: Any) -> Any:
+    """An int or a list of ints -> tuple of Python ints; anything else is left for validation to reject."""
+    if _is_int(value):
+        return (int(value),)
+    if isinstance(value, (list, tuple)):
+        return tuple(int(v) if _is_int(v) else v for v in value)
+    return value
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)) and math.isfinite(value)
+
+
+@dataclass(frozen=True, kw_only=True)
+class EPConfig:
+    """Fields shared by every EP layer; see the subclasses for the rest."""
+
+    layer_type: ClassVar[str] = "EP layer"
+
+    width: float = 1
+    depth: int = 2
+    bias: bool = True
+    batch_norm: bool = False
+    residual: bool = False
+    residual_intervals: tuple[int, ...] = (2,)
+    residual_mode: str = "none"
+    collapse_on_eval: bool = True
+    negative_slope: float = 0.0
+    bn_eps: float = 1e-5
+    bn_momentum: float | None = 0.1
+
+    # ---- derived structure -------------------------------------------------
+    @property
+    def in_dim(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def out_dim(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def hidden_dim(self) -> int:
+        """Hidden width ``int(out * width)``, as in the original implementation."""
+        return int(self.out_dim * self.width)
+
+    @property
+    def node_dims(self) -> tuple[int, ...]:
+        """Features (channels) of nodes 0 .. depth: input, hidden ..., output."""
+        return (self.in_dim, *[self.hidden_dim] * (self.depth - 1), self.out_dim)
+
+    @property
+    def skips(self) -> tuple[SkipEdge, ...]:
+        """Skip edges (source node, destination node); empty unless ``residual``."""
+        return skip_edges(self.depth, self.residual_intervals) if self.residual else ()
+
+    @property
+    def learnable_skips(self) -> bool:
+        return self.residual and self.residual_mode == "learn"
+
+    # ---- validation ----------------------------------------------------------
+    def _fail(self, argument: str, value: Any, requirement: str) -> ConfigError:
+        return ConfigError(f"{self.layer_type}: {argument} must be {requirement}, got {_describe(value)}")
+
+    def _require_int(self, argument: str, minimum: int) -> None:
+        value = getattr(self, argument)
+        if not _is_int(value) or value < minimum:
+            raise self._fail(argument, value, f"an int >= {minimum}")
+        object.__setattr__(self, argument, int(value))  # NumPy ints -> int, for JSON metadata
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "residual_intervals", _as_tuple(self.residual_intervals))
+        for flag in ("bias", "batch_norm", "residual", "collapse_on_eval"):
+            if not isinstance(getattr(self, flag), (bool, np.bool_)):
+                raise self._fail(flag, getattr(self, flag), "True or False")
+            object.__setattr__(self, flag, bool(getattr(self, flag)))
+        for number in ("width", "negative_slope", "bn_eps", "bn_momentum"):
+            value = getattr(self, number)
+            if _is_real(value):  # NumPy scalars -> Python numbers, for JSON metadata
+                object.__setattr__(self, number, int(value) if _is_int(value) else float(value))
+        self._require_int("depth", 1)
+        if not _is_real(self.width) or self.width <= 0:
+            raise self._fail("width", self.width, "a finite number > 0 (hidden size = int(out * width))")
+        if self.hidden_dim < 1:
+            raise self._fail(
+                "width", self.width, f"large enough that int({self.out_dim} * width) >= 1"
+            )
+        intervals = self.residual_intervals
+        if not isinstance(intervals, tuple) or not intervals or not all(
+            _is_int(n) and (n >= 1 or n == -1) for n in intervals
+        ):
+            raise self._fail(
+                "residual_intervals", intervals, "an int or a non-empty list of ints, each >= 1 or -1 (= depth)"
+            )
+        if self.residual_mode not in RESIDUAL_MODES:
+            raise self._fail("residual_mode", self.residual_mode, "'none' (identity skips) or 'learn' (projected skips)")
+        if not _is_real(self.negative_slope):
+            raise self._fail("negative_slope", self.negative_slope, "a finite number")
+        if not _is_real(self.bn_eps) or self.bn_eps <= 0:
+            raise self._fail("bn_eps", self.bn_eps, "a finite number > 0")
+        if self.bn_momentum is not None and (not _is_real(self.bn_momentum) or not 0 <= self.bn_momentum <= 1):
+            raise self._fail("bn_momentum", self.bn_momentum, "None or a number in [0, 1]")
+        if self.residual and self.residual_mode == "none":
+            dims = self.node_dims
+            for source, destination in self.skips:
+                if dims[source] != dims[destination]:
+                    raise ConfigError(
+                        f"{self.layer_type}: identity skip from node {source} ({dims[source]} features) to node "
+                        f"{destination} ({dims[destination]} features) needs equal sizes; use "
+                        "residual_mode='learn' for a projected skip, or equal in/out sizes with width=1 "
+                        "(width may differ when the only interval is -1 = depth)"
+                    )
+
+    # ---- serialisation -------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready dict of every field (tuples become lists)."""
+        return {
+            f.name: list(value) if isinstance(value := getattr(self, f.name), tuple) else value
+            for f in dataclasses.fields(self)
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any) -> EPConfig:
+        """Rebuild and validate a config; unknown or missing keys raise :class:`ConfigError`."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"{cls.layer_type} config must be a JSON object, got {_describe(data)}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(f"{cls.layer_type} config has unknown keys {unknown}; expected keys among {sorted(names)}")
+        required = sorted(
+            f.name for f in dataclasses.fields(cls)
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        )
+        missing = [name for name in required if name not in data]
+        if missing:
+            raise ConfigError(f"{cls.layer_type} config is missing required keys {missing}")
+        return cls(**data)
+
+
+@dataclass(frozen=True, kw_only=True)
+class EPLinearConfig(EPConfig):
+    """Configuration of :class:`epcli.EPLinear`."""
+
+    layer_type: ClassVar[str] = "EPLinear"
+
+    in_features: int
+    out_features: int
+
+    def __post_init__(self) -> None:
+        self._require_int("in_features", 1)
+        self._require_int("out_features", 1)
+        super().__post_init__()
+
+    @property
+    def in_dim(self) -> int:
+        return self.in_features
+
+    @property
+    def out_dim(self) -> int:
+        return self.out_features
+
+
+@dataclass(frozen=True, kw_only=True)
+class EPConv2dConfig(EPConfig):
+    """Configuration of :class:`epcli.EPConv2d`; ``depth == len(kernel_sizes)``."""
+
+    layer_type: ClassVar[str] = "EPConv2d"
+
+    in_channels: int
+    out_channels: int
+    kernel_sizes: tuple[int, ...] = field(default=(3, 1))
+    padding: int = 0
+    stride: int = 1
+
+    def __post_init__(self) -> None:
+        self._require_int("in_channels", 1)
+        self._require_int("out_channels", 1)
+        self._require_int("padding", 0)
+        self._require_int("stride", 1)
+        object.__setattr__(self, "kernel_sizes", _as_tuple(self.kernel_sizes))
+        sizes = self.kernel_sizes
+        if not isinstance(sizes, tuple) or not sizes or not all(_is_int(k) and k >= 1 for k in sizes):
+            raise self._fail("kernel_sizes", sizes, "an int or a non-empty list of ints >= 1")
+        super().__post_init__()
+        if len(sizes) != self.depth:
+            raise self._fail(
+                "depth", self.depth, f"len(kernel_sizes) = {len(sizes)} when kernel_sizes is a list (or leave depth unset)"
+            )
+        if self.residual and any(k % 2 == 0 for k in sizes):
+            raise self._fail(
+                "kernel_sizes", sizes,
+                "odd when residual=True (a skip must be centred on an even kernel, which is ambiguous)",
+            )
+
+    @classmethod
+    def from_arguments(cls, kernel_sizes: Any, depth: Any, **kwargs: Any) -> EPConv2dConfig:
+        """Normalise the constructor's ``kernel_sizes`` / ``depth`` pair.
+
+        A list sets the depth (a given depth must agree); an int k with depth d
+        means ``[k] + [1] * (d - 1)``; depth defaults to 2, as in the original.
+        """
+        if _is_int(kernel_sizes):
+            if depth is None:
+                depth = 2
+            if _is_int(depth) and depth >= 1:
+                kernel_sizes = (kernel_sizes,) + (1,) * (depth - 1)
+        elif isinstance(kernel_sizes, (list, tuple)):
+            if depth is None:
+                depth = len(kernel_sizes)
+        return cls(kernel_sizes=kernel_sizes, depth=depth, **kwargs)
+
+    @property
+    def in_dim(self) -> int:
+        return self.in_channels
+
+    @property
+    def out_dim(self) -> int:
+        return self.out_channels
+
+    @property
+    def kernel_size(self) -> int:
+        """Effective (collapsed) kernel size ``sum(kernel_sizes) - depth + 1``."""
+        return sum(self.kernel_sizes) - self.depth + 1
+
+    @property
+    def receptive_fields(self) -> tuple[int, ...]:
+        """Kernel size of each node 0 .. depth as a function of the padded input."""
+        fields = [1]
+        for k in self.kernel_sizes:
+            fields.append(fields[-1] + k - 1)
+        return tuple(fields)
