@@ -1,29 +1,72 @@
-"""epcli: expand-and-project (EP) layers and their exact collapse for deployment."""
+"""epcli: expand-and-project (EP) layers and their exact collapse for deployment.
+
+Public names are imported on first use (PEP 562), so ``import epcli`` — and
+with it ``epcli --help`` — does not pay for importing torch until a name that
+needs it is touched.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from epcli.errors import (
     CheckpointError,
     ConfigError,
     EpcliError,
+    ExportError,
     ShapeMismatchError,
     UnsafeCheckpointError,
+    UsageError,
     VerificationError,
 )
-from epcli.layers import EPConfig, EPConv2d, EPConv2dConfig, EPLayer, EPLinear, EPLinearConfig
+
+if TYPE_CHECKING:
+    from epcli.convert import collapse_layer, collapse_model, collapse_state_dict, overparameterize
+    from epcli.formats.checkpoint import Checkpoint, load_checkpoint, save_checkpoint, save_collapsed_checkpoint
+    from epcli.layers import EPConfig, EPConv2d, EPConv2dConfig, EPLayer, EPLinear, EPLinearConfig
 
 __version__ = "0.1.0"
+
+_LAZY = {
+    "EPConfig": "epcli.layers",
+    "EPConv2d": "epcli.layers",
+    "EPConv2dConfig": "epcli.layers",
+    "EPLayer": "epcli.layers",
+    "EPLinear": "epcli.layers",
+    "EPLinearConfig": "epcli.layers",
+    "collapse_layer": "epcli.convert",
+    "collapse_model": "epcli.convert",
+    "collapse_state_dict": "epcli.convert",
+    "overparameterize": "epcli.convert",
+    "Checkpoint": "epcli.formats.checkpoint",
+    "load_checkpoint": "epcli.formats.checkpoint",
+    "save_checkpoint": "epcli.formats.checkpoint",
+    "save_collapsed_checkpoint": "epcli.formats.checkpoint",
+}
 
 __all__ = [
     "CheckpointError",
     "ConfigError",
-    "EPConfig",
-    "EPConv2d",
-    "EPConv2dConfig",
-    "EPLayer",
-    "EPLinear",
-    "EPLinearConfig",
     "EpcliError",
+    "ExportError",
     "ShapeMismatchError",
     "UnsafeCheckpointError",
+    "UsageError",
     "VerificationError",
     "__version__",
+    *_LAZY,
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'epcli' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -14,6 +14,8 @@ __all__ = [
     "ConfigError",
     "ShapeMismatchError",
     "VerificationError",
+    "UsageError",
+    "ExportError",
 ]
 
 
@@ -43,3 +45,11 @@ class ShapeMismatchError(EpcliError):
 
 class VerificationError(EpcliError):
     """Collapsed and expanded forms disagree beyond the requested tolerance."""
+
+
+class UsageError(EpcliError, ValueError):
+    """An argument to an epcli function or command is out of range or inconsistent."""
+
+
+class ExportError(EpcliError):
+    """A model could not be exported (unsupported operation, invalid ONNX, onnxruntime refused it)."""

@@ -3,9 +3,11 @@
 An EP layer trains as a chain ``layer_dict.<i> = Sequential(layer, [BatchNorm])``
 with optional skips and, in eval mode, runs the single collapsed layer. The
 collapse is a pure function of the parameters and buffers, cached under a
-fingerprint of them (storage, version counter, dtype, device), so it is
-recomputed after ``load_state_dict``, optimizer steps or ``.to()`` and never
-goes stale.
+fingerprint of everything PyTorch reports about them: storage, version counter
+(bumped by every in-place op, ``load_state_dict`` and ``torch.no_grad()`` edits),
+dtype, device, and a count of optimizer steps (fused optimizers skip version
+counters). ``train()`` / ``eval()`` also drop the cache. Edits through ``.data``
+are invisible to PyTorch itself; after one, call ``eval()`` again.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.optim.optimizer import Optimizer, register_optimizer_step_post_hook
 
 from epcli.core import Affine, BatchNormFold, ChainLayer, collapse_chain
 from epcli.core.affine import LinearAlgebra
@@ -25,6 +28,18 @@ __all__ = ["EPLayer"]
 
 _STALE_COLLAPSED_KEYS = ("weight", "bias")
 """Buffers the original implementation persisted; derived here, so ignored on load."""
+
+
+_optimizer_steps = 0
+
+
+def _count_optimizer_step(optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+    """Fused optimizers update parameters without bumping their version counters; count their steps."""
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
 
 
 def _float64(tensor: Tensor | None) -> Tensor | None:
@@ -141,6 +156,11 @@ class EPLayer(nn.Module):
             projection.reset_parameters()
 
     # ---- forward ----------------------------------------------------------------
+    def train(self, mode: bool = True) -> EPLayer:
+        """Switch mode and drop the cached collapse (``eval()`` always collapses afresh, as in the original)."""
+        self._cache = None
+        return super().train(mode)
+
     def forward(self, x: Tensor, override: bool = False) -> Tensor:
         """Expanded graph in training mode (or with ``override``), the collapsed layer in eval mode."""
         if self.training or override or not self.collapse_on_eval:
@@ -185,7 +205,7 @@ class EPLayer(nn.Module):
             (t.data_ptr(), t._version, t.dtype, t.device, t.shape) for t in (*self.parameters(), *self.buffers())
         )
         eps = tuple(block[1].eps for block in self.layer_dict.values() if len(block) > 1)
-        return tensors + eps
+        return (_optimizer_steps, *tensors, *eps)
 
     def _collapsed(self) -> tuple[Tensor, Tensor | None]:
         key = self._fingerprint()

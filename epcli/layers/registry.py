@@ -1,0 +1,230 @@
+"""The one registry of EP layer classes, keyed by class name.
+
+Checkpoints name a layer class as a string and carry its config as a dict;
+every place that turns that string (or a module) back into code goes through
+here, so adding an EP layer type is one entry and nothing dispatches on
+``hasattr``. The registry also knows what tensors a config implies, expanded
+and collapsed, so files can be checked against their configs before any real
+memory is allocated (shapes come from layers built on the ``meta`` device).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager, nullcontext
+from types import MappingProxyType
+from typing import Any, NamedTuple, cast
+
+import torch
+from torch import Tensor, nn
+
+from epcli.errors import CheckpointError, ConfigError, ShapeMismatchError
+from epcli.layers.base import EPLayer
+from epcli.layers.config import EPConfig, EPConv2dConfig, EPLinearConfig
+from epcli.layers.conv import EPConv2d
+from epcli.layers.linear import EPLinear
+
+__all__ = [
+    "REGISTRY",
+    "LayerEntry",
+    "build_layer",
+    "check_state",
+    "class_name",
+    "collapsed_has_bias",
+    "config_class",
+    "config_from_dict",
+    "expected_state",
+    "find_ep_layers",
+    "layer_class",
+    "lookup",
+    "output_shape",
+    "plain_layer",
+    "registered_names",
+    "walk_modules",
+]
+
+
+class LayerEntry(NamedTuple):
+    """A registered EP layer: the module class and its config class."""
+
+    layer: type[EPLayer]
+    config: type[EPConfig]
+
+
+REGISTRY: Mapping[str, LayerEntry] = MappingProxyType(
+    {
+        "EPLinear": LayerEntry(EPLinear, EPLinearConfig),
+        "EPConv2d": LayerEntry(EPConv2d, EPConv2dConfig),
+    }
+)
+"""Class name -> (layer class, config class)."""
+
+
+def _plain_linear(config: EPConfig, bias: bool) -> nn.Linear | nn.Conv2d:
+    c = cast(EPLinearConfig, config)  # the registry key guarantees the type
+    return nn.Linear(c.in_features, c.out_features, bias=bias)
+
+
+def _plain_conv(config: EPConfig, bias: bool) -> nn.Linear | nn.Conv2d:
+    c = cast(EPConv2dConfig, config)  # the registry key guarantees the type
+    return nn.Conv2d(c.in_channels, c.out_channels, c.kernel_size, stride=c.stride, padding=c.padding, bias=bias)
+
+
+_PLAIN: Mapping[str, Callable[[EPConfig, bool], nn.Linear | nn.Conv2d]] = MappingProxyType(
+    {"EPLinear": _plain_linear, "EPConv2d": _plain_conv}
+)
+"""Class name -> the plain torch layer computing the same map once collapsed."""
+
+
+def registered_names() -> tuple[str, ...]:
+    return tuple(REGISTRY)
+
+
+def lookup(name: Any) -> LayerEntry:
+    """The entry for a class name; unknown names raise :class:`ConfigError` listing the known ones."""
+    entry = REGISTRY.get(name) if isinstance(name, str) else None
+    if entry is None:
+        raise ConfigError(f"unknown EP layer class {name!r}; known classes: {', '.join(REGISTRY)}")
+    return entry
+
+
+def layer_class(name: Any) -> type[EPLayer]:
+    return lookup(name).layer
+
+
+def config_class(name: Any) -> type[EPConfig]:
+    return lookup(name).config
+
+
+def class_name(obj: EPLayer | EPConfig) -> str:
+    """Registry name of a layer or config; exact types only, so an unregistered subclass is refused."""
+    for name, entry in REGISTRY.items():
+        if type(obj) is entry.layer or type(obj) is entry.config:
+            return name
+    raise ConfigError(
+        f"{type(obj).__name__} is not a registered EP layer or config class; known classes: {', '.join(REGISTRY)}"
+    )
+
+
+def config_from_dict(name: Any, data: Any) -> EPConfig:
+    """Validate a class name and config dict (e.g. from a file) into a frozen config."""
+    return lookup(name).config.from_dict(data)
+
+
+def build_layer(config: EPConfig, *, device: torch.device | str | None = None) -> EPLayer:
+    """A freshly initialised layer for ``config`` (on ``device``; ``"meta"`` allocates nothing)."""
+    layer_cls = lookup(class_name(config)).layer
+    with _on(device):
+        return layer_cls.from_config(config)
+
+
+def _on(device: torch.device | str | None) -> AbstractContextManager[Any]:
+    """Make new tensors on ``device`` (no change when None)."""
+    return torch.device(device) if device is not None else nullcontext()
+
+
+def collapsed_has_bias(config: EPConfig) -> bool:
+    """Whether the collapsed layer has a bias: a layer or projection bias, or a batch-norm shift, contributes one."""
+    return config.bias or config.batch_norm
+
+
+def plain_layer(
+    config: EPConfig,
+    *,
+    bias: bool,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> nn.Linear | nn.Conv2d:
+    """The ``nn.Linear`` / ``nn.Conv2d`` a user would write for the collapsed layer (fresh weights)."""
+    make = _PLAIN[class_name(config)]
+    with _on(device):
+        module = make(config, bias)
+    return module if dtype is None else module.to(dtype)
+
+
+def expected_state(config: EPConfig, *, collapsed: bool = False) -> dict[str, Tensor]:
+    """Meta tensors with the keys, shapes and dtypes a layer built from ``config`` stores.
+
+    Keys are relative to the layer: ``layer_dict.0.0.weight`` ... when expanded,
+    ``weight`` / ``bias`` when collapsed.
+    """
+    module: nn.Module
+    if collapsed:
+        module = plain_layer(config, bias=collapsed_has_bias(config), device="meta")
+    else:
+        module = build_layer(config, device="meta")
+    return dict(module.state_dict())
+
+
+def output_shape(config: EPConfig, input_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Per-sample output shape of the layer on per-sample ``input_shape``; :class:`ConfigError` when it does not fit.
+
+    Runs the layer on the meta device, so it costs no memory and no arithmetic.
+    """
+    layer = build_layer(config, device="meta").eval()
+    try:
+        with torch.no_grad():
+            out = layer(torch.empty((2, *input_shape), device="meta"))  # a batch of 2
+    except (RuntimeError, ValueError, IndexError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(
+            f"input_shape {list(input_shape)} does not fit {class_name(config)}({config.in_dim} -> {config.out_dim}): "
+            f"{first}"
+        ) from e
+    return tuple(out.shape[1:])
+
+
+def find_ep_layers(model: nn.Module) -> dict[str, EPLayer]:
+    """Dotted path -> EP layer, in module order; an unregistered EP layer subclass raises :class:`ConfigError`."""
+    found: dict[str, EPLayer] = {}
+    for path, module in walk_modules(model):
+        if isinstance(module, EPLayer):
+            try:
+                class_name(module)
+            except ConfigError as e:
+                raise ConfigError(f"module {path or '<model>'!r}: {e}") from e
+            found[path] = module
+    return found
+
+
+def walk_modules(module: nn.Module, path: str = "") -> Iterator[tuple[str, nn.Module]]:
+    """Every module with its dotted path, without descending into EP layers (their insides are theirs)."""
+    yield path, module
+    if isinstance(module, EPLayer):
+        return
+    for name, child in module.named_children():
+        yield from walk_modules(child, f"{path}.{name}" if path else name)
+
+
+def check_state(expected: Mapping[str, Tensor], state: Mapping[str, Tensor], *, prefix: str = "") -> None:
+    """``state`` has exactly the keys of ``expected`` (both relative to ``prefix``), each with its shape.
+
+    Missing or unexpected keys raise :class:`CheckpointError`; a wrong shape, or an
+    integer tensor where a floating one belongs, raises :class:`ShapeMismatchError`;
+    the message names the full key, what was expected and what was found.
+    """
+    missing = [prefix + key for key in expected if key not in state]
+    unexpected = [prefix + key for key in state if key not in expected]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {_listing(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys {_listing(unexpected)}")
+        raise CheckpointError("; ".join(parts))
+    for key, reference in expected.items():
+        actual = state[key]
+        if not isinstance(actual, Tensor):
+            raise CheckpointError(f"{prefix + key} is a {type(actual).__name__}, not a tensor")
+        if tuple(actual.shape) != tuple(reference.shape):
+            raise ShapeMismatchError(
+                f"{prefix + key} has shape {list(actual.shape)}, expected {list(reference.shape)} from the config"
+            )
+        if reference.is_floating_point() and not actual.is_floating_point():
+            raise ShapeMismatchError(f"{prefix + key} has dtype {actual.dtype}, expected a floating-point dtype")
+
+
+def _listing(keys: list[str], limit: int = 8) -> str:
+    shown = ", ".join(repr(k) for k in keys[:limit])
+    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
+    return f"[{shown}{more}]"

@@ -1,0 +1,164 @@
+"""The pure collapse functions against direct computations written out here."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from epcli.core import LINEAR, BatchNormFold, ChainLayer, collapse_chain, skip_edges
+from epcli.core.conv import align_feature_map, compose_kernels, pad_kernel_to
+
+AssertScaledClose = Callable[[Tensor, Tensor], None]
+RandomiseBatchNorm = Callable[[nn.Module], None]
+
+f64 = torch.float64
+
+
+# ---- convolution kernels -----------------------------------------------------------------
+@pytest.mark.parametrize(("inner", "outer"), [(1, 1), (3, 3), (1, 5), (5, 1), (2, 3), (4, 2), (3, 4)])
+def test_compose_kernels_equals_two_convolutions(
+    inner: int, outer: int, assert_scaled_close: AssertScaledClose
+) -> None:
+    first = torch.randn(3, 2, inner, inner, dtype=f64)  # [C_mid, C_in, K, K]
+    second = torch.randn(4, 3, outer, outer, dtype=f64)  # [C_out, C_mid, k, k]
+    x = torch.randn(2, 2, 9, 8, dtype=f64)
+    composed = compose_kernels(second, first)
+    assert composed.shape == (4, 2, inner + outer - 1, inner + outer - 1)
+    assert_scaled_close(F.conv2d(x, composed), F.conv2d(F.conv2d(x, first), second))
+
+
+def test_pad_kernel_to_centres_the_kernel() -> None:
+    kernel = torch.arange(1.0, 10.0).reshape(1, 1, 3, 3)
+    expected = torch.zeros(1, 1, 7, 7)
+    expected[..., 2:5, 2:5] = kernel
+    assert torch.equal(pad_kernel_to(kernel, 7), expected)
+    assert torch.equal(pad_kernel_to(kernel, 3), kernel)
+
+
+@pytest.mark.parametrize("size", [4, 6, 2, 1])
+def test_pad_kernel_to_rejects_odd_difference_or_shrinking(size: int) -> None:
+    with pytest.raises(ValueError, match="cannot centre"):
+        pad_kernel_to(torch.ones(1, 1, 3, 3), size)
+
+
+def _align_naive(source: Tensor, offset: int, lengths: tuple[int, int]) -> Tensor:
+    height, width = source.shape[-2:]
+    out = torch.zeros(*source.shape[:-2], *lengths, dtype=source.dtype)
+    for i in range(lengths[0]):
+        for j in range(lengths[1]):
+            if 0 <= offset + i < height and 0 <= offset + j < width:
+                out[..., i, j] = source[..., offset + i, offset + j]
+    return out
+
+
+@pytest.mark.parametrize("offset", [-4, -1, 0, 1, 3])
+@pytest.mark.parametrize("lengths", [(1, 1), (3, 5), (6, 4), (9, 10)])
+def test_align_feature_map_matches_naive_loop(offset: int, lengths: tuple[int, int]) -> None:
+    source = torch.randn(2, 3, 5, 6, dtype=f64)
+    assert torch.equal(align_feature_map(source, offset, lengths), _align_naive(source, offset, lengths))
+
+
+# ---- skip graph --------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("depth", "intervals", "expected"),
+    [
+        (4, [1], [(0, 1), (1, 2), (2, 3), (3, 4)]),
+        (4, [2], [(0, 2), (2, 4)]),
+        (5, [2], [(0, 2), (2, 4)]),  # the last layer gets no skip: 6 > depth
+        (4, [-1], [(0, 4)]),
+        (3, [4], []),  # interval larger than the depth
+        (4, [2, -1], [(0, 2), (2, 4), (0, 4)]),
+        (4, [4, -1], [(0, 4)]),  # -1 means 4: a repeat
+        (2, [2, 2, 1], [(0, 2), (0, 1), (1, 2)]),
+        (1, [-1, 1], [(0, 1)]),
+        (6, [1, 2, 3], [(0, 1), (1, 2), (2, 3), (3, 4), (4, 5), (5, 6), (0, 2), (2, 4), (4, 6), (0, 3), (3, 6)]),
+        (8, [3, -1], [(0, 3), (3, 6), (0, 8)]),
+    ],
+)
+def test_skip_edges_follow_the_rule_interval_by_interval(
+    depth: int, intervals: list[int], expected: list[tuple[int, int]]
+) -> None:
+    assert list(skip_edges(depth, intervals)) == expected
+
+
+# ---- linear chains -----------------------------------------------------------------------
+def _random_layer(out_dim: int, in_dim: int, bias: bool, norm: bool) -> ChainLayer:
+    fold = BatchNormFold(torch.rand(out_dim, dtype=f64) + 0.5, torch.randn(out_dim, dtype=f64)) if norm else None
+    return ChainLayer(
+        torch.randn(out_dim, in_dim, dtype=f64) / in_dim**0.5, torch.randn(out_dim, dtype=f64) if bias else None, fold
+    )
+
+
+def _naive_forward(x: Tensor, layers: list[ChainLayer], skips: dict[tuple[int, int], ChainLayer | None]) -> Tensor:
+    """Node by node, exactly as the graph is defined: layer, then norm, then every skip landing here."""
+
+    def apply(layer: ChainLayer, v: Tensor) -> Tensor:
+        v = v @ layer.weight.T
+        return v if layer.bias is None else v + layer.bias
+
+    nodes = [x]
+    for j, layer in enumerate(layers):
+        v = apply(layer, nodes[j])
+        if layer.norm is not None:
+            v = v * layer.norm.scale + layer.norm.shift
+        for (source, destination), projection in skips.items():
+            if destination == j + 1:
+                v = v + (nodes[source] if projection is None else apply(projection, nodes[source]))
+        nodes.append(v)
+    return nodes[-1]
+
+
+CHAINS: dict[str, tuple[list[int], bool, bool, dict[tuple[int, int], bool]]] = {
+    # name: (node sizes, layer biases, norms, skip -> learnable)
+    "plain": ([3, 5, 5, 2], True, False, {}),
+    "norms-no-bias": ([4, 4, 4], False, True, {}),
+    "identity-skips": ([4, 4, 4, 4, 4], True, True, {(0, 2): False, (2, 4): False, (0, 4): False}),
+    "projected-skips": ([3, 6, 6, 2], True, False, {(0, 1): True, (1, 2): True, (0, 3): True, (1, 3): True}),
+    "mixed": ([4, 4, 4, 4], False, False, {(0, 1): False, (0, 3): True, (1, 3): False}),
+}
+
+
+@pytest.mark.parametrize("name", list(CHAINS))
+def test_collapse_chain_linear_matches_naive_forward(name: str, assert_scaled_close: AssertScaledClose) -> None:
+    sizes, bias, norm, learnable = CHAINS[name]
+    layers = [_random_layer(sizes[j + 1], sizes[j], bias, norm) for j in range(len(sizes) - 1)]
+    skips = {
+        (s, d): _random_layer(sizes[d], sizes[s], bias, False) if learn else None for (s, d), learn in learnable.items()
+    }
+    affine = collapse_chain(LINEAR, sizes[0], layers, skips)
+    x = torch.randn(7, sizes[0], dtype=f64)
+    collapsed = x @ affine.weight.T + (0 if affine.bias is None else affine.bias)
+    assert_scaled_close(collapsed, _naive_forward(x, layers, skips))
+    assert (affine.bias is None) == (not bias and not norm)
+
+
+def test_collapse_chain_runs_in_float64(assert_scaled_close: AssertScaledClose) -> None:
+    """Float32 inputs are promoted before any arithmetic: float32 products would miss the float64 tolerance."""
+    layers = [_random_layer(4, 4, True, False) for _ in range(3)]
+    as_float32 = [ChainLayer(layer.weight.float(), layer.bias.float()) for layer in layers]  # type: ignore[union-attr]
+    affine = collapse_chain(LINEAR, 4, as_float32, {})
+    assert affine.weight.dtype == f64 and affine.bias is not None and affine.bias.dtype == f64
+    exact = [ChainLayer(layer.weight.double(), layer.bias.double()) for layer in as_float32]  # type: ignore[union-attr]
+    x = torch.randn(5, 4, dtype=f64)
+    assert_scaled_close(x @ affine.weight.T + affine.bias, _naive_forward(x, exact, {}))
+
+
+# ---- batch-norm folding --------------------------------------------------------------------
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no-affine"])
+def test_batch_norm_fold_matches_eval_batch_norm(
+    affine: bool, randomise_batch_norm: RandomiseBatchNorm, assert_scaled_close: AssertScaledClose
+) -> None:
+    norm = nn.BatchNorm1d(5, eps=1e-3, affine=affine).double()
+    if affine:
+        randomise_batch_norm(norm)
+    else:
+        with torch.no_grad():
+            norm.running_mean.normal_()
+            norm.running_var.uniform_(0.5, 2.0)
+    fold = BatchNormFold.from_statistics(norm.running_mean, norm.running_var, norm.eps, norm.weight, norm.bias)
+    x = torch.randn(6, 5, dtype=f64)
+    assert_scaled_close(x * fold.scale + fold.shift, norm.eval()(x))
