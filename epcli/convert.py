@@ -1,0 +1,281 @@
+"""Model transforms between the expanded (EP) and the plain form.
+
+``collapse_model`` turns every EP layer into the ``nn.Linear`` / ``nn.Conv2d``
+it computes in eval mode; ``overparameterize`` goes the other way for users who
+start from a plain architecture. Both return new modules and leave their input
+alone. ``collapse_state_dict`` / ``collapse_layer`` do the same on bare tensors
+(one layer at a time), so checkpoints can be collapsed without user code.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from epcli.errors import ConfigError
+from epcli.layers.base import EPLayer
+from epcli.layers.config import EPConfig
+from epcli.layers.conv import EPConv2d
+from epcli.layers.linear import EPLinear
+from epcli.layers.registry import build_layer, check_state, expected_state, find_ep_layers, plain_layer, walk_modules
+
+__all__ = [
+    "collapse_layer",
+    "collapse_model",
+    "collapse_state_dict",
+    "collapsed_keys",
+    "expanded_eval",
+    "layer_states",
+    "overparameterize",
+]
+
+_STALE_KEYS = ("weight", "bias")
+"""Collapsed buffers the original implementation persisted; derived, so ignored (as ``EPLayer`` does)."""
+
+_EP_KWARGS = frozenset(
+    {"batch_norm", "residual", "residual_intervals", "residual_mode", "collapse_on_eval", "negative_slope", "bn_eps",
+     "bn_momentum"}
+)
+"""EP options ``overparameterize`` passes through; sizes, stride, padding and bias come from the replaced module."""
+
+
+# ---- one layer, from tensors ---------------------------------------------------------
+def collapse_layer(config: EPConfig, layer_state: Mapping[str, Tensor]) -> tuple[Tensor, Tensor | None]:
+    """Collapse one EP layer given its config and its own state (keys relative to the layer).
+
+    The layer is built on the meta device and takes the given tensors as they
+    are (no copy, so memory-mapped tensors stay mapped); the collapse runs in
+    float64 and the result is cast to the dtype of the stored weights.
+    Raises :class:`CheckpointError` / :class:`ShapeMismatchError` when the
+    tensors do not fit the config.
+    """
+    return _collapse(config, layer_state, prefix="")
+
+
+def _collapse(config: EPConfig, layer_state: Mapping[str, Tensor], prefix: str) -> tuple[Tensor, Tensor | None]:
+    """:func:`collapse_layer`, with errors naming keys by their full path ``prefix + key``."""
+    state = {key: value for key, value in layer_state.items() if key not in _STALE_KEYS}
+    check_state(expected_state(config), state, prefix=prefix)
+    layer = build_layer(config, device="meta")
+    layer.load_state_dict(state, strict=True, assign=True)
+    affine = layer.collapse()
+    dtype = state["layer_dict.0.0.weight"].dtype
+    # the collapse may hand back an input tensor as is (a lone float64 bias): always return fresh copies
+    bias = None if affine.bias is None else _fresh(affine.bias, dtype)
+    return _fresh(affine.weight, dtype), bias
+
+
+def _fresh(tensor: Tensor, dtype: torch.dtype) -> Tensor:
+    """A contiguous copy in ``dtype`` that shares no storage with anything."""
+    return torch.empty_like(tensor, dtype=dtype, memory_format=torch.contiguous_format).copy_(tensor)
+
+
+def collapse_state_dict(state_dict: Mapping[str, Tensor], ep_layers: Mapping[str, EPConfig]) -> dict[str, Tensor]:
+    """Expanded state dict -> collapsed: ``<path>.weight`` / ``<path>.bias`` per EP layer, the rest passed through.
+
+    Collapsed keys take the place of the layer's first key, so the order follows
+    the module order. Every output tensor is a contiguous copy that shares no
+    storage with the input or with another output.
+    """
+    owned = layer_states(state_dict, ep_layers)
+    owner_of = {key: _owner(key, owned) for key in state_dict}
+    out: dict[str, Tensor] = {}
+    for layer_path, config in ep_layers.items():
+        if not owned[layer_path]:
+            # no keys at all: let the check name every missing tensor
+            check_state(expected_state(config), {}, prefix=_prefix(layer_path))
+    for key, path in owner_of.items():
+        if path is None:
+            out[key] = _fresh(state_dict[key].detach(), state_dict[key].dtype)
+        elif _prefix(path) + "weight" not in out:
+            weight, bias = _collapse(ep_layers[path], owned[path], _prefix(path))
+            out[_prefix(path) + "weight"] = weight
+            if bias is not None:
+                out[_prefix(path) + "bias"] = bias
+    return out
+
+
+def layer_states(state_dict: Mapping[str, Tensor], paths: Iterable[str]) -> dict[str, dict[str, Tensor]]:
+    """Each EP layer's own tensors, keys relative to the layer (``layer_dict.0.0.weight``, or ``weight``)."""
+    owned: dict[str, dict[str, Tensor]] = {path: {} for path in paths}
+    for key, value in state_dict.items():
+        path = _owner(key, owned)
+        if path is not None:
+            owned[path][key[len(_prefix(path)):]] = value
+    return owned
+
+
+def _prefix(path: str) -> str:
+    return f"{path}." if path else ""
+
+
+def collapsed_keys(path: str) -> tuple[str, str]:
+    """The keys of an EP layer's collapsed weight and bias: ``<path>.weight`` / ``<path>.bias`` (a root layer: no prefix)."""
+    return _prefix(path) + "weight", _prefix(path) + "bias"
+
+
+def _owner(key: str, paths: Mapping[str, Any]) -> str | None:
+    """The EP layer path whose prefix ``key`` starts with, if any (``""`` is the model itself)."""
+    if "" in paths:
+        return ""
+    parts = key.split(".")
+    for end in range(1, len(parts)):
+        candidate = ".".join(parts[:end])
+        if candidate in paths:
+            return candidate
+    return None
+
+
+# ---- whole models ------------------------------------------------------------------------
+def _replaced(model: nn.Module, replacements: Mapping[int, nn.Module]) -> nn.Module:
+    """A deep copy of ``model`` in which each module whose ``id`` is a key becomes its replacement.
+
+    ``deepcopy`` consults its memo first, so seeding it with the replacements swaps
+    those modules (wherever, and however often, they occur) without copying them.
+    """
+    memo: dict[int, Any] = dict(replacements)
+    return copy.deepcopy(model, memo)
+
+
+def collapse_model(model: nn.Module) -> nn.Module:
+    """A new plain model: each EP layer replaced by ``nn.Linear`` / ``nn.Conv2d`` with its collapsed weights.
+
+    The input model is left untouched; dtype and device of each layer are kept;
+    the result is in eval mode.
+    """
+    replacements: dict[int, nn.Module] = {}
+    for layer in find_ep_layers(model).values():
+        if id(layer) not in replacements:
+            replacements[id(layer)] = _plain_from(layer)
+    return _replaced(model, replacements).eval()
+
+
+def _plain_from(layer: EPLayer) -> nn.Module:
+    reference = next(layer.parameters())  # layer_dict.0.0.weight: the layer's dtype and device
+    affine = layer.collapse()  # float64, pure: does not touch the layer
+    plain = plain_layer(layer.config, bias=affine.bias is not None, device=reference.device, dtype=reference.dtype)
+    with torch.no_grad():
+        plain.weight.copy_(affine.weight)
+        if affine.bias is not None and plain.bias is not None:
+            plain.bias.copy_(affine.bias)
+    return plain
+
+
+@contextmanager
+def expanded_eval(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block, ``model`` is in eval mode with every EP layer running its expanded chain.
+
+    The reference a collapse is judged against: same batch-norm statistics as the
+    collapse, but the layer-by-layer arithmetic. Training mode and each layer's
+    ``collapse_on_eval`` are restored on exit.
+    """
+    layers = list(find_ep_layers(model).values())
+    flags = [layer.collapse_on_eval for layer in layers]
+    modes = [(module, module.training) for module in model.modules()]
+    try:
+        for layer in layers:
+            layer.collapse_on_eval = False
+        yield model.eval()
+    finally:
+        for layer, flag in zip(layers, flags, strict=True):
+            layer.collapse_on_eval = flag
+        for module, training in modes:
+            module.training = training
+
+
+def overparameterize(model: nn.Module, depth: int = 2, width: float = 1, **ep_kwargs: Any) -> nn.Module:
+    """A copy with every ``nn.Linear`` / ``nn.Conv2d`` replaced by a freshly initialised EP equivalent.
+
+    Sizes, stride, padding and bias come from the replaced module; ``depth``,
+    ``width`` and ``ep_kwargs`` (batch_norm, residual, residual_intervals,
+    residual_mode, collapse_on_eval, negative_slope, bn_eps, bn_momentum) apply
+    to every EP layer. Convolutions become ``kernel_sizes = [k] + [1] * (depth - 1)``,
+    so the collapsed kernel keeps size k. Existing EP layers are left as they are.
+    """
+    unknown = sorted(set(ep_kwargs) - _EP_KWARGS)
+    if unknown:
+        raise ConfigError(f"overparameterize: unknown options {unknown}; allowed: {sorted(_EP_KWARGS)}")
+    replacements: dict[int, nn.Module] = {}
+    for path, module in walk_modules(model):
+        if id(module) in replacements:
+            continue
+        if type(module) is nn.Linear:
+            replacements[id(module)] = _ep_linear(path, module, depth, width, ep_kwargs)
+        elif type(module) is nn.Conv2d:
+            replacements[id(module)] = _ep_conv(path, module, depth, width, ep_kwargs)
+    return _replaced(model, replacements)
+
+
+def _ep_linear(path: str, linear: nn.Linear, depth: int, width: float, ep_kwargs: Mapping[str, Any]) -> nn.Module:
+    try:
+        layer = EPLinear(
+            linear.in_features, linear.out_features, width=width, depth=depth, bias=linear.bias is not None, **ep_kwargs
+        )
+    except ConfigError as e:
+        raise ConfigError(f"cannot overparameterize Linear at {path or '<model>'!r}: {e}") from e
+    return _like(layer, linear)
+
+
+def _ep_conv(path: str, conv: nn.Conv2d, depth: int, width: float, ep_kwargs: Mapping[str, Any]) -> nn.Module:
+    where = f"Conv2d at {path or '<model>'!r}"
+    kernel = conv.kernel_size[0]
+    padding = _square_padding(conv)
+    problems = []
+    if conv.kernel_size[0] != conv.kernel_size[1]:
+        problems.append(f"kernel_size {tuple(conv.kernel_size)} is not square")
+    if conv.stride[0] != conv.stride[1]:
+        problems.append(f"stride {tuple(conv.stride)} differs between height and width")
+    if padding is None:
+        problems.append(f"padding {conv.padding!r} differs between height and width")
+    if tuple(conv.dilation) != (1, 1):
+        problems.append(f"dilation is {tuple(conv.dilation)}, not 1")
+    if conv.groups != 1:
+        problems.append(f"groups is {conv.groups}, not 1")
+    if conv.padding_mode != "zeros":
+        problems.append(f"padding_mode is {conv.padding_mode!r}, not 'zeros'")
+    if problems or padding is None:
+        raise ConfigError(
+            f"cannot overparameterize {where}: {'; '.join(problems)}; EPConv2d needs a square kernel, one int "
+            "stride and padding, dilation 1, groups 1 and zero padding"
+        )
+    if not isinstance(depth, int) or isinstance(depth, bool) or depth < 1:
+        raise ConfigError(f"cannot overparameterize {where}: depth must be an int >= 1, got {depth!r}")
+    try:
+        layer = EPConv2d(
+            conv.in_channels,
+            conv.out_channels,
+            kernel_sizes=[kernel] + [1] * (depth - 1),
+            padding=padding,
+            stride=conv.stride[0],
+            width=width,
+            depth=depth,
+            bias=conv.bias is not None,
+            **ep_kwargs,
+        )
+    except ConfigError as e:
+        raise ConfigError(f"cannot overparameterize {where}: {e}") from e
+    return _like(layer, conv)
+
+
+def _square_padding(conv: nn.Conv2d) -> int | None:
+    """One int padding for the conv ('valid' is 0, 'same' is (k - 1) / 2 for an odd kernel), or None."""
+    padding = conv.padding
+    if padding == "valid":
+        return 0
+    if padding == "same":
+        size = conv.kernel_size[0]
+        return (size - 1) // 2 if size % 2 == 1 and tuple(conv.stride) == (1, 1) else None
+    if isinstance(padding, tuple) and padding[0] == padding[1]:
+        return int(padding[0])
+    return None
+
+
+def _like(layer: EPLayer, original: nn.Linear | nn.Conv2d) -> EPLayer:
+    """Put the new layer on the replaced module's device and dtype, in its training mode."""
+    reference = original.weight
+    return layer.to(device=reference.device, dtype=reference.dtype).train(original.training)

@@ -1,0 +1,64 @@
+"""Model factories named by the user (``module:function``): the only way user code builds a model.
+
+A checkpoint never names code to import; the user does, explicitly, for models
+with a custom ``forward`` whose architecture no spec can describe.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from collections.abc import Callable
+
+from torch import nn
+
+from epcli.errors import CheckpointError
+
+__all__ = ["ModelFactory", "build_from_factory", "resolve_factory"]
+
+ModelFactory = str | Callable[[], nn.Module]
+
+_SPEC = re.compile(r"^(?P<module>[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*):(?P<attr>[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)$")
+
+
+def resolve_factory(factory: ModelFactory) -> Callable[[], nn.Module]:
+    """A callable given as is, or ``"package.module:function"`` imported (because the user named it)."""
+    if callable(factory):
+        return factory
+    if not isinstance(factory, str) or not (match := _SPEC.match(factory)):
+        raise CheckpointError(
+            f"model factory {factory!r} must be 'module:function', e.g. 'mypkg.models:build', naming a function "
+            "that takes no arguments and returns the model"
+        )
+    module_name, attribute = match["module"], match["attr"]
+    try:
+        target: object = importlib.import_module(module_name)
+    except Exception as e:  # the user's module may fail in any way while importing
+        raise CheckpointError(
+            f"model factory {factory!r}: cannot import module {module_name!r} ({type(e).__name__}: {e}); "
+            "check that it is on sys.path (e.g. run from its project directory)"
+        ) from e
+    for part in attribute.split("."):
+        if not hasattr(target, part):
+            raise CheckpointError(f"model factory {factory!r}: module {module_name!r} has no attribute {attribute!r}")
+        target = getattr(target, part)
+    if not callable(target):
+        raise CheckpointError(
+            f"model factory {factory!r}: {attribute!r} is not callable (type {type(target).__name__})"
+        )
+    return target  # type: ignore[return-value]
+
+
+def build_from_factory(factory: ModelFactory) -> nn.Module:
+    """Call the factory and check that it returned an ``nn.Module``."""
+    make = resolve_factory(factory)
+    name = factory if isinstance(factory, str) else getattr(factory, "__qualname__", repr(factory))
+    try:
+        model = make()
+    except Exception as e:
+        raise CheckpointError(f"model factory {name!r} raised {type(e).__name__}: {e}") from e
+    if not isinstance(model, nn.Module):
+        raise CheckpointError(
+            f"model factory {name!r} returned an object of type {type(model).__name__}, not a torch.nn.Module"
+        )
+    return model

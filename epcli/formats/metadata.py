@@ -1,0 +1,209 @@
+"""The metadata every epcli checkpoint carries, as one JSON object: schema, writing and validation.
+
+Example (``json.dumps(sort_keys=True)``; no timestamps, so equal models give equal bytes)::
+
+    {"architecture": {...} | null, "config_version": 1,
+     "ep_layers": {"1": {"class": "EPLinear", "config": {...}, "input_shape": [64]}},
+     "epcli_version": "0.1.0", "format": "epcli-checkpoint", "format_version": 1,
+     "input_shape": [64], "kind": "expanded", "provenance": {}, "torch_version": "2.13.0"}
+
+Parsing checks every key, type and range and returns a typed :class:`Metadata`;
+errors name the key (and layer path) but not the file, which the caller adds.
+"""
+
+from __future__ import annotations
+
+import json
+import numbers
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from epcli.errors import CheckpointError, ConfigError
+from epcli.layers.config import CONFIG_VERSION, EPConfig
+from epcli.layers.registry import class_name, config_from_dict
+
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "KINDS",
+    "READABLE_FORMAT_VERSIONS",
+    "SAVE_HINT",
+    "Metadata",
+    "RawCheckpoint",
+    "build_metadata",
+    "dump_metadata",
+    "missing_metadata",
+    "parse_metadata",
+    "sample_shape",
+]
+
+FORMAT_NAME = "epcli-checkpoint"
+FORMAT_VERSION = 1
+READABLE_FORMAT_VERSIONS = (1,)
+READABLE_CONFIG_VERSIONS = (CONFIG_VERSION,)
+KINDS = ("expanded", "collapsed")
+SAVE_HINT = "use epcli.save_checkpoint(model, path, input_shape=...) to write a checkpoint with epcli metadata"
+
+_KEYS = frozenset(
+    {"format", "format_version", "config_version", "kind", "epcli_version", "torch_version", "input_shape",
+     "ep_layers", "architecture", "provenance"}
+)
+_LAYER_KEYS = frozenset({"class", "config", "input_shape"})
+
+
+@dataclass(frozen=True)
+class RawCheckpoint:
+    """What a file holds before validation: the metadata JSON string and the tensors."""
+
+    metadata: str
+    tensors: dict[str, Tensor]
+
+
+def missing_metadata(found: str) -> CheckpointError:
+    """The error for a file that is readable but was not written by epcli."""
+    return CheckpointError(f"has no epcli metadata ({found}); {SAVE_HINT}")
+
+
+@dataclass(frozen=True)
+class Metadata:
+    """Validated metadata; ``document`` is the whole parsed JSON object."""
+
+    kind: str
+    input_shape: tuple[int, ...]
+    ep_layers: dict[str, EPConfig]
+    layer_input_shapes: dict[str, tuple[int, ...]]
+    architecture: dict[str, Any] | None
+    provenance: dict[str, Any]
+    document: dict[str, Any]
+
+
+def sample_shape(value: Any, what: str = "input_shape") -> tuple[int, ...]:
+    """A per-sample shape (no batch dim): a non-empty sequence of ints >= 1 (an int means a 1-D shape)."""
+    items = [value] if _is_int(value) else value
+    if (
+        isinstance(items, (str, bytes)) or not isinstance(items, (Sequence, torch.Size)) or not items
+        or not all(_is_int(v) and v >= 1 for v in items)
+    ):
+        raise ConfigError(
+            f"{what} must be the shape of one sample without the batch dimension, a non-empty list of ints >= 1 "
+            f"such as [64] or [1, 8, 8], got {value!r}"
+        )
+    return tuple(int(v) for v in items)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+# ---- writing ---------------------------------------------------------------------------------
+def build_metadata(
+    *,
+    kind: str,
+    input_shape: tuple[int, ...],
+    ep_layers: Mapping[str, EPConfig],
+    layer_input_shapes: Mapping[str, tuple[int, ...]],
+    architecture: dict[str, Any] | None,
+    provenance: Mapping[str, Any],
+) -> dict[str, Any]:
+    import epcli  # at call time: epcli/__init__ imports this module before it defines __version__
+
+    return {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "config_version": CONFIG_VERSION,
+        "kind": kind,
+        "epcli_version": epcli.__version__,
+        "torch_version": str(torch.__version__),
+        "input_shape": list(input_shape),
+        "ep_layers": {
+            path: {
+                "class": class_name(config),
+                "config": config.to_dict(),
+                "input_shape": list(layer_input_shapes[path]),
+            }
+            for path, config in ep_layers.items()
+        },
+        "architecture": architecture,
+        "provenance": dict(provenance),
+    }
+
+
+def dump_metadata(document: Mapping[str, Any]) -> str:
+    """Canonical JSON: sorted keys, no NaN, so identical input gives identical bytes."""
+    try:
+        return json.dumps(document, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"metadata is not JSON-serialisable ({e}); provenance must hold plain JSON values") from e
+
+
+# ---- reading ---------------------------------------------------------------------------------
+def parse_metadata(text: str) -> Metadata:
+    """Validate the metadata JSON string of a checkpoint (format, version, every key, type and range)."""
+    try:
+        document = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise CheckpointError(f"epcli metadata is not valid JSON ({e})") from e
+    if not isinstance(document, dict):
+        raise CheckpointError(f"epcli metadata must be a JSON object, got {type(document).__name__}")
+    if document.get("format") != FORMAT_NAME:
+        raise CheckpointError(f"metadata format is {document.get('format')!r}, expected {FORMAT_NAME!r}; {SAVE_HINT}")
+    version = document.get("format_version")
+    if not _is_int(version) or version not in READABLE_FORMAT_VERSIONS:
+        import epcli
+
+        raise CheckpointError(
+            f"format_version {version!r} is not supported: epcli {epcli.__version__} reads format_version "
+            f"{', '.join(map(str, READABLE_FORMAT_VERSIONS))}; upgrade epcli to read newer files"
+        )
+    missing, unknown = sorted(_KEYS - set(document)), sorted(set(document) - _KEYS)
+    if missing or unknown:
+        raise CheckpointError(f"metadata is missing keys {missing} / has unknown keys {unknown}")
+    if document["config_version"] not in READABLE_CONFIG_VERSIONS or not _is_int(document["config_version"]):
+        raise CheckpointError(
+            f"config_version {document['config_version']!r} is not supported; "
+            f"this epcli reads {list(READABLE_CONFIG_VERSIONS)}"
+        )
+    if document["kind"] not in KINDS:
+        raise CheckpointError(f"kind must be one of {list(KINDS)}, got {document['kind']!r}")
+    for key in ("epcli_version", "torch_version"):
+        if not isinstance(document[key], str):
+            raise CheckpointError(f"{key} must be a string, got {document[key]!r}")
+    architecture, provenance = document["architecture"], document["provenance"]
+    if architecture is not None and not isinstance(architecture, dict):
+        raise CheckpointError(f"architecture must be an object or null, got {type(architecture).__name__}")
+    if not isinstance(provenance, dict):
+        raise CheckpointError(f"provenance must be an object, got {type(provenance).__name__}")
+    input_shape = _shape(document["input_shape"], "input_shape")
+    configs, shapes = _parse_layers(document["ep_layers"])
+    return Metadata(document["kind"], input_shape, configs, shapes, architecture, provenance, document)
+
+
+def _shape(value: Any, what: str) -> tuple[int, ...]:
+    try:
+        return sample_shape(value, what)
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def _parse_layers(layers: Any) -> tuple[dict[str, EPConfig], dict[str, tuple[int, ...]]]:
+    if not isinstance(layers, dict):
+        raise CheckpointError(f"ep_layers must be an object (layer path -> entry), got {type(layers).__name__}")
+    configs: dict[str, EPConfig] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    for path, entry in layers.items():
+        where = f"layer {path!r}"
+        if path and not all(path.split(".")):
+            raise CheckpointError(f"{where}: not a valid dotted module path")
+        if not isinstance(entry, dict) or set(entry) != _LAYER_KEYS:
+            found = sorted(entry) if isinstance(entry, dict) else type(entry).__name__
+            raise CheckpointError(f"{where}: entry must be an object with exactly {sorted(_LAYER_KEYS)}, got {found}")
+        try:
+            configs[path] = config_from_dict(entry["class"], entry["config"])
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from e
+        shapes[path] = _shape(entry["input_shape"], f"{where}: input_shape")
+    return configs, shapes

@@ -1,0 +1,121 @@
+"""ONNX export of (collapsed) models and onnxruntime sessions to check them.
+
+Export goes through ``torch.onnx.export`` (the torch.export-based exporter) and
+the result is re-serialised deterministically, so the same model gives the
+same bytes. Bytes stay in memory until they are checked and validated, so a
+caller can refuse to write a file that does not pass.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from epcli.errors import CheckpointError, ExportError
+
+__all__ = ["DEFAULT_OPSET", "INPUT_NAME", "OUTPUT_NAME", "OnnxSession", "export_onnx_bytes", "onnx_op_types"]
+
+DEFAULT_OPSET = 18
+INPUT_NAME = "input"
+OUTPUT_NAME = "output"
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """The exporter logs and warns freely; library code must not print, so keep it quiet."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def export_onnx_bytes(
+    model: nn.Module,
+    input_shape: Sequence[int],
+    *,
+    opset: int = DEFAULT_OPSET,
+    dynamic_batch: bool = True,
+) -> bytes:
+    """Serialised, checker-clean ONNX of ``model`` (float32, eval mode) for inputs ``[batch, *input_shape]``.
+
+    With ``dynamic_batch`` the batch axis is symbolic ("batch"); otherwise it is fixed at 1.
+    """
+    import onnx
+
+    model = model.eval()
+    # an example batch of 2 keeps torch.export from specialising a dynamic batch to 1
+    example = torch.zeros((2 if dynamic_batch else 1, *input_shape), dtype=torch.float32)
+    dynamic_shapes = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
+    try:
+        with _quiet_exporter():
+            program = torch.onnx.export(
+                model,
+                (example,),
+                dynamo=True,
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                dynamic_shapes=dynamic_shapes,
+                opset_version=opset,
+                verbose=False,
+            )
+    except Exception as e:  # the exporter raises many unrelated types
+        raise ExportError(f"torch.onnx.export failed for input shape {list(input_shape)}: {e}") from e
+    if program is None:
+        raise ExportError("torch.onnx.export returned no program")
+    proto = program.model_proto
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except Exception as e:
+        raise ExportError(f"the exported ONNX model does not pass onnx.checker: {e}") from e
+    return proto.SerializeToString(deterministic=True)
+
+
+def onnx_op_types(model: bytes | Path) -> list[str]:
+    """Operator types of the main graph, in order (what deployment actually runs)."""
+    import onnx
+
+    proto = onnx.load_from_string(model) if isinstance(model, bytes) else onnx.load(str(model))
+    return [node.op_type for node in proto.graph.node]
+
+
+class OnnxSession:
+    """An onnxruntime CPU session (all graph optimisations on) used as ``Tensor -> Tensor``."""
+
+    def __init__(self, model: bytes | Path) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3
+        source = model if isinstance(model, bytes) else str(model)
+        where = "the exported ONNX model" if isinstance(model, bytes) else str(model)
+        try:
+            self._session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+        except Exception as e:
+            raise CheckpointError(f"{where}: onnxruntime cannot load it as an ONNX model: {e}") from e
+        inputs = self._session.get_inputs()
+        if len(inputs) != 1:
+            raise CheckpointError(f"{where}: expected a model with one input, found {len(inputs)}")
+        self.input_name = inputs[0].name
+        self.input_shape = list(inputs[0].shape)
+        self.numpy_dtype = {"tensor(float)": "float32", "tensor(double)": "float64"}.get(inputs[0].type)
+        if self.numpy_dtype is None:
+            raise CheckpointError(f"{where}: unsupported input type {inputs[0].type}; expected float or double")
+
+    def __call__(self, batch: Tensor) -> Tensor:
+        array = batch.detach().cpu().numpy().astype(self.numpy_dtype)
+        return torch.from_numpy(self._session.run(None, {self.input_name: array})[0])

@@ -1,0 +1,101 @@
+"""``.pt`` files: the torch zip format, read with the weights-only unpickler and nothing else.
+
+The file holds ``{"epcli_metadata": <JSON str>, "state_dict": {name: tensor}}``:
+only tensors, strings and dicts, so ``torch.load(weights_only=True)`` reads it
+and no code from the file ever runs. A pickle that needs any other global is
+refused with :class:`UnsafeCheckpointError`; there is no fallback to the full
+unpickler.
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import torch
+from torch import Tensor
+
+from epcli.errors import CheckpointError, UnsafeCheckpointError
+from epcli.formats.metadata import RawCheckpoint, missing_metadata
+
+__all__ = ["METADATA_KEY", "STATE_KEY", "read_pt", "write_pt"]
+
+METADATA_KEY = "epcli_metadata"
+STATE_KEY = "state_dict"
+_ZIP_MAGIC = b"PK\x03\x04"
+
+_GLOBAL = re.compile(r"GLOBAL (\S+)")
+_UNSAFE_HINTS = ("GLOBAL", "allowlist", "unrecognized function", "Can only build", "Can only create")
+"""Phrases of the weights-only unpickler when a pickle asks for something beyond tensors and containers."""
+
+
+def write_pt(f: BinaryIO, metadata: str, tensors: Mapping[str, Tensor]) -> None:
+    # a file object (not a path) keeps the temp file's name out of the archive, so saves are byte-identical
+    torch.save({METADATA_KEY: metadata, STATE_KEY: dict(tensors)}, f)
+
+
+def read_pt(path: Path) -> RawCheckpoint:
+    """Metadata string and tensors of a ``.pt`` checkpoint, loaded without running any code from it."""
+    with path.open("rb") as f:
+        head = f.read(len(_ZIP_MAGIC))
+    if head != _ZIP_MAGIC:
+        raise CheckpointError(
+            f"is not a torch zip checkpoint (it starts with {head!r}, not {_ZIP_MAGIC!r}): it is corrupt, or was "
+            "not written by torch.save; epcli writes checkpoints with "
+            "epcli.save_checkpoint(model, path, input_shape=...)"
+        )
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise _classify(str(e)) from e
+    except Exception as e:  # the zip reader and unpickler raise many types on damaged input
+        raise CheckpointError(f"cannot be read as a torch checkpoint; it is truncated or corrupt ({_brief(e)})") from e
+    return _unpack(content)
+
+
+def _classify(message: str) -> CheckpointError:
+    """Refused globals -> UnsafeCheckpointError naming the global; anything else is damage."""
+    if any(hint in message for hint in _UNSAFE_HINTS):
+        found = _GLOBAL.search(message)
+        what = found.group(1).rstrip(".") if found else "an object that is not a tensor or a plain container"
+        return UnsafeCheckpointError(
+            f"refused to load: its pickle references {what}, which is not on the allowlist of tensor and container "
+            "types; loading it would run code from the file, so nothing was executed. An epcli checkpoint never "
+            "needs this: only open files from sources you trust"
+        )
+    return CheckpointError(f"cannot be read as a torch checkpoint; its pickle is corrupt ({_brief(message)})")
+
+
+def _brief(error: BaseException | str) -> str:
+    """The part of a library message that says what is wrong (torch adds paragraphs of advice)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    useful = [line for line in lines if not line.startswith(("Weights only load failed", "Check the documentation",
+                                                              "Please file an issue", "In PyTorch"))]
+    return (useful or lines or [type(error).__name__])[0][:300]
+
+
+def _unpack(content: Any) -> RawCheckpoint:
+    if isinstance(content, dict) and METADATA_KEY in content:
+        if set(content) != {METADATA_KEY, STATE_KEY}:
+            raise CheckpointError(
+                f"has top-level keys {sorted(map(str, content))}, expected exactly {[METADATA_KEY, STATE_KEY]}"
+            )
+        metadata, state = content[METADATA_KEY], content[STATE_KEY]
+        if not isinstance(metadata, str):
+            raise CheckpointError(f"{METADATA_KEY!r} must be a JSON string, got {type(metadata).__name__}")
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{STATE_KEY!r} must be a dict of tensors, got {type(state).__name__}")
+        for key, value in state.items():
+            if not isinstance(key, str) or not isinstance(value, Tensor):
+                raise CheckpointError(
+                    f"{STATE_KEY!r} entry {key!r} must map a string to a tensor, got a {type(value).__name__}"
+                )
+        return RawCheckpoint(metadata, {key: value.detach() for key, value in state.items()})
+    if isinstance(content, Mapping) and content and all(isinstance(v, Tensor) for v in content.values()):
+        raise missing_metadata(f"it holds a plain state_dict of {len(content)} tensors")
+    if isinstance(content, Mapping):
+        raise missing_metadata(f"it holds a dict with keys {sorted(map(str, content))[:8]}")
+    raise missing_metadata(f"it holds a {type(content).__name__}")
