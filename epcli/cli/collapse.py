@@ -1,0 +1,101 @@
+"""``epcli collapse CKPT``: write the collapsed checkpoint and show what each EP layer became."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Optional
+
+import typer
+
+from epcli.cli import render
+from epcli.cli.guard import guarded
+from epcli.cli.options import CheckpointArg, ForceOption, JsonOption, ModelOption
+
+if TYPE_CHECKING:
+    from epcli.jobs.collapse import CollapseResult
+
+__all__ = ["collapse_command", "collapse_payload", "render_collapse"]
+
+
+class OutputFormat(str, Enum):
+    safetensors = "safetensors"
+    pt = "pt"
+
+
+@guarded
+def collapse_command(
+    checkpoint: CheckpointArg,
+    output: Annotated[
+        Optional[Path],
+        typer.Option("-o", "--output", help="Output file (default: <stem>.collapsed.safetensors beside CKPT).", show_default=False),
+    ] = None,
+    file_format: Annotated[
+        Optional[OutputFormat], typer.Option("--format", help="Output format (default: from -o's suffix, else safetensors).", show_default=False)
+    ] = None,
+    force: ForceOption = False,
+    model: ModelOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Collapse every EP layer into one Linear/Conv2d and write the compact checkpoint (atomically)."""
+    from epcli.jobs.collapse import collapse_file
+
+    with render.progress() as progress:
+        result = collapse_file(
+            checkpoint,
+            output,
+            file_format=None if file_format is None else file_format.value,
+            force=force,
+            model_factory=model,
+            progress=progress,
+        )
+    render_collapse(result)
+    if json_output:
+        render.emit_json("collapse", collapse_payload(result))
+
+
+def collapse_payload(result: CollapseResult) -> dict[str, Any]:
+    return {
+        "source": str(result.source),
+        "output": str(result.output),
+        "source_sha256": result.source_sha256,
+        "layers": [
+            {
+                "path": layer.summary.path,
+                "type": layer.summary.layer_type,
+                "expanded_params": layer.summary.expanded_params,
+                "collapsed_params": layer.summary.collapsed_params,
+                "effective_kernel": layer.summary.effective_kernel,
+                "max_abs_error": layer.max_abs_error,
+                "max_rel_error": layer.max_rel_error,
+            }
+            for layer in result.layers
+        ],
+        "model_max_abs_error": result.model_max_abs_error,
+        "expanded_params": result.expanded_params,
+        "collapsed_params": result.collapsed_params,
+        "compression_ratio": result.compression,
+    }
+
+
+def render_collapse(result: CollapseResult) -> None:
+    rows = [
+        (
+            layer.summary.path,
+            layer.summary.layer_type,
+            layer.summary.expanded_params,
+            layer.summary.collapsed_params,
+            "-" if layer.summary.effective_kernel is None else f"{layer.summary.effective_kernel}x{layer.summary.effective_kernel}",
+            layer.max_abs_error,
+        )
+        for layer in result.layers
+    ]
+    render.table(
+        f"Collapsed {result.source.name}",
+        ["layer", "type", "expanded params", "collapsed params", "kernel", "max |error|"],
+        rows,
+        footer=["total", "", f"{result.expanded_params:,}", f"{result.collapsed_params:,}", "", f"{result.compression:.2f}x smaller"],
+    )
+    if result.model_max_abs_error is not None:
+        render.info(f"whole model: max |error| {result.model_max_abs_error:.3g} (written weights vs expanded, in float64)")
+    render.success(f"wrote {result.output}")

@@ -1,0 +1,84 @@
+"""``epcli export CKPT --onnx OUT.onnx`` / ``--safetensors OUT``: deployment artifacts of the collapsed model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from epcli.cli import render
+from epcli.cli.collapse import collapse_payload, render_collapse
+from epcli.cli.guard import EXIT_VERIFY_FAILED, guarded
+from epcli.cli.options import Atol, CheckpointArg, ForceOption, JsonOption, ModelOption, Rtol, Samples, Seed
+from epcli.cli.verify import render_report, report_payload
+
+__all__ = ["export_command"]
+
+
+@guarded
+def export_command(
+    checkpoint: CheckpointArg,
+    onnx_path: Annotated[
+        Optional[Path], typer.Option("--onnx", metavar="OUT.onnx", help="Write the collapsed whole model as ONNX.", show_default=False)
+    ] = None,
+    safetensors_path: Annotated[
+        Optional[Path],
+        typer.Option("--safetensors", metavar="OUT", help="Write the collapsed checkpoint as safetensors.", show_default=False),
+    ] = None,
+    opset: Annotated[int, typer.Option("--opset", min=7, help="ONNX opset version.")] = 18,
+    static_batch: Annotated[
+        bool, typer.Option("--static-batch", help="Fix the batch axis at 1 (default: a dynamic 'batch' axis).")
+    ] = False,
+    samples: Samples = 64,
+    seed: Seed = 0,
+    atol: Atol = None,
+    rtol: Rtol = None,
+    force: ForceOption = False,
+    model: ModelOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Export the collapsed model. The ONNX file holds one Gemm/Conv per EP layer, passes onnx.checker and is
+    compared with the expanded torch model in onnxruntime (float32; rule and default tolerances as in
+    `epcli verify`) before it is written; on a mismatch nothing is written and the exit code is 1."""
+    from epcli.jobs.export import export_file
+    from epcli.verify import VerifySettings
+
+    settings = VerifySettings(samples=samples, seed=seed, dtype="float32", atol=atol, rtol=rtol)
+    with render.progress() as progress:
+        result = export_file(
+            checkpoint,
+            onnx_path=onnx_path,
+            safetensors_path=safetensors_path,
+            settings=settings,
+            opset=opset,
+            static_batch=static_batch,
+            force=force,
+            model_factory=model,
+            progress=progress,
+        )
+    payload: dict[str, object] = {"checkpoint": str(checkpoint), "passed": result.passed}
+    if result.onnx is not None:
+        onnx = result.onnx
+        render_report(f"ONNX validation of {onnx.output.name} (onnxruntime vs torch)", onnx.report)
+        ops = ", ".join(f"{op} x{onnx.op_types.count(op)}" for op in dict.fromkeys(onnx.op_types))
+        render.info(f"ONNX ops: {ops}; opset {onnx.opset}; batch axis {'dynamic' if onnx.dynamic_batch else 'fixed at 1'}")
+        if onnx.written:
+            render.success(f"wrote {onnx.output}")
+        else:
+            render.error("ONNX validation failed; nothing was written")
+        payload["onnx"] = {
+            "output": str(onnx.output),
+            "written": onnx.written,
+            "opset": onnx.opset,
+            "dynamic_batch": onnx.dynamic_batch,
+            "op_types": list(onnx.op_types),
+            **report_payload(onnx.report),
+        }
+    if result.safetensors is not None:
+        render_collapse(result.safetensors)
+        payload["safetensors"] = collapse_payload(result.safetensors)
+    if json_output:
+        render.emit_json("export", payload)
+    if not result.passed:
+        raise typer.Exit(EXIT_VERIFY_FAILED)

@@ -1,0 +1,68 @@
+"""Turns library errors into exit codes and one-line messages (no tracebacks).
+
+Exit codes: 0 success, 1 verification failed, 2 usage or input error.
+``EPCLI_DEBUG=1`` also prints the traceback (the exit code stays the same).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import traceback
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import typer
+
+from epcli.cli import render
+from epcli.errors import EpcliError
+
+__all__ = ["EXIT_OK", "EXIT_VERIFY_FAILED", "EXIT_INPUT_ERROR", "guarded"]
+
+EXIT_OK = 0
+EXIT_VERIFY_FAILED = 1
+EXIT_INPUT_ERROR = 2
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _debug() -> bool:
+    return os.environ.get("EPCLI_DEBUG", "").strip() not in ("", "0", "false", "no")
+
+
+def _show_traceback_if_debugging() -> None:
+    if _debug():
+        render.plain(traceback.format_exc())
+
+
+def guarded(command: F) -> F:
+    """Run a command body; map EpcliError (and any other failure) to exit code 2 with a message.
+
+    With ``--json`` the failure is also reported as the one JSON document on stdout,
+    so a CI step that parses stdout always gets a document.
+    """
+    name = command.__name__.removesuffix("_command")
+
+    def fail(message: str, error_type: str, json_output: bool) -> None:
+        _show_traceback_if_debugging()
+        render.error(message)
+        if json_output:
+            render.emit_json(name, {"passed": False, "error": {"type": error_type, "message": message}})
+        raise typer.Exit(EXIT_INPUT_ERROR)
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        json_output = bool(kwargs.get("json_output"))
+        try:
+            return command(*args, **kwargs)
+        except (typer.Exit, typer.Abort):
+            raise
+        except EpcliError as e:
+            fail(str(e), type(e).__name__, json_output)
+        except KeyboardInterrupt:
+            render.error("interrupted")
+            raise typer.Exit(130) from None
+        except Exception as e:  # a bug or an error from a user-named model factory
+            fail(f"unexpected {type(e).__name__}: {e} (set EPCLI_DEBUG=1 for the traceback)", type(e).__name__, json_output)
+
+    return wrapper  # type: ignore[return-value]

@@ -1,0 +1,87 @@
+"""``epcli inspect CKPT``: EP layers, their configs and sizes, and the effective rank of each collapsed weight."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from epcli.cli import render
+from epcli.cli.guard import guarded
+from epcli.cli.options import ForceOption, JsonOption, ModelOption
+
+__all__ = ["inspect_command"]
+
+
+@guarded
+def inspect_command(
+    checkpoint: Annotated[Path, typer.Argument(help="An epcli checkpoint, expanded or collapsed.", show_default=False)],
+    plot: Annotated[
+        Optional[Path],
+        typer.Option("--plot", metavar="SPECTRA.png", help="Draw the singular-value spectra (needs epcli[plot]).", show_default=False),
+    ] = None,
+    force: ForceOption = False,
+    model: ModelOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Show what a checkpoint holds. Effective rank = exp(entropy of the normalised singular values)."""
+    from epcli.jobs.inspect import inspect_file
+
+    result = inspect_file(checkpoint, model_factory=model, plot=plot, force=force)
+    meta = result.metadata
+    render.info(
+        f"{result.path.name}: {result.kind} epcli checkpoint (format v{meta.get('format_version')}, "
+        f"epcli {meta.get('epcli_version')}, torch {meta.get('torch_version')}); input shape {list(result.input_shape)}; "
+        f"architecture {'embedded' if result.has_architecture else 'not embedded (use --model)'}; "
+        f"{result.tensor_count} tensors, {result.element_count:,} values"
+    )
+    rows = []
+    for layer in result.layers:
+        s, c = layer.summary, layer.summary.config
+        kernel = f" k{s.effective_kernel}" if s.effective_kernel else ""
+        chain = f"depth {c.depth} width {c.width:g}" + (" bn" if c.batch_norm else "")
+        if c.residual:
+            chain += f" skips {c.residual_mode}:{','.join(map(str, c.residual_intervals))}"
+        rows.append(
+            (s.path, f"{s.layer_type} {c.in_dim}->{c.out_dim}{kernel}", chain,
+             f"{s.expanded_params:,} -> {s.collapsed_params:,}", round(layer.spectrum.effective_rank, 1), layer.spectrum.rank)
+        )
+    render.table(
+        "EP layers (parameters expanded -> collapsed; effective and numerical rank of the collapsed weight)",
+        ["layer", "EP layer", "chain", "params", "erank", "rank"],
+        rows,
+    )
+    if plot is not None:
+        render.success(f"wrote {plot}")
+    if json_output:
+        render.emit_json("inspect", _payload(result))
+
+
+def _payload(result: Any) -> dict[str, Any]:
+    return {
+        "checkpoint": str(result.path),
+        "kind": result.kind,
+        "format_version": result.metadata.get("format_version"),
+        "epcli_version": result.metadata.get("epcli_version"),
+        "torch_version": result.metadata.get("torch_version"),
+        "input_shape": list(result.input_shape),
+        "has_architecture": result.has_architecture,
+        "tensor_count": result.tensor_count,
+        "element_count": result.element_count,
+        "layers": [
+            {
+                "path": layer.summary.path,
+                "type": layer.summary.layer_type,
+                "config": layer.summary.config.to_dict(),
+                "input_shape": list(layer.summary.input_shape),
+                "expanded_params": layer.summary.expanded_params,
+                "collapsed_params": layer.summary.collapsed_params,
+                "effective_kernel": layer.summary.effective_kernel,
+                "effective_rank": layer.spectrum.effective_rank,
+                "rank": layer.spectrum.rank,
+                "singular_values": list(layer.spectrum.singular_values),
+            }
+            for layer in result.layers
+        ],
+    }

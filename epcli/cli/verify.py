@@ -1,0 +1,122 @@
+"""``epcli verify CKPT [ARTIFACT]``: seeded random-input comparison, CI-ready exit codes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Optional
+
+import typer
+
+from epcli.cli import render
+from epcli.cli.guard import EXIT_VERIFY_FAILED, guarded
+from epcli.cli.options import Atol, BatchSize, CheckpointArg, Dtype, JsonOption, ModelOption, Rtol, Samples, Seed
+
+if TYPE_CHECKING:
+    from epcli.verify import VerifyReport
+
+__all__ = ["verify_command", "report_payload", "render_report"]
+
+# Defaults are repeated here (not imported) so --help needs no torch; tests pin them to epcli.verify.
+HELP = """Compare the expanded model with its collapsed form on seeded random inputs.
+
+ARTIFACT is a collapsed .safetensors/.pt (from epcli collapse) or an .onnx file (run in
+onnxruntime); without it the collapse is computed in memory. Every EP layer is checked
+alone, and the whole model when its architecture is known.
+
+Pass rule, per element: |collapsed - expanded| <= atol + rtol * |expanded|.
+Default tolerances: float32 atol=1e-4 rtol=1e-4; float64 atol=1e-10 rtol=1e-9.
+
+Exit codes: 0 all passed, 1 a comparison failed, 2 usage or input error."""
+
+
+
+@guarded
+def verify_command(
+    checkpoint: CheckpointArg,
+    artifact: Annotated[
+        Optional[Path],
+        typer.Argument(help="Collapsed .safetensors/.pt or .onnx to check (default: collapse in memory).", show_default=False),
+    ] = None,
+    atol: Atol = None,
+    rtol: Rtol = None,
+    samples: Samples = 64,
+    batch_size: BatchSize = 32,
+    seed: Seed = 0,
+    dtype: Annotated[Dtype, typer.Option("--dtype", help="Precision of the comparison.")] = Dtype.float32,
+    model: ModelOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    from epcli.jobs.verify import verify_files
+    from epcli.verify import VerifySettings
+
+    settings = VerifySettings(samples=samples, batch_size=batch_size, seed=seed, dtype=dtype.value, atol=atol, rtol=rtol)
+    with render.progress() as progress:
+        result = verify_files(checkpoint, artifact, settings, model_factory=model, progress=progress)
+    render_report(f"Verify {checkpoint.name}", result.report)
+    if json_output:
+        render.emit_json(
+            "verify",
+            {"checkpoint": str(checkpoint), "artifact": None if artifact is None else str(artifact), **report_payload(result.report)},
+        )
+    if not result.report.passed:
+        raise typer.Exit(EXIT_VERIFY_FAILED)
+
+
+verify_command.__doc__ = HELP
+
+
+def report_payload(report: VerifyReport) -> dict[str, Any]:
+    settings = report.settings
+    return {
+        "passed": report.passed,
+        "pass_rule": "|collapsed - expanded| <= atol + rtol * |expanded|",
+        "atol": report.tolerance.atol,
+        "rtol": report.tolerance.rtol,
+        "dtype": settings.dtype,
+        "samples": settings.samples,
+        "batch_size": settings.batch_size,
+        "seed": settings.seed,
+        "comparisons": [
+            {
+                "name": c.name,
+                "scope": c.scope,
+                "candidate": c.candidate,
+                "max_abs_error": c.max_abs_error,
+                "mean_abs_error": c.mean_abs_error,
+                "max_rel_error": c.max_rel_error,
+                "mean_rel_error": c.mean_rel_error,
+                "min_passing_atol": c.min_atol,
+                "passed": c.passed,
+            }
+            for c in report.comparisons
+        ],
+    }
+
+
+def render_report(title: str, report: VerifyReport) -> None:
+    default = report.comparisons[0].candidate if report.comparisons else ""
+    rows = [
+        (
+            c.name if c.candidate == default else f"{c.name} via {c.candidate}",
+            c.max_abs_error,
+            c.mean_abs_error,
+            c.max_rel_error,
+            c.min_atol,
+            c.passed,
+        )
+        for c in report.comparisons
+    ]
+    render.table(
+        f"{title}: expanded vs {default}",
+        ["compared", "max |err|", "mean |err|", "max rel err", "min atol", "pass"],
+        rows,
+    )
+    settings = report.settings
+    rule = (
+        f"|err| <= {report.tolerance.atol:g} + {report.tolerance.rtol:g}*|expanded|, "
+        f"{settings.dtype}, {settings.samples} samples, seed {settings.seed}"
+    )
+    if report.passed:
+        render.success(f"all {len(report.comparisons)} comparisons passed ({rule})")
+    else:
+        render.error(f"{len(report.failures)} of {len(report.comparisons)} comparisons failed ({rule})")

@@ -1,0 +1,114 @@
+"""``epcli export``: deployment artifacts of the collapsed model.
+
+ONNX is validated in onnxruntime against the torch model before anything is
+written; both output paths are checked before any work, and the safetensors
+file is written only after the ONNX file passed, so a failed run leaves nothing
+half-done behind.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from epcli.convert import collapse_model
+from epcli.errors import UsageError
+from epcli.formats.atomic import atomic_write
+from epcli.formats.checkpoint import Checkpoint, load_checkpoint
+from epcli.formats.onnx_export import DEFAULT_OPSET, OnnxSession, export_onnx_bytes, onnx_op_types
+from epcli.jobs.collapse import CollapseResult, resolve_output, write_collapsed
+from epcli.jobs.verify import ProgressCallback, verify_checkpoint
+from epcli.verify import VerifyReport, VerifySettings, compare
+
+__all__ = ["ExportResult", "OnnxExportResult", "export_file"]
+
+
+@dataclass(frozen=True)
+class OnnxExportResult:
+    output: Path
+    written: bool  # False when validation failed: nothing is left at ``output``
+    op_types: tuple[str, ...]
+    dynamic_batch: bool
+    opset: int
+    report: VerifyReport
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    source: Path
+    onnx: OnnxExportResult | None
+    safetensors: CollapseResult | None
+
+    @property
+    def passed(self) -> bool:
+        return self.onnx is None or self.onnx.written
+
+
+def export_file(
+    source: Path,
+    *,
+    onnx_path: Path | None,
+    safetensors_path: Path | None,
+    settings: VerifySettings,
+    opset: int = DEFAULT_OPSET,
+    static_batch: bool = False,
+    force: bool = False,
+    model_factory: str | None = None,
+    progress: ProgressCallback | None = None,
+) -> ExportResult:
+    """Write the requested artifacts: ONNX first (validated), then the collapsed safetensors."""
+    if onnx_path is None and safetensors_path is None:
+        raise UsageError("nothing to export: give --onnx OUT.onnx and/or --safetensors OUT.safetensors")
+    if onnx_path is not None:
+        if onnx_path.suffix != ".onnx":
+            raise UsageError(f"{onnx_path}: the ONNX output must end in .onnx")
+        if onnx_path.exists() and not force:
+            raise UsageError(f"{onnx_path} already exists; pass --force to overwrite it")
+        if settings.dtype != "float32":
+            raise UsageError("ONNX export is float32; run with --dtype float32")
+    if safetensors_path is not None:
+        safetensors_path = resolve_output(source, safetensors_path, "safetensors", force)
+    checkpoint = load_checkpoint(source, model_factory=model_factory)
+    onnx = None
+    if onnx_path is not None:
+        onnx = _export_onnx(checkpoint, onnx_path, settings, opset, static_batch, progress)
+        if not onnx.written:
+            return ExportResult(source, onnx, None)
+    collapsed = None if safetensors_path is None else write_collapsed(checkpoint, safetensors_path, progress=progress)
+    return ExportResult(source, onnx, collapsed)
+
+
+def _export_onnx(
+    checkpoint: Checkpoint,
+    output: Path,
+    settings: VerifySettings,
+    opset: int,
+    static_batch: bool,
+    progress: ProgressCallback | None,
+) -> OnnxExportResult:
+    """Collapse, export, check with onnx.checker, compare in onnxruntime against torch, then write."""
+    if checkpoint.model is None:
+        raise UsageError(
+            f"{checkpoint.path}: no architecture is embedded, so there is no whole model to export; "
+            "name a factory with --model module:function"
+        )
+    if static_batch:
+        settings = replace(settings, batch_size=1)
+    collapsed = checkpoint.model if checkpoint.kind == "collapsed" else collapse_model(checkpoint.model)
+    data = export_onnx_bytes(collapsed.float(), checkpoint.input_shape, opset=opset, dynamic_batch=not static_batch)
+    session = OnnxSession(data)
+    if checkpoint.kind == "expanded":
+        report = verify_checkpoint(checkpoint, settings, onnx_session=session, progress=progress)
+    else:
+        comparison = compare("<model>", "model", "onnxruntime", collapsed, session, checkpoint.input_shape, settings)
+        report = VerifyReport(settings, settings.tolerance, (comparison,))
+    if report.passed:
+        atomic_write(output, lambda handle: handle.write(data))
+    return OnnxExportResult(
+        output=output,
+        written=report.passed,
+        op_types=tuple(onnx_op_types(data)),
+        dynamic_batch=not static_batch,
+        opset=opset,
+        report=report,
+    )

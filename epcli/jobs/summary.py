@@ -1,0 +1,74 @@
+"""Per-layer facts shared by ``collapse`` and ``inspect``: sizes, kernels, spectra."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from epcli.layers import EPConfig, EPConv2dConfig
+from epcli.layers.registry import build_layer, collapsed_has_bias
+
+__all__ = ["LayerSummary", "Spectrum", "summarize_layer", "spectrum"]
+
+
+@dataclass(frozen=True)
+class LayerSummary:
+    """What an EP layer costs expanded and collapsed."""
+
+    path: str
+    layer_type: str
+    config: EPConfig
+    input_shape: tuple[int, ...]
+    expanded_params: int
+    collapsed_params: int
+    effective_kernel: int | None  # conv only
+
+    @property
+    def compression(self) -> float:
+        return self.expanded_params / self.collapsed_params
+
+
+def summarize_layer(path: str, config: EPConfig, input_shape: tuple[int, ...]) -> LayerSummary:
+    """Parameter counts from the config alone (the layer is built on the meta device: no memory, no init cost)."""
+    expanded = sum(p.numel() for p in build_layer(config, device="meta").parameters())
+    kernel = config.kernel_size if isinstance(config, EPConv2dConfig) else None
+    weight = config.out_dim * config.in_dim * (kernel * kernel if kernel else 1)
+    has_bias = collapsed_has_bias(config)
+    return LayerSummary(
+        path=path,
+        layer_type=config.layer_type,
+        config=config,
+        input_shape=input_shape,
+        expanded_params=expanded,
+        collapsed_params=weight + (config.out_dim if has_bias else 0),
+        effective_kernel=kernel,
+    )
+
+
+@dataclass(frozen=True)
+class Spectrum:
+    """Singular values of a collapsed weight (as ``[out, in * K * K]``) and its effective rank.
+
+    Effective rank is ``exp(H(p))`` with ``p = s / sum(s)`` (Roy & Vetterli, 2007): the
+    quantity the low-rank simplicity bias is about.
+    """
+
+    singular_values: tuple[float, ...]
+    effective_rank: float
+    rank: int  # numerical rank: singular values above max(shape) * eps * s_max
+
+
+def spectrum(weight: Tensor) -> Spectrum:
+    matrix = weight.detach().to(torch.float64).reshape(weight.shape[0], -1)  # [out, in(*K*K)]
+    values = torch.linalg.svdvals(matrix)
+    total = float(values.sum())
+    if total == 0:
+        return Spectrum(tuple(values.tolist()), 0.0, 0)
+    p = values / total
+    p = p[p > 0]
+    entropy = float(-(p * p.log()).sum())
+    threshold = max(matrix.shape) * torch.finfo(torch.float64).eps * float(values[0])
+    return Spectrum(tuple(values.tolist()), math.exp(entropy), int((values > threshold).sum()))

@@ -1,0 +1,176 @@
+"""Seeded random-input comparisons of an expanded model against its collapsed form.
+
+Pure computation: callers hand in callables (torch modules, an onnxruntime
+session, collapsed weights) and get a frozen :class:`VerifyReport` back. Nothing
+here reads files or prints.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from epcli.errors import ShapeMismatchError, UsageError
+
+__all__ = [
+    "DEFAULT_TOLERANCES",
+    "PASS_RULE",
+    "Comparison",
+    "Tolerance",
+    "VerifyReport",
+    "VerifySettings",
+    "compare",
+    "random_batches",
+]
+
+PASS_RULE = "|collapsed - expanded| <= atol + rtol * |expanded|, for every element"
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    atol: float
+    rtol: float
+
+
+DEFAULT_TOLERANCES: dict[str, Tolerance] = {
+    # float32: a collapsed chain rounds differently from the expanded one; outputs are O(1)-O(10)
+    "float32": Tolerance(atol=1e-4, rtol=1e-4),
+    "float64": Tolerance(atol=1e-10, rtol=1e-9),
+}
+SUPPORTED_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+@dataclass(frozen=True)
+class VerifySettings:
+    """How many seeded standard-normal inputs, in which dtype, judged at which tolerance."""
+
+    samples: int = 64
+    batch_size: int = 32
+    seed: int = 0
+    dtype: str = "float32"
+    atol: float | None = None
+    rtol: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.dtype not in SUPPORTED_DTYPES:
+            raise UsageError(f"dtype must be one of {sorted(SUPPORTED_DTYPES)}, got {self.dtype!r}")
+        if self.samples < 1 or self.batch_size < 1:
+            raise UsageError("samples and batch_size must be >= 1")
+        for name in ("atol", "rtol"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value >= 0):
+                raise UsageError(f"{name} must be a finite number >= 0, got {value!r}")
+
+    @property
+    def tolerance(self) -> Tolerance:
+        default = DEFAULT_TOLERANCES[self.dtype]
+        return Tolerance(
+            atol=default.atol if self.atol is None else self.atol,
+            rtol=default.rtol if self.rtol is None else self.rtol,
+        )
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return SUPPORTED_DTYPES[self.dtype]
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Errors of one candidate against its reference over all samples.
+
+    Relative errors are normwise (error over the reference's magnitude), so they
+    stay finite where single reference elements are zero. ``min_atol`` is the
+    smallest atol that would pass at the given rtol.
+    """
+
+    name: str
+    scope: str  # "layer" or "model"
+    candidate: str
+    samples: int
+    max_abs_error: float
+    mean_abs_error: float
+    max_rel_error: float
+    mean_rel_error: float
+    min_atol: float
+    passed: bool
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    settings: VerifySettings
+    tolerance: Tolerance
+    comparisons: tuple[Comparison, ...]
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.comparisons)
+
+    @property
+    def failures(self) -> tuple[Comparison, ...]:
+        return tuple(c for c in self.comparisons if not c.passed)
+
+
+def random_batches(input_shape: Sequence[int], settings: VerifySettings) -> Iterator[Tensor]:
+    """Standard-normal batches ``[b, *input_shape]``, the same for the same seed on every machine.
+
+    Drawn in float64 on the CPU and cast, so float32 and float64 runs see the same values.
+    """
+    generator = torch.Generator().manual_seed(settings.seed)
+    remaining = settings.samples
+    while remaining > 0:
+        size = min(settings.batch_size, remaining)
+        yield torch.randn((size, *input_shape), generator=generator, dtype=torch.float64).to(settings.torch_dtype)
+        remaining -= size
+
+
+def compare(
+    name: str,
+    scope: str,
+    candidate_label: str,
+    reference: Callable[[Tensor], Tensor],
+    candidate: Callable[[Tensor], Tensor],
+    input_shape: Sequence[int],
+    settings: VerifySettings,
+) -> Comparison:
+    """Run both callables on the same seeded batches and measure how far apart they are."""
+    tolerance = settings.tolerance
+    max_abs = sum_abs = max_ref = sum_ref = 0.0
+    min_atol = 0.0
+    count = 0
+    finite = True
+    with torch.no_grad():
+        for batch in random_batches(input_shape, settings):
+            expected = reference(batch).to(torch.float64)
+            got = candidate(batch).to(torch.float64)
+            if got.shape != expected.shape:
+                raise ShapeMismatchError(
+                    f"{name}: {candidate_label} gives shape {tuple(got.shape)}, expanded gives {tuple(expected.shape)}"
+                )
+            error = (got - expected).abs()
+            finite = finite and bool(torch.isfinite(error).all())
+            magnitude = expected.abs()
+            max_abs = max(max_abs, float(error.max()))
+            sum_abs += float(error.sum())
+            max_ref = max(max_ref, float(magnitude.max()))
+            sum_ref += float(magnitude.sum())
+            min_atol = max(min_atol, float((error - tolerance.rtol * magnitude).max()))
+            count += error.numel()
+    if not finite:
+        nan = float("nan")
+        return Comparison(name, scope, candidate_label, settings.samples, nan, nan, nan, nan, nan, False)
+    return Comparison(
+        name=name,
+        scope=scope,
+        candidate=candidate_label,
+        samples=settings.samples,
+        max_abs_error=max_abs,
+        mean_abs_error=sum_abs / count,
+        max_rel_error=max_abs / max_ref if max_ref > 0 else max_abs,
+        mean_rel_error=sum_abs / sum_ref if sum_ref > 0 else sum_abs / count,
+        min_atol=max(min_atol, 0.0),
+        passed=min_atol <= tolerance.atol,
+    )

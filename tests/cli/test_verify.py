@@ -1,0 +1,303 @@
+"""``epcli verify CKPT [ARTIFACT] [--atol] [--rtol] [--samples N] [--batch-size B] [--seed S] [--dtype] [--json]``."""
+
+from __future__ import annotations
+
+import re
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import epcli
+from epcli.verify import DEFAULT_TOLERANCES
+
+REQUIRED_TOP_KEYS = {"schema_version", "command", "passed", "comparisons"}
+REQUIRED_COMPARISON_KEYS = {
+    "name", "scope", "max_abs_error", "mean_abs_error", "max_rel_error", "mean_rel_error", "min_passing_atol", "passed",
+}
+
+
+def _check_document(document, golden, schema_of, *, checkpoint, passed):
+    """Schema (golden key sets) and the invariants every verify report satisfies."""
+    assert schema_of(document) == golden("verify_keys.json")
+    assert REQUIRED_TOP_KEYS <= set(golden("verify_keys.json")["$"])
+    assert REQUIRED_COMPARISON_KEYS <= set(golden("verify_keys.json")["$.comparisons[]"])
+    assert document["schema_version"] == 1 and document["command"] == "verify"
+    assert document["passed"] is passed
+    assert document["passed"] == all(c["passed"] for c in document["comparisons"])
+    expected = epcli.load_checkpoint(checkpoint)
+    names = [c["name"] for c in document["comparisons"]]
+    assert names == [*expected.ep_layers, *(["<model>"] if expected.model is not None else [])]
+    for comparison in document["comparisons"]:
+        assert comparison["scope"] == ("model" if comparison["name"] == "<model>" else "layer")
+        assert 0 <= comparison["mean_abs_error"] <= comparison["max_abs_error"]
+        assert 0 <= comparison["mean_rel_error"] and 0 <= comparison["max_rel_error"]
+        assert 0 <= comparison["min_passing_atol"] <= comparison["max_abs_error"]
+        assert comparison["passed"] == (comparison["min_passing_atol"] <= document["atol"])
+    return {c["name"]: c for c in document["comparisons"]}
+
+
+def _tamper_safetensors(source, target, key):
+    """Add 1e-2 to one weight of one EP layer, keeping the metadata (what a bad copy or a bad merge does)."""
+    with safe_open(str(source), "pt") as handle:
+        metadata = handle.metadata()
+    tensors = load_file(str(source))
+    tensors[key] = tensors[key].clone()
+    tensors[key].view(-1)[0] += 1e-2
+    save_file(tensors, str(target), metadata=metadata)
+
+
+# ---- the installed console script ------------------------------------------------------------
+def test_subprocess_tampered_artifact_exits_1_and_names_the_layer(artifacts, tmp_path, run_epcli, json_doc, golden, schema_of):
+    tampered = tmp_path / "digits_mlp.tampered.safetensors"
+    _tamper_safetensors(artifacts.collapsed["digits_mlp"], tampered, "3.weight")
+
+    run = run_epcli("verify", artifacts.sources["digits_mlp"], tampered, "--json")
+
+    assert run.returncode == 1, run.describe()
+    assert "Traceback" not in run.stderr and "\x1b" not in run.stderr
+    document = json_doc(run.stdout)  # exactly one JSON document even though the check failed
+    by_name = _check_document(document, golden, schema_of, checkpoint=artifacts.sources["digits_mlp"], passed=False)
+    assert {name for name, c in by_name.items() if not c["passed"]} == {"3", "<model>"}
+    assert by_name["0"]["passed"]
+    assert by_name["3"]["max_abs_error"] > 1e-3
+    assert document["artifact"] == str(tampered)
+
+
+def test_subprocess_custom_model_with_factory(custom_model, run_epcli, json_doc):
+    run = run_epcli("verify", custom_model.path, "--model", custom_model.factory, "--json",
+                    env={"PYTHONPATH": custom_model.pythonpath})
+
+    assert run.returncode == 0, run.describe()
+    document = json_doc(run.stdout)
+    assert [(c["name"], c["scope"]) for c in document["comparisons"]] == [("body", "layer"), ("<model>", "model")]
+
+
+# ---- in memory -------------------------------------------------------------------------------
+@pytest.mark.parametrize("stem", ["digits_mlp", "digits_cnn"])
+def test_in_memory_json_report(stem, artifacts, invoke, json_doc, golden, schema_of):
+    source = artifacts.sources[stem]
+
+    run = invoke("verify", source, "--json")
+
+    assert run.returncode == 0, run.describe()
+    document = json_doc(run.stdout)
+    _check_document(document, golden, schema_of, checkpoint=source, passed=True)
+    default = DEFAULT_TOLERANCES["float32"]
+    assert (document["dtype"], document["atol"], document["rtol"]) == ("float32", default.atol, default.rtol)
+    assert (document["samples"], document["batch_size"], document["seed"]) == (64, 32, 0)
+    assert document["artifact"] is None and document["checkpoint"] == str(source)
+    assert "passed" in run.stderr  # the table and the verdict go to stderr
+
+
+def test_zero_tolerance_in_float32_fails(artifacts, invoke, json_doc, golden, schema_of):
+    source = artifacts.sources["digits_mlp"]
+
+    run = invoke("verify", source, "--atol", "0", "--rtol", "0", "--dtype", "float32", "--json")
+
+    assert run.returncode == 1, run.describe()
+    document = json_doc(run.stdout)
+    by_name = _check_document(document, golden, schema_of, checkpoint=source, passed=False)
+    assert all(c["min_passing_atol"] > 0 for c in by_name.values()), "float32 rounding is never exactly zero"
+
+
+@pytest.mark.parametrize("stem", ["digits_mlp", "digits_cnn"])
+def test_float64_passes_with_its_default_tolerances(stem, artifacts, invoke, json_doc, golden, schema_of):
+    source = artifacts.sources[stem]
+
+    run = invoke("verify", source, "--dtype", "float64", "--json")
+
+    assert run.returncode == 0, run.describe()
+    document = json_doc(run.stdout)
+    by_name = _check_document(document, golden, schema_of, checkpoint=source, passed=True)
+    default = DEFAULT_TOLERANCES["float64"]
+    assert (document["dtype"], document["atol"], document["rtol"]) == ("float64", default.atol, default.rtol)
+    assert max(c["max_abs_error"] for c in by_name.values()) < 1e-10
+
+
+def test_options_are_reported_and_seed_changes_the_inputs(artifacts, invoke, json_doc):
+    source = artifacts.sources["digits_mlp"]
+
+    first = json_doc(invoke("verify", source, "--samples", "10", "--batch-size", "3", "--seed", "5", "--json").stdout)
+    other = json_doc(invoke("verify", source, "--samples", "10", "--batch-size", "3", "--seed", "6", "--json").stdout)
+
+    assert (first["samples"], first["batch_size"], first["seed"]) == (10, 3, 5)
+    assert first["comparisons"][0]["max_abs_error"] != other["comparisons"][0]["max_abs_error"]
+
+
+def test_same_input_same_report(artifacts, invoke):
+    runs = [invoke("verify", artifacts.sources["digits_cnn"], "--samples", "16", "--json") for _ in range(2)]
+
+    assert runs[0].returncode == runs[1].returncode == 0
+    assert runs[0].stdout == runs[1].stdout
+
+
+def test_help_states_the_pass_rule_and_dtype_defaults(invoke):
+    run = invoke("verify", "--help")
+
+    assert run.returncode == 0, run.describe()
+    text = " ".join(run.stdout.split())
+    assert "|collapsed - expanded| <= atol + rtol * |expanded|" in text
+    stated = {m[0]: (float(m[1]), float(m[2])) for m in re.findall(r"(float32|float64) atol=(\S+?) rtol=(\S+?)[;.]?(?:\s|$)", text)}
+    assert stated == {name: (t.atol, t.rtol) for name, t in DEFAULT_TOLERANCES.items()}, text
+    assert "1 a comparison failed" in text or "1 verification failed" in text
+
+
+# ---- against artifacts -----------------------------------------------------------------------
+@pytest.mark.parametrize("stem", ["digits_mlp", "digits_cnn"])
+def test_collapsed_safetensors_artifact_passes(stem, artifacts, invoke, json_doc, golden, schema_of):
+    source, artifact = artifacts.sources[stem], artifacts.collapsed[stem]
+
+    run = invoke("verify", source, artifact, "--json")
+
+    assert run.returncode == 0, run.describe()
+    document = json_doc(run.stdout)
+    by_name = _check_document(document, golden, schema_of, checkpoint=source, passed=True)
+    assert document["artifact"] == str(artifact)
+    assert {c["candidate"] for c in by_name.values()} == {artifact.name}
+
+
+def test_collapsed_pt_artifact_passes(samples, invoke, json_doc):
+    artifact = samples.dir / "cnn.collapsed.pt"
+    assert invoke("collapse", samples.cnn, "-o", artifact).returncode == 0
+
+    run = invoke("verify", samples.cnn, artifact, "--json")
+
+    assert run.returncode == 0, run.describe()
+    assert json_doc(run.stdout)["passed"] is True
+
+
+def test_tampered_conv_artifact_exits_1(artifacts, tmp_path, invoke, json_doc):
+    tampered = tmp_path / "cnn.tampered.safetensors"
+    _tamper_safetensors(artifacts.collapsed["digits_cnn"], tampered, "0.weight")
+
+    run = invoke("verify", artifacts.sources["digits_cnn"], tampered, "--json")
+
+    assert run.returncode == 1, run.describe()
+    document = json_doc(run.stdout)
+    failing = {c["name"] for c in document["comparisons"] if not c["passed"]}
+    assert failing == {"0", "<model>"}
+    assert "0" in run.stderr and "failed" in run.stderr
+
+
+@pytest.mark.parametrize("stem", ["digits_mlp", "digits_cnn"])
+def test_onnx_artifact_passes(stem, artifacts, invoke, json_doc, golden, schema_of):
+    source = artifacts.sources[stem]
+
+    run = invoke("verify", source, artifacts.onnx[stem], "--json")
+
+    assert run.returncode == 0, run.describe()
+    by_name = _check_document(json_doc(run.stdout), golden, schema_of, checkpoint=source, passed=True)
+    assert "onnx" in by_name["<model>"]["candidate"].lower()
+
+
+def test_static_batch_onnx_from_export_verifies(artifacts, invoke, json_doc):
+    """``epcli export --static-batch`` writes an ONNX with batch fixed at 1; ``epcli verify`` must still check it.
+
+    (Regression: verify once fed batches of --batch-size (32) to it; onnxruntime refused and the
+    guard reported "unexpected InvalidArgument" with exit 2.)
+    """
+    run = invoke("verify", artifacts.sources["digits_cnn"], artifacts.onnx_static, "--json")
+
+    assert "unexpected" not in run.stderr, run.describe()
+    assert run.returncode == 0, run.describe()
+    assert json_doc(run.stdout)["passed"] is True
+
+
+def test_tampered_onnx_exits_1(artifacts, tmp_path, invoke, json_doc):
+    model = onnx.load(str(artifacts.onnx["digits_mlp"]))
+    first_gemm = next(node for node in model.graph.node if node.op_type in ("Gemm", "MatMul"))
+    initializer = next(t for t in model.graph.initializer if t.name in first_gemm.input)
+    values = numpy_helper.to_array(initializer).copy()
+    values.reshape(-1)[0] += np.float32(1e-2)
+    initializer.CopyFrom(numpy_helper.from_array(values, initializer.name))
+    tampered = tmp_path / "tampered.onnx"
+    onnx.save(model, str(tampered))
+
+    run = invoke("verify", artifacts.sources["digits_mlp"], tampered, "--json")
+
+    assert run.returncode == 1, run.describe()
+    document = json_doc(run.stdout)
+    assert {c["name"] for c in document["comparisons"] if not c["passed"]} == {"<model>"}
+
+
+# ---- bad artifacts ---------------------------------------------------------------------------
+def test_artifact_from_another_checkpoint_is_an_input_error(artifacts, invoke, flat):
+    run = invoke("verify", artifacts.sources["digits_mlp"], artifacts.collapsed["digits_cnn"])
+
+    assert run.returncode == 2, run.describe()
+    assert str(artifacts.collapsed["digits_cnn"]) in flat(run.stderr)
+    assert isinstance(run.exception, SystemExit)
+
+
+def test_collapsed_checkpoint_as_first_argument_is_an_input_error(artifacts, invoke, flat):
+    run = invoke("verify", artifacts.collapsed["digits_mlp"])
+
+    assert run.returncode == 2, run.describe()
+    assert str(artifacts.collapsed["digits_mlp"]) in flat(run.stderr)
+
+
+def test_expanded_checkpoint_as_artifact_is_an_input_error(artifacts, tmp_path, invoke, flat):
+    other = tmp_path / "copy.pt"
+    shutil.copyfile(artifacts.sources["digits_mlp"], other)
+
+    run = invoke("verify", artifacts.sources["digits_mlp"], other)
+
+    assert run.returncode == 2, run.describe()
+    assert str(other) in flat(run.stderr)
+
+
+def test_onnx_in_float64_is_an_input_error(artifacts, invoke, flat):
+    run = invoke("verify", artifacts.sources["digits_mlp"], artifacts.onnx["digits_mlp"], "--dtype", "float64")
+
+    assert run.returncode == 2, run.describe()
+    assert str(artifacts.onnx["digits_mlp"]) in flat(run.stderr)
+
+
+@pytest.mark.parametrize("suffix", [".onnx", ".safetensors"])
+def test_truncated_artifact_is_an_input_error(suffix, artifacts, tmp_path, invoke, flat):
+    source = artifacts.onnx["digits_mlp"] if suffix == ".onnx" else artifacts.collapsed["digits_mlp"]
+    truncated = tmp_path / f"truncated{suffix}"
+    truncated.write_bytes(source.read_bytes()[: source.stat().st_size // 2])
+
+    run = invoke("verify", artifacts.sources["digits_mlp"], truncated, "--json")
+
+    assert run.returncode == 2, run.describe()
+    assert str(truncated) in flat(run.stderr)
+    assert isinstance(run.exception, SystemExit)
+
+
+# ---- models without an embedded architecture -------------------------------------------------
+def test_custom_model_without_factory_checks_layers_only(custom_model, invoke, json_doc, golden, schema_of):
+    assert epcli.load_checkpoint(custom_model.path).model is None
+
+    run = invoke("verify", custom_model.path, "--json")
+
+    assert run.returncode == 0, run.describe()
+    document = json_doc(run.stdout)
+    assert schema_of(document) == golden("verify_keys.json")
+    assert [(c["name"], c["scope"]) for c in document["comparisons"]] == [("body", "layer")]
+    assert "<model>" not in run.stderr
+
+
+def test_custom_model_with_factory_also_checks_the_model(custom_model, invoke, json_doc):
+    run = invoke("verify", custom_model.path, "--model", custom_model.factory, "--dtype", "float64", "--json")
+
+    assert run.returncode == 0, run.describe()
+    document = json_doc(run.stdout)
+    assert [(c["name"], c["scope"]) for c in document["comparisons"]] == [("body", "layer"), ("<model>", "model")]
+    assert all(c["max_abs_error"] < 1e-10 for c in document["comparisons"])
+
+
+def test_custom_model_collapsed_artifact_with_factory(custom_model, invoke, json_doc):
+    artifact = custom_model.dir / "custom.collapsed.safetensors"
+    assert invoke("collapse", custom_model.path).returncode == 0
+
+    run = invoke("verify", custom_model.path, artifact, "--model", custom_model.factory, "--json")
+
+    assert run.returncode == 0, run.describe()
+    assert [c["name"] for c in json_doc(run.stdout)["comparisons"]] == ["body", "<model>"]
