@@ -21,10 +21,21 @@ from epcli.errors import (
     VerificationError,
 )
 
-if TYPE_CHECKING:
-    from epcli.convert import collapse_layer, collapse_model, collapse_state_dict, overparameterize
-    from epcli.formats.checkpoint import Checkpoint, load_checkpoint, save_checkpoint, save_collapsed_checkpoint
-    from epcli.layers import EPConfig, EPConv2d, EPConv2dConfig, EPLayer, EPLinear, EPLinearConfig
+if TYPE_CHECKING:  # explicit re-exports for type checkers; at run time __getattr__ imports them
+    from epcli.convert import collapse_layer as collapse_layer
+    from epcli.convert import collapse_model as collapse_model
+    from epcli.convert import collapse_state_dict as collapse_state_dict
+    from epcli.convert import overparameterize as overparameterize
+    from epcli.formats.checkpoint import Checkpoint as Checkpoint
+    from epcli.formats.checkpoint import load_checkpoint as load_checkpoint
+    from epcli.formats.checkpoint import save_checkpoint as save_checkpoint
+    from epcli.formats.checkpoint import save_collapsed_checkpoint as save_collapsed_checkpoint
+    from epcli.layers import EPConfig as EPConfig
+    from epcli.layers import EPConv2d as EPConv2d
+    from epcli.layers import EPConv2dConfig as EPConv2dConfig
+    from epcli.layers import EPLayer as EPLayer
+    from epcli.layers import EPLinear as EPLinear
+    from epcli.layers import EPLinearConfig as EPLinearConfig
 
 __version__ = "0.1.0"
 

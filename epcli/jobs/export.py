@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import BinaryIO
 
 from epcli.convert import collapse_model
 from epcli.errors import UsageError
@@ -103,7 +104,11 @@ def _export_onnx(
         comparison = compare("<model>", "model", "onnxruntime", collapsed, session, checkpoint.input_shape, settings)
         report = VerifyReport(settings, settings.tolerance, (comparison,))
     if report.passed:
-        atomic_write(output, lambda handle: handle.write(data))
+
+        def write(handle: BinaryIO) -> None:
+            handle.write(data)
+
+        atomic_write(output, write)
     return OnnxExportResult(
         output=output,
         written=report.passed,

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from epcli.convert import collapse_model, collapsed_keys, expanded_eval, layer_states
 from epcli.errors import CheckpointError, UsageError
@@ -85,7 +86,7 @@ def verify_checkpoint(
                 path,
                 "layer",
                 label,
-                lambda x, layer=layer: layer(x, override=True),
+                functools.partial(layer, override=True),
                 _collapsed_layer(config, weight, bias, dtype),
                 checkpoint.layer_input_shapes[path],
                 settings,
@@ -94,15 +95,17 @@ def verify_checkpoint(
     if checkpoint.model is not None:
         tick(len(comparisons), total, "checking the whole model")
         model = copy.deepcopy(checkpoint.model).to(dtype)
+        candidate: Callable[[Tensor], Tensor]
         if onnx_session is not None:
             candidate, model_label = onnx_session, ONNX_LABEL
         else:
-            candidate, model_label = collapse_model(model), label
+            plain = collapse_model(model)
             if collapsed_state is not None:
                 try:
-                    candidate.load_state_dict(collapsed_state, strict=True)
+                    plain.load_state_dict(collapsed_state, strict=True)
                 except RuntimeError as e:
                     raise CheckpointError(f"the collapsed tensors do not fit the collapsed architecture: {e}") from e
+            candidate, model_label = plain, label
         with expanded_eval(model) as reference:
             comparisons.append(
                 compare("<model>", "model", model_label, reference, candidate, checkpoint.input_shape, settings)

@@ -13,10 +13,11 @@ are invisible to PyTorch itself; after one, call ``eval()`` again.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim.optimizer import Optimizer, register_optimizer_step_post_hook
 
 from epcli.core import Affine, BatchNormFold, ChainLayer, collapse_chain
@@ -46,11 +47,19 @@ def _float64(tensor: Tensor | None) -> Tensor | None:
     return None if tensor is None else tensor.detach().to(torch.float64)
 
 
-def _fold(norm: nn.Module) -> BatchNormFold:
+def _fold(norm: _BatchNorm) -> BatchNormFold:
     """Eval-mode batch-norm as scale/shift, computed in float64 with the module's own eps."""
-    return BatchNormFold.from_statistics(
-        _float64(norm.running_mean), _float64(norm.running_var), norm.eps, _float64(norm.weight), _float64(norm.bias)
-    )
+    mean, var = _float64(norm.running_mean), _float64(norm.running_var)
+    if mean is None or var is None:  # never: EP layers build batch-norms that track running stats
+        raise RuntimeError("batch-norm without running statistics cannot be folded")
+    return BatchNormFold.from_statistics(mean, var, norm.eps, _float64(norm.weight), _float64(norm.bias))
+
+
+class _Block(NamedTuple):
+    """One link of the chain, typed: the Linear/Conv2d and its optional batch-norm."""
+
+    layer: nn.Linear | nn.Conv2d
+    norm: _BatchNorm | None
 
 
 class EPLayer(nn.Module):
@@ -106,6 +115,17 @@ class EPLayer(nn.Module):
             block.append(self._make_norm(out_dim))
         return nn.Sequential(*block)
 
+    def _blocks(self) -> list[_Block]:
+        blocks = []
+        for block in self.layer_dict.values():
+            modules = list(block.children())
+            blocks.append(_Block(modules[0], modules[1] if len(modules) > 1 else None))  # type: ignore[arg-type]
+        return blocks
+
+    def _projections(self) -> dict[str, nn.Linear | nn.Conv2d]:
+        """Learnable skips by key (empty for identity skips)."""
+        return dict(self.residual_dict.items())  # type: ignore[arg-type]
+
     @property
     def config(self) -> EPConfig:
         """The frozen configuration this layer was built from (with the current ``collapse_on_eval``)."""
@@ -134,7 +154,7 @@ class EPLayer(nn.Module):
         return self._config.negative_slope
 
     # ---- initialisation ---------------------------------------------------------
-    _init_fan_mode = "fan_in"
+    _init_fan_mode: Literal["fan_in", "fan_out"] = "fan_in"
 
     def reset_parameters(self) -> None:
         """Kaiming-normal weights (gain for the following activation on the last layer), uniform biases.
@@ -142,17 +162,16 @@ class EPLayer(nn.Module):
         The same scheme as the original implementation, so training behaves alike.
         """
         last = self._config.depth - 1
-        for index, block in enumerate(self.layer_dict.values()):
-            layer = block[0]
+        for index, (layer, norm) in enumerate(self._blocks()):
             slope = self._config.negative_slope if index == last else 1.0
             nn.init.kaiming_normal_(layer.weight, a=slope, mode=self._init_fan_mode, nonlinearity="leaky_relu")
             if layer.bias is not None:
                 fan_in = layer.weight[0].numel()
                 bound = 1.0 / math.sqrt(fan_in)
                 nn.init.uniform_(layer.bias, -bound, bound)
-            if len(block) > 1:
-                block[1].reset_parameters()
-        for projection in self.residual_dict.values():
+            if norm is not None:
+                norm.reset_parameters()
+        for projection in self._projections().values():
             projection.reset_parameters()
 
     # ---- forward ----------------------------------------------------------------
@@ -189,13 +208,12 @@ class EPLayer(nn.Module):
     def collapse(self) -> Affine:
         """The exact collapsed map in float64 (no caching; see ``weight`` / ``bias`` for the cached cast)."""
         layers = []
-        for block in self.layer_dict.values():
-            layer = block[0]
-            norm = _fold(block[1]) if len(block) > 1 else None
-            layers.append(ChainLayer(layer.weight, layer.bias, norm))
+        for layer, norm in self._blocks():
+            layers.append(ChainLayer(layer.weight, layer.bias, None if norm is None else _fold(norm)))
+        projections = self._projections()
         skips: dict[tuple[int, int], ChainLayer | None] = {}
         for edge in self._config.skips:
-            projection = self.residual_dict[self.skip_key(edge)] if self._config.learnable_skips else None
+            projection = projections.get(self.skip_key(edge))
             skips[edge] = None if projection is None else ChainLayer(projection.weight, projection.bias)
         with torch.no_grad():
             return collapse_chain(self._algebra, self._config.in_dim, layers, skips)
@@ -204,14 +222,14 @@ class EPLayer(nn.Module):
         tensors = tuple(
             (t.data_ptr(), t._version, t.dtype, t.device, t.shape) for t in (*self.parameters(), *self.buffers())
         )
-        eps = tuple(block[1].eps for block in self.layer_dict.values() if len(block) > 1)
+        eps = tuple(norm.eps for _, norm in self._blocks() if norm is not None)
         return (_optimizer_steps, *tensors, *eps)
 
     def _collapsed(self) -> tuple[Tensor, Tensor | None]:
         key = self._fingerprint()
         if self._cache is None or self._cache[0] != key:
             affine = self.collapse()
-            reference = self.layer_dict["0"][0].weight
+            reference = self._blocks()[0].layer.weight
             bias = None if affine.bias is None else affine.bias.to(reference.dtype)
             self._cache = (key, affine.weight.to(reference.dtype), bias)
         return self._cache[1], self._cache[2]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -33,7 +34,7 @@ class EPConv2d(EPLayer):
 
     _algebra = CONV2D
     _config: EPConv2dConfig
-    _init_fan_mode = "fan_out"
+    _init_fan_mode: Literal["fan_in", "fan_out"] = "fan_out"
 
     def __init__(
         self,

@@ -46,7 +46,7 @@ def test_subprocess_collapse_writes_default_output_and_table(samples, run_epcli,
     assert run.stdout == "", "a non-JSON collapse documents nothing on stdout; the table belongs on stderr"
     assert "\x1b" not in run.stderr and "Traceback" not in run.stderr
     facts = _expected_layer_facts(samples.mlp)
-    for path, fact in facts.items():
+    for fact in facts.values():
         assert f"{fact['expanded_params']:,}" in run.stderr and f"{fact['collapsed_params']:,}" in run.stderr
         assert fact["type"] in run.stderr
     total_expanded = sum(f["expanded_params"] for f in facts.values())
