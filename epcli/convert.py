@@ -45,42 +45,53 @@ _EP_KWARGS = frozenset(
 
 
 # ---- one layer, from tensors ---------------------------------------------------------
-def collapse_layer(config: EPConfig, layer_state: Mapping[str, Tensor]) -> tuple[Tensor, Tensor | None]:
+def collapse_layer(
+    config: EPConfig, layer_state: Mapping[str, Tensor], *, device: torch.device | str | None = None
+) -> tuple[Tensor, Tensor | None]:
     """Collapse one EP layer given its config and its own state (keys relative to the layer).
 
     The layer is built on the meta device and takes the given tensors as they
     are (no copy, so memory-mapped tensors stay mapped); the collapse runs in
-    float64 and the result is cast to the dtype of the stored weights.
+    float64 (on ``device`` when given, e.g. CUDA) and the result is cast to the
+    dtype of the stored weights, on the CPU.
     Raises :class:`CheckpointError` / :class:`ShapeMismatchError` when the
     tensors do not fit the config.
     """
-    return _collapse(config, layer_state, prefix="")
+    return _collapse(config, layer_state, prefix="", device=device)
 
 
-def _collapse(config: EPConfig, layer_state: Mapping[str, Tensor], prefix: str) -> tuple[Tensor, Tensor | None]:
+def _collapse(
+    config: EPConfig, layer_state: Mapping[str, Tensor], prefix: str, device: torch.device | str | None
+) -> tuple[Tensor, Tensor | None]:
     """:func:`collapse_layer`, with errors naming keys by their full path ``prefix + key``."""
     state = {key: value for key, value in layer_state.items() if key not in _STALE_KEYS}
     check_state(expected_state(config), state, prefix=prefix)
+    dtype = state["layer_dict.0.0.weight"].dtype
+    if device is not None:
+        state = {key: value.to(device) for key, value in state.items()}
     layer = build_layer(config, device="meta")
     layer.load_state_dict(state, strict=True, assign=True)
     affine = layer.collapse()
-    dtype = state["layer_dict.0.0.weight"].dtype
     # the collapse may hand back an input tensor as is (a lone float64 bias): always return fresh copies
     bias = None if affine.bias is None else _fresh(affine.bias, dtype)
     return _fresh(affine.weight, dtype), bias
 
 
 def _fresh(tensor: Tensor, dtype: torch.dtype) -> Tensor:
-    """A contiguous copy in ``dtype`` that shares no storage with anything."""
-    return torch.empty_like(tensor, dtype=dtype, memory_format=torch.contiguous_format).copy_(tensor)
+    """A contiguous CPU copy in ``dtype`` that shares no storage with anything."""
+    out = torch.empty(tensor.shape, dtype=dtype, device="cpu")  # contiguous
+    return out.copy_(tensor)
 
 
-def collapse_state_dict(state_dict: Mapping[str, Tensor], ep_layers: Mapping[str, EPConfig]) -> dict[str, Tensor]:
+def collapse_state_dict(
+    state_dict: Mapping[str, Tensor], ep_layers: Mapping[str, EPConfig], *, device: torch.device | str | None = None
+) -> dict[str, Tensor]:
     """Expanded state dict -> collapsed: ``<path>.weight`` / ``<path>.bias`` per EP layer, the rest passed through.
 
     Collapsed keys take the place of the layer's first key, so the order follows
-    the module order. Every output tensor is a contiguous copy that shares no
-    storage with the input or with another output.
+    the module order. Every output tensor is a contiguous CPU copy that shares no
+    storage with the input or with another output; ``device`` is where the
+    collapse math runs.
     """
     owned = layer_states(state_dict, ep_layers)
     owner_of = {key: _owner(key, owned) for key in state_dict}
@@ -93,7 +104,7 @@ def collapse_state_dict(state_dict: Mapping[str, Tensor], ep_layers: Mapping[str
         if path is None:
             out[key] = _fresh(state_dict[key].detach(), state_dict[key].dtype)
         elif _prefix(path) + "weight" not in out:
-            weight, bias = _collapse(ep_layers[path], owned[path], _prefix(path))
+            weight, bias = _collapse(ep_layers[path], owned[path], _prefix(path), device)
             out[_prefix(path) + "weight"] = weight
             if bias is not None:
                 out[_prefix(path) + "bias"] = bias

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from epcli.devices import resolve_device
 from epcli.errors import ShapeMismatchError, UsageError
 
 __all__ = [
@@ -54,6 +55,7 @@ class VerifySettings:
     dtype: str = "float32"
     atol: float | None = None
     rtol: float | None = None
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         if self.dtype not in SUPPORTED_DTYPES:
@@ -64,6 +66,7 @@ class VerifySettings:
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value >= 0):
                 raise UsageError(f"{name} must be a finite number >= 0, got {value!r}")
+        resolve_device(self.device)  # fail before any work, not at the first batch
 
     @property
     def tolerance(self) -> Tolerance:
@@ -76,6 +79,10 @@ class VerifySettings:
     @property
     def torch_dtype(self) -> torch.dtype:
         return SUPPORTED_DTYPES[self.dtype]
+
+    @property
+    def torch_device(self) -> torch.device:
+        return resolve_device(self.device)
 
 
 @dataclass(frozen=True)
@@ -117,13 +124,15 @@ class VerifyReport:
 def random_batches(input_shape: Sequence[int], settings: VerifySettings) -> Iterator[Tensor]:
     """Standard-normal batches ``[b, *input_shape]``, the same for the same seed on every machine.
 
-    Drawn in float64 on the CPU and cast, so float32 and float64 runs see the same values.
+    Drawn in float64 on the CPU and cast, so float32 and float64 runs (and every device) see the same values.
     """
+    device = settings.torch_device
     generator = torch.Generator().manual_seed(settings.seed)
     remaining = settings.samples
     while remaining > 0:
         size = min(settings.batch_size, remaining)
-        yield torch.randn((size, *input_shape), generator=generator, dtype=torch.float64).to(settings.torch_dtype)
+        batch = torch.randn((size, *input_shape), generator=generator, dtype=torch.float64)
+        yield batch.to(device=device, dtype=settings.torch_dtype)
         remaining -= size
 
 
@@ -144,8 +153,8 @@ def compare(
     finite = True
     with torch.no_grad():
         for batch in random_batches(input_shape, settings):
-            expected = reference(batch).to(torch.float64)
-            got = candidate(batch).to(torch.float64)
+            expected = reference(batch).to("cpu", torch.float64)
+            got = candidate(batch).to("cpu", torch.float64)
             if got.shape != expected.shape:
                 raise ShapeMismatchError(
                     f"{name}: {candidate_label} gives shape {tuple(got.shape)}, expanded gives {tuple(expected.shape)}"

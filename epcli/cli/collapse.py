@@ -10,7 +10,7 @@ import typer
 
 from epcli.cli import render
 from epcli.cli.guard import guarded
-from epcli.cli.options import CheckpointArg, ForceOption, JsonOption, ModelOption
+from epcli.cli.options import CheckpointArg, DeviceOption, ForceOption, JsonOption, ModelOption
 
 if TYPE_CHECKING:
     from epcli.jobs.collapse import CollapseResult
@@ -34,6 +34,7 @@ def collapse_command(
         Optional[OutputFormat], typer.Option("--format", help="Output format (default: from -o's suffix, else safetensors).", show_default=False)
     ] = None,
     force: ForceOption = False,
+    device: DeviceOption = "cpu",
     model: ModelOption = None,
     json_output: JsonOption = False,
 ) -> None:
@@ -47,6 +48,7 @@ def collapse_command(
             file_format=None if file_format is None else file_format.value,
             force=force,
             model_factory=model,
+            device=device,
             progress=progress,
         )
     render_collapse(result)

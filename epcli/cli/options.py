@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-__all__ = ["Atol", "BatchSize", "CheckpointArg", "Dtype", "ForceOption", "JsonOption", "ModelOption", "Rtol", "Samples", "Seed"]
+__all__ = ["Atol", "BatchSize", "CheckpointArg", "DeviceOption", "Dtype", "ForceOption", "JsonOption", "ModelOption", "Rtol", "Samples", "Seed"]
 
 CheckpointArg = Annotated[
     Path,
@@ -32,6 +32,16 @@ BatchSize = Annotated[int, typer.Option("--batch-size", min=1, help="Samples per
 Seed = Annotated[int, typer.Option("--seed", help="Seed of the input generator (same seed, same inputs).")]
 Atol = Annotated[Optional[float], typer.Option("--atol", min=0.0, help="Absolute tolerance (default: by dtype).", show_default=False)]
 Rtol = Annotated[Optional[float], typer.Option("--rtol", min=0.0, help="Relative tolerance (default: by dtype).", show_default=False)]
+
+
+DeviceOption = Annotated[
+    str,
+    typer.Option(
+        "--device",
+        metavar="cpu|cuda",
+        help="Where the collapse math and the checks run; CUDA only when asked for and available.",
+    ),
+]
 
 
 class Dtype(str, Enum):

@@ -9,7 +9,18 @@ import typer
 
 from epcli.cli import render
 from epcli.cli.guard import EXIT_VERIFY_FAILED, guarded
-from epcli.cli.options import Atol, BatchSize, CheckpointArg, Dtype, JsonOption, ModelOption, Rtol, Samples, Seed
+from epcli.cli.options import (
+    Atol,
+    BatchSize,
+    CheckpointArg,
+    DeviceOption,
+    Dtype,
+    JsonOption,
+    ModelOption,
+    Rtol,
+    Samples,
+    Seed,
+)
 
 if TYPE_CHECKING:
     from epcli.verify import VerifyReport
@@ -43,13 +54,16 @@ def verify_command(
     batch_size: BatchSize = 32,
     seed: Seed = 0,
     dtype: Annotated[Dtype, typer.Option("--dtype", help="Precision of the comparison.")] = Dtype.float32,
+    device: DeviceOption = "cpu",
     model: ModelOption = None,
     json_output: JsonOption = False,
 ) -> None:
     from epcli.jobs.verify import verify_files
     from epcli.verify import VerifySettings
 
-    settings = VerifySettings(samples=samples, batch_size=batch_size, seed=seed, dtype=dtype.value, atol=atol, rtol=rtol)
+    settings = VerifySettings(
+        samples=samples, batch_size=batch_size, seed=seed, dtype=dtype.value, atol=atol, rtol=rtol, device=device
+    )
     with render.progress() as progress:
         result = verify_files(checkpoint, artifact, settings, model_factory=model, progress=progress)
     render_report(f"Verify {checkpoint.name}", result.report)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from epcli import __version__
 from epcli.convert import collapse_state_dict
+from epcli.devices import resolve_device
 from epcli.errors import UsageError
 from epcli.formats.checkpoint import Checkpoint, load_checkpoint, save_collapsed_checkpoint
 from epcli.jobs.summary import LayerSummary, summarize_layer
@@ -97,23 +98,26 @@ def collapse_file(
     file_format: str | None = None,
     force: bool = False,
     model_factory: str | None = None,
+    device: str = "cpu",
     progress: ProgressCallback | None = None,
 ) -> CollapseResult:
-    """Collapse every EP layer of ``source`` and write the result atomically."""
+    """Collapse every EP layer of ``source`` (the math on ``device``) and write the result atomically."""
+    resolve_device(device)  # a bad device fails before any work
     output = resolve_output(source, output, file_format, force)
     checkpoint = load_checkpoint(source, model_factory=model_factory)
-    return write_collapsed(checkpoint, output, progress=progress)
+    return write_collapsed(checkpoint, output, device=device, progress=progress)
 
 
 def write_collapsed(
-    checkpoint: Checkpoint, output: Path, *, progress: ProgressCallback | None = None
+    checkpoint: Checkpoint, output: Path, *, device: str = "cpu", progress: ProgressCallback | None = None
 ) -> CollapseResult:
     """Collapse a loaded expanded checkpoint, measure each layer's error, write ``output`` atomically."""
     source = checkpoint.path
     if checkpoint.kind != "expanded":
         raise UsageError(f"{source}: already collapsed; nothing to do")
-    collapsed_state = collapse_state_dict(checkpoint.state_dict, checkpoint.ep_layers)
-    report = verify_checkpoint(checkpoint, ERROR_SETTINGS, collapsed_state=collapsed_state, progress=progress)
+    collapsed_state = collapse_state_dict(checkpoint.state_dict, checkpoint.ep_layers, device=resolve_device(device))
+    settings = replace(ERROR_SETTINGS, device=device)
+    report = verify_checkpoint(checkpoint, settings, collapsed_state=collapsed_state, progress=progress)
     by_name = {c.name: c for c in report.comparisons}
     layers = tuple(
         LayerCollapse(

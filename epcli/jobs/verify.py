@@ -37,11 +37,11 @@ class VerifyResult:
 
 
 def _collapsed_layer(
-    config: EPConfig, weight: Tensor, bias: Tensor | None, dtype: torch.dtype
+    config: EPConfig, weight: Tensor, bias: Tensor | None, dtype: torch.dtype, device: torch.device
 ) -> Callable[[Tensor], Tensor]:
-    """The plain layer's forward with the given collapsed tensors, in the comparison dtype."""
-    weight = weight.to(dtype)
-    bias = None if bias is None else bias.to(dtype)
+    """The plain layer's forward with the given collapsed tensors, in the comparison dtype and device."""
+    weight = weight.to(device=device, dtype=dtype)
+    bias = None if bias is None else bias.to(device=device, dtype=dtype)
     if isinstance(config, EPConv2dConfig):
         return lambda x: F.conv2d(x, weight, bias, config.stride, config.padding)
     return lambda x: F.linear(x, weight, bias)
@@ -64,7 +64,7 @@ def verify_checkpoint(
     given tensors (e.g. a collapsed file's) are what is judged, layer by layer and
     loaded strictly into the collapsed architecture.
     """
-    dtype = settings.torch_dtype
+    dtype, device = settings.torch_dtype, settings.torch_device
     comparisons: list[Comparison] = []
     states = layer_states(checkpoint.state_dict, checkpoint.ep_layers)
     total = len(checkpoint.ep_layers) + (checkpoint.model is not None)
@@ -74,7 +74,7 @@ def verify_checkpoint(
         # built on meta and given the stored tensors: no init cost, no copy
         layer = build_layer(config, device="meta")
         layer.load_state_dict(states[path], assign=True)
-        layer = layer.to(dtype).eval()
+        layer = layer.to(device=device, dtype=dtype).eval()
         if collapsed_state is None:
             collapsed = layer.collapse()
             weight, bias = collapsed.weight, collapsed.bias
@@ -87,14 +87,14 @@ def verify_checkpoint(
                 "layer",
                 label,
                 functools.partial(layer, override=True),
-                _collapsed_layer(config, weight, bias, dtype),
+                _collapsed_layer(config, weight, bias, dtype, device),
                 checkpoint.layer_input_shapes[path],
                 settings,
             )
         )
     if checkpoint.model is not None:
         tick(len(comparisons), total, "checking the whole model")
-        model = copy.deepcopy(checkpoint.model).to(dtype)
+        model = copy.deepcopy(checkpoint.model).to(device=device, dtype=dtype)
         candidate: Callable[[Tensor], Tensor]
         if onnx_session is not None:
             candidate, model_label = onnx_session, ONNX_LABEL

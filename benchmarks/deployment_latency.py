@@ -1,0 +1,236 @@
+"""The deployment win: inference latency of an expanded EP model against its exact collapse.
+
+Run from the repository root (about a minute)::
+
+    python benchmarks/deployment_latency.py
+
+For each model it exports two ONNX graphs with ``export_onnx_bytes``: the *expanded* model
+(eval mode, every EP layer running its chain, via ``expanded_eval``) and the *collapsed* one
+(``collapse_model``), and times them in onnxruntime (CPU, ORT_ENABLE_ALL, 2 intra-op
+threads) and in torch eager (``inference_mode``), interleaved round by round, medians. It
+prints per model the milliseconds of each, the measured speedup and the theoretical ratio of
+multiply-accumulates (MACs of every Linear / Conv2d, counted from the layer and output shapes
+of one forward pass; for a convolution, output pixels x kernel area x in-channels).
+
+It also saves onnxruntime's *optimised* expanded graph and counts its MatMul / Gemm / Conv
+nodes before and after optimisation, and checks that the two ONNX graphs agree numerically.
+
+What to look for:
+- the optimised expanded graph still holds one matrix product (or convolution) per chain
+  layer: onnxruntime does not fold a chain of linear layers, so only the collapse removes them;
+- the MLP (3 x EPLinear 1024 -> 1024, depth 4) should run >= 3x faster collapsed
+  (4x is the MAC limit, minus the fixed cost per call);
+- the convolutions gain only what their MACs promise: 1x1 layers after a 3x3 add a third of
+  its cost ([3, 1, 1, 1] -> 1.33x), while two 3x3 layers collapse into one 5x5 that costs
+  *more* (25 / 18 of the MACs): there the expanded graph is the faster one to deploy;
+- max |diff| of the two ONNX graphs at float32 rounding level (about 1e-6 of the output scale).
+"""
+
+from __future__ import annotations
+
+import collections
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from _timing import interleaved_medians, machine_summary, speedup
+from epcli import EPConv2d, EPLinear, collapse_model
+from epcli.convert import expanded_eval
+from epcli.formats.onnx_export import INPUT_NAME, export_onnx_bytes
+from epcli.layers import EPLayer
+
+THREADS = 2
+ROUNDS = 25
+WARMUP = 3
+COMPUTE_OPS = ("MatMul", "Gemm", "Conv")
+"""Substrings of the op types that do the arithmetic (also matches FusedMatMul, FusedGemm, FusedConv)."""
+MLP_TARGET = 3.0
+
+
+@dataclass(frozen=True)
+class Case:
+    """One model to deploy: how to build it and the batch it serves."""
+
+    name: str
+    build: Callable[[], nn.Module]
+    sample_shape: tuple[int, ...]
+    batch: int
+
+
+def _mlp() -> nn.Module:
+    return nn.Sequential(
+        EPLinear(1024, 1024, depth=4), nn.ReLU(),
+        EPLinear(1024, 1024, depth=4), nn.ReLU(),
+        EPLinear(1024, 1024, depth=4),
+    )
+
+
+def _cnn(kernel_sizes: list[int], padding: int) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        return nn.Sequential(
+            EPConv2d(64, 64, kernel_sizes, padding), nn.ReLU(),
+            EPConv2d(64, 64, kernel_sizes, padding), nn.ReLU(),
+            EPConv2d(64, 64, kernel_sizes, padding),
+        )
+
+    return build
+
+
+CASES = [
+    Case("MLP: 3 x EPLinear(1024, 1024, depth=4) + ReLU", _mlp, (1024,), 64),
+    Case("CNN: 3 x EPConv2d(64, 64, [3, 1, 1, 1], padding=1) + ReLU", _cnn([3, 1, 1, 1], 1), (64, 16, 16), 8),
+    Case("CNN: 3 x EPConv2d(64, 64, [3, 3], padding=2) + ReLU", _cnn([3, 3], 2), (64, 16, 16), 8),
+]
+
+
+# ---- graphs ------------------------------------------------------------------------
+def ort_session(model: bytes, optimized_path: Path | None = None) -> ort.InferenceSession:
+    """A CPU session with every graph optimisation on; optionally saving the optimised graph."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = THREADS
+    options.log_severity_level = 3
+    if optimized_path is not None:
+        options.optimized_model_filepath = str(optimized_path)
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
+def compute_ops(model: onnx.ModelProto) -> collections.Counter[str]:
+    """Count of each arithmetic op type (MatMul, Gemm, Conv and their fused forms) in the main graph."""
+    return collections.Counter(
+        node.op_type for node in model.graph.node if any(op in node.op_type for op in COMPUTE_OPS)
+    )
+
+
+def optimized_compute_ops(model: bytes) -> collections.Counter[str]:
+    """The arithmetic ops of the graph onnxruntime actually runs after ORT_ENABLE_ALL."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "optimized.onnx"
+        ort_session(model, optimized_path=path)
+        return compute_ops(onnx.load(str(path)))
+
+
+def describe(ops: collections.Counter[str]) -> str:
+    return ", ".join(f"{op} x{count}" for op, count in sorted(ops.items())) or "none"
+
+
+# ---- arithmetic --------------------------------------------------------------------
+def count_macs(model: nn.Module, example: torch.Tensor) -> int:
+    """Multiply-accumulates of every nn.Linear / nn.Conv2d that runs in one forward pass of ``example``."""
+    total = 0
+
+    def hook(module: nn.Module, inputs: object, output: torch.Tensor) -> None:
+        nonlocal total
+        if isinstance(module, nn.Linear):
+            total += output.numel() * module.in_features
+        elif isinstance(module, nn.Conv2d):
+            kernel_h, kernel_w = module.kernel_size
+            total += output.numel() * kernel_h * kernel_w * module.in_channels // module.groups
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    try:
+        with torch.inference_mode():
+            model(example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return total
+
+
+def chain_layers(model: nn.Module) -> int:
+    """Linear / Conv2d layers the expanded model runs: the depths of its EP layers."""
+    return sum(module.depth for module in model.modules() if isinstance(module, EPLayer))
+
+
+def max_abs_diff(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """Max |a - b| and that divided by max |a| (normwise relative)."""
+    diff = float(np.max(np.abs(a - b)))
+    return diff, diff / float(np.max(np.abs(a)))
+
+
+# ---- one model ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class Result:
+    name: str
+    mac_ratio: float
+    ort_speedup: float
+    torch_speedup: float
+
+
+def _timing_line(label: str, medians: dict[str, float]) -> float:
+    ratio = speedup(medians["expanded"], medians["collapsed"])
+    print(
+        f"  {label:<12} expanded {medians['expanded'] * 1e3:8.2f} ms   collapsed {medians['collapsed'] * 1e3:8.2f} ms"
+        f"   speedup {ratio:5.2f}x"
+    )
+    return ratio
+
+
+def run_case(case: Case) -> Result:
+    print(f"\n{case.name}, batch {case.batch}, sample {list(case.sample_shape)}")
+    torch.manual_seed(0)
+    model = case.build().eval()
+    collapsed = collapse_model(model)
+    example = torch.randn(case.batch, *case.sample_shape)
+    feed = {INPUT_NAME: example.numpy()}
+
+    with expanded_eval(model):
+        expanded_onnx = export_onnx_bytes(model, case.sample_shape)
+        expanded_macs = count_macs(model, example)
+    collapsed_onnx = export_onnx_bytes(collapsed, case.sample_shape)
+    collapsed_macs = count_macs(collapsed, example)
+    mac_ratio = expanded_macs / collapsed_macs
+    print(
+        f"  MACs/sample  expanded {expanded_macs / case.batch / 1e6:8.2f} M   collapsed "
+        f"{collapsed_macs / case.batch / 1e6:8.2f} M   theoretical ratio {mac_ratio:5.2f}x"
+    )
+
+    layers = chain_layers(model)
+    before = compute_ops(onnx.load_from_string(expanded_onnx))
+    after = optimized_compute_ops(expanded_onnx)
+    fused = "FUSED (fewer than the chain)" if sum(after.values()) < layers else "not fused"
+    print(f"  expanded ONNX, {layers} chain layers: exported {describe(before)}; after ORT_ENABLE_ALL "
+          f"{describe(after)} -> {fused}")
+    print(f"  collapsed ONNX: exported {describe(compute_ops(onnx.load_from_string(collapsed_onnx)))}")
+
+    sessions = {"expanded": ort_session(expanded_onnx), "collapsed": ort_session(collapsed_onnx)}
+    outputs = {name: session.run(None, feed)[0] for name, session in sessions.items()}
+    diff, relative = max_abs_diff(outputs["expanded"], outputs["collapsed"])
+    print(f"  ONNX expanded vs collapsed: max |diff| {diff:.2e} (relative to max |output| {relative:.2e})")
+
+    ort_medians = interleaved_medians(
+        {name: (lambda s=session: s.run(None, feed)) for name, session in sessions.items()}, ROUNDS, warmup=WARMUP
+    )
+    ort_ratio = _timing_line("onnxruntime", ort_medians)
+    with expanded_eval(model), torch.inference_mode():
+        torch_medians = interleaved_medians(
+            {"expanded": lambda: model(example), "collapsed": lambda: collapsed(example)}, ROUNDS, warmup=WARMUP
+        )
+    torch_ratio = _timing_line("torch eager", torch_medians)
+    return Result(case.name, mac_ratio, ort_ratio, torch_ratio)
+
+
+def main() -> None:
+    torch.set_num_threads(THREADS)
+    print(machine_summary())
+    print(f"onnxruntime: CPUExecutionProvider, ORT_ENABLE_ALL, intra_op_num_threads={THREADS}; torch threads "
+          f"{torch.get_num_threads()}; medians of {ROUNDS} interleaved rounds after {WARMUP} warm-up calls")
+    results = [run_case(case) for case in CASES]
+    print("\nsummary: speedup of the collapsed model (expanded time / collapsed time)")
+    print(f"  {'model':<60} {'MAC ratio':>9} {'onnxruntime':>11} {'torch':>7}")
+    for r in results:
+        print(f"  {r.name:<60} {r.mac_ratio:8.2f}x {r.ort_speedup:10.2f}x {r.torch_speedup:6.2f}x")
+    mlp = results[0].ort_speedup
+    verdict = "met" if mlp >= MLP_TARGET else "NOT met"
+    print(f"target: MLP in onnxruntime >= {MLP_TARGET:.0f}x (MAC limit {results[0].mac_ratio:.0f}x): {mlp:.2f}x, {verdict}")
+
+
+if __name__ == "__main__":
+    main()
