@@ -19,7 +19,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-__all__ = ["JSON_SCHEMA_VERSION", "console", "emit_json", "error", "info", "plain", "progress", "success", "table", "warning"]
+__all__ = ["JSON_SCHEMA_VERSION", "console", "emit_json", "error", "info", "plain", "progress", "success", "table"]
 
 JSON_SCHEMA_VERSION = 1
 """Version of every ``--json`` document; bumped when a field changes meaning or disappears."""
@@ -76,10 +76,6 @@ def info(message: str) -> None:
 
 def success(message: str) -> None:
     console.print(f"[green]✓[/] {escape(message)}")
-
-
-def warning(message: str) -> None:
-    console.print(f"[yellow]warning:[/] {escape(message)}")
 
 
 def error(message: str) -> None:

@@ -26,10 +26,6 @@ class LayerSummary:
     collapsed_params: int
     effective_kernel: int | None  # conv only
 
-    @property
-    def compression(self) -> float:
-        return self.expanded_params / self.collapsed_params
-
 
 def summarize_layer(path: str, config: EPConfig, input_shape: tuple[int, ...]) -> LayerSummary:
     """Parameter counts from the config alone (the layer is built on the meta device: no memory, no init cost)."""
