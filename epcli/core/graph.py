@@ -48,7 +48,8 @@ class ChainLayer:
 
 def _as_float64(layer: ChainLayer) -> ChainLayer:
     def cast(t: Tensor | None) -> Tensor | None:
-        return None if t is None else t.detach().to(torch.float64)
+        # always a copy: the collapsed map may be a layer's own weight, and must not alias it
+        return None if t is None else t.detach().to(torch.float64, copy=True)
 
     norm = layer.norm
     if norm is not None:
@@ -76,18 +77,23 @@ def collapse_chain(
         incoming.setdefault(destination, []).append((source, projection))
         last_read[source] = max(last_read.get(source, -1), destination)
 
-    like = layers[0].weight
-    nodes: dict[int, Affine] = {0: algebra.identity(in_features, like)}
-    current = nodes[0]
+    # the input node is the identity map: never multiplied by, built only when an identity skip reads it
+    reads_input = any(source == 0 and projection is None for (source, _), projection in projections.items())
+    nodes: dict[int, Affine] = {0: algebra.identity(in_features, layers[0].weight)} if reads_input else {}
+    current = Affine(layers[0].weight, layers[0].bias)  # layer 0 composed with the identity
     for j, layer in enumerate(layers):
-        current = algebra.compose(layer.weight, layer.bias, current)
+        if j > 0:
+            current = algebra.compose(layer.weight, layer.bias, current)
         if layer.norm is not None:
             current = current.scaled(layer.norm.scale, layer.norm.shift)
         destination = j + 1
         for source, projection in incoming.get(destination, ()):
-            branch = nodes[source]
-            if projection is not None:
-                branch = algebra.compose(projection.weight, projection.bias, branch)
+            if projection is None:
+                branch = nodes[source]
+            elif source == 0:
+                branch = Affine(projection.weight, projection.bias)  # the projection composed with the identity
+            else:
+                branch = algebra.compose(projection.weight, projection.bias, nodes[source])
             current = algebra.add(current, branch)
         nodes = {i: v for i, v in nodes.items() if last_read.get(i, -1) > destination}
         nodes[destination] = current

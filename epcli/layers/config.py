@@ -80,6 +80,9 @@ class EPConfig:
         """Hidden width ``int(out * width)``, as in the original implementation."""
         return int(self.out_dim * self.width)
 
+    def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
+        raise NotImplementedError
+
     @property
     def node_dims(self) -> tuple[int, ...]:
         """Features (channels) of nodes 0 .. depth: input, hidden ..., output."""
@@ -196,6 +199,12 @@ class EPLinearConfig(EPConfig):
     def out_dim(self) -> int:
         return self.out_features
 
+    def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """Per-sample ``(*, in_features) -> (*, out_features)``; :class:`ConfigError` when the last size differs."""
+        if not input_shape or input_shape[-1] != self.in_features:
+            raise ConfigError(f"expects (*, {self.in_features}) per sample, got {list(input_shape)}")
+        return (*input_shape[:-1], self.out_features)
+
 
 @dataclass(frozen=True, kw_only=True)
 class EPConv2dConfig(EPConfig):
@@ -253,6 +262,25 @@ class EPConv2dConfig(EPConfig):
     @property
     def out_dim(self) -> int:
         return self.out_channels
+
+    def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """Per-sample ``(C, H, W) -> (C_out, H', W')``, H' = (H + 2 padding - kernel) // stride + 1.
+
+        Arithmetic only (no tensors): :class:`ConfigError` when the channels differ or
+        a padded map is smaller than the effective kernel.
+        """
+        if len(input_shape) != 3 or input_shape[0] != self.in_channels:
+            raise ConfigError(f"expects ({self.in_channels}, H, W) per sample, got {list(input_shape)}")
+        sizes = []
+        for size in input_shape[1:]:
+            padded = size + 2 * self.padding
+            if padded < self.kernel_size:
+                raise ConfigError(
+                    f"a {size}-pixel side padded by {self.padding} is smaller than the {self.kernel_size}x"
+                    f"{self.kernel_size} effective kernel"
+                )
+            sizes.append((padded - self.kernel_size) // self.stride + 1)
+        return (self.out_channels, *sizes)
 
     @property
     def kernel_size(self) -> int:

@@ -115,6 +115,25 @@ def test_output_shape():
         output_shape(conv, (3, 9, 9))
 
 
+@pytest.mark.parametrize(("size", "padding", "stride"), [(1, 0, 1), (2, 3, 1), (5, 0, 2), (6, 1, 2), (9, 4, 3)])
+def test_output_shape_agrees_with_running_the_layer(size: int, padding: int, stride: int) -> None:
+    """The arithmetic shape equals what the layer's own forward produces (maps smaller than the kernel included)."""
+    layer = EPConv2d(2, 3, [3, 1, 5], padding, stride=stride, residual=True, residual_intervals=[1, -1], residual_mode="learn")
+    layer.eval()
+    x = torch.zeros(1, 2, size, size + 1)
+    if size + 2 * padding < layer.kernel_size[0]:
+        with pytest.raises(ConfigError, match="smaller than the 7x7 effective kernel"):
+            output_shape(layer.config, tuple(x.shape[1:]))
+        return
+    expected = tuple(layer(x, override=True).shape[1:])
+    assert output_shape(layer.config, tuple(x.shape[1:])) == expected
+
+
+def test_linear_output_shape_names_the_expected_features() -> None:
+    with pytest.raises(ConfigError, match=r"expects \(\*, 5\) per sample, got \[7, 4\]"):
+        output_shape(EPLinear(5, 3).config, (7, 4))
+
+
 def test_check_state_names_keys_shapes_and_dtypes():
     expected = expected_state(EPLinear(3, 2, depth=1).config)
     good = {"layer_dict.0.0.weight": torch.zeros(2, 3), "layer_dict.0.0.bias": torch.zeros(2)}
