@@ -1,0 +1,170 @@
+"""Collapse of a large checkpoint: wall time and peak memory of ``epcli collapse`` against a bare script.
+
+This is the yardstick for streaming collapse (one EP layer at a time from a lazily read
+file). ``epcli collapse`` does not stream yet: it loads the whole checkpoint, so expect its
+memory to be a multiple of the input size until it does.
+
+Builds a checkpoint of 16 x ``EPLinear(1024, 1024, depth=4)`` (~270 MB, as .safetensors
+and .pt) in a temp dir, then runs, interleaved (A B, B A, ...) in fresh subprocesses:
+
+* A, the bare script: read every tensor layer by layer, compose each chain in float64
+  with plain torch matmuls, write the collapsed tensors with safetensors' ``save_file``;
+* B, ``python -m epcli collapse CKPT -o OUT --force`` on the same file.
+
+Peak RSS of each subprocess comes from ``os.wait4`` in a tiny wrapper process (Linux keeps
+the pre-exec RSS of a forked parent in the child's ``ru_maxrss``, so the measured process must
+be forked from a small one, and this script never imports torch itself); the floor is
+``python -c "import torch"``. Targets: B/A wall time <= 1.5, peak RSS <= 0.5 x input size.
+Run from the repository root: ``python benchmarks/large_collapse.py`` (about 2-3 minutes).
+"""
+
+from __future__ import annotations
+
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+from _timing import machine_summary
+
+LAYERS, WIDTH, DEPTH = 16, 1024, 4
+ROUNDS = 3
+TIME_TARGET, RSS_TARGET = 1.5, 0.5
+
+BARE = textwrap.dedent(
+    """
+    import sys
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    src, out = sys.argv[1], sys.argv[2]
+    layers, depth = int(sys.argv[3]), int(sys.argv[4])
+    if src.endswith(".safetensors"):
+        def read(keys):
+            with safe_open(src, framework="pt") as f:
+                return {k: f.get_tensor(k).clone() for k in keys}
+    else:
+        def read(keys):
+            state = torch.load(src, map_location="cpu", mmap=True, weights_only=True)["state_dict"]
+            return {k: state[k].clone() for k in keys}
+    result = {}
+    with torch.no_grad():
+        for i in range(layers):
+            keys = [f"{i}.layer_dict.{j}.0.{p}" for j in range(depth) for p in ("weight", "bias")]
+            t = read(keys)
+            w = t[f"{i}.layer_dict.0.0.weight"].double()
+            b = t[f"{i}.layer_dict.0.0.bias"].double()
+            for j in range(1, depth):
+                wj = t[f"{i}.layer_dict.{j}.0.weight"].double()
+                w = wj @ w
+                b = wj @ b + t[f"{i}.layer_dict.{j}.0.bias"].double()
+            result[f"{i}.weight"] = w.float().contiguous()
+            result[f"{i}.bias"] = b.float().contiguous()
+            del t, w, b
+    save_file(result, out)
+    """
+)
+
+
+BUILD = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    import torch
+    from torch import nn
+    import epcli
+
+    directory, layers, width, depth = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+    torch.manual_seed(0)
+    model = nn.Sequential(*[epcli.EPLinear(width, width, depth=depth) for _ in range(layers)])
+    for suffix in (".safetensors", ".pt"):
+        epcli.save_checkpoint(model, directory / f"big{suffix}", input_shape=(width,))
+    """
+)
+
+WRAPPER = textwrap.dedent(
+    """
+    import os, subprocess, sys, time
+    start = time.perf_counter()
+    process = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(process.pid, 0)
+    elapsed = time.perf_counter() - start
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        sys.stderr.write(process.stderr.read().decode())
+        sys.exit(code)
+    print(elapsed, usage.ru_maxrss * 1024)  # Linux: KiB
+    """
+)
+
+
+def build(directory: Path) -> dict[str, Path]:
+    subprocess.run(
+        [sys.executable, "-c", BUILD, str(directory), str(LAYERS), str(WIDTH), str(DEPTH)], check=True
+    )
+    return {suffix: directory / f"big{suffix}" for suffix in (".safetensors", ".pt")}
+
+
+def run(command: list[str]) -> tuple[float, int]:
+    """Wall seconds and peak RSS (bytes) of one fresh subprocess, forked from a small wrapper."""
+    done = subprocess.run([sys.executable, "-c", WRAPPER, *command], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed ({done.returncode}):\n{done.stderr}")
+    elapsed, peak = done.stdout.split()
+    return float(elapsed), int(peak)
+
+
+def main() -> None:
+    print(machine_summary())
+    with tempfile.TemporaryDirectory() as temp:
+        directory = Path(temp)
+        paths = build(directory)
+        bare = directory / "bare.py"
+        bare.write_text(BARE)
+        _, floor = run([sys.executable, "-c", "import torch"])
+        print(f"floor: python -c 'import torch' peak RSS {floor / 2**20:.0f} MiB")
+        print(f"targets: epcli/bare wall time <= {TIME_TARGET}x; peak RSS <= {RSS_TARGET}x input file size")
+        all_met = True
+        for suffix, source in paths.items():
+            size = source.stat().st_size
+            commands = {
+                "A bare": [sys.executable, str(bare), str(source), str(directory / "a.safetensors"), str(LAYERS),
+                           str(DEPTH)],
+                "B epcli": [sys.executable, "-m", "epcli", "collapse", str(source), "-o",
+                            str(directory / "b.safetensors"), "--force"],
+            }
+            times: dict[str, list[float]] = {name: [] for name in commands}
+            rss: dict[str, list[int]] = {name: [] for name in commands}
+            for index in range(ROUNDS):
+                order = list(commands) if index % 2 == 0 else list(reversed(commands))
+                for name in order:
+                    seconds, peak = run(commands[name])
+                    times[name].append(seconds)
+                    rss[name].append(peak)
+            print(f"\ninput {source.name}: {size / 2**20:.0f} MiB ({LAYERS} x EPLinear({WIDTH}, {WIDTH}, depth={DEPTH}))")
+            for name in commands:
+                peak = max(rss[name])
+                print(
+                    f"  {name:8s} wall median {statistics.median(times[name]):6.2f} s "
+                    f"(runs {', '.join(f'{t:.2f}' for t in times[name])}); peak RSS {peak / 2**20:6.0f} MiB = "
+                    f"{peak / size:.2f}x input; above the torch floor {(peak - floor) / 2**20:6.0f} MiB = "
+                    f"{(peak - floor) / size:.2f}x input"
+                )
+            ratio = statistics.median(times["B epcli"]) / statistics.median(times["A bare"])
+            peak_b = max(rss["B epcli"])
+            time_ok, rss_ok = ratio <= TIME_TARGET, peak_b <= RSS_TARGET * size
+            rss_floor_ok = peak_b - floor <= RSS_TARGET * size
+            all_met = all_met and time_ok and rss_ok
+            print(f"  wall time B/A = {ratio:.2f}x (target <= {TIME_TARGET}x): {'met' if time_ok else 'NOT met'}")
+            print(
+                f"  epcli peak RSS = {peak_b / size:.2f}x input (target <= {RSS_TARGET}x): {'met' if rss_ok else 'NOT met'}"
+                f"; above the torch floor {(peak_b - floor) / size:.2f}x: {'met' if rss_floor_ok else 'NOT met'}"
+            )
+        print(f"\nall targets met: {'yes' if all_met else 'no'}")
+
+
+if __name__ == "__main__":
+    main()
