@@ -169,11 +169,13 @@ def _collapsed_layout(checkpoint: Checkpoint) -> dict[str, Tensor]:
     return layout
 
 
-def _codec(path: Path) -> _Codec:
+def _codec(path: Path, *, name_path: bool = True) -> _Codec:
+    """The reader/writer for ``path``'s suffix; ``name_path=False`` where the caller prefixes the path itself."""
     codec = _CODECS.get(path.suffix.lower())
     if codec is None:
+        where = f"{path}: " if name_path else ""
         raise CheckpointError(
-            f"{path}: unsupported file suffix {path.suffix!r}; epcli reads and writes {', '.join(_CODECS)}"
+            f"{where}unsupported file suffix {path.suffix!r}; epcli reads and writes {', '.join(_CODECS)}"
         )
     return codec
 
@@ -265,7 +267,7 @@ def _load(path: Path, model_factory: ModelFactory | None) -> Checkpoint:
         raise CheckpointError(
             "is empty (0 bytes); it was not written completely: save it again with epcli.save_checkpoint"
         )
-    raw = _codec(path).read(path)
+    raw = _codec(path, name_path=False).read(path)
     meta = parse_metadata(raw.metadata)
     state = raw.tensors
     _check_ep_tensors(meta, state)

@@ -348,3 +348,12 @@ def test_collapsed_file_whose_architecture_still_has_ep_layers(tmp_path: Path, m
     path = epcli.save_collapsed_checkpoint(source, tmp_path / "c.pt")
     rewrite(path, metadata=lambda m: m.update(architecture=source.architecture))
     _expect(CheckpointError, path, "embedded architecture has EP layers at ['1', '4', '7']", "metadata lists []")
+
+
+def test_unsupported_suffix_names_the_file_once(tmp_path: Path) -> None:
+    path = tmp_path / "notes.md"
+    path.write_text("not a checkpoint")
+    with pytest.raises(CheckpointError) as caught:
+        epcli.load_checkpoint(path)
+    assert str(caught.value).count(str(path)) == 1
+    assert "unsupported file suffix '.md'" in str(caught.value)
