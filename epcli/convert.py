@@ -22,7 +22,15 @@ from epcli.layers.base import EPLayer
 from epcli.layers.config import EPConfig
 from epcli.layers.conv import EPConv2d
 from epcli.layers.linear import EPLinear
-from epcli.layers.registry import build_layer, check_state, expected_state, find_ep_layers, plain_layer, walk_modules
+from epcli.layers.registry import (
+    build_layer,
+    check_state,
+    collapsed_has_bias,
+    expected_state,
+    find_ep_layers,
+    plain_layer,
+    walk_modules,
+)
 
 __all__ = [
     "collapse_layer",
@@ -31,6 +39,7 @@ __all__ = [
     "collapsed_keys",
     "expanded_eval",
     "layer_states",
+    "plain_model",
     "overparameterize",
 ]
 
@@ -164,6 +173,20 @@ def collapse_model(model: nn.Module) -> nn.Module:
         if id(layer) not in replacements:
             replacements[id(layer)] = _plain_from(layer)
     return _replaced(model, replacements).eval()
+
+
+def plain_model(model: nn.Module, collapsed_state: Mapping[str, Tensor]) -> nn.Module:
+    """A new plain model holding ``collapsed_state`` (e.g. a collapsed file's tensors); nothing is collapsed.
+
+    Each EP layer becomes the ``nn.Linear`` / ``nn.Conv2d`` :func:`collapse_model` would make,
+    and the state is loaded strictly (a mismatch raises ``RuntimeError`` naming the keys).
+    """
+    replacements: dict[int, nn.Module] = {}
+    for layer in find_ep_layers(model).values():
+        replacements.setdefault(id(layer), plain_layer(layer.config, bias=collapsed_has_bias(layer.config), device="meta"))
+    plain = _replaced(model, replacements)
+    plain.load_state_dict(collapsed_state, strict=True, assign=True)
+    return plain.eval()
 
 
 def _plain_from(layer: EPLayer) -> nn.Module:

@@ -27,7 +27,7 @@ from epcli import (
     collapse_state_dict,
     overparameterize,
 )
-from epcli.convert import expanded_eval
+from epcli.convert import expanded_eval, plain_model
 
 DTYPES = [torch.float32, torch.float64]
 
@@ -368,3 +368,20 @@ def test_grid_of_shapes_collapses_to_the_plain_shapes():
         collapsed = collapse_model(overparameterize(plain, depth=2).eval())
         x = torch.randn(1, 2, size, size)
         assert collapsed(x).shape == plain(x).shape, (kernel, stride, padding, size)
+
+
+def test_plain_model_holds_the_given_collapsed_tensors_without_collapsing() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        EPLinear(6, 6, depth=3, batch_norm=True, residual=True), nn.ReLU(), EPLinear(6, 2, residual=True, residual_mode="learn")
+    ).eval()
+    ep_layers = {"0": model[0].config, "2": model[2].config}
+    state = collapse_state_dict(model.state_dict(), ep_layers)
+    plain = plain_model(model, state)
+    assert [type(m) for m in plain] == [nn.Linear, nn.ReLU, nn.Linear]
+    for key, tensor in plain.state_dict().items():
+        assert torch.equal(tensor, state[key]), key
+    x = torch.randn(5, 6)
+    torch.testing.assert_close(plain(x), collapse_model(model)(x), rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="Missing key"):
+        plain_model(model, {k: v for k, v in state.items() if k != "2.bias"})

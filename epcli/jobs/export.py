@@ -18,7 +18,7 @@ from epcli.formats.atomic import atomic_write
 from epcli.formats.checkpoint import Checkpoint, load_checkpoint
 from epcli.formats.onnx_export import DEFAULT_OPSET, OnnxSession, export_onnx_bytes, onnx_op_types
 from epcli.jobs.collapse import CollapseResult, resolve_output, write_collapsed
-from epcli.jobs.verify import ProgressCallback, verify_checkpoint
+from epcli.jobs.verify import ONNX_LABEL, ProgressCallback, verify_checkpoint
 from epcli.verify import VerifyReport, VerifySettings, compare
 
 __all__ = ["ExportResult", "OnnxExportResult", "export_file"]
@@ -101,7 +101,7 @@ def _export_onnx(
     if checkpoint.kind == "expanded":
         report = verify_checkpoint(checkpoint, settings, onnx_session=session, progress=progress)
     else:
-        comparison = compare("<model>", "model", "onnxruntime", collapsed, session, checkpoint.input_shape, settings)
+        comparison = compare("<model>", "model", ONNX_LABEL, collapsed, session, checkpoint.input_shape, settings)
         report = VerifyReport(settings, settings.tolerance, (comparison,))
     if report.passed:
 

@@ -9,15 +9,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
-from epcli.convert import collapse_model, collapsed_keys, expanded_eval, layer_states
+from epcli.convert import collapse_model, collapsed_keys, expanded_eval, layer_states, plain_model
 from epcli.errors import CheckpointError, UsageError
 from epcli.formats.checkpoint import Checkpoint, load_checkpoint
 from epcli.formats.onnx_export import OnnxSession
-from epcli.layers import EPConfig, EPConv2dConfig
-from epcli.layers.registry import build_layer
+from epcli.layers import EPConfig
+from epcli.layers.registry import build_layer, plain_layer
 from epcli.verify import Comparison, VerifyReport, VerifySettings, compare
 
 __all__ = ["ProgressCallback", "VerifyResult", "verify_files", "verify_checkpoint"]
@@ -38,13 +37,11 @@ class VerifyResult:
 
 def _collapsed_layer(
     config: EPConfig, weight: Tensor, bias: Tensor | None, dtype: torch.dtype, device: torch.device
-) -> Callable[[Tensor], Tensor]:
-    """The plain layer's forward with the given collapsed tensors, in the comparison dtype and device."""
-    weight = weight.to(device=device, dtype=dtype)
-    bias = None if bias is None else bias.to(device=device, dtype=dtype)
-    if isinstance(config, EPConv2dConfig):
-        return lambda x: F.conv2d(x, weight, bias, config.stride, config.padding)
-    return lambda x: F.linear(x, weight, bias)
+) -> nn.Module:
+    """The plain layer holding the given collapsed tensors, in the comparison dtype and device."""
+    plain = plain_layer(config, bias=bias is not None, device="meta")
+    plain.load_state_dict({"weight": weight} if bias is None else {"weight": weight, "bias": bias}, assign=True)
+    return plain.to(device=device, dtype=dtype)
 
 
 def verify_checkpoint(
@@ -99,13 +96,14 @@ def verify_checkpoint(
         if onnx_session is not None:
             candidate, model_label = onnx_session, ONNX_LABEL
         else:
-            plain = collapse_model(model)
-            if collapsed_state is not None:
-                try:
-                    plain.load_state_dict(collapsed_state, strict=True)
+            if collapsed_state is None:
+                candidate = collapse_model(model)
+            else:
+                try:  # the given tensors as they are: collapsing the model again would be wasted work
+                    candidate = plain_model(model, collapsed_state).to(device=device, dtype=dtype)
                 except RuntimeError as e:
                     raise CheckpointError(f"the collapsed tensors do not fit the collapsed architecture: {e}") from e
-            candidate, model_label = plain, label
+            model_label = label
         with expanded_eval(model) as reference:
             comparisons.append(
                 compare("<model>", "model", model_label, reference, candidate, checkpoint.input_shape, settings)
