@@ -17,7 +17,7 @@ from torch import Tensor
 from epcli.core.affine import Affine, BatchNormFold, LinearAlgebra
 from epcli.core.conv import ConvAlgebra
 
-__all__ = ["LINEAR", "CONV2D", "ChainLayer", "SkipEdge", "skip_edges", "collapse_chain"]
+__all__ = ["CONV2D", "LINEAR", "ChainLayer", "SkipEdge", "collapse_chain", "skip_edges"]
 
 LINEAR = LinearAlgebra()
 CONV2D = ConvAlgebra()
@@ -47,14 +47,33 @@ class ChainLayer:
 
 
 def _as_float64(layer: ChainLayer) -> ChainLayer:
+    """The layer's tensors in float64; no copy when they already are (see :func:`_unaliased`)."""
+
     def cast(t: Tensor | None) -> Tensor | None:
-        # always a copy: the collapsed map may be a layer's own weight, and must not alias it
-        return None if t is None else t.detach().to(torch.float64, copy=True)
+        return None if t is None else t.detach().to(torch.float64)
 
     norm = layer.norm
     if norm is not None:
         norm = BatchNormFold(cast(norm.scale), cast(norm.shift))  # type: ignore[arg-type]
     return ChainLayer(cast(layer.weight), cast(layer.bias), norm)  # type: ignore[arg-type]
+
+
+def _unaliased(result: Affine, inputs: Iterable[ChainLayer | None]) -> Affine:
+    """``result`` with a copy of any tensor that shares memory with an input (e.g. a depth-1 chain's own
+    weight, or a bias passed through unchanged): the collapse must never alias a layer's parameters."""
+    pointers = {
+        t.untyped_storage().data_ptr()
+        for layer in inputs
+        if layer is not None
+        for t in (layer.weight, layer.bias)
+        if t is not None
+    }
+
+    def own(t: Tensor | None) -> Tensor | None:
+        return None if t is None or t.untyped_storage().data_ptr() not in pointers else t.clone()
+
+    weight, bias = own(result.weight), own(result.bias)
+    return Affine(result.weight if weight is None else weight, result.bias if bias is None else bias)
 
 
 def collapse_chain(
@@ -67,9 +86,10 @@ def collapse_chain(
 
     ``layers[j]`` maps node j to node j + 1; ``skips`` maps each skip edge to its
     learnable projection, or None for an identity skip. Nodes are dropped once no
-    later skip reads them, so memory stays at the few nodes still needed.
+    later skip reads them, so memory stays at the few nodes still needed. Each
+    layer is cast to float64 only when its turn comes, and float64 tensors are
+    not copied at all, so at most one layer's float64 copy exists beside the nodes.
     """
-    layers = [_as_float64(layer) for layer in layers]
     projections = {edge: None if p is None else _as_float64(p) for edge, p in skips.items()}
     incoming: dict[int, list[tuple[int, ChainLayer | None]]] = {}
     last_read: dict[int, int] = {}
@@ -79,9 +99,11 @@ def collapse_chain(
 
     # the input node is the identity map: never multiplied by, built only when an identity skip reads it
     reads_input = any(source == 0 and projection is None for (source, _), projection in projections.items())
-    nodes: dict[int, Affine] = {0: algebra.identity(in_features, layers[0].weight)} if reads_input else {}
-    current = Affine(layers[0].weight, layers[0].bias)  # layer 0 composed with the identity
-    for j, layer in enumerate(layers):
+    first = _as_float64(layers[0])
+    nodes: dict[int, Affine] = {0: algebra.identity(in_features, first.weight)} if reads_input else {}
+    current = Affine(first.weight, first.bias)  # layer 0 composed with the identity
+    for j, stored in enumerate(layers):
+        layer = first if j == 0 else _as_float64(stored)
         if j > 0:
             current = algebra.compose(layer.weight, layer.bias, current)
         if layer.norm is not None:
@@ -97,4 +119,4 @@ def collapse_chain(
             current = algebra.add(current, branch)
         nodes = {i: v for i, v in nodes.items() if last_read.get(i, -1) > destination}
         nodes[destination] = current
-    return current
+    return _unaliased(current, [*layers, *skips.values()])

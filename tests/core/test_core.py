@@ -147,6 +147,35 @@ def test_collapse_chain_runs_in_float64(assert_scaled_close: AssertScaledClose) 
     assert_scaled_close(x @ affine.weight.T + affine.bias, _naive_forward(x, exact, {}))
 
 
+def _storages(*tensors: Tensor | None) -> set[int]:
+    return {t.untyped_storage().data_ptr() for t in tensors if t is not None}
+
+
+@pytest.mark.parametrize(
+    "chain",
+    [
+        # depth 1: the collapse is the layer itself
+        [ChainLayer(torch.randn(3, 4, dtype=f64), torch.randn(3, dtype=f64))],
+        # the second layer's bias passes through the composition unchanged (the first has none)
+        [ChainLayer(torch.randn(4, 4, dtype=f64)), ChainLayer(torch.randn(2, 4, dtype=f64), torch.randn(2, dtype=f64))],
+    ],
+    ids=["depth-1", "bias-passes-through"],
+)
+def test_collapse_chain_never_aliases_float64_inputs(chain: list[ChainLayer]) -> None:
+    """Float64 layers are used without copies; whatever would reach the result as it is must be copied."""
+    before = [(layer.weight.clone(), None if layer.bias is None else layer.bias.clone()) for layer in chain]
+    affine = collapse_chain(LINEAR, 4, chain, {})
+    inputs = _storages(*(t for layer in chain for t in (layer.weight, layer.bias)))
+    assert not inputs & _storages(affine.weight, affine.bias)
+    if len(chain) == 1:
+        torch.testing.assert_close(affine.weight, chain[0].weight, rtol=0, atol=0)
+    torch.testing.assert_close(affine.bias, chain[-1].bias, rtol=0, atol=0)
+    affine.weight.add_(1.0)  # writing to the result leaves the layers alone
+    affine.bias.add_(1.0)  # type: ignore[union-attr]
+    for layer, (weight, bias) in zip(chain, before, strict=True):
+        assert torch.equal(layer.weight, weight) and (bias is None or torch.equal(layer.bias, bias))  # type: ignore[arg-type]
+
+
 # ---- batch-norm folding --------------------------------------------------------------------
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "no-affine"])
 def test_batch_norm_fold_matches_eval_batch_norm(
