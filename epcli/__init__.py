@@ -27,7 +27,9 @@ if TYPE_CHECKING:  # explicit re-exports for type checkers; at run time __getatt
     from epcli.convert import collapse_state_dict as collapse_state_dict
     from epcli.convert import overparameterize as overparameterize
     from epcli.formats.checkpoint import Checkpoint as Checkpoint
+    from epcli.formats.checkpoint import CheckpointFile as CheckpointFile
     from epcli.formats.checkpoint import load_checkpoint as load_checkpoint
+    from epcli.formats.checkpoint import open_checkpoint as open_checkpoint
     from epcli.formats.checkpoint import save_checkpoint as save_checkpoint
     from epcli.formats.checkpoint import save_collapsed_checkpoint as save_collapsed_checkpoint
     from epcli.layers import EPConfig as EPConfig
@@ -51,7 +53,9 @@ _LAZY = {
     "collapse_state_dict": "epcli.convert",
     "overparameterize": "epcli.convert",
     "Checkpoint": "epcli.formats.checkpoint",
+    "CheckpointFile": "epcli.formats.checkpoint",
     "load_checkpoint": "epcli.formats.checkpoint",
+    "open_checkpoint": "epcli.formats.checkpoint",
     "save_checkpoint": "epcli.formats.checkpoint",
     "save_collapsed_checkpoint": "epcli.formats.checkpoint",
 }

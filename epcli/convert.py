@@ -12,12 +12,14 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from epcli.errors import ConfigError
+from epcli.core.affine import Affine
+from epcli.errors import CheckpointError, ConfigError
 from epcli.layers.base import EPLayer
 from epcli.layers.config import EPConfig
 from epcli.layers.conv import EPConv2d
@@ -33,16 +35,22 @@ from epcli.layers.registry import (
 )
 
 __all__ = [
+    "CollapseStep",
     "collapse_layer",
     "collapse_model",
     "collapse_state_dict",
+    "collapse_steps",
+    "collapsed_dtype",
     "collapsed_keys",
+    "collapsed_tensors",
     "expanded_eval",
+    "expanded_layer",
     "layer_states",
-    "plain_model",
     "overparameterize",
+    "plain_model",
 ]
 
+_FIRST_WEIGHT = "layer_dict.0.0.weight"
 _STALE_KEYS = ("weight", "bias")
 """Collapsed buffers the original implementation persisted; derived, so ignored (as ``EPLayer`` does)."""
 
@@ -54,15 +62,35 @@ _EP_KWARGS = frozenset(
 
 
 # ---- one layer, from tensors ---------------------------------------------------------
+def expanded_layer(
+    config: EPConfig,
+    layer_state: Mapping[str, Tensor],
+    *,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    prefix: str = "",
+) -> EPLayer:
+    """The EP layer (eval mode) holding ``layer_state`` (keys relative to the layer), cast to ``dtype`` / ``device``.
+
+    Built on the meta device and given the tensors as they are (no initialisation,
+    no copy unless a cast needs one). The tensors are checked against the config
+    first; errors name keys as ``prefix + key``. Collapsed buffers the original
+    implementation persisted (``weight`` / ``bias``) are ignored.
+    """
+    state = {key: value for key, value in layer_state.items() if key not in _STALE_KEYS}
+    check_state(expected_state(config), state, prefix=prefix)
+    layer = build_layer(config, device="meta")
+    layer.load_state_dict(state, strict=True, assign=True)
+    return layer.to(device=device, dtype=dtype).eval()
+
+
 def collapse_layer(
     config: EPConfig, layer_state: Mapping[str, Tensor], *, device: torch.device | str | None = None
 ) -> tuple[Tensor, Tensor | None]:
     """Collapse one EP layer given its config and its own state (keys relative to the layer).
 
-    The layer is built on the meta device and takes the given tensors as they
-    are (no copy, so memory-mapped tensors stay mapped); the collapse runs in
-    float64 (on ``device`` when given, e.g. CUDA) and the result is cast to the
-    dtype of the stored weights, on the CPU.
+    The collapse runs in float64 (on ``device`` when given, e.g. CUDA) and the
+    result is cast to the dtype of the stored weights, on the CPU.
     Raises :class:`CheckpointError` / :class:`ShapeMismatchError` when the
     tensors do not fit the config.
     """
@@ -73,15 +101,26 @@ def _collapse(
     config: EPConfig, layer_state: Mapping[str, Tensor], prefix: str, device: torch.device | str | None
 ) -> tuple[Tensor, Tensor | None]:
     """:func:`collapse_layer`, with errors naming keys by their full path ``prefix + key``."""
-    state = {key: value for key, value in layer_state.items() if key not in _STALE_KEYS}
-    check_state(expected_state(config), state, prefix=prefix)
-    dtype = state["layer_dict.0.0.weight"].dtype
-    if device is not None:
-        state = {key: value.to(device) for key, value in state.items()}
-    layer = build_layer(config, device="meta")
-    layer.load_state_dict(state, strict=True, assign=True)
-    affine = layer.collapse()
-    # the collapse may hand back an input tensor as is (a lone float64 bias): always return fresh copies
+    layer = expanded_layer(config, layer_state, device=device, prefix=prefix)
+    return collapsed_tensors(layer.collapse(), collapsed_dtype("", layer_state))
+
+
+def collapsed_dtype(path: str, state: Mapping[str, Any]) -> torch.dtype:
+    """The dtype the EP layer at ``path`` is stored in once collapsed: that of its first weight.
+
+    ``state`` maps full keys to anything with a ``dtype`` (tensors, meta tensors, file listings).
+    """
+    key = _prefix(path) + _FIRST_WEIGHT
+    if key not in state:
+        raise CheckpointError(f"missing keys [{key!r}]")
+    return state[key].dtype
+
+
+def collapsed_tensors(affine: Affine, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
+    """Weight and bias of a float64 collapse as fresh contiguous CPU tensors in ``dtype``.
+
+    Always copies: the collapse may hand back an input tensor as is (a lone float64 bias).
+    """
     bias = None if affine.bias is None else _fresh(affine.bias, dtype)
     return _fresh(affine.weight, dtype), bias
 
@@ -90,6 +129,36 @@ def _fresh(tensor: Tensor, dtype: torch.dtype) -> Tensor:
     """A contiguous CPU copy in ``dtype`` that shares no storage with anything."""
     out = torch.empty(tensor.shape, dtype=dtype, device="cpu")  # contiguous
     return out.copy_(tensor)
+
+
+@dataclass(frozen=True)
+class CollapseStep:
+    """One step of collapsing a state dict: an EP layer (``layer`` is its path) or a key passed through."""
+
+    layer: str | None
+    keys: tuple[str, ...]
+
+
+def collapse_steps(keys: Iterable[str], ep_layers: Mapping[str, EPConfig]) -> list[CollapseStep]:
+    """The steps in output order: each EP layer where its first key stands, every other key as it comes.
+
+    An EP layer with no keys at all raises :class:`CheckpointError` naming every missing tensor.
+    """
+    keys = list(keys)
+    owned: dict[str, list[str]] = {path: [] for path in ep_layers}
+    steps: list[CollapseStep] = []
+    for key in keys:
+        path = _owner(key, owned)
+        if path is None:
+            steps.append(CollapseStep(None, (key,)))
+        else:
+            if not owned[path]:
+                steps.append(CollapseStep(path, ()))
+            owned[path].append(key)
+    for path, config in ep_layers.items():
+        if not owned[path]:
+            check_state(expected_state(config), {}, prefix=_prefix(path))
+    return [step if step.layer is None else CollapseStep(step.layer, tuple(owned[step.layer])) for step in steps]
 
 
 def collapse_state_dict(
@@ -102,21 +171,19 @@ def collapse_state_dict(
     storage with the input or with another output; ``device`` is where the
     collapse math runs.
     """
-    owned = layer_states(state_dict, ep_layers)
-    owner_of = {key: _owner(key, owned) for key in state_dict}
     out: dict[str, Tensor] = {}
-    for layer_path, config in ep_layers.items():
-        if not owned[layer_path]:
-            # no keys at all: let the check name every missing tensor
-            check_state(expected_state(config), {}, prefix=_prefix(layer_path))
-    for key, path in owner_of.items():
-        if path is None:
+    for step in collapse_steps(state_dict, ep_layers):
+        if step.layer is None:
+            key = step.keys[0]
             out[key] = _fresh(state_dict[key].detach(), state_dict[key].dtype)
-        elif _prefix(path) + "weight" not in out:
-            weight, bias = _collapse(ep_layers[path], owned[path], _prefix(path), device)
-            out[_prefix(path) + "weight"] = weight
-            if bias is not None:
-                out[_prefix(path) + "bias"] = bias
+            continue
+        prefix = _prefix(step.layer)
+        layer_state = {key[len(prefix):]: state_dict[key] for key in step.keys}
+        weight, bias = _collapse(ep_layers[step.layer], layer_state, prefix, device)
+        weight_key, bias_key = collapsed_keys(step.layer)
+        out[weight_key] = weight
+        if bias is not None:
+            out[bias_key] = bias
     return out
 
 

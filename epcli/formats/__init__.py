@@ -1,5 +1,21 @@
-"""Everything that touches files: checkpoints (``.pt`` / ``.safetensors``), architecture specs, exports."""
+"""Everything that touches files: checkpoints (``.pt`` / ``.safetensors`` / sharded), architecture specs, exports."""
 
-from epcli.formats.checkpoint import SUFFIXES, Checkpoint, load_checkpoint, save_checkpoint, save_collapsed_checkpoint
+from epcli.formats.checkpoint import (
+    SUFFIXES,
+    Checkpoint,
+    CheckpointFile,
+    load_checkpoint,
+    open_checkpoint,
+    save_checkpoint,
+    save_collapsed_checkpoint,
+)
 
-__all__ = ["SUFFIXES", "Checkpoint", "load_checkpoint", "save_checkpoint", "save_collapsed_checkpoint"]
+__all__ = [
+    "SUFFIXES",
+    "Checkpoint",
+    "CheckpointFile",
+    "load_checkpoint",
+    "open_checkpoint",
+    "save_checkpoint",
+    "save_collapsed_checkpoint",
+]

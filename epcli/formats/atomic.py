@@ -1,4 +1,4 @@
-"""Atomic file writes: a reader sees the old file or the complete new one, never a partial file."""
+"""Atomic file writes: a reader sees the old files or the complete new ones, never a partial file."""
 
 from __future__ import annotations
 
@@ -7,11 +7,72 @@ import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from types import TracebackType
 from typing import BinaryIO
 
 from epcli.errors import CheckpointError
 
-__all__ = ["atomic_write"]
+__all__ = ["StagedFiles", "atomic_write"]
+
+
+class StagedFiles:
+    """Files written under temp names beside their targets, then renamed onto them in the order staged.
+
+    Use as a context manager: leaving the block without :meth:`commit` (an error,
+    an interrupt) removes every temp file and leaves the targets as they were.
+    For a set of files, stage the one readers open first (an index) last.
+    """
+
+    def __init__(self) -> None:
+        self._staged: list[tuple[Path, Path]] = []  # (temp, target)
+
+    def write(self, path: Path, write: Callable[[BinaryIO], None]) -> None:
+        """Call ``write`` on a new temp file in ``path``'s directory and fsync it; OS errors name ``path``."""
+        directory = path.parent
+        if not directory.is_dir():
+            raise CheckpointError(f"cannot write {path}: directory {directory} does not exist")
+        if path.is_dir():
+            raise CheckpointError(f"cannot write {path}: it is a directory")
+        try:
+            fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+        except OSError as e:
+            raise CheckpointError(f"cannot write {path}: {e.strerror or e}") from e
+        temp = Path(temp_name)
+        self._staged.append((temp, path))
+        try:
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(temp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
+        except OSError as e:
+            raise CheckpointError(f"cannot write {path}: {e.strerror or e}") from e
+
+    def commit(self) -> None:
+        """Rename every temp file onto its target, then make the renames durable."""
+        staged, self._staged = self._staged, []
+        try:
+            for index, (temp, target) in enumerate(staged):
+                os.replace(temp, target)
+        except OSError as e:
+            self._staged = staged[index:]
+            raise CheckpointError(f"cannot write {target}: {e.strerror or e}") from e
+        for directory in dict.fromkeys(target.parent for _, target in staged):
+            _fsync_directory(directory)
+
+    def discard(self) -> None:
+        for temp, _ in self._staged:
+            with contextlib.suppress(OSError):
+                temp.unlink()
+        self._staged = []
+
+    def __enter__(self) -> StagedFiles:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self.discard()
 
 
 def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> Path:
@@ -20,30 +81,9 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> Path:
     On any error the temp file is removed and ``path`` is left as it was.
     OS errors become :class:`CheckpointError` naming the path.
     """
-    directory = path.parent
-    if not directory.is_dir():
-        raise CheckpointError(f"cannot write {path}: directory {directory} does not exist")
-    if path.is_dir():
-        raise CheckpointError(f"cannot write {path}: it is a directory")
-    try:
-        fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    except OSError as e:
-        raise CheckpointError(f"cannot write {path}: {e.strerror or e}") from e
-    temp = Path(temp_name)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(temp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
-        os.replace(temp, path)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            temp.unlink()
-        if isinstance(e, OSError):
-            raise CheckpointError(f"cannot write {path}: {e.strerror or e}") from e
-        raise
-    _fsync_directory(directory)
+    with StagedFiles() as staged:
+        staged.write(path, write)
+        staged.commit()
     return path
 
 

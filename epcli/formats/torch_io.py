@@ -38,7 +38,11 @@ def write_pt(f: BinaryIO, metadata: str, tensors: Mapping[str, Tensor]) -> None:
 
 
 def read_pt(path: Path) -> RawCheckpoint:
-    """Metadata string and tensors of a ``.pt`` checkpoint, loaded without running any code from it."""
+    """Metadata string and tensors of a ``.pt`` checkpoint, loaded without running any code from it.
+
+    The tensors are views of the memory-mapped file: nothing is read until they
+    are used, and the mapping ends when the last of them is dropped.
+    """
     with path.open("rb") as f:
         head = f.read(len(_ZIP_MAGIC))
     if head != _ZIP_MAGIC:
@@ -48,7 +52,7 @@ def read_pt(path: Path) -> RawCheckpoint:
             "epcli.save_checkpoint(model, path, input_shape=...)"
         )
     try:
-        content = torch.load(path, map_location="cpu", weights_only=True)
+        content = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as e:
         raise _classify(str(e)) from e
     except Exception as e:  # the zip reader and unpickler raise many types on damaged input

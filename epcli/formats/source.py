@@ -1,0 +1,193 @@
+"""The tensors of a checkpoint file, listed up front and read on demand.
+
+:func:`open_source` reads only what describes the file (a safetensors header, a
+shard index and its shards' headers, or the pickle of a ``.pt`` mapped into
+memory) and returns a :class:`TensorSource`: epcli's metadata string, every
+tensor's shape and dtype, and :meth:`TensorSource.read` for the data of chosen
+tensors. Reading a few tensors costs their size, not the file's:
+
+* ``.safetensors`` and sharded safetensors: plain reads of those tensors' bytes;
+* ``.pt``: the tensors are copied out of a memory map of the file, which is
+  dropped after every sixteenth of the file read, so few file pages stay resident.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from epcli.errors import CheckpointError
+from epcli.formats.metadata import missing_metadata
+from epcli.formats.safetensors_io import (
+    METADATA_KEY,
+    SafetensorsHeader,
+    read_header,
+    read_tensors,
+)
+from epcli.formats.sharded import INDEX_SUFFIX, SHARD_OF_KEY, is_index, read_index
+from epcli.formats.torch_io import read_pt
+
+__all__ = ["SUFFIXES", "TensorInfo", "TensorSource", "open_source"]
+
+SUFFIXES: tuple[str, ...] = (".pt", ".pth", ".safetensors", INDEX_SUFFIX)
+"""What epcli reads: torch zip checkpoints, safetensors files, and sharded safetensors by their index."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Shape and dtype of a stored tensor."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    def meta(self) -> Tensor:
+        """A meta tensor of this shape and dtype: checks run on it without allocating anything."""
+        return torch.empty(self.shape, dtype=self.dtype, device="meta")
+
+
+@dataclass(frozen=True)
+class TensorSource:
+    """A file's metadata string and tensor listing (state-dict order), with data read on demand.
+
+    ``files`` are every file the checkpoint consists of (the index and its shards, or one file).
+    """
+
+    path: Path
+    metadata: str
+    tensors: Mapping[str, TensorInfo]
+    files: tuple[Path, ...]
+    _read: Callable[[list[str], torch.dtype | None], dict[str, Tensor]]
+
+    def read(self, keys: Iterable[str], *, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+        """Fresh contiguous CPU tensors for ``keys``, in that order (sharing no memory with the file).
+
+        With ``dtype`` floating-point tensors are cast to it one at a time as they
+        are read, so a layer read in float64 never also exists whole in float32.
+        """
+        wanted = list(keys)
+        unknown = [key for key in wanted if key not in self.tensors]
+        if unknown:
+            raise CheckpointError(f"has no tensors {unknown[:8]}")
+        out = self._read(wanted, dtype)
+        for key in wanted:
+            info, tensor = self.tensors[key], out[key]
+            cast = dtype if dtype is not None and info.dtype.is_floating_point else info.dtype
+            if tuple(tensor.shape) != info.shape or tensor.dtype != cast:
+                raise CheckpointError(
+                    f"tensor {key!r} changed while the file was open (now {list(tensor.shape)} {tensor.dtype}, was "
+                    f"{list(info.shape)} {info.dtype}); do not overwrite a checkpoint while epcli reads it"
+                )
+        return {key: out[key] for key in wanted}
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of tensor data."""
+        return sum(info.nbytes for info in self.tensors.values())
+
+
+def _readable_suffix(path: Path) -> str | None:
+    """The entry of :data:`SUFFIXES` ``path`` ends with (case-insensitive), or None."""
+    name = path.name.lower()
+    return next((suffix for suffix in sorted(SUFFIXES, key=len, reverse=True) if name.endswith(suffix)), None)
+
+
+def open_source(path: Path) -> TensorSource:
+    """List a checkpoint file's tensors without reading their data; errors do not name ``path`` (callers add it)."""
+    suffix = _readable_suffix(path)
+    if suffix is None:
+        raise CheckpointError(f"unsupported file suffix {path.suffix!r}; epcli reads {', '.join(SUFFIXES)}")
+    if is_index(path):
+        return _open_index(path)
+    if suffix == ".safetensors":
+        return _open_safetensors(path)
+    return _open_pt(path)
+
+
+def _open_safetensors(path: Path) -> TensorSource:
+    header = read_header(path)
+    text = header.metadata.get(METADATA_KEY)
+    if text is None:
+        index = header.metadata.get(SHARD_OF_KEY)
+        if index is not None:
+            raise CheckpointError(f"is one shard of a sharded checkpoint; open its index {index!r} instead")
+        raise missing_metadata(f"it holds {len(header.tensors)} tensors and no {METADATA_KEY!r} entry in __metadata__")
+    infos = _infos(header)
+    return TensorSource(path, text, infos, (path,), lambda keys, dtype: read_tensors(path, header, keys, dtype))
+
+
+def _infos(header: SafetensorsHeader) -> dict[str, TensorInfo]:
+    # sorted by name, the order in which the safetensors library lists a file's tensors
+    return {key: TensorInfo(header.tensors[key].shape, header.tensors[key].dtype) for key in sorted(header.tensors)}
+
+
+def _open_index(path: Path) -> TensorSource:
+    index = read_index(path)
+    infos: dict[str, TensorInfo] = {}
+    for header in index.headers.values():
+        infos.update(_infos(header))
+    infos = {key: infos[key] for key in sorted(infos)}
+
+    def read(keys: list[str], dtype: torch.dtype | None) -> dict[str, Tensor]:
+        out: dict[str, Tensor] = {}
+        for shard, header in index.headers.items():
+            mine = [key for key in keys if index.weight_map[key] == shard]
+            if mine:
+                try:
+                    out.update(read_tensors(shard, header, mine, dtype))
+                except CheckpointError as e:
+                    raise CheckpointError(f"shard {shard.name}: {e}") from e
+        return out
+
+    return TensorSource(path, index.metadata, infos, (path, *index.headers), read)
+
+
+def _open_pt(path: Path) -> TensorSource:
+    raw = read_pt(path)
+    text, infos = raw.metadata, {key: TensorInfo(tuple(t.shape), t.dtype) for key, t in raw.tensors.items()}
+    del raw  # drops the mapping
+    total = sum(info.nbytes for info in infos.values())
+    return TensorSource(path, text, infos, (path,), _PtReader(path, total).read)
+
+
+class _PtReader:
+    """Reads from a memory map of a ``.pt`` file, dropped and mapped again as reading goes on.
+
+    Pages of a mapping that have been read stay resident (and count in the process's
+    memory) until it is dropped, while mapping again costs an unpickling of the whole
+    key list (about 80 us per tensor). Dropping it after every sixteenth of the file
+    (at least 16 MiB) bounds both: resident pages to that much, re-mappings to about 16.
+    """
+
+    def __init__(self, path: Path, total_bytes: int) -> None:
+        self._path = path
+        self._remap_after = max(16 * 2**20, total_bytes // 16)
+        self._mapped: dict[str, Tensor] | None = None
+        self._read_since_mapped = 0
+
+    def read(self, keys: list[str], dtype: torch.dtype | None) -> dict[str, Tensor]:
+        if self._mapped is None:
+            self._mapped, self._read_since_mapped = read_pt(self._path).tensors, 0
+        mapped = self._mapped
+        missing = [key for key in keys if key not in mapped]
+        if missing:
+            raise CheckpointError(f"tensors {missing[:8]} are gone: the file changed while epcli read it")
+        out = {key: _copy(mapped[key], dtype) for key in keys}  # one copy out of the mapping, cast on the way
+        self._read_since_mapped += sum(mapped[key].nbytes for key in keys)
+        if self._read_since_mapped >= self._remap_after:
+            self._mapped = None  # its resident pages go with it
+        return out
+
+
+def _copy(tensor: Tensor, dtype: torch.dtype | None) -> Tensor:
+    """A contiguous CPU copy, in ``dtype`` when given and the tensor is floating-point."""
+    target = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+    return torch.empty(tensor.shape, dtype=target).copy_(tensor)
