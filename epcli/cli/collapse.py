@@ -10,7 +10,7 @@ import typer
 
 from epcli.cli import render
 from epcli.cli.guard import guarded
-from epcli.cli.options import CheckpointArg, DeviceOption, ForceOption, JsonOption, ModelOption
+from epcli.cli.options import CheckpointArg, DeviceOption, ForceOption, JsonOption, ModelOption, parse_size
 
 if TYPE_CHECKING:
     from epcli.jobs.collapse import CollapseResult
@@ -36,9 +36,30 @@ def collapse_command(
     force: ForceOption = False,
     device: DeviceOption = "cpu",
     model: ModelOption = None,
+    max_shard_size: Annotated[
+        Optional[str],
+        typer.Option(
+            "--max-shard-size",
+            metavar="SIZE",
+            help="Shard .safetensors output above this much tensor data, e.g. 2GB, 500MiB "
+            "(default 5GB): <stem>-0000k-of-0000N.safetensors + <stem>.safetensors.index.json.",
+            show_default=False,
+        ),
+    ] = None,
+    model_check: Annotated[
+        Optional[bool],
+        typer.Option(
+            "--model-check/--no-model-check",
+            help="Also compare the whole model (needs it in memory). Default: only for checkpoints up to 64 MiB.",
+            show_default=False,
+        ),
+    ] = None,
     json_output: JsonOption = False,
 ) -> None:
-    """Collapse every EP layer into one Linear/Conv2d and write the compact checkpoint (atomically)."""
+    """Collapse every EP layer into one Linear/Conv2d, one layer at a time, and write the compact checkpoint (atomically).
+
+    Reads .pt, .safetensors and sharded safetensors (give the .safetensors.index.json).
+    """
     from epcli.jobs.collapse import collapse_file
 
     with render.progress() as progress:
@@ -49,6 +70,8 @@ def collapse_command(
             force=force,
             model_factory=model,
             device=device,
+            max_shard_bytes=None if max_shard_size is None else parse_size(max_shard_size, "--max-shard-size"),
+            model_check=model_check,
             progress=progress,
         )
     render_collapse(result)
@@ -60,6 +83,7 @@ def collapse_payload(result: CollapseResult) -> dict[str, Any]:
     return {
         "source": str(result.source),
         "output": str(result.output),
+        "files": [str(path) for path in result.files],
         "source_sha256": result.source_sha256,
         "layers": [
             {
@@ -74,6 +98,7 @@ def collapse_payload(result: CollapseResult) -> dict[str, Any]:
             for layer in result.layers
         ],
         "model_max_abs_error": result.model_max_abs_error,
+        "model_check_skipped": result.model_check_skipped,
         "expanded_params": result.expanded_params,
         "collapsed_params": result.collapsed_params,
         "compression_ratio": result.compression,
@@ -100,4 +125,9 @@ def render_collapse(result: CollapseResult) -> None:
     )
     if result.model_max_abs_error is not None:
         render.info(f"whole model: max |error| {result.model_max_abs_error:.3g} (written weights vs expanded, in float64)")
-    render.success(f"wrote {result.output}")
+    else:
+        render.info(f"whole model: not checked: {result.model_check_skipped}")
+    if len(result.files) > 1:
+        render.success(f"wrote {result.output} and {len(result.files) - 1} shards beside it")
+    else:
+        render.success(f"wrote {result.output}")

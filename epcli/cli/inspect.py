@@ -16,7 +16,7 @@ __all__ = ["inspect_command"]
 
 @guarded
 def inspect_command(
-    checkpoint: Annotated[Path, typer.Argument(help="An epcli checkpoint, expanded or collapsed.", show_default=False)],
+    checkpoint: Annotated[Path, typer.Argument(help="An epcli checkpoint, expanded or collapsed (.pt, .safetensors, or a .safetensors.index.json).", show_default=False)],
     plot: Annotated[
         Optional[Path],
         typer.Option("--plot", metavar="SPECTRA.png", help="Draw the singular-value spectra (needs epcli[plot]).", show_default=False),

@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import re
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-__all__ = ["Atol", "BatchSize", "CheckpointArg", "DeviceOption", "Dtype", "ForceOption", "JsonOption", "ModelOption", "Rtol", "Samples", "Seed"]
+from epcli.errors import UsageError
+
+__all__ = ["parse_size", "Atol", "BatchSize", "CheckpointArg", "DeviceOption", "Dtype", "ForceOption", "JsonOption", "ModelOption", "Rtol", "Samples", "Seed"]
 
 CheckpointArg = Annotated[
     Path,
-    typer.Argument(help="Expanded checkpoint (.pt or .safetensors) written by epcli.save_checkpoint.", show_default=False),
+    typer.Argument(
+        help="Expanded checkpoint written by epcli.save_checkpoint: .pt, .safetensors, or the .safetensors.index.json "
+        "of a sharded one.",
+        show_default=False,
+    ),
 ]
 JsonOption = Annotated[
     bool, typer.Option("--json", help="Print one JSON document (with schema_version) on stdout; tables go to stderr.")
@@ -47,3 +54,19 @@ DeviceOption = Annotated[
 class Dtype(str, Enum):
     float32 = "float32"
     float64 = "float64"
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(text: str, option: str) -> int:
+    """``"5GB"`` -> 5_000_000_000, ``"500MiB"`` -> 524_288_000, ``"123"`` -> 123 bytes; a bad size is a usage error."""
+    match = _SIZE.match(text)
+    unit = match.group(2).lower() if match else ""
+    if unit and not unit.endswith("b"):
+        unit += "b"  # "5G" means 5GB, "5Gi" 5GiB
+    if match is None or unit not in _UNITS or int(float(match.group(1)) * _UNITS[unit]) < 1:
+        raise UsageError(f"{option} {text!r} is not a size of at least 1 byte; write e.g. 5GB, 500MB, 2GiB or 1000000")
+    return int(float(match.group(1)) * _UNITS[unit])

@@ -46,7 +46,7 @@ def verify_command(
     checkpoint: CheckpointArg,
     artifact: Annotated[
         Optional[Path],
-        typer.Argument(help="Collapsed .safetensors/.pt or .onnx to check (default: collapse in memory).", show_default=False),
+        typer.Argument(help="Collapsed .safetensors/.pt (or a shard index .safetensors.index.json) or .onnx to check (default: collapse in memory).", show_default=False),
     ] = None,
     atol: Atol = None,
     rtol: Rtol = None,

@@ -1,21 +1,49 @@
-"""``epcli collapse``: an expanded checkpoint file in, a collapsed one out, with measured errors."""
+"""``epcli collapse``: an expanded checkpoint file in, a collapsed one out, one EP layer at a time.
+
+The file is opened without reading its tensors (every check that needs no data
+runs first, on meta tensors); then each EP layer is read, collapsed in float64,
+checked against its own expanded chain and handed to the writer, which spools
+it to disk, before the next layer is read. Peak memory is about one layer (in
+float64) beyond what Python and torch take, whatever the checkpoint's size; the
+output is written atomically, sharded above ``max_shard_bytes``.
+
+The whole-model check needs the whole model in memory, so by default it runs
+only for checkpoints up to :data:`MODEL_CHECK_MAX_BYTES` (``model_check=True``
+forces it; ``epcli verify`` runs it on any size).
+"""
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import torch
+from torch import Tensor
+
 from epcli import __version__
-from epcli.convert import collapse_state_dict
+from epcli.convert import (
+    CollapseStep,
+    collapse_steps,
+    collapsed_dtype,
+    collapsed_keys,
+    collapsed_tensors,
+    expanded_layer,
+)
 from epcli.devices import resolve_device
 from epcli.errors import UsageError
-from epcli.formats.checkpoint import Checkpoint, load_checkpoint, save_collapsed_checkpoint
+from epcli.formats.checkpoint import CheckpointFile, collapsed_layout, collapsed_metadata, load_checkpoint, open_checkpoint
+from epcli.formats.sharded import is_index, sharded_base
+from epcli.formats.source import TensorInfo
+from epcli.formats.writer import CheckpointWriter, output_files, stale_files
 from epcli.jobs.summary import LayerSummary, summarize_layer
-from epcli.jobs.verify import ProgressCallback, verify_checkpoint
+from epcli.jobs.verify import ProgressCallback, compare_layer, compare_model
 from epcli.verify import VerifySettings
 
 __all__ = [
+    "DEFAULT_MAX_SHARD_BYTES",
+    "MODEL_CHECK_MAX_BYTES",
     "OUTPUT_FORMATS",
     "CollapseResult",
     "LayerCollapse",
@@ -23,12 +51,17 @@ __all__ = [
     "default_output",
     "file_sha256",
     "resolve_output",
-    "write_collapsed",
 ]
 
 OUTPUT_FORMATS = {"safetensors": ".safetensors", "pt": ".pt"}
 ERROR_SETTINGS = VerifySettings(samples=32, batch_size=32, seed=0, dtype="float64")
 """How the per-layer error of the written weights is measured: float64, so only the collapse and the cast count."""
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
+"""Above this much tensor data a .safetensors output is sharded (the Hugging Face default, 5 GB)."""
+MODEL_CHECK_MAX_BYTES = 64 * 2**20
+"""Largest checkpoint (tensor bytes) whose whole model is checked by default: that check holds the model in float64."""
+_PASS_THROUGH_READ_BYTES = 64 * 2**20
+"""Tensors that are not EP layers are read in groups of about this size."""
 
 
 @dataclass(frozen=True)
@@ -40,11 +73,15 @@ class LayerCollapse:
 
 @dataclass(frozen=True)
 class CollapseResult:
+    """``output`` is the file to open (the index when sharded); ``files`` every file written."""
+
     source: Path
     output: Path
+    files: tuple[Path, ...]
     source_sha256: str
     layers: tuple[LayerCollapse, ...]
-    model_max_abs_error: float | None  # None without an embedded architecture
+    model_max_abs_error: float | None
+    model_check_skipped: str | None  # why the whole model was not checked; None when it was
 
     @property
     def expanded_params(self) -> int:
@@ -68,8 +105,9 @@ def file_sha256(path: Path) -> str:
 
 
 def default_output(source: Path, file_format: str) -> Path:
-    """``<stem>.collapsed.<format>`` beside the source."""
-    return source.with_name(f"{source.stem}.collapsed{OUTPUT_FORMATS[file_format]}")
+    """``<stem>.collapsed.<format>`` beside the source (``<stem>`` of ``<stem>.safetensors.index.json`` too)."""
+    base = sharded_base(source) if is_index(source) else source
+    return source.with_name(f"{base.stem}.collapsed{OUTPUT_FORMATS[file_format]}")
 
 
 def resolve_output(source: Path, output: Path | None, file_format: str | None, force: bool) -> Path:
@@ -82,13 +120,25 @@ def resolve_output(source: Path, output: Path | None, file_format: str | None, f
         raise UsageError(f"{output}: the suffix does not match --format {file_format}; use {OUTPUT_FORMATS[file_format]}")
     if output.suffix not in OUTPUT_FORMATS.values():
         raise UsageError(f"{output}: unsupported output suffix {output.suffix!r}; use .safetensors or .pt")
-    if output.resolve() == source.resolve():
-        raise UsageError(f"{output}: the output would overwrite the source checkpoint; choose another path with -o")
-    if output.exists() and not force:
-        raise UsageError(f"{output} already exists; pass --force to overwrite it")
-    if output.is_dir():
-        raise UsageError(f"{output} is a directory; give a file path with -o")
+    if not output.parent.is_dir():
+        raise UsageError(f"{output}: directory {output.parent} does not exist; create it or choose another path with -o")
+    _check_targets((output,), (source,), force)
     return output
+
+
+def _check_targets(targets: tuple[Path, ...], sources: tuple[Path, ...], force: bool) -> None:
+    """Every file a write would create, replace or remove: never an input; an existing one only with ``force``."""
+    inputs = {path.resolve() for path in sources}
+    for target in targets:
+        if target.resolve() in inputs:
+            raise UsageError(
+                f"{target}: writing the output would overwrite or remove the source checkpoint; choose another path "
+                "with -o"
+            )
+        if target.is_dir():
+            raise UsageError(f"{target} is a directory; give a file path with -o")
+        if target.exists() and not force:
+            raise UsageError(f"{target} already exists; pass --force to overwrite it")
 
 
 def collapse_file(
@@ -99,43 +149,142 @@ def collapse_file(
     force: bool = False,
     model_factory: str | None = None,
     device: str = "cpu",
+    max_shard_bytes: int | None = None,
+    model_check: bool | None = None,
     progress: ProgressCallback | None = None,
 ) -> CollapseResult:
-    """Collapse every EP layer of ``source`` (the math on ``device``) and write the result atomically."""
-    resolve_device(device)  # a bad device fails before any work
+    """Collapse every EP layer of ``source`` one at a time (the math on ``device``) and write the result atomically.
+
+    ``max_shard_bytes`` (``.safetensors`` only; default :data:`DEFAULT_MAX_SHARD_BYTES`)
+    shards larger outputs. ``model_check``: None checks the whole model when the
+    checkpoint is small enough, True always, False never.
+    """
+    torch_device = resolve_device(device)  # a bad device fails before any work
     output = resolve_output(source, output, file_format, force)
-    checkpoint = load_checkpoint(source, model_factory=model_factory)
-    return write_collapsed(checkpoint, output, device=device, progress=progress)
-
-
-def write_collapsed(
-    checkpoint: Checkpoint, output: Path, *, device: str = "cpu", progress: ProgressCallback | None = None
-) -> CollapseResult:
-    """Collapse a loaded expanded checkpoint, measure each layer's error, write ``output`` atomically."""
-    source = checkpoint.path
-    if checkpoint.kind != "expanded":
+    if output.suffix != ".safetensors" and max_shard_bytes is not None:
+        raise UsageError(f"{output}: only .safetensors output can be sharded; drop the shard size limit or use .safetensors")
+    if max_shard_bytes is not None and max_shard_bytes < 1:
+        raise UsageError(f"the shard size limit must be at least 1 byte, got {max_shard_bytes}")
+    opened = open_checkpoint(source)
+    if opened.kind != "expanded":
         raise UsageError(f"{source}: already collapsed; nothing to do")
-    collapsed_state = collapse_state_dict(checkpoint.state_dict, checkpoint.ep_layers, device=resolve_device(device))
-    settings = replace(ERROR_SETTINGS, device=device)
-    report = verify_checkpoint(checkpoint, settings, collapsed_state=collapsed_state, progress=progress)
-    by_name = {c.name: c for c in report.comparisons}
-    layers = tuple(
-        LayerCollapse(
-            summarize_layer(path, config, checkpoint.layer_input_shapes[path]),
-            by_name[path].max_abs_error,
-            by_name[path].max_rel_error,
-        )
-        for path, config in checkpoint.ep_layers.items()
-    )
-    model = by_name.get("<model>")
-    sha = file_sha256(source)
-    provenance = {
-        "source_name": source.name,
-        "source_sha256": sha,
-        "collapsed_by": f"epcli {__version__}",
-        "error_check": {"dtype": ERROR_SETTINGS.dtype, "samples": ERROR_SETTINGS.samples, "seed": ERROR_SETTINGS.seed},
-        "layer_max_abs_error": {layer.summary.path: layer.max_abs_error for layer in layers},
-        "model_max_abs_error": None if model is None else model.max_abs_error,
+    layout = {
+        key: TensorInfo(tuple(meta.shape), meta.dtype)
+        for key, meta in collapsed_layout(opened.meta_state(), opened.ep_layers).items()
     }
-    save_collapsed_checkpoint(checkpoint, output, provenance=provenance, collapsed_state=collapsed_state)
-    return CollapseResult(source, output, sha, layers, None if model is None else model.max_abs_error)
+    shard_limit = max_shard_bytes or (DEFAULT_MAX_SHARD_BYTES if output.suffix == ".safetensors" else None)
+    files = output_files(output, layout, shard_limit)
+    _check_targets(files + stale_files(output, files), opened.files, force)
+    skipped = _model_check_skipped(opened, model_check, model_factory)
+    settings = replace(ERROR_SETTINGS, device=device)
+    hashes = {path.name: file_sha256(path) for path in opened.files}  # also brings the file into the page cache
+    with CheckpointWriter(output, layout, max_shard_bytes=shard_limit, remove_stale=True) as writer:
+        layers, kept = _collapse_into(writer, opened, torch_device, settings, keep=skipped is None, progress=progress)
+        model_error = None
+        if skipped is None:
+            if progress is not None:
+                progress(len(layers), len(layers) + 1, "checking the whole model")
+            checkpoint = load_checkpoint(source, model_factory=model_factory)
+            model_error = compare_model(checkpoint, settings, collapsed_state=kept).max_abs_error
+        provenance = {
+            "source_name": source.name,
+            "source_sha256": hashes[source.name],
+            "collapsed_by": f"epcli {__version__}",
+            "error_check": {"dtype": settings.dtype, "samples": settings.samples, "seed": settings.seed},
+            "layer_max_abs_error": {layer.summary.path: layer.max_abs_error for layer in layers},
+            "model_max_abs_error": model_error,
+        }
+        if len(hashes) > 1:
+            provenance["source_files_sha256"] = hashes
+        written = writer.commit(collapsed_metadata(opened, provenance))
+    return CollapseResult(
+        source, written, writer.files, hashes[source.name], tuple(layers), model_error, skipped
+    )
+
+
+def _model_check_skipped(opened: CheckpointFile, model_check: bool | None, model_factory: str | None) -> str | None:
+    """Why the whole model will not be checked, or None when it will."""
+    if model_check is False:
+        return "not asked for (--no-model-check)"
+    if opened.architecture is None and model_factory is None:
+        if model_check:
+            raise UsageError(
+                f"{opened.path}: no architecture is embedded, so the whole model cannot be checked; "
+                "name a factory with --model module:function"
+            )
+        return "no architecture is embedded (name a factory with --model to check the whole model)"
+    if model_check is None and opened.nbytes > MODEL_CHECK_MAX_BYTES:
+        return (
+            f"the checkpoint holds {opened.nbytes / 2**20:.0f} MiB of tensors, over the {MODEL_CHECK_MAX_BYTES // 2**20} "
+            "MiB up to which the whole model is checked in memory; pass --model-check, or run epcli verify"
+        )
+    return None
+
+
+def _collapse_into(
+    writer: CheckpointWriter,
+    opened: CheckpointFile,
+    device: torch.device,
+    settings: VerifySettings,
+    *,
+    keep: bool,
+    progress: ProgressCallback | None,
+) -> tuple[list[LayerCollapse], dict[str, Tensor]]:
+    """Read, collapse, check and hand over one step at a time; ``keep`` also returns the collapsed state."""
+    kept: dict[str, Tensor] = {}
+    layers: list[LayerCollapse] = []
+    total = len(opened.ep_layers) + keep
+    for group in _read_groups(collapse_steps(opened.tensors, opened.ep_layers), opened.tensors):
+        if group[0].layer is None:
+            out = opened.read(step.keys[0] for step in group)
+        else:
+            path = group[0].layer
+            if progress is not None:
+                progress(len(layers), total, f"collapsing layer {path}")
+            collapsed, entry = _collapse_layer(opened, group[0], device, settings)
+            layers.append(entry)
+            out = collapsed
+        for key, tensor in out.items():
+            writer.add(key, tensor)
+            if keep:
+                kept[key] = tensor
+    return layers, kept
+
+
+def _read_groups(steps: list[CollapseStep], infos: Mapping[str, TensorInfo]) -> list[list[CollapseStep]]:
+    """Each EP layer alone; runs of pass-through keys together, up to about ``_PASS_THROUGH_READ_BYTES`` per read."""
+    groups: list[list[CollapseStep]] = []
+    size = 0
+    for step in steps:
+        joins = step.layer is None and groups and groups[-1][0].layer is None and size < _PASS_THROUGH_READ_BYTES
+        if joins:
+            groups[-1].append(step)
+        else:
+            groups.append([step])
+            size = 0
+        if step.layer is None:
+            size += infos[step.keys[0]].nbytes
+    return groups
+
+
+def _collapse_layer(
+    opened: CheckpointFile, step: CollapseStep, device: torch.device, settings: VerifySettings
+) -> tuple[dict[str, Tensor], LayerCollapse]:
+    """One EP layer: read it, collapse it in float64, measure the written (cast) weights against its chain."""
+    path = step.layer or ""
+    config = opened.ep_layers[path]
+    prefix = f"{path}." if path else ""
+    stored = opened.read(step.keys)
+    layer_state = {key[len(prefix):]: tensor for key, tensor in stored.items()}
+    del stored
+    layer = expanded_layer(config, layer_state, device=device, prefix=prefix)
+    del layer_state
+    weight_key, bias_key = collapsed_keys(path)
+    # the collapse casts one chain layer at a time; only then is the whole layer cast for the check
+    weight, bias = collapsed_tensors(layer.collapse(), collapsed_dtype(path, opened.tensors))
+    layer = layer.to(dtype=settings.torch_dtype)
+    input_shape = opened.layer_input_shapes[path]
+    comparison = compare_layer(path, layer, weight, bias, input_shape, settings)
+    out = {weight_key: weight} if bias is None else {weight_key: weight, bias_key: bias}
+    summary = summarize_layer(path, config, input_shape)
+    return out, LayerCollapse(summary, comparison.max_abs_error, comparison.max_rel_error)

@@ -17,7 +17,7 @@ from epcli.errors import UsageError
 from epcli.formats.atomic import atomic_write
 from epcli.formats.checkpoint import Checkpoint, load_checkpoint
 from epcli.formats.onnx_export import DEFAULT_OPSET, OnnxSession, export_onnx_bytes, onnx_op_types
-from epcli.jobs.collapse import CollapseResult, resolve_output, write_collapsed
+from epcli.jobs.collapse import CollapseResult, collapse_file, resolve_output
 from epcli.jobs.verify import ONNX_LABEL, ProgressCallback, verify_checkpoint
 from epcli.verify import VerifyReport, VerifySettings, compare
 
@@ -70,12 +70,18 @@ def export_file(
     if safetensors_path is not None:
         safetensors_path = resolve_output(source, safetensors_path, "safetensors", force)
     checkpoint = load_checkpoint(source, model_factory=model_factory)
+    if safetensors_path is not None and checkpoint.kind != "expanded":
+        raise UsageError(f"{source}: already collapsed, so there is nothing to write with --safetensors; use --onnx only")
     onnx = None
     if onnx_path is not None:
         onnx = _export_onnx(checkpoint, onnx_path, settings, opset, static_batch, progress)
         if not onnx.written:
             return ExportResult(source, onnx, None)
-    collapsed = None if safetensors_path is None else write_collapsed(checkpoint, safetensors_path, progress=progress)
+    collapsed = None
+    if safetensors_path is not None:  # read again from the file, one layer at a time, as epcli collapse does
+        collapsed = collapse_file(
+            source, safetensors_path, force=force, model_factory=model_factory, progress=progress
+        )
     return ExportResult(source, onnx, collapsed)
 
 

@@ -4,22 +4,21 @@ from __future__ import annotations
 
 import copy
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from epcli.convert import collapse_model, collapsed_keys, expanded_eval, layer_states, plain_model
+from epcli.convert import collapse_model, collapsed_keys, expanded_eval, expanded_layer, layer_states, plain_model
 from epcli.errors import CheckpointError, UsageError
 from epcli.formats.checkpoint import Checkpoint, load_checkpoint
 from epcli.formats.onnx_export import OnnxSession
-from epcli.layers import EPConfig
-from epcli.layers.registry import build_layer, plain_layer
+from epcli.layers.base import EPLayer
+from epcli.layers.registry import plain_layer
 from epcli.verify import Comparison, VerifyReport, VerifySettings, compare
 
-__all__ = ["ProgressCallback", "VerifyResult", "verify_files", "verify_checkpoint"]
+__all__ = ["ProgressCallback", "VerifyResult", "compare_layer", "compare_model", "verify_checkpoint", "verify_files"]
 
 ProgressCallback = Callable[[int, int, str], None]
 """``report(done, total, label)``: lets a caller draw progress; library code itself never prints."""
@@ -35,20 +34,55 @@ class VerifyResult:
     report: VerifyReport
 
 
-def _collapsed_layer(
-    config: EPConfig, weight: Tensor, bias: Tensor | None, dtype: torch.dtype, device: torch.device
-) -> nn.Module:
-    """The plain layer holding the given collapsed tensors, in the comparison dtype and device."""
-    plain = plain_layer(config, bias=bias is not None, device="meta")
+def compare_layer(
+    path: str,
+    layer: EPLayer,
+    weight: Tensor,
+    bias: Tensor | None,
+    input_shape: tuple[int, ...],
+    settings: VerifySettings,
+    label: str = IN_MEMORY,
+) -> Comparison:
+    """One EP layer's expanded chain (``layer``, already in the comparison dtype and device) against the plain
+    layer holding ``weight`` / ``bias``, cast the same way."""
+    plain = plain_layer(layer.config, bias=bias is not None, device="meta")
     plain.load_state_dict({"weight": weight} if bias is None else {"weight": weight, "bias": bias}, assign=True)
-    return plain.to(device=device, dtype=dtype)
+    reference = next(layer.parameters())
+    plain = plain.to(device=reference.device, dtype=reference.dtype)
+    return compare(path, "layer", label, functools.partial(layer, override=True), plain, input_shape, settings)
+
+
+def compare_model(
+    checkpoint: Checkpoint,
+    settings: VerifySettings,
+    *,
+    collapsed_state: Mapping[str, Tensor] | None = None,
+    onnx_session: OnnxSession | None = None,
+    label: str = IN_MEMORY,
+) -> Comparison:
+    """The whole expanded model against its collapse: in memory, the given collapsed tensors, or an ONNX session."""
+    if checkpoint.model is None:
+        raise UsageError(f"{checkpoint.path}: no architecture is embedded; name a factory with --model module:function")
+    model = copy.deepcopy(checkpoint.model).to(device=settings.torch_device, dtype=settings.torch_dtype)
+    candidate: Callable[[Tensor], Tensor]
+    if onnx_session is not None:
+        candidate, label = onnx_session, ONNX_LABEL
+    elif collapsed_state is None:
+        candidate = collapse_model(model)
+    else:
+        try:  # the given tensors as they are: collapsing the model again would be wasted work
+            candidate = plain_model(model, collapsed_state).to(device=settings.torch_device, dtype=settings.torch_dtype)
+        except RuntimeError as e:
+            raise CheckpointError(f"the collapsed tensors do not fit the collapsed architecture: {e}") from e
+    with expanded_eval(model) as reference:
+        return compare("<model>", "model", label, reference, candidate, checkpoint.input_shape, settings)
 
 
 def verify_checkpoint(
     checkpoint: Checkpoint,
     settings: VerifySettings,
     *,
-    collapsed_state: dict[str, Tensor] | None = None,
+    collapsed_state: Mapping[str, Tensor] | None = None,
     onnx_session: OnnxSession | None = None,
     label: str = IN_MEMORY,
     progress: ProgressCallback | None = None,
@@ -61,17 +95,13 @@ def verify_checkpoint(
     given tensors (e.g. a collapsed file's) are what is judged, layer by layer and
     loaded strictly into the collapsed architecture.
     """
-    dtype, device = settings.torch_dtype, settings.torch_device
     comparisons: list[Comparison] = []
     states = layer_states(checkpoint.state_dict, checkpoint.ep_layers)
     total = len(checkpoint.ep_layers) + (checkpoint.model is not None)
     tick = progress or (lambda done, total, label: None)
     for path, config in checkpoint.ep_layers.items():
         tick(len(comparisons), total, f"checking layer {path}")
-        # built on meta and given the stored tensors: no init cost, no copy
-        layer = build_layer(config, device="meta")
-        layer.load_state_dict(states[path], assign=True)
-        layer = layer.to(device=device, dtype=dtype).eval()
+        layer = expanded_layer(config, states[path], dtype=settings.torch_dtype, device=settings.torch_device)
         if collapsed_state is None:
             collapsed = layer.collapse()
             weight, bias = collapsed.weight, collapsed.bias
@@ -79,35 +109,13 @@ def verify_checkpoint(
             weight_key, bias_key = collapsed_keys(path)
             weight, bias = collapsed_state[weight_key], collapsed_state.get(bias_key)
         comparisons.append(
-            compare(
-                path,
-                "layer",
-                label,
-                functools.partial(layer, override=True),
-                _collapsed_layer(config, weight, bias, dtype, device),
-                checkpoint.layer_input_shapes[path],
-                settings,
-            )
+            compare_layer(path, layer, weight, bias, checkpoint.layer_input_shapes[path], settings, label)
         )
     if checkpoint.model is not None:
         tick(len(comparisons), total, "checking the whole model")
-        model = copy.deepcopy(checkpoint.model).to(device=device, dtype=dtype)
-        candidate: Callable[[Tensor], Tensor]
-        if onnx_session is not None:
-            candidate, model_label = onnx_session, ONNX_LABEL
-        else:
-            if collapsed_state is None:
-                candidate = collapse_model(model)
-            else:
-                try:  # the given tensors as they are: collapsing the model again would be wasted work
-                    candidate = plain_model(model, collapsed_state).to(device=device, dtype=dtype)
-                except RuntimeError as e:
-                    raise CheckpointError(f"the collapsed tensors do not fit the collapsed architecture: {e}") from e
-            model_label = label
-        with expanded_eval(model) as reference:
-            comparisons.append(
-                compare("<model>", "model", model_label, reference, candidate, checkpoint.input_shape, settings)
-            )
+        comparisons.append(
+            compare_model(checkpoint, settings, collapsed_state=collapsed_state, onnx_session=onnx_session, label=label)
+        )
     tick(total, total, "done")
     return VerifyReport(settings, settings.tolerance, tuple(comparisons))
 
