@@ -47,9 +47,11 @@ __all__ = [
     "OUTPUT_FORMATS",
     "CollapseResult",
     "LayerCollapse",
+    "OutputPlan",
     "collapse_file",
     "default_output",
     "file_sha256",
+    "plan_output",
     "resolve_output",
 ]
 
@@ -141,6 +143,44 @@ def _check_targets(targets: tuple[Path, ...], sources: tuple[Path, ...], force: 
             raise UsageError(f"{target} already exists; pass --force to overwrite it")
 
 
+@dataclass(frozen=True)
+class OutputPlan:
+    """What a collapse will write: checked against the source's files and what exists, before any work."""
+
+    opened: CheckpointFile
+    output: Path
+    layout: dict[str, TensorInfo]
+    max_shard_bytes: int | None
+    files: tuple[Path, ...]
+
+
+def plan_output(
+    source: Path,
+    output: Path | None,
+    *,
+    file_format: str | None = None,
+    force: bool = False,
+    max_shard_bytes: int | None = None,
+) -> OutputPlan:
+    """Open ``source`` (no tensor data) and check every file the collapse would create, replace or remove."""
+    output = resolve_output(source, output, file_format, force)
+    if output.suffix != ".safetensors" and max_shard_bytes is not None:
+        raise UsageError(f"{output}: only .safetensors output can be sharded; drop the shard size limit or use .safetensors")
+    if max_shard_bytes is not None and max_shard_bytes < 1:
+        raise UsageError(f"the shard size limit must be at least 1 byte, got {max_shard_bytes}")
+    opened = open_checkpoint(source)
+    if opened.kind != "expanded":
+        raise UsageError(f"{source}: already collapsed; nothing to do")
+    layout = {
+        key: TensorInfo(tuple(meta.shape), meta.dtype)
+        for key, meta in collapsed_layout(opened.meta_state(), opened.ep_layers).items()
+    }
+    shard_limit = max_shard_bytes or (DEFAULT_MAX_SHARD_BYTES if output.suffix == ".safetensors" else None)
+    files = output_files(output, layout, shard_limit)
+    _check_targets(files + stale_files(output, files), opened.files, force)
+    return OutputPlan(opened, output, layout, shard_limit, files)
+
+
 def collapse_file(
     source: Path,
     output: Path | None = None,
@@ -160,21 +200,8 @@ def collapse_file(
     checkpoint is small enough, True always, False never.
     """
     torch_device = resolve_device(device)  # a bad device fails before any work
-    output = resolve_output(source, output, file_format, force)
-    if output.suffix != ".safetensors" and max_shard_bytes is not None:
-        raise UsageError(f"{output}: only .safetensors output can be sharded; drop the shard size limit or use .safetensors")
-    if max_shard_bytes is not None and max_shard_bytes < 1:
-        raise UsageError(f"the shard size limit must be at least 1 byte, got {max_shard_bytes}")
-    opened = open_checkpoint(source)
-    if opened.kind != "expanded":
-        raise UsageError(f"{source}: already collapsed; nothing to do")
-    layout = {
-        key: TensorInfo(tuple(meta.shape), meta.dtype)
-        for key, meta in collapsed_layout(opened.meta_state(), opened.ep_layers).items()
-    }
-    shard_limit = max_shard_bytes or (DEFAULT_MAX_SHARD_BYTES if output.suffix == ".safetensors" else None)
-    files = output_files(output, layout, shard_limit)
-    _check_targets(files + stale_files(output, files), opened.files, force)
+    plan = plan_output(source, output, file_format=file_format, force=force, max_shard_bytes=max_shard_bytes)
+    opened, output, layout, shard_limit = plan.opened, plan.output, plan.layout, plan.max_shard_bytes
     skipped = _model_check_skipped(opened, model_check, model_factory)
     settings = replace(ERROR_SETTINGS, device=device)
     hashes = {path.name: file_sha256(path) for path in opened.files}  # also brings the file into the page cache

@@ -17,7 +17,7 @@ from epcli.errors import UsageError
 from epcli.formats.atomic import atomic_write
 from epcli.formats.checkpoint import Checkpoint, load_checkpoint
 from epcli.formats.onnx_export import DEFAULT_OPSET, OnnxSession, export_onnx_bytes, onnx_op_types
-from epcli.jobs.collapse import CollapseResult, collapse_file, resolve_output
+from epcli.jobs.collapse import CollapseResult, collapse_file, plan_output
 from epcli.jobs.verify import ONNX_LABEL, ProgressCallback, verify_checkpoint
 from epcli.verify import VerifyReport, VerifySettings, compare
 
@@ -67,11 +67,9 @@ def export_file(
             raise UsageError(f"{onnx_path} already exists; pass --force to overwrite it")
         if settings.dtype != "float32":
             raise UsageError("ONNX export is float32; run with --dtype float32")
-    if safetensors_path is not None:
-        safetensors_path = resolve_output(source, safetensors_path, "safetensors", force)
+    if safetensors_path is not None:  # every file it would touch is checked before the ONNX export
+        safetensors_path = plan_output(source, safetensors_path, file_format="safetensors", force=force).output
     checkpoint = load_checkpoint(source, model_factory=model_factory)
-    if safetensors_path is not None and checkpoint.kind != "expanded":
-        raise UsageError(f"{source}: already collapsed, so there is nothing to write with --safetensors; use --onnx only")
     onnx = None
     if onnx_path is not None:
         onnx = _export_onnx(checkpoint, onnx_path, settings, opset, static_batch, progress)

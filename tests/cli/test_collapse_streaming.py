@@ -413,6 +413,19 @@ def test_force_replaces_an_output_without_stale_files(mixed, tmp_path, invoke, j
         assert len(document["files"]) - 1 == len(_reference(mixed))
 
 
+def test_export_checks_an_earlier_sharded_output_before_writing_anything(mixed, tmp_path, invoke, flat):
+    """``export --onnx A --safetensors B``: B's old shards need --force, and that is found before A is written."""
+    output = tmp_path / "out.safetensors"
+    assert invoke("collapse", mixed, "-o", output, "--max-shard-size", str(SHARD_LIMIT)).returncode == 0
+    before = _snapshot(tmp_path)
+
+    run = invoke("export", mixed, "--onnx", tmp_path / "model.onnx", "--safetensors", output)
+
+    assert run.returncode == 2, run.describe()
+    assert "out.safetensors.index.json already exists" in flat(run.stderr) and "--force" in flat(run.stderr)
+    assert _snapshot(tmp_path) == before, "no ONNX file, and the old output untouched"
+
+
 def test_output_may_not_be_a_shard_of_the_source(mixed, tmp_path, invoke, flat):
     index = tmp_path / "x.safetensors.index.json"
     shards = _write_sharded_input(mixed, index, count=2)
