@@ -49,7 +49,12 @@ class StagedFiles:
             raise CheckpointError(f"cannot write {path}: {e.strerror or e}") from e
 
     def commit(self) -> None:
-        """Rename every temp file onto its target, then make the renames durable."""
+        """Rename every temp file onto its target, then make the renames durable.
+
+        Each rename is atomic, the set is not: should the OS refuse a rename midway
+        (within one directory it practically does not), the files before it are new,
+        the rest untouched, and the error names the file.
+        """
         staged, self._staged = self._staged, []
         try:
             for index, (temp, target) in enumerate(staged):
