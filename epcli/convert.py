@@ -45,6 +45,7 @@ __all__ = [
     "collapsed_tensors",
     "expanded_eval",
     "expanded_layer",
+    "layer_prefix",
     "layer_states",
     "overparameterize",
     "plain_model",
@@ -110,7 +111,7 @@ def collapsed_dtype(path: str, state: Mapping[str, Any]) -> torch.dtype:
 
     ``state`` maps full keys to anything with a ``dtype`` (tensors, meta tensors, file listings).
     """
-    key = _prefix(path) + _FIRST_WEIGHT
+    key = layer_prefix(path) + _FIRST_WEIGHT
     if key not in state:
         raise CheckpointError(f"missing keys [{key!r}]")
     return state[key].dtype
@@ -157,7 +158,7 @@ def collapse_steps(keys: Iterable[str], ep_layers: Mapping[str, EPConfig]) -> li
             owned[path].append(key)
     for path, config in ep_layers.items():
         if not owned[path]:
-            check_state(expected_state(config), {}, prefix=_prefix(path))
+            check_state(expected_state(config), {}, prefix=layer_prefix(path))
     return [step if step.layer is None else CollapseStep(step.layer, tuple(owned[step.layer])) for step in steps]
 
 
@@ -177,7 +178,7 @@ def collapse_state_dict(
             key = step.keys[0]
             out[key] = _fresh(state_dict[key].detach(), state_dict[key].dtype)
             continue
-        prefix = _prefix(step.layer)
+        prefix = layer_prefix(step.layer)
         layer_state = {key[len(prefix):]: state_dict[key] for key in step.keys}
         weight, bias = _collapse(ep_layers[step.layer], layer_state, prefix, device)
         weight_key, bias_key = collapsed_keys(step.layer)
@@ -193,17 +194,18 @@ def layer_states(state_dict: Mapping[str, Tensor], paths: Iterable[str]) -> dict
     for key, value in state_dict.items():
         path = _owner(key, owned)
         if path is not None:
-            owned[path][key[len(_prefix(path)):]] = value
+            owned[path][key[len(layer_prefix(path)):]] = value
     return owned
 
 
-def _prefix(path: str) -> str:
+def layer_prefix(path: str) -> str:
+    """The prefix of an EP layer's keys in a state dict: ``<path>.`` (a root layer: none)."""
     return f"{path}." if path else ""
 
 
 def collapsed_keys(path: str) -> tuple[str, str]:
     """The keys of an EP layer's collapsed weight and bias: ``<path>.weight`` / ``<path>.bias`` (a root layer: no prefix)."""
-    return _prefix(path) + "weight", _prefix(path) + "bias"
+    return layer_prefix(path) + "weight", layer_prefix(path) + "bias"
 
 
 def _owner(key: str, paths: Mapping[str, Any]) -> str | None:

@@ -22,7 +22,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from epcli.convert import collapse_model, collapse_state_dict, collapse_steps, collapsed_dtype, layer_states
+from epcli.convert import (
+    collapse_model,
+    collapse_state_dict,
+    collapse_steps,
+    collapsed_dtype,
+    layer_prefix,
+    layer_states,
+)
 from epcli.errors import CheckpointError, ConfigError, EpcliError, ShapeMismatchError
 from epcli.formats.architecture import build_architecture, collapsed_architecture, describe_architecture, ep_nodes
 from epcli.formats.factory import ModelFactory, build_from_factory
@@ -75,9 +82,15 @@ class CheckpointFile:
     input_shape: tuple[int, ...]
     architecture: dict[str, Any] | None
     metadata: dict[str, Any]
-    tensors: Mapping[str, TensorInfo]
-    files: tuple[Path, ...]
     source: TensorSource
+
+    @property
+    def tensors(self) -> Mapping[str, TensorInfo]:
+        return self.source.tensors
+
+    @property
+    def files(self) -> tuple[Path, ...]:
+        return self.source.files
 
     @property
     def nbytes(self) -> int:
@@ -197,7 +210,7 @@ def collapsed_layout(state: Mapping[str, Tensor], ep_layers: Mapping[str, EPConf
             key = step.keys[0]
             layout[key] = torch.empty(state[key].shape, dtype=state[key].dtype, device="meta")
             continue
-        prefix = f"{step.layer}." if step.layer else ""
+        prefix = layer_prefix(step.layer)
         dtype = collapsed_dtype(step.layer, state)
         for key, value in expected_state(ep_layers[step.layer], collapsed=True).items():
             layout[prefix + key] = value.to(dtype)
@@ -356,8 +369,6 @@ def _open(path: Path) -> CheckpointFile:
         input_shape=meta.input_shape,
         architecture=meta.architecture,
         metadata=meta.document,
-        tensors=source.tensors,
-        files=source.files,
         source=source,
     )
     _check_ep_tensors(meta, opened.meta_state())
@@ -370,7 +381,7 @@ def _check_ep_tensors(meta: Metadata, state: Mapping[str, Tensor]) -> None:
     owned = layer_states(state, meta.ep_layers)
     for path, config in meta.ep_layers.items():
         where = f"layer {path!r} ({class_name(config)})"
-        prefix = f"{path}." if path else ""
+        prefix = layer_prefix(path)
         if not collapsed and len(owned[path]) < config.depth:
             # checked before building anything, so a huge depth in a small file costs nothing
             raise CheckpointError(

@@ -152,10 +152,10 @@ def _open_index(path: Path) -> TensorSource:
 
 def _open_pt(path: Path) -> TensorSource:
     raw = read_pt(path)
-    text, infos = raw.metadata, {key: TensorInfo(tuple(t.shape), t.dtype) for key, t in raw.tensors.items()}
-    del raw  # drops the mapping
+    infos = {key: TensorInfo(tuple(t.shape), t.dtype) for key, t in raw.tensors.items()}
     total = sum(info.nbytes for info in infos.values())
-    return TensorSource(path, text, infos, (path,), _PtReader(path, total).read)
+    # the listing's mapping serves the first reads: nothing of it is resident yet
+    return TensorSource(path, raw.metadata, infos, (path,), _PtReader(path, total, raw.tensors).read)
 
 
 class _PtReader:
@@ -167,10 +167,10 @@ class _PtReader:
     (at least 16 MiB) bounds both: resident pages to that much, re-mappings to about 16.
     """
 
-    def __init__(self, path: Path, total_bytes: int) -> None:
+    def __init__(self, path: Path, total_bytes: int, mapped: dict[str, Tensor]) -> None:
         self._path = path
         self._remap_after = max(16 * 2**20, total_bytes // 16)
-        self._mapped: dict[str, Tensor] | None = None
+        self._mapped: dict[str, Tensor] | None = mapped
         self._read_since_mapped = 0
 
     def read(self, keys: list[str], dtype: torch.dtype | None) -> dict[str, Tensor]:

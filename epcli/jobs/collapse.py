@@ -30,6 +30,7 @@ from epcli.convert import (
     collapsed_keys,
     collapsed_tensors,
     expanded_layer,
+    layer_prefix,
 )
 from epcli.devices import resolve_device
 from epcli.errors import UsageError
@@ -151,7 +152,6 @@ class OutputPlan:
     output: Path
     layout: dict[str, TensorInfo]
     max_shard_bytes: int | None
-    files: tuple[Path, ...]
 
 
 def plan_output(
@@ -178,7 +178,7 @@ def plan_output(
     shard_limit = max_shard_bytes or (DEFAULT_MAX_SHARD_BYTES if output.suffix == ".safetensors" else None)
     files = output_files(output, layout, shard_limit)
     _check_targets(files + stale_files(output, files), opened.files, force)
-    return OutputPlan(opened, output, layout, shard_limit, files)
+    return OutputPlan(opened, output, layout, shard_limit)
 
 
 def collapse_file(
@@ -268,9 +268,8 @@ def _collapse_into(
             path = group[0].layer
             if progress is not None:
                 progress(len(layers), total, f"collapsing layer {path}")
-            collapsed, entry = _collapse_layer(opened, group[0], device, settings)
+            out, entry = _collapse_layer(opened, group[0], device, settings)
             layers.append(entry)
-            out = collapsed
         for key, tensor in out.items():
             writer.add(key, tensor)
             if keep:
@@ -300,7 +299,7 @@ def _collapse_layer(
     """One EP layer: read it, collapse it in float64, measure the written (cast) weights against its chain."""
     path = step.layer or ""
     config = opened.ep_layers[path]
-    prefix = f"{path}." if path else ""
+    prefix = layer_prefix(path)
     stored = opened.read(step.keys)
     layer_state = {key[len(prefix):]: tensor for key, tensor in stored.items()}
     del stored
