@@ -108,9 +108,18 @@ class Comparison:
 
 @dataclass(frozen=True)
 class VerifyReport:
+    """The comparisons made, and what a reader needs to judge them.
+
+    ``model_check_skipped`` says why the whole model was not compared (None when it
+    was), so "all passed" is never read as covering more than it did; ``notes`` are
+    facts that qualify the numbers (a stale artifact, a precision bound).
+    """
+
     settings: VerifySettings
     tolerance: Tolerance
     comparisons: tuple[Comparison, ...]
+    model_check_skipped: str | None = None
+    notes: tuple[str, ...] = ()
 
     @property
     def passed(self) -> bool:

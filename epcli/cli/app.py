@@ -7,25 +7,83 @@ stay instant.
 
 from __future__ import annotations
 
-import typer
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
 
-from epcli.cli import collapse, export, inspect, verify
+import typer
+from typer._click.exceptions import UsageError as ClickUsageError
+from typer.core import TyperArgument, TyperCommand, TyperGroup
+
+from epcli.cli import collapse, export, inspect, render, verify
 
 __all__ = ["app", "main"]
 
+COMMANDS = ("collapse", "verify", "export", "inspect")
+
+
+class _Command(TyperCommand):
+    """A command whose usage line reads ``CKPT [ARTIFACT]`` (Typer writes required arguments as ``{name}``)."""
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if isinstance(param, TyperArgument):
+                pieces.append(param.display_name_raw if param.required else f"[{param.display_name_raw}]")
+            else:
+                pieces.extend(param.get_usage_pieces(ctx))
+        return pieces
+
+
+class _Group(TyperGroup):
+    """The root group: with ``--json`` among the arguments, a usage error is also the one JSON document on stdout.
+
+    Usage errors (an unknown option, a bad value) happen while the arguments are parsed,
+    before any command body (and its guard) runs, so they are caught here; the message still
+    goes to stderr and the exit code stays 2.
+    """
+
+    _argv: Sequence[str] = ()
+
+    def main(self, args: Sequence[str] | None = None, *rest: Any, **kwargs: Any) -> Any:
+        self._argv = list(sys.argv[1:] if args is None else args)
+        return super().main(args, *rest, **kwargs)
+
+    def make_context(self, *args: Any, **kwargs: Any) -> Any:
+        with self._usage_errors_as_json():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx: Any) -> Any:
+        with self._usage_errors_as_json():
+            return super().invoke(ctx)
+
+    @contextmanager
+    def _usage_errors_as_json(self) -> Iterator[None]:
+        try:
+            yield
+        except ClickUsageError as error:
+            if "--json" in self._argv:
+                command = next((arg for arg in self._argv if arg in COMMANDS), "epcli")
+                message = render.printable(error.format_message())
+                render.emit_json(command, {"passed": False, "error": {"type": "UsageError", "message": message}})
+            raise
+
+
 app = typer.Typer(
     name="epcli",
+    cls=_Group,
     help="Collapse expand-and-project (EP) checkpoints exactly, verify them, and export them "
     "(safetensors, ONNX).\n\nExit codes: 0 success, 1 verification failed, 2 usage or input error.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
-app.command("collapse", no_args_is_help=True)(collapse.collapse_command)
-app.command("verify", no_args_is_help=True)(verify.verify_command)
-app.command("export", no_args_is_help=True)(export.export_command)
-app.command("inspect", no_args_is_help=True)(inspect.inspect_command)
+app.command("collapse", cls=_Command, no_args_is_help=True)(collapse.collapse_command)
+app.command("verify", cls=_Command, no_args_is_help=True)(verify.verify_command)
+app.command("export", cls=_Command, no_args_is_help=True)(export.export_command)
+app.command("inspect", cls=_Command, no_args_is_help=True)(inspect.inspect_command)
 
 
 def _print_version(value: bool) -> None:

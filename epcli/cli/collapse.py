@@ -10,7 +10,7 @@ import typer
 
 from epcli.cli import render
 from epcli.cli.guard import guarded
-from epcli.cli.options import CheckpointArg, DeviceOption, ForceOption, JsonOption, ModelOption, parse_size
+from epcli.cli.options import CheckpointArg, DeviceOption, ForceOption, JsonOption, ModelOption, QuietOption, parse_size
 
 if TYPE_CHECKING:
     from epcli.jobs.collapse import CollapseResult
@@ -55,6 +55,7 @@ def collapse_command(
         ),
     ] = None,
     json_output: JsonOption = False,
+    quiet: QuietOption = False,
 ) -> None:
     """Collapse every EP layer into one Linear/Conv2d, one layer at a time, and write the compact checkpoint (atomically).
 

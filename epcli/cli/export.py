@@ -10,7 +10,7 @@ import typer
 from epcli.cli import render
 from epcli.cli.collapse import collapse_payload, render_collapse
 from epcli.cli.guard import EXIT_VERIFY_FAILED, guarded
-from epcli.cli.options import Atol, CheckpointArg, ForceOption, JsonOption, ModelOption, Rtol, Samples, Seed
+from epcli.cli.options import Atol, CheckpointArg, ForceOption, JsonOption, ModelOption, QuietOption, Rtol, Samples, Seed
 from epcli.cli.verify import render_report, report_payload
 
 __all__ = ["export_command"]
@@ -37,6 +37,7 @@ def export_command(
     force: ForceOption = False,
     model: ModelOption = None,
     json_output: JsonOption = False,
+    quiet: QuietOption = False,
 ) -> None:
     """Export the collapsed model. The ONNX file holds one Gemm/Conv per EP layer, passes onnx.checker and is
     compared with the expanded torch model in onnxruntime (float32; rule and default tolerances as in

@@ -53,6 +53,7 @@ def guarded(command: F) -> F:
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         json_output = bool(kwargs.get("json_output"))
+        render.configure(json_output=json_output, quiet=bool(kwargs.get("quiet")))
         try:
             return command(*args, **kwargs)
         except (typer.Exit, typer.Abort):

@@ -9,14 +9,14 @@ import typer
 
 from epcli.cli import render
 from epcli.cli.guard import guarded
-from epcli.cli.options import ForceOption, JsonOption, ModelOption
+from epcli.cli.options import ForceOption, JsonOption, ModelOption, QuietOption
 
 __all__ = ["inspect_command"]
 
 
 @guarded
 def inspect_command(
-    checkpoint: Annotated[Path, typer.Argument(help="An epcli checkpoint, expanded or collapsed (.pt, .safetensors, or a .safetensors.index.json).", show_default=False)],
+    checkpoint: Annotated[Path, typer.Argument(metavar="CKPT", help="An epcli checkpoint, expanded or collapsed (.pt, .safetensors, or a .safetensors.index.json).", show_default=False)],
     plot: Annotated[
         Optional[Path],
         typer.Option("--plot", metavar="SPECTRA.png", help="Draw the singular-value spectra (needs epcli[plot]).", show_default=False),
@@ -24,6 +24,7 @@ def inspect_command(
     force: ForceOption = False,
     model: ModelOption = None,
     json_output: JsonOption = False,
+    quiet: QuietOption = False,
 ) -> None:
     """Show what a checkpoint holds. Effective rank = exp(entropy of the normalised singular values)."""
     from epcli.jobs.inspect import inspect_file

@@ -2,16 +2,56 @@
 
 from __future__ import annotations
 
+import math
 import re
+from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
 from epcli.errors import UsageError
 
-__all__ = ["parse_size", "Atol", "BatchSize", "CheckpointArg", "DeviceOption", "Dtype", "ForceOption", "JsonOption", "ModelOption", "Rtol", "Samples", "Seed"]
+__all__ = [
+    "parse_size", "Atol", "BatchSize", "CheckpointArg", "DeviceOption", "Dtype", "ForceOption", "JsonOption",
+    "ModelOption", "QuietOption", "Rtol", "Samples", "Seed", "Timeout",
+]
+
+SEED_MAX = 2**64 - 1
+"""The largest seed torch's generator takes."""
+
+
+def _whole_number(minimum: int, maximum: int | None = None) -> Callable[[Any], int]:
+    """A parser that says what the option takes in epcli's words (Typer's would quote its validation library)."""
+    wanted = f"a whole number from {minimum} to {maximum}" if maximum is not None else f"a whole number >= {minimum}"
+
+    def parse(text: Any) -> int:
+        try:
+            value = text if isinstance(text, int) else int(str(text).strip())
+        except ValueError:
+            raise typer.BadParameter(f"expected {wanted}, got {text!r}") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            raise typer.BadParameter(f"expected {wanted}, got {value}")
+        return value
+
+    return parse
+
+
+def _positive_number(*, zero: bool) -> Callable[[Any], float]:
+    wanted = "a finite number >= 0 (e.g. 1e-5)" if zero else "a number of seconds > 0"
+
+    def parse(text: Any) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise typer.BadParameter(f"expected {wanted}, got {text!r}") from None
+        if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
+            raise typer.BadParameter(f"expected {wanted}, got {text!r}")
+        return value
+
+    return parse
+
 
 CheckpointArg = Annotated[
     Path,
@@ -19,11 +59,18 @@ CheckpointArg = Annotated[
         help="Expanded checkpoint written by epcli.save_checkpoint: .pt, .safetensors, or the .safetensors.index.json "
         "of a sharded one.",
         show_default=False,
+        metavar="CKPT",
     ),
 ]
 JsonOption = Annotated[
-    bool, typer.Option("--json", help="Print one JSON document (with schema_version) on stdout; tables go to stderr.")
+    bool,
+    typer.Option(
+        "--json",
+        help="Print one JSON document (with schema_version) on stdout, whatever the outcome (usage errors too); "
+        "the human report goes to stderr.",
+    ),
 ]
+QuietOption = Annotated[bool, typer.Option("-q", "--quiet", help="No human report; errors still go to stderr.")]
 ModelOption = Annotated[
     Optional[str],
     typer.Option(
@@ -34,11 +81,34 @@ ModelOption = Annotated[
     ),
 ]
 ForceOption = Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")]
-Samples = Annotated[int, typer.Option("--samples", min=1, help="Number of random input samples.")]
-BatchSize = Annotated[int, typer.Option("--batch-size", min=1, help="Samples per forward pass.")]
-Seed = Annotated[int, typer.Option("--seed", help="Seed of the input generator (same seed, same inputs).")]
-Atol = Annotated[Optional[float], typer.Option("--atol", min=0.0, help="Absolute tolerance (default: by dtype).", show_default=False)]
-Rtol = Annotated[Optional[float], typer.Option("--rtol", min=0.0, help="Relative tolerance (default: by dtype).", show_default=False)]
+Samples = Annotated[
+    int, typer.Option("--samples", metavar="N", parser=_whole_number(1), help="Number of random input samples.")
+]
+BatchSize = Annotated[
+    int, typer.Option("--batch-size", metavar="B", parser=_whole_number(1), help="Samples per forward pass.")
+]
+Seed = Annotated[
+    int,
+    typer.Option(
+        "--seed", metavar="S", parser=_whole_number(0, SEED_MAX),
+        help="Seed of the input generator (same seed, same inputs).",
+    ),
+]
+Atol = Annotated[
+    Optional[float],
+    typer.Option("--atol", metavar="A", parser=_positive_number(zero=True), help="Absolute tolerance (default: by dtype).", show_default=False),
+]
+Rtol = Annotated[
+    Optional[float],
+    typer.Option("--rtol", metavar="R", parser=_positive_number(zero=True), help="Relative tolerance (default: by dtype).", show_default=False),
+]
+Timeout = Annotated[
+    float,
+    typer.Option(
+        "--timeout", metavar="SECONDS", parser=_positive_number(zero=False),
+        help="Longest time one onnxruntime run (one batch) of an ONNX artifact may take; an ONNX file is untrusted input.",
+    ),
+]
 
 
 DeviceOption = Annotated[

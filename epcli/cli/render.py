@@ -1,14 +1,22 @@
 """The only module that talks to the terminal.
 
-Data goes to stdout (one JSON document with ``--json``); tables, progress and
-messages go to stderr through one rich Console. Rich already follows NO_COLOR
-and drops colour and animation when stderr is not a terminal.
+Three channels. The human report (tables, summaries, "wrote ...") goes to stdout, so
+``epcli inspect x | less`` shows it; with ``--json`` stdout carries the one JSON document
+alone and the report moves to stderr; ``--quiet`` drops the report. Messages (errors,
+warnings) and progress always go to stderr. ``NO_COLOR`` (any non-empty value) turns every
+style off, not only colour; rich drops styles and animation when a stream is not a terminal.
+
+Everything printed goes through :func:`printable` first: file content (a shard name, a
+layer path) can hold control characters, and they are shown escaped, never sent to the
+terminal.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import re
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -19,12 +27,47 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-__all__ = ["JSON_SCHEMA_VERSION", "console", "emit_json", "error", "info", "plain", "progress", "success", "table"]
+__all__ = [
+    "JSON_SCHEMA_VERSION",
+    "configure",
+    "emit_json",
+    "error",
+    "info",
+    "plain",
+    "printable",
+    "progress",
+    "success",
+    "table",
+    "warning",
+]
 
 JSON_SCHEMA_VERSION = 1
 """Version of every ``--json`` document; bumped when a field changes meaning or disappears."""
 
-console = Console(stderr=True, highlight=False, soft_wrap=False)
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200e\u200f\u2028-\u202e\u2066-\u2069]")
+"""C0 (but newline and tab), DEL, C1, and the Unicode controls that reorder or break lines."""
+
+
+def printable(text: str) -> str:
+    """``text`` with every control character shown as an escape (``\\x1b``), so it cannot drive the terminal."""
+    return _CONTROL.sub(lambda match: f"\\x{ord(match.group()):02x}" if ord(match.group()) < 0x100
+                        else f"\\u{ord(match.group()):04x}", text)
+
+
+def _console(*, stderr: bool) -> Console:
+    no_color = bool(os.environ.get("NO_COLOR"))  # https://no-color.org: set and not empty
+    return Console(stderr=stderr, highlight=False, soft_wrap=False, color_system=None if no_color else "auto")
+
+
+_messages = _console(stderr=True)
+_report: Console | None = _console(stderr=False)
+
+
+def configure(*, json_output: bool = False, quiet: bool = False) -> None:
+    """Called once per command, before it prints: where the report goes, and the environment's colour rules."""
+    global _messages, _report
+    _messages = _console(stderr=True)
+    _report = None if quiet else _console(stderr=json_output)
 
 
 def _json_safe(value: Any) -> Any:
@@ -39,20 +82,22 @@ def _json_safe(value: Any) -> Any:
 
 
 def emit_json(command: str, payload: Mapping[str, Any]) -> None:
-    """Write exactly one JSON document to stdout."""
+    """Write exactly one JSON document to stdout (control characters are escaped by the JSON encoder)."""
     document = {"schema_version": JSON_SCHEMA_VERSION, "command": command, **payload}
     sys.stdout.write(json.dumps(_json_safe(document), indent=2, sort_keys=True, allow_nan=False) + "\n")
     sys.stdout.flush()
 
 
 def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], *, footer: Sequence[Any] | None = None) -> None:
-    view = Table(title=title, title_justify="left", show_footer=footer is not None)
+    if _report is None:
+        return
+    view = Table(title=escape(printable(title)), title_justify="left", show_footer=footer is not None)
     for index, name in enumerate(columns):
         numeric = bool(rows) and all(isinstance(row[index], (int, float)) for row in rows)
-        view.add_column(name, justify="right" if numeric else "left", footer="" if footer is None else str(footer[index]))
+        view.add_column(name, justify="right" if numeric else "left", footer="" if footer is None else _cell(footer[index]))
     for row in rows:
         view.add_row(*(_cell(value) for value in row))
-    console.print(view)
+    _report.print(view)
 
 
 def _cell(value: Any) -> str:
@@ -62,24 +107,33 @@ def _cell(value: Any) -> str:
         return "nan" if math.isnan(value) else f"{value:.3g}"
     if isinstance(value, int):
         return f"{value:,}"
-    return escape(str(value))
+    return escape(printable(str(value)))
 
 
 def plain(text: str) -> None:
     """Raw text on stderr: no markup, highlighting or wrapping (tracebacks)."""
-    console.out(text, highlight=False)
+    _messages.out(printable(text), highlight=False)
 
 
 def info(message: str) -> None:
-    console.print(escape(message))
+    """A line of the report."""
+    if _report is not None:
+        _report.print(escape(printable(message)))
 
 
 def success(message: str) -> None:
-    console.print(f"[green]✓[/] {escape(message)}")
+    """The report's last line: what was done."""
+    if _report is not None:
+        _report.print(f"[green]✓[/] {escape(printable(message))}")
+
+
+def warning(message: str) -> None:
+    """Something the user should know that does not stop the command (stderr, also with --quiet)."""
+    _messages.print(f"[yellow]warning:[/] {escape(printable(message))}")
 
 
 def error(message: str) -> None:
-    console.print(f"[red]error:[/] {escape(message)}")
+    _messages.print(f"[red]error:[/] {escape(printable(message))}")
 
 
 @contextmanager
@@ -90,10 +144,10 @@ def progress() -> Iterator[Callable[[int, int, str], None]]:
         BarColumn(),
         TextColumn("{task.completed}/{task.total}"),
         TimeElapsedColumn(),
-        console=console,
+        console=_messages,
         transient=True,
-        disable=not console.is_terminal,
+        disable=not _messages.is_terminal,
     )
     with bar:
         task = bar.add_task("", total=None)
-        yield lambda done, total, label: bar.update(task, completed=done, total=total, description=escape(label))
+        yield lambda done, total, label: bar.update(task, completed=done, total=total, description=escape(printable(label)))

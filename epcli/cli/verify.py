@@ -17,9 +17,11 @@ from epcli.cli.options import (
     Dtype,
     JsonOption,
     ModelOption,
+    QuietOption,
     Rtol,
     Samples,
     Seed,
+    Timeout,
 )
 
 if TYPE_CHECKING:
@@ -37,6 +39,9 @@ alone, and the whole model when its architecture is known.
 Pass rule, per element: |collapsed - expanded| <= atol + rtol * |expanded|.
 Default tolerances: float32 atol=1e-4 rtol=1e-4; float64 atol=1e-10 rtol=1e-9.
 
+An .onnx file is untrusted input: its input and output are checked against the
+checkpoint before it runs, and each run is stopped after --timeout seconds.
+
 Exit codes: 0 all passed, 1 a comparison failed, 2 usage or input error."""
 
 
@@ -46,7 +51,7 @@ def verify_command(
     checkpoint: CheckpointArg,
     artifact: Annotated[
         Optional[Path],
-        typer.Argument(help="Collapsed .safetensors/.pt (or a shard index .safetensors.index.json) or .onnx to check (default: collapse in memory).", show_default=False),
+        typer.Argument(metavar="ARTIFACT", help="Collapsed .safetensors/.pt (or a shard index .safetensors.index.json) or .onnx to check (default: collapse in memory).", show_default=False),
     ] = None,
     atol: Atol = None,
     rtol: Rtol = None,
@@ -56,7 +61,9 @@ def verify_command(
     dtype: Annotated[Dtype, typer.Option("--dtype", help="Precision of the comparison.")] = Dtype.float32,
     device: DeviceOption = "cpu",
     model: ModelOption = None,
+    timeout: Timeout = 60.0,
     json_output: JsonOption = False,
+    quiet: QuietOption = False,
 ) -> None:
     from epcli.jobs.verify import verify_files
     from epcli.verify import VerifySettings
@@ -65,12 +72,17 @@ def verify_command(
         samples=samples, batch_size=batch_size, seed=seed, dtype=dtype.value, atol=atol, rtol=rtol, device=device
     )
     with render.progress() as progress:
-        result = verify_files(checkpoint, artifact, settings, model_factory=model, progress=progress)
+        result = verify_files(checkpoint, artifact, settings, model_factory=model, timeout=timeout, progress=progress)
     render_report(f"Verify {checkpoint.name}", result.report)
     if json_output:
         render.emit_json(
             "verify",
-            {"checkpoint": str(checkpoint), "artifact": None if artifact is None else str(artifact), **report_payload(result.report)},
+            {
+                "checkpoint": str(checkpoint),
+                "artifact": None if artifact is None else str(artifact),
+                "artifact_stale": result.artifact_stale,
+                **report_payload(result.report),
+            },
         )
     if not result.report.passed:
         raise typer.Exit(EXIT_VERIFY_FAILED)
@@ -90,6 +102,8 @@ def report_payload(report: VerifyReport) -> dict[str, Any]:
         "samples": settings.samples,
         "batch_size": settings.batch_size,
         "seed": settings.seed,
+        "model_check_skipped": report.model_check_skipped,
+        "notes": list(report.notes),
         "comparisons": [
             {
                 "name": c.name,
@@ -130,6 +144,10 @@ def render_report(title: str, report: VerifyReport) -> None:
         f"|err| <= {report.tolerance.atol:g} + {report.tolerance.rtol:g}*|expanded|, "
         f"{settings.dtype}, {settings.samples} samples, seed {settings.seed}"
     )
+    for note in report.notes:
+        render.warning(note)
+    if report.model_check_skipped is not None:
+        render.info(f"whole model: not compared ({report.model_check_skipped}); only the EP layers were checked")
     if report.passed:
         render.success(f"all {len(report.comparisons)} comparisons passed ({rule})")
     else:

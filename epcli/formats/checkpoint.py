@@ -30,7 +30,7 @@ from epcli.convert import (
     layer_prefix,
     layer_states,
 )
-from epcli.errors import CheckpointError, ConfigError, EpcliError, ShapeMismatchError
+from epcli.errors import CheckpointError, ConfigError, EpcliError, ShapeMismatchError, UsageError
 from epcli.formats.architecture import build_architecture, collapsed_architecture, describe_architecture, ep_nodes
 from epcli.formats.factory import ModelFactory, build_from_factory
 from epcli.formats.metadata import (
@@ -146,6 +146,12 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike[str], *, input_sha
     each EP layer's input shape. The write is atomic, and identical models give
     byte-identical files.
     """
+    if not isinstance(model, nn.Module):
+        what = "a state_dict" if isinstance(model, Mapping) else f"a {type(model).__name__}"
+        raise UsageError(
+            f"save_checkpoint takes the model (an nn.Module), got {what}; pass the model itself "
+            "(epcli records its architecture and EP layer configs, which a state_dict does not hold)"
+        )
     path = Path(path)
     shape = sample_shape(input_shape)
     layers = find_ep_layers(model)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import threading
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -93,29 +94,63 @@ def onnx_op_types(model: bytes | Path) -> list[str]:
 
 
 class OnnxSession:
-    """An onnxruntime CPU session (all graph optimisations on) used as ``Tensor -> Tensor``."""
+    """An onnxruntime CPU session (all graph optimisations on) used as ``Tensor -> Tensor``.
 
-    def __init__(self, model: bytes | Path) -> None:
+    An ONNX file is untrusted input: every run is bounded by ``timeout`` seconds
+    (onnxruntime's terminate flag, which loops and subgraphs honour too), and every
+    failure is a :class:`CheckpointError` naming the file.
+    """
+
+    def __init__(self, model: bytes | Path, *, timeout: float | None = None) -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.log_severity_level = 3
+        options.log_severity_level = 4  # library code never prints: failures are raised, not logged
         source = model if isinstance(model, bytes) else str(model)
-        where = "the exported ONNX model" if isinstance(model, bytes) else str(model)
+        self.where = where = "the exported ONNX model" if isinstance(model, bytes) else str(model)
+        self.timeout = timeout
         try:
             self._session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
         except Exception as e:
             raise CheckpointError(f"{where}: onnxruntime cannot load it as an ONNX model: {e}") from e
-        inputs = self._session.get_inputs()
+        inputs, outputs = self._session.get_inputs(), self._session.get_outputs()
         if len(inputs) != 1:
             raise CheckpointError(f"{where}: expected a model with one input, found {len(inputs)}")
+        if not outputs:
+            raise CheckpointError(f"{where}: the model has no outputs")
         self.input_name = inputs[0].name
-        self.input_shape = list(inputs[0].shape)
+        self.input_shape: list[int | str | None] = list(inputs[0].shape)
+        self.output_shape: list[int | str | None] | None = None if outputs[0].shape is None else list(outputs[0].shape)
         self.numpy_dtype = {"tensor(float)": "float32", "tensor(double)": "float64"}.get(inputs[0].type)
         if self.numpy_dtype is None:
             raise CheckpointError(f"{where}: unsupported input type {inputs[0].type}; expected float or double")
+        if outputs[0].type not in ("tensor(float)", "tensor(double)"):
+            raise CheckpointError(f"{where}: unsupported output type {outputs[0].type}; expected float or double")
 
     def __call__(self, batch: Tensor) -> Tensor:
+        import onnxruntime as ort
+
         array = batch.detach().cpu().numpy().astype(self.numpy_dtype)
-        return torch.from_numpy(self._session.run(None, {self.input_name: array})[0])
+        options = ort.RunOptions()
+        options.log_severity_level = 4
+        timer = None
+        if self.timeout is not None:
+            timer = threading.Timer(self.timeout, setattr, (options, "terminate", True))
+            timer.daemon = True
+            timer.start()
+        try:
+            result = self._session.run(None, {self.input_name: array}, options)[0]
+        except Exception as e:
+            if options.terminate:
+                raise CheckpointError(
+                    f"{self.where}: one onnxruntime run (a batch of {array.shape[0]}) took longer than {self.timeout:g} s "
+                    "and was stopped; raise --timeout if the model is meant to be that slow"
+                ) from None
+            raise CheckpointError(
+                f"{self.where}: onnxruntime failed on an input of shape {list(array.shape)}: {str(e)[:300]}"
+            ) from e
+        finally:
+            if timer is not None:
+                timer.cancel()
+        return torch.from_numpy(result)

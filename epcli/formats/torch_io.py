@@ -1,16 +1,22 @@
 """``.pt`` files: the torch zip format, read with the weights-only unpickler and nothing else.
 
-The file holds ``{"epcli_metadata": <JSON str>, "state_dict": {name: tensor}}``:
-only tensors, strings and dicts, so ``torch.load(weights_only=True)`` reads it
-and no code from the file ever runs. A pickle that needs any other global is
+An expanded checkpoint holds ``{"epcli_metadata": <JSON str>, "state_dict": {name: tensor}}``.
+A collapsed one is a plain state dict, so it loads into the plain architecture as
+``model.load_state_dict(torch.load(path, weights_only=True))``: an ``OrderedDict``
+``{name: tensor}`` whose metadata travels as the instance attribute ``epcli_metadata``
+(the JSON string; pickled with the dict as torch pickles a state dict's ``_metadata``,
+and ignored by ``load_state_dict``). Both hold only tensors, strings and dicts, so
+``torch.load(weights_only=True)`` reads them and no code from the file ever runs. A pickle that needs any other global is
 refused with :class:`UnsafeCheckpointError`; there is no fallback to the full
 unpickler.
 """
 
 from __future__ import annotations
 
+import json
 import pickle
 import re
+from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -33,8 +39,14 @@ _UNSAFE_HINTS = ("GLOBAL", "allowlist", "unrecognized function", "Can only build
 
 
 def write_pt(f: BinaryIO, metadata: str, tensors: Mapping[str, Tensor]) -> None:
+    content: Any
+    if json.loads(metadata).get("kind") == "collapsed":  # a plain state dict (module docstring)
+        content = OrderedDict(tensors)
+        setattr(content, METADATA_KEY, metadata)
+    else:
+        content = {METADATA_KEY: metadata, STATE_KEY: dict(tensors)}
     # a file object (not a path) keeps the temp file's name out of the archive, so saves are byte-identical
-    torch.save({METADATA_KEY: metadata, STATE_KEY: dict(tensors)}, f)
+    torch.save(content, f)
 
 
 def read_pt(path: Path) -> RawCheckpoint:
@@ -82,6 +94,11 @@ def _brief(error: BaseException | str) -> str:
 
 
 def _unpack(content: Any) -> RawCheckpoint:
+    attached = getattr(content, METADATA_KEY, None) if isinstance(content, OrderedDict) else None
+    if attached is not None:  # a collapsed checkpoint: a plain state dict carrying its metadata
+        if not isinstance(attached, str):
+            raise CheckpointError(f"the state dict's {METADATA_KEY!r} must be a JSON string, got {type(attached).__name__}")
+        content = {METADATA_KEY: attached, STATE_KEY: dict(content)}
     if isinstance(content, dict) and METADATA_KEY in content:
         if set(content) != {METADATA_KEY, STATE_KEY}:
             raise CheckpointError(

@@ -14,7 +14,6 @@ forces it; ``epcli verify`` runs it on any size).
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -38,7 +37,8 @@ from epcli.formats.checkpoint import CheckpointFile, collapsed_layout, collapsed
 from epcli.formats.sharded import is_index, sharded_base
 from epcli.formats.source import TensorInfo
 from epcli.formats.writer import CheckpointWriter, output_files, stale_files
-from epcli.jobs.summary import LayerSummary, summarize_layer
+from epcli.jobs.files import check_name, check_targets, file_sha256, make_parent
+from epcli.jobs.summary import LayerSummary, natural_order, summarize_layer
 from epcli.jobs.verify import ProgressCallback, compare_layer, compare_model
 from epcli.verify import VerifySettings
 
@@ -51,7 +51,6 @@ __all__ = [
     "OutputPlan",
     "collapse_file",
     "default_output",
-    "file_sha256",
     "plan_output",
     "resolve_output",
 ]
@@ -99,49 +98,23 @@ class CollapseResult:
         return self.expanded_params / self.collapsed_params if self.collapsed_params else 1.0
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def default_output(source: Path, file_format: str) -> Path:
     """``<stem>.collapsed.<format>`` beside the source (``<stem>`` of ``<stem>.safetensors.index.json`` too)."""
     base = sharded_base(source) if is_index(source) else source
     return source.with_name(f"{base.stem}.collapsed{OUTPUT_FORMATS[file_format]}")
 
 
-def resolve_output(source: Path, output: Path | None, file_format: str | None, force: bool) -> Path:
-    """Pick the output path; refuse to clobber the source or (without ``force``) an existing file."""
+def resolve_output(source: Path, output: Path | None, file_format: str | None) -> Path:
+    """Pick the output path and check its name (what exists there is checked with the other files it implies)."""
     if file_format is not None and file_format not in OUTPUT_FORMATS:
         raise UsageError(f"--format must be one of {sorted(OUTPUT_FORMATS)}, got {file_format!r}")
     if output is None:
-        output = default_output(source, file_format or "safetensors")
-    elif file_format is not None and output.suffix != OUTPUT_FORMATS[file_format]:
+        return default_output(source, file_format or "safetensors")
+    example = default_output(source, file_format or "safetensors").name
+    check_name(output, OUTPUT_FORMATS.values(), option="-o", example=example)
+    if file_format is not None and output.suffix != OUTPUT_FORMATS[file_format]:
         raise UsageError(f"{output}: the suffix does not match --format {file_format}; use {OUTPUT_FORMATS[file_format]}")
-    if output.suffix not in OUTPUT_FORMATS.values():
-        raise UsageError(f"{output}: unsupported output suffix {output.suffix!r}; use .safetensors or .pt")
-    if not output.parent.is_dir():
-        raise UsageError(f"{output}: directory {output.parent} does not exist; create it or choose another path with -o")
-    _check_targets((output,), (source,), force)
     return output
-
-
-def _check_targets(targets: tuple[Path, ...], sources: tuple[Path, ...], force: bool) -> None:
-    """Every file a write would create, replace or remove: never an input; an existing one only with ``force``."""
-    inputs = {path.resolve() for path in sources}
-    for target in targets:
-        if target.resolve() in inputs:
-            raise UsageError(
-                f"{target}: writing the output would overwrite or remove the source checkpoint; choose another path "
-                "with -o"
-            )
-        if target.is_dir():
-            raise UsageError(f"{target} is a directory; give a file path with -o")
-        if target.exists() and not force:
-            raise UsageError(f"{target} already exists; pass --force to overwrite it")
 
 
 @dataclass(frozen=True)
@@ -162,22 +135,26 @@ def plan_output(
     force: bool = False,
     max_shard_bytes: int | None = None,
 ) -> OutputPlan:
-    """Open ``source`` (no tensor data) and check every file the collapse would create, replace or remove."""
-    output = resolve_output(source, output, file_format, force)
-    if output.suffix != ".safetensors" and max_shard_bytes is not None:
-        raise UsageError(f"{output}: only .safetensors output can be sharded; drop the shard size limit or use .safetensors")
+    """Open ``source`` (no tensor data; the input is checked first) and check every file the collapse would
+    create, replace or remove; then create the output's missing directories."""
     if max_shard_bytes is not None and max_shard_bytes < 1:
         raise UsageError(f"the shard size limit must be at least 1 byte, got {max_shard_bytes}")
     opened = open_checkpoint(source)
     if opened.kind != "expanded":
         raise UsageError(f"{source}: already collapsed; nothing to do")
+    if not opened.ep_layers:
+        raise UsageError(f"{source}: holds no EP layers, so there is nothing to collapse; nothing was written")
+    output = resolve_output(source, output, file_format)
+    if output.suffix != ".safetensors" and max_shard_bytes is not None:
+        raise UsageError(f"{output}: only .safetensors output can be sharded; drop the shard size limit or use .safetensors")
     layout = {
         key: TensorInfo(tuple(meta.shape), meta.dtype)
         for key, meta in collapsed_layout(opened.meta_state(), opened.ep_layers).items()
     }
     shard_limit = max_shard_bytes or (DEFAULT_MAX_SHARD_BYTES if output.suffix == ".safetensors" else None)
     files = output_files(output, layout, shard_limit)
-    _check_targets(files + stale_files(output, files), opened.files, force)
+    check_targets(files + stale_files(output, files), opened.files, force)
+    make_parent(output)
     return OutputPlan(opened, output, layout, shard_limit)
 
 
@@ -213,7 +190,7 @@ def collapse_file(
                 progress(len(layers), len(layers) + 1, "checking the whole model")
             checkpoint = load_checkpoint(source, model_factory=model_factory)
             model_error = compare_model(checkpoint, settings, collapsed_state=kept).max_abs_error
-        provenance = {
+        provenance: dict[str, object] = {
             "source_name": source.name,
             "source_sha256": hashes[source.name],
             "collapsed_by": f"epcli {__version__}",
@@ -225,8 +202,14 @@ def collapse_file(
             provenance["source_files_sha256"] = hashes
         written = writer.commit(collapsed_metadata(opened, provenance))
     return CollapseResult(
-        source, written, writer.files, hashes[source.name], tuple(layers), model_error, skipped
+        source, written, writer.files, hashes[source.name], _in_natural_order(layers), model_error, skipped
     )
+
+
+def _in_natural_order(layers: list[LayerCollapse]) -> tuple[LayerCollapse, ...]:
+    """The file streams layers in key order (``0, 10, 2``); a report lists them as ``0, 2, 10``."""
+    by_path = {layer.summary.path: layer for layer in layers}
+    return tuple(by_path[path] for path in natural_order(by_path))
 
 
 def _model_check_skipped(opened: CheckpointFile, model_check: bool | None, model_factory: str | None) -> str | None:

@@ -15,9 +15,11 @@ from typing import BinaryIO
 from epcli.convert import collapse_model
 from epcli.errors import UsageError
 from epcli.formats.atomic import atomic_write
-from epcli.formats.checkpoint import Checkpoint, load_checkpoint
+from epcli.formats.checkpoint import Checkpoint, load_checkpoint, open_checkpoint
+from epcli.formats.sharded import is_index, sharded_base
 from epcli.formats.onnx_export import DEFAULT_OPSET, OnnxSession, export_onnx_bytes, onnx_op_types
 from epcli.jobs.collapse import CollapseResult, collapse_file, plan_output
+from epcli.jobs.files import check_name, check_targets, make_parent
 from epcli.jobs.verify import ONNX_LABEL, ProgressCallback, verify_checkpoint
 from epcli.verify import VerifyReport, VerifySettings, compare
 
@@ -60,15 +62,19 @@ def export_file(
     """Write the requested artifacts: ONNX first (validated), then the collapsed safetensors."""
     if onnx_path is None and safetensors_path is None:
         raise UsageError("nothing to export: give --onnx OUT.onnx and/or --safetensors OUT.safetensors")
-    if onnx_path is not None:
-        if onnx_path.suffix != ".onnx":
-            raise UsageError(f"{onnx_path}: the ONNX output must end in .onnx")
-        if onnx_path.exists() and not force:
-            raise UsageError(f"{onnx_path} already exists; pass --force to overwrite it")
-        if settings.dtype != "float32":
-            raise UsageError("ONNX export is float32; run with --dtype float32")
-    if safetensors_path is not None:  # every file it would touch is checked before the ONNX export
+    if onnx_path is not None and settings.dtype != "float32":
+        raise UsageError("ONNX export is float32; run with --dtype float32")
+    opened = open_checkpoint(source)  # the input is checked first, without reading its tensors
+    if onnx_path is not None:  # every output is checked (and its directory made) before any export work
+        example = f"{sharded_base(source).stem if is_index(source) else source.stem}.onnx"
+        check_name(onnx_path, (".onnx",), option="--onnx", example=example)
+        check_targets((onnx_path,), opened.files, force)
+    if safetensors_path is not None:
+        if opened.kind != "expanded":
+            raise UsageError(f"{source}: already collapsed; --safetensors has nothing to do (use --onnx)")
         safetensors_path = plan_output(source, safetensors_path, file_format="safetensors", force=force).output
+    if onnx_path is not None:
+        make_parent(onnx_path)
     checkpoint = load_checkpoint(source, model_factory=model_factory)
     onnx = None
     if onnx_path is not None:

@@ -10,7 +10,8 @@ from epcli.convert import collapse_state_dict, collapsed_keys
 from epcli.errors import UsageError
 from epcli.formats.atomic import atomic_write
 from epcli.formats.checkpoint import load_checkpoint
-from epcli.jobs.summary import LayerSummary, Spectrum, spectrum, summarize_layer
+from epcli.jobs.files import check_output
+from epcli.jobs.summary import LayerSummary, Spectrum, natural_order, spectrum, summarize_layer
 
 __all__ = ["LayerInspection", "InspectResult", "inspect_file"]
 
@@ -38,7 +39,7 @@ def inspect_file(
 ) -> InspectResult:
     """Summarise a checkpoint; with ``plot``, also draw the spectra (the path is checked before any work)."""
     if plot is not None:
-        _check_plot_path(plot, force)
+        check_output(plot, (".png",), force=force, option="--plot", example="spectra.png")
     checkpoint = load_checkpoint(path, model_factory=model_factory)
     collapsed = (
         checkpoint.state_dict
@@ -50,7 +51,7 @@ def inspect_file(
             summarize_layer(layer_path, config, checkpoint.layer_input_shapes[layer_path]),
             spectrum(collapsed[collapsed_keys(layer_path)[0]]),
         )
-        for layer_path, config in checkpoint.ep_layers.items()
+        for layer_path, config in ((p, checkpoint.ep_layers[p]) for p in natural_order(checkpoint.ep_layers))
     )
     result = InspectResult(
         path=path,
@@ -65,13 +66,6 @@ def inspect_file(
     if plot is not None:
         _write_spectra_plot(result, plot)
     return result
-
-
-def _check_plot_path(output: Path, force: bool) -> None:
-    if output.suffix.lower() != ".png":
-        raise UsageError(f"{output}: the plot is written as PNG; use a .png path")
-    if output.exists() and not force:
-        raise UsageError(f"{output} already exists; pass --force to overwrite it")
 
 
 def _write_spectra_plot(result: InspectResult, output: Path) -> None:

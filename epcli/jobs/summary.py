@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import math
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -11,7 +14,16 @@ from torch import Tensor
 from epcli.layers import EPConfig, EPConv2dConfig
 from epcli.layers.registry import build_layer, collapsed_has_bias
 
-__all__ = ["LayerSummary", "Spectrum", "summarize_layer", "spectrum"]
+__all__ = ["LayerSummary", "Spectrum", "natural_order", "summarize_layer", "spectrum"]
+
+
+def natural_order(paths: Iterable[str]) -> list[str]:
+    """Layer paths as a reader counts them: ``2`` before ``10`` (files list keys sorted as text: ``0, 10, 2``)."""
+
+    def key(path: str) -> list[int | str]:
+        return [int(part) if odd else part for odd, part in zip(itertools.cycle((False, True)), re.split(r"(\d+)", path))]
+
+    return sorted(paths, key=key)
 
 
 @dataclass(frozen=True)

@@ -8,23 +8,29 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import torch
 from torch import Tensor
 
 from epcli.convert import collapse_model, collapsed_keys, expanded_eval, expanded_layer, layer_states, plain_model
 from epcli.errors import CheckpointError, UsageError
 from epcli.formats.checkpoint import Checkpoint, load_checkpoint
 from epcli.formats.onnx_export import OnnxSession
+from epcli.jobs.files import file_sha256
+from epcli.jobs.summary import natural_order
 from epcli.layers.base import EPLayer
 from epcli.layers.registry import plain_layer
 from epcli.verify import Comparison, VerifyReport, VerifySettings, compare
 
-__all__ = ["ProgressCallback", "VerifyResult", "compare_layer", "compare_model", "verify_checkpoint", "verify_files"]
+__all__ = ["DEFAULT_ONNX_TIMEOUT", "ProgressCallback", "VerifyResult", "compare_layer", "compare_model", "verify_checkpoint", "verify_files"]
 
 ProgressCallback = Callable[[int, int, str], None]
 """``report(done, total, label)``: lets a caller draw progress; library code itself never prints."""
 
 IN_MEMORY = "collapsed in memory"
 ONNX_LABEL = "onnxruntime"
+NO_ARCHITECTURE = "no architecture is embedded and no --model factory was named"
+DEFAULT_ONNX_TIMEOUT = 60.0
+"""Seconds one onnxruntime run (one batch) of an ONNX artifact may take: the file is untrusted input."""
 
 
 @dataclass(frozen=True)
@@ -32,6 +38,7 @@ class VerifyResult:
     checkpoint: Path
     artifact: Path | None
     report: VerifyReport
+    artifact_stale: bool | None = None  # from the artifact's recorded source sha256; None: nothing recorded / no artifact
 
 
 def compare_layer(
@@ -99,7 +106,8 @@ def verify_checkpoint(
     states = layer_states(checkpoint.state_dict, checkpoint.ep_layers)
     total = len(checkpoint.ep_layers) + (checkpoint.model is not None)
     tick = progress or (lambda done, total, label: None)
-    for path, config in checkpoint.ep_layers.items():
+    for path in natural_order(checkpoint.ep_layers):
+        config = checkpoint.ep_layers[path]
         tick(len(comparisons), total, f"checking layer {path}")
         layer = expanded_layer(config, states[path], dtype=settings.torch_dtype, device=settings.torch_device)
         if collapsed_state is None:
@@ -117,7 +125,8 @@ def verify_checkpoint(
             compare_model(checkpoint, settings, collapsed_state=collapsed_state, onnx_session=onnx_session, label=label)
         )
     tick(total, total, "done")
-    return VerifyReport(settings, settings.tolerance, tuple(comparisons))
+    skipped = None if checkpoint.model is not None else NO_ARCHITECTURE
+    return VerifyReport(settings, settings.tolerance, tuple(comparisons), model_check_skipped=skipped)
 
 
 def verify_files(
@@ -126,9 +135,14 @@ def verify_files(
     settings: VerifySettings,
     *,
     model_factory: str | None = None,
+    timeout: float = DEFAULT_ONNX_TIMEOUT,
     progress: ProgressCallback | None = None,
 ) -> VerifyResult:
-    """Load the expanded checkpoint and the artifact (collapsed .safetensors/.pt or .onnx) and compare them."""
+    """Load the expanded checkpoint and the artifact (collapsed .safetensors/.pt or .onnx) and compare them.
+
+    An ONNX artifact is checked against the checkpoint's input (rank, static sizes) before
+    it runs, and each of its runs is bounded by ``timeout`` seconds.
+    """
     checkpoint = load_checkpoint(checkpoint_path, model_factory=model_factory)
     if checkpoint.kind != "expanded":
         raise UsageError(
@@ -137,32 +151,109 @@ def verify_files(
         )
     if artifact_path is None:
         report = verify_checkpoint(checkpoint, settings, progress=progress)
-    elif artifact_path.suffix == ".onnx":
+        return VerifyResult(checkpoint_path, None, report)
+    if artifact_path.suffix == ".onnx":
         if checkpoint.model is None:
             raise UsageError(
                 f"{checkpoint_path}: no architecture is embedded, so the ONNX model cannot be compared; "
                 "name a factory with --model module:function"
             )
-        session = OnnxSession(artifact_path)
-        if isinstance(session.input_shape[0], int):  # exported with --static-batch
-            settings = replace(settings, batch_size=session.input_shape[0])
-        if session.numpy_dtype != settings.dtype:
-            raise UsageError(f"{artifact_path}: the ONNX model takes {session.numpy_dtype}; run with --dtype {session.numpy_dtype}")
+        session = OnnxSession(artifact_path, timeout=timeout)
+        settings = _onnx_settings(session, checkpoint, artifact_path, settings)
         report = verify_checkpoint(checkpoint, settings, onnx_session=session, progress=progress)
-    else:
-        artifact = load_checkpoint(artifact_path)
-        if artifact.kind != "collapsed":
-            raise UsageError(f"{artifact_path}: expected a collapsed checkpoint (from epcli collapse), found an expanded one")
-        if set(artifact.ep_layers) != set(checkpoint.ep_layers):
-            raise CheckpointError(
-                f"{artifact_path}: collapses EP layers {sorted(artifact.ep_layers)}, but {checkpoint_path} has "
-                f"{sorted(checkpoint.ep_layers)}; was it made from this checkpoint?"
-            )
-        report = verify_checkpoint(
-            checkpoint,
-            settings,
-            collapsed_state=artifact.state_dict,
-            label=artifact_path.name,
-            progress=progress,
+        return VerifyResult(checkpoint_path, artifact_path, report)
+    artifact = load_checkpoint(artifact_path)
+    if artifact.kind != "collapsed":
+        raise UsageError(f"{artifact_path}: expected a collapsed checkpoint (from epcli collapse), found an expanded one")
+    stale = _stale_artifact(checkpoint_path, artifact)
+    if set(artifact.ep_layers) != set(checkpoint.ep_layers):
+        raise CheckpointError(
+            f"{artifact_path}: collapses EP layers {natural_order(artifact.ep_layers)}, but {checkpoint_path} has "
+            f"{natural_order(checkpoint.ep_layers)}; " + (stale or "was it made from this checkpoint?")
         )
-    return VerifyResult(checkpoint_path, artifact_path, report)
+    notes = [stale] if stale else []
+    precision = _artifact_precision(checkpoint, artifact, settings)
+    if precision is not None:
+        notes.append(precision)
+    report = verify_checkpoint(
+        checkpoint,
+        settings,
+        collapsed_state=artifact.state_dict,
+        label=artifact_path.name,
+        progress=progress,
+    )
+    recorded = artifact.metadata.get("provenance", {}).get("source_sha256")
+    return VerifyResult(
+        checkpoint_path,
+        artifact_path,
+        replace(report, notes=(*report.notes, *notes)),
+        artifact_stale=None if not isinstance(recorded, str) else stale is not None,
+    )
+
+
+def _stale_artifact(checkpoint_path: Path, artifact: Checkpoint) -> str | None:
+    """A sentence when the artifact records a source sha256 that is not the checkpoint's; None otherwise."""
+    provenance = artifact.metadata.get("provenance")
+    if not isinstance(provenance, dict) or not isinstance(provenance.get("source_sha256"), str):
+        return None
+    recorded = provenance["source_sha256"]
+    actual = file_sha256(checkpoint_path)
+    if recorded == actual:
+        return None
+    name = provenance.get("source_name")
+    made_from = f"{name!r} (sha256 {recorded[:16]}...)" if isinstance(name, str) else f"a file with sha256 {recorded[:16]}..."
+    return (
+        f"{artifact.path} is stale: it was collapsed from {made_from}, not from {checkpoint_path} "
+        f"(sha256 {actual[:16]}...); collapse this checkpoint again"
+    )
+
+
+def _artifact_precision(checkpoint: Checkpoint, artifact: Checkpoint, settings: VerifySettings) -> str | None:
+    """A float64 check of float32 weights measures float32 rounding: refuse at float64's default tolerances,
+    say so when the tolerances were given."""
+    weights = [artifact.state_dict[collapsed_keys(path)[0]] for path in checkpoint.ep_layers]
+    coarse = sorted({str(w.dtype).removeprefix("torch.") for w in weights if torch.finfo(w.dtype).eps > torch.finfo(settings.torch_dtype).eps})
+    if not coarse:
+        return None
+    stored = "/".join(coarse)
+    if settings.atol is None and settings.rtol is None:
+        raise UsageError(
+            f"{artifact.path}: stores its collapsed weights in {stored}, so a {settings.dtype} comparison is bounded by "
+            f"{stored} precision and cannot meet the {settings.dtype} default tolerances; run with --dtype {coarse[0]}, "
+            f"or give --atol/--rtol to compare in {settings.dtype} at {stored} precision"
+        )
+    return f"{artifact.path} stores {stored} weights: the {settings.dtype} comparison is bounded by {stored} precision"
+
+
+def _onnx_settings(session: OnnxSession, checkpoint: Checkpoint, artifact_path: Path, settings: VerifySettings) -> VerifySettings:
+    """Check the ONNX model's input and output against the checkpoint before anything runs; a static batch sets
+    the batch size."""
+    expected = [None, *checkpoint.input_shape]
+    shape = session.input_shape
+    if session.numpy_dtype != settings.dtype:
+        raise UsageError(f"{artifact_path}: the ONNX model takes {session.numpy_dtype}; run with --dtype {session.numpy_dtype}")
+    mismatch = len(shape) != len(expected) or any(
+        isinstance(got, int) and want is not None and got != want for got, want in zip(shape, expected)
+    )
+    if mismatch:
+        raise CheckpointError(
+            f"{artifact_path}: the ONNX model's input {session.input_name!r} has shape {shape}, but {checkpoint.path} "
+            f"takes [batch, {', '.join(map(str, checkpoint.input_shape))}]: the ONNX file does not match the "
+            "checkpoint's inputs (was it exported from another model?)"
+        )
+    batch = shape[0]
+    if isinstance(batch, int) and batch < 1:
+        raise CheckpointError(f"{artifact_path}: the ONNX model's input has a static batch size of {batch}; it takes no data")
+    assert checkpoint.model is not None
+    with torch.no_grad():
+        reference = checkpoint.model(torch.zeros((1, *checkpoint.input_shape)))
+    out = session.output_shape
+    if out is not None and (
+        len(out) != reference.dim()
+        or any(isinstance(got, int) and got != want for got, want in zip(out[1:], reference.shape[1:]))
+    ):
+        raise CheckpointError(
+            f"{artifact_path}: the ONNX model's output has shape {out}, but {checkpoint.path}'s model gives "
+            f"[batch, {', '.join(map(str, reference.shape[1:]))}]: the ONNX file does not match the checkpoint"
+        )
+    return replace(settings, batch_size=batch) if isinstance(batch, int) else settings

@@ -104,6 +104,7 @@ SUBPROCESS_CASES = [
 SUBPROCESS_USAGE = {
     "unknown-option": ["collapse", "{good}", "--no-such-option"],
     "samples-0": ["verify", "{good}", "--samples", "0"],
+    "seed-2**70": ["verify", "{good}", "--seed", str(2**70)],
 }
 
 
@@ -119,6 +120,11 @@ def subprocess_runs(bad, run_epcli_many) -> dict[str, object]:
     planned["version"] = (["--version"], None)
     # stderr is a pipe (not a terminal) and NO_COLOR is unset: still no escape codes
     planned["no-tty-colour"] = (["verify", bad.good, "--samples", "4"], {"NO_COLOR": None})
+    planned["report:inspect"] = (["inspect", bad.good], None)
+    planned["report:json"] = (["verify", bad.good, "--samples", "4", "--json"], None)
+    planned["report:quiet"] = (["verify", bad.good, "--samples", "4", "-q"], None)
+    planned["report:quiet-error"] = (["inspect", bad.files["missing"], "--quiet"], None)
+    planned["json-usage"] = (["verify", bad.good, "--json", "--atol", "-1"], None)
     runs = run_epcli_many([argv for argv, _ in planned.values()], envs=[env for _, env in planned.values()])
     return dict(zip(planned, runs))
 
@@ -141,6 +147,18 @@ def test_subprocess_usage_error_exits_2(key, subprocess_runs):
     assert run.returncode == 2, run.describe()
     assert "Traceback" not in run.stderr and run.stdout == ""
     assert "Usage" in run.stderr or "usage" in run.stderr
+    assert "unexpected" not in run.stderr and "Input should" not in run.stderr, "epcli's words, not pydantic's"
+
+
+def test_subprocess_usage_error_with_json_is_one_document(subprocess_runs, json_doc):
+    """Usage errors happen before the command body: ``--json`` still means one JSON document on stdout."""
+    run = subprocess_runs["json-usage"]
+
+    assert run.returncode == 2, run.describe()
+    document = json_doc(run.stdout)
+    assert document["passed"] is False and document["command"] == "verify"
+    assert document["error"]["type"] == "UsageError" and "--atol" in document["error"]["message"]
+    assert "Usage" in run.stderr and "--atol" in run.stderr
 
 
 def test_epcli_debug_shows_the_traceback(bad, subprocess_runs, flat):
@@ -284,12 +302,29 @@ def test_every_command_has_help(command, invoke):
 
 
 # ---- streams ---------------------------------------------------------------------------------
-def test_non_json_runs_leave_stdout_empty(bad, invoke):
-    for argv in (["verify", bad.good, "--samples", "4"], ["inspect", bad.good]):
-        run = invoke(*argv)
-        assert run.returncode == 0, run.describe()
-        assert run.stdout == "", f"{argv[0]} printed on stdout without --json: {run.stdout[:200]!r}"
-        assert run.stderr.strip(), "the table goes to stderr"
+def test_report_goes_to_stdout_messages_to_stderr(subprocess_runs):
+    """``epcli inspect x | less`` shows the report: the human report is stdout's, stderr stays for messages."""
+    run = subprocess_runs["report:inspect"]
+
+    assert run.returncode == 0, run.describe()
+    assert "EP layers" in run.stdout and "erank" in run.stdout, run.describe()
+    assert run.stderr == "", run.describe()
+
+
+def test_json_keeps_stdout_for_the_document_and_the_report_on_stderr(subprocess_runs, json_doc):
+    run = subprocess_runs["report:json"]
+
+    assert run.returncode == 0, run.describe()
+    assert json_doc(run.stdout)["passed"] is True
+    assert "comparisons passed" in run.stderr, "with --json the human report moves to stderr"
+
+
+def test_quiet_prints_no_report_but_errors(subprocess_runs, bad, flat):
+    quiet, failing = subprocess_runs["report:quiet"], subprocess_runs["report:quiet-error"]
+
+    assert quiet.returncode == 0 and quiet.stdout == "" and quiet.stderr == "", quiet.describe()
+    assert failing.returncode == 2 and failing.stdout == "", failing.describe()
+    assert str(bad.files["missing"]) in flat(failing.stderr)
 
 
 # ---- colour on a terminal --------------------------------------------------------------------
@@ -308,13 +343,17 @@ def _colour_codes(text: str) -> list[str]:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs a pseudo-terminal")
 def test_no_color_is_respected_on_a_terminal(bad, run_on_terminal):
-    returncode, stderr = run_on_terminal(["verify", bad.good, "--samples", "4"], {"NO_COLOR": "1", "TERM": "xterm-256color"})
+    """NO_COLOR turns off every style (bold too), not only colour. The report goes to stdout, so ``--json``
+    puts it on stderr, the terminal here."""
+    argv = ["verify", bad.good, "--samples", "4", "--json"]
+    styled_code, styled = run_on_terminal(argv, {"NO_COLOR": None, "TERM": "xterm-256color"})
+    returncode, stderr = run_on_terminal(argv, {"NO_COLOR": "1", "TERM": "xterm-256color"})
 
-    assert returncode == 0, stderr
-    # sanity: the pseudo-terminal is seen as a terminal (styles such as bold are still drawn) ...
-    assert re.search(r"\x1b\[[0-9;]*m", stderr), f"no styling at all: is stderr seen as a terminal? {stderr!r}"
-    # ... but NO_COLOR removes every colour
-    assert _colour_codes(stderr) == [], f"colour despite NO_COLOR: {stderr!r}"
+    assert styled_code == 0 and returncode == 0, stderr
+    # sanity: without NO_COLOR the pseudo-terminal is seen as a terminal and styled ...
+    assert _colour_codes(styled), f"no colour without NO_COLOR: is stderr seen as a terminal? {styled!r}"
+    # ... and with it, no style sequence at all
+    assert not re.search(r"\x1b\[[0-9;]*m", stderr), f"styles despite NO_COLOR: {stderr!r}"
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs a pseudo-terminal")
