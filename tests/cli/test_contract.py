@@ -1,0 +1,369 @@
+"""The CLI contract a CI step relies on (issue 11): outputs, messages, order, and what verify says it checked.
+
+In-process runs (``invoke``) where the behaviour does not depend on the process; the
+stdout/stderr split, exit codes and environment are checked with subprocesses in
+``test_cli_behaviour.py``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import epcli
+from epcli.cli.render import printable
+
+UNEXPECTED = "unexpected"
+
+
+def _input_error(run, *named: Path | str) -> str:
+    """Exit 2, one message on stderr naming every ``named``, never an "unexpected" error; returns stderr as one line."""
+    assert run.returncode == 2, run.describe()
+    assert isinstance(run.exception, SystemExit), repr(run.exception)
+    text = run.stderr.replace("\n", "")
+    assert UNEXPECTED not in text, run.describe()
+    for item in named:
+        assert str(item) in text, f"the message does not name {item}:\n{run.stderr}"
+    return text
+
+
+# ---- outputs ---------------------------------------------------------------------------------
+def test_missing_output_directories_are_created(samples, artifacts, invoke, monkeypatch):
+    """The README's own CI step: ``-o dist/model.safetensors`` into a fresh checkout.
+
+    (The torch exporter is replaced by the bytes it gave for this sample, to keep the test fast;
+    onnxruntime still validates them against the torch model.)
+    """
+    import epcli.jobs.export as export_job
+
+    monkeypatch.setattr(export_job, "export_onnx_bytes", lambda *a, **k: artifacts.onnx["digits_mlp"].read_bytes())
+    collapsed = samples.dir / "dist" / "model.safetensors"
+    onnx_path = samples.dir / "deploy" / "onnx" / "model.onnx"
+    exported = samples.dir / "deploy" / "st" / "model.safetensors"
+    plot = samples.dir / "plots" / "spectra.png"
+
+    runs = [
+        invoke("collapse", samples.mlp, "-o", collapsed, "-q"),
+        invoke("export", samples.mlp, "--onnx", onnx_path, "--safetensors", exported, "--samples", "8", "-q"),
+        invoke("inspect", samples.mlp, "--plot", plot, "-q"),
+    ]
+
+    for run in runs:
+        assert run.returncode == 0, run.describe()
+    for path in (collapsed, onnx_path, exported, plot):
+        assert path.is_file() and path.stat().st_size > 0, path
+    assert epcli.load_checkpoint(collapsed).kind == "collapsed"
+
+
+@pytest.mark.parametrize("case", ["exists", "suffix", "directory", "parent-is-a-file"])
+def test_export_output_problems_are_found_before_any_export_work(case, samples, invoke, monkeypatch):
+    import epcli.jobs.export as export_job
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the export ran before the output path was checked")
+
+    monkeypatch.setattr(export_job, "load_checkpoint", no_work)
+    monkeypatch.setattr(export_job, "export_onnx_bytes", no_work)
+    target = {
+        "exists": samples.dir / "taken.onnx",
+        "suffix": samples.dir / "model.txt",
+        "directory": samples.dir / "adir",
+        "parent-is-a-file": samples.dir / "afile" / "model.onnx",
+    }[case]
+    if case == "exists":
+        target.write_bytes(b"keep me")
+    elif case == "directory":
+        target.mkdir()
+    elif case == "parent-is-a-file":
+        target.parent.write_bytes(b"")
+
+    run = invoke("export", samples.mlp, "--onnx", target)
+
+    text = _input_error(run, target)
+    assert {"exists": "--force", "suffix": ".onnx", "directory": "is a directory", "parent-is-a-file": "directory"}[case] in text
+    if case == "exists":
+        assert target.read_bytes() == b"keep me"
+
+
+def test_output_that_is_a_directory_is_named_as_such(samples, invoke):
+    (samples.dir / "adir").mkdir()
+
+    text = _input_error(invoke("collapse", samples.mlp, "-o", samples.dir / "adir"), samples.dir / "adir")
+
+    assert "is a directory" in text and "digits_mlp.collapsed.safetensors" in text, "suggests a file name"
+
+
+def test_input_is_checked_before_the_output(samples, invoke):
+    """``collapse mlp.onnx`` (with mlp.collapsed.safetensors present) is about the input's suffix."""
+    wrong = samples.dir / "mlp.onnx"
+    wrong.write_bytes(samples.mlp.read_bytes())
+    (samples.dir / "mlp.collapsed.safetensors").write_bytes(b"an earlier output")
+
+    text = _input_error(invoke("collapse", wrong), wrong)
+
+    assert ".onnx" in text and "already exists" not in text
+
+
+def test_collapse_of_a_directory_is_an_input_error(samples, invoke, monkeypatch):
+    monkeypatch.chdir(samples.dir)
+
+    text = _input_error(invoke("collapse", "."))
+
+    assert "directory" in text and "empty name" not in text
+
+
+def test_checkpoint_without_ep_layers_has_nothing_to_collapse(tmp_path, invoke):
+    plain = epcli.save_checkpoint(nn.Sequential(nn.Linear(4, 3), nn.ReLU()), tmp_path / "plain.safetensors",
+                                  input_shape=(4,))
+    before = sorted(tmp_path.iterdir())
+
+    text = _input_error(invoke("collapse", plain), plain)
+
+    assert "nothing to collapse" in text
+    assert sorted(tmp_path.iterdir()) == before, "nothing is written"
+
+
+def test_collapsed_pt_is_a_plain_state_dict(samples, invoke):
+    """``--format pt`` loads with torch.load(weights_only=True) + strict load_state_dict into the plain model."""
+    out = samples.dir / "plain.pt"
+    assert invoke("collapse", samples.mlp, "-o", out, "-q").returncode == 0
+    source = epcli.load_checkpoint(samples.mlp)
+    plain = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Dropout(0.1), nn.Linear(64, 10)).eval()  # by hand
+
+    state = torch.load(out, weights_only=True)
+    plain.load_state_dict(state)
+
+    assert isinstance(state, OrderedDict) and set(state) == {"0.weight", "0.bias", "3.weight", "3.bias"}
+    x = torch.randn(16, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), source.model(x), atol=1e-4, rtol=1e-4)
+    assert epcli.load_checkpoint(out).kind == "collapsed", "epcli still reads its metadata"
+
+
+# ---- order -----------------------------------------------------------------------------------
+@pytest.fixture
+def twelve_layers(tmp_path) -> Path:
+    torch.manual_seed(0)
+    model = nn.Sequential(*[epcli.EPLinear(3, 3, depth=2) for _ in range(12)]).eval()
+    return epcli.save_checkpoint(model, tmp_path / "deep.safetensors", input_shape=(3,))
+
+
+def test_layers_are_listed_in_natural_order(twelve_layers, invoke, json_doc):
+    natural = [str(i) for i in range(12)]
+    out = twelve_layers.with_name("deep.out.safetensors")
+
+    collapse = json_doc(invoke("collapse", twelve_layers, "-o", out, "--json").stdout)
+    verify = json_doc(invoke("verify", twelve_layers, "--samples", "4", "--json").stdout)
+    inspect = json_doc(invoke("inspect", twelve_layers, "--json").stdout)
+    table = invoke("inspect", twelve_layers).stdout
+
+    assert [layer["path"] for layer in collapse["layers"]] == natural
+    assert [c["name"] for c in verify["comparisons"]] == [*natural, "<model>"]
+    assert [layer["path"] for layer in inspect["layers"]] == natural
+    rows = [line.split("│")[1].strip() for line in table.splitlines() if line.startswith("│")]
+    assert rows == natural
+
+
+# ---- what verify says it checked ---------------------------------------------------------------
+def test_verify_says_when_the_whole_model_was_not_compared(custom_model, invoke, json_doc):
+    """No architecture and no --model: layers only, and the report says so (table and JSON)."""
+    document = json_doc(invoke("verify", custom_model.path, "--samples", "8", "--json").stdout)
+    table = invoke("verify", custom_model.path, "--samples", "8")
+
+    assert document["passed"] is True
+    assert [c["scope"] for c in document["comparisons"]] == ["layer"]
+    assert "no architecture" in document["model_check_skipped"]
+    assert "whole model: not compared" in table.stdout.replace("\n", " "), table.describe()
+    with_factory = json_doc(invoke("verify", custom_model.path, "--samples", "8", "--model", custom_model.factory,
+                                   "--json").stdout)
+    assert with_factory["model_check_skipped"] is None
+
+
+def test_stale_artifact_is_named_from_its_recorded_source(samples, invoke, json_doc, tmp_path):
+    artifact = samples.dir / "mlp.collapsed.safetensors"
+    assert invoke("collapse", samples.mlp, "-o", artifact, "-q").returncode == 0
+    model = epcli.load_checkpoint(samples.mlp).model
+    with torch.no_grad():
+        model[3].layer_dict["1"][0].weight.add_(0.05)  # retrained: same layers, other weights
+    retrained = epcli.save_checkpoint(model, tmp_path / "retrained.pt", input_shape=(64,))
+
+    stale = invoke("verify", retrained, artifact, "--samples", "8", "--json")
+    fresh = json_doc(invoke("verify", samples.mlp, artifact, "--samples", "8", "--json").stdout)
+
+    assert stale.returncode == 1, stale.describe()
+    document = json_doc(stale.stdout)
+    assert document["artifact_stale"] is True
+    assert any("stale" in note and "digits_mlp.pt" in note for note in document["notes"]), document["notes"]
+    assert "stale" in stale.stderr and str(artifact) in stale.stderr.replace("\n", "")
+    assert fresh["artifact_stale"] is False and fresh["notes"] == []
+
+
+def test_float64_check_of_a_float32_artifact_is_explained(artifacts, invoke, json_doc):
+    source, artifact = artifacts.sources["digits_mlp"], artifacts.collapsed["digits_mlp"]
+
+    refused = invoke("verify", source, artifact, "--dtype", "float64", "--samples", "8")
+    bounded = invoke("verify", source, artifact, "--dtype", "float64", "--atol", "1e-4", "--rtol", "1e-4",
+                     "--samples", "8", "--json")
+
+    text = _input_error(refused, artifact)
+    assert "float32" in text and "--dtype float32" in text
+    assert bounded.returncode == 0, bounded.describe()
+    assert any("float32 precision" in note for note in json_doc(bounded.stdout)["notes"])
+
+
+# ---- messages --------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--samples", "0"], "whole number >= 1"),
+        (["--samples", "many"], "whole number >= 1"),
+        (["--batch-size", "1.5"], "whole number >= 1"),
+        (["--seed", str(2**70)], f"from 0 to {2**64 - 1}"),
+        (["--atol", "-1"], "finite number >= 0"),
+        (["--rtol", "nan"], "finite number >= 0"),
+        (["--timeout", "0"], "seconds > 0"),
+    ],
+)
+def test_option_values_are_checked_in_epclis_words(argv, words, bad_good_path, invoke, json_doc):
+    run = invoke("verify", bad_good_path, *argv, "--json")
+
+    assert run.returncode == 2, run.describe()
+    assert words in run.stderr.replace("\n", " ") and "Input should" not in run.stderr
+    document = json_doc(run.stdout)
+    assert document["error"]["type"] == "UsageError" and words in document["error"]["message"]
+
+
+@pytest.fixture(scope="module")
+def bad_good_path() -> Path:
+    return Path(__file__).resolve().parents[2] / "sample_checkpoints" / "digits_mlp.pt"
+
+
+@pytest.mark.parametrize(
+    "argv", [["--bogus", "--json"], ["verify", "--json"], ["nosuch", "--json"], ["inspect", "--json", "x.pt", "--plot"]]
+)
+def test_every_usage_error_with_json_is_one_document(argv, invoke, json_doc):
+    run = invoke(*argv)
+
+    assert run.returncode == 2, run.describe()
+    assert json_doc(run.stdout)["error"]["type"] == "UsageError"
+
+
+def test_usage_lines_have_no_braces(invoke):
+    for command, usage in (("collapse", "CKPT"), ("verify", "CKPT [ARTIFACT]"), ("inspect", "CKPT")):
+        run = invoke(command, "--help")
+        assert f"Usage: epcli {command} [OPTIONS] {usage}" in run.stdout, run.stdout[:300]
+        assert "{" not in run.stdout.splitlines()[0]
+
+
+def test_shell_completion_is_available(invoke):
+    run = invoke("--show-completion", "bash")
+
+    assert run.returncode == 0, run.describe()
+    assert "_EPCLI_COMPLETE" in run.stdout
+    assert "--install-completion" in invoke("--help").stdout
+
+
+def test_control_characters_never_reach_the_terminal(tmp_path, invoke):
+    """A name from a file (here the checkpoint's own name) holding escape sequences is shown escaped."""
+    hostile = tmp_path / "x\x1b[2J\x1b]0;owned\x07\r\x9b.pt"
+
+    run = invoke("inspect", hostile)
+
+    assert run.returncode == 2, run.describe()
+    for control in ("\x1b", "\x07", "\r", "\x9b"):
+        assert control not in run.stderr, repr(run.stderr)
+    assert "\\x1b[2J" in run.stderr
+
+
+def test_printable_escapes_every_control_but_newline_and_tab():
+    controls = [chr(c) for c in [*range(0x20), 0x7F, *range(0x80, 0xA0), 0x202E, 0x2066] if chr(c) not in "\n\t"]
+
+    shown = printable("".join(controls) + "a\nb\tc é ✓")
+
+    assert not any(c in shown for c in controls)
+    assert shown.endswith("a\nb\tc é ✓") and "\\x1b" in shown and "\\u202e" in shown
+
+
+def test_save_checkpoint_of_a_state_dict_says_to_pass_the_model(tmp_path):
+    model = nn.Sequential(epcli.EPLinear(4, 4, depth=2))
+
+    with pytest.raises(epcli.EpcliError, match="pass the model"):
+        epcli.save_checkpoint(model.state_dict(), tmp_path / "x.safetensors", input_shape=(4,))
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+# ---- ONNX artifacts are untrusted ----------------------------------------------------------------
+def _onnx_file(path: Path, *, input_shape, output_shape=("batch", 10), loop_trips: int | None = None) -> Path:
+    """A small hand-built ONNX model: Identity (or a Loop doubling its input ``loop_trips`` times)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    initializers = []
+    if loop_trips is None:
+        nodes = [helper.make_node("Identity", ["input"], ["output"])]
+    else:
+        body = helper.make_graph(
+            [helper.make_node("Identity", ["cond_in"], ["cond_out"]), helper.make_node("Add", ["x_in", "x_in"], ["x_out"])],
+            "body",
+            [helper.make_tensor_value_info("iter", TensorProto.INT64, []),
+             helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+             helper.make_tensor_value_info("x_in", TensorProto.FLOAT, None)],
+            [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+             helper.make_tensor_value_info("x_out", TensorProto.FLOAT, None)],
+        )
+        nodes = [helper.make_node("Loop", ["trips", "cond", "input"], ["output"], body=body)]
+        initializers = [helper.make_tensor("trips", TensorProto.INT64, [], [loop_trips]),
+                        helper.make_tensor("cond", TensorProto.BOOL, [], [True])]
+    graph = helper.make_graph(
+        nodes, "hostile",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, list(input_shape))],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, None if output_shape is None else list(output_shape))],
+        initializer=initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.mark.parametrize(
+    "case, words",
+    [
+        ("scalar-input", "does not match"),
+        ("static-batch-0", "batch size of 0"),
+        ("wrong-features", "does not match"),
+        ("wrong-output", "output"),
+        ("another-models-onnx", "does not match"),
+    ],
+)
+def test_onnx_artifact_that_does_not_fit_the_checkpoint(case, words, artifacts, tmp_path, invoke):
+    checkpoint = artifacts.sources["digits_mlp"]
+    onnx_path = {
+        "scalar-input": lambda: _onnx_file(tmp_path / "scalar.onnx", input_shape=[]),
+        "static-batch-0": lambda: _onnx_file(tmp_path / "zero.onnx", input_shape=[0, 64]),
+        "wrong-features": lambda: _onnx_file(tmp_path / "wide.onnx", input_shape=["batch", 65]),
+        "wrong-output": lambda: _onnx_file(tmp_path / "out.onnx", input_shape=["batch", 64], output_shape=["batch", 64]),
+        "another-models-onnx": lambda: artifacts.onnx["digits_cnn"],
+    }[case]()
+
+    text = _input_error(invoke("verify", checkpoint, onnx_path, "--samples", "4"), onnx_path)
+
+    assert words in text
+    if case == "another-models-onnx":
+        assert str(checkpoint) in text, "names both files"
+
+
+def test_onnx_artifact_that_never_returns_is_stopped(artifacts, tmp_path, invoke):
+    looping = _onnx_file(tmp_path / "loop.onnx", input_shape=["batch", 64], loop_trips=10**15)
+    started = time.monotonic()
+
+    run = invoke("verify", artifacts.sources["digits_mlp"], looping, "--samples", "4", "--timeout", "0.5")
+
+    elapsed = time.monotonic() - started
+    text = _input_error(run, looping)
+    assert "--timeout" in text and elapsed < 30, elapsed
