@@ -43,16 +43,16 @@ def test_subprocess_collapse_writes_default_output_and_table(samples, run_epcli,
     assert run.returncode == 0, run.describe()
     output = samples.dir / "digits_mlp.collapsed.safetensors"
     assert output.is_file(), f"default output <stem>.collapsed.safetensors missing beside the source: {run.describe()}"
-    assert run.stdout == "", "a non-JSON collapse documents nothing on stdout; the table belongs on stderr"
-    assert "\x1b" not in run.stderr and "Traceback" not in run.stderr
+    assert run.stderr == "", "the report is stdout's; stderr is for errors, warnings and progress"
+    assert "\x1b" not in run.stdout and "Traceback" not in run.stdout
     facts = _expected_layer_facts(samples.mlp)
     for fact in facts.values():
-        assert f"{fact['expanded_params']:,}" in run.stderr and f"{fact['collapsed_params']:,}" in run.stderr
-        assert fact["type"] in run.stderr
+        assert f"{fact['expanded_params']:,}" in run.stdout and f"{fact['collapsed_params']:,}" in run.stdout
+        assert fact["type"] in run.stdout
     total_expanded = sum(f["expanded_params"] for f in facts.values())
     total_collapsed = sum(f["collapsed_params"] for f in facts.values())
-    assert f"{total_expanded:,}" in run.stderr and f"{total_collapsed:,}" in run.stderr, run.stderr
-    assert f"{total_expanded / total_collapsed:.2f}x" in run.stderr, "the compression ratio is shown"
+    assert f"{total_expanded:,}" in run.stdout and f"{total_collapsed:,}" in run.stdout, run.stdout
+    assert f"{total_expanded / total_collapsed:.2f}x" in run.stdout, "the compression ratio is shown"
     assert epcli.load_checkpoint(output).kind == "collapsed"
     # only the output is new: no temp files left behind
     assert sorted(p.name for p in samples.dir.iterdir()) == sorted(

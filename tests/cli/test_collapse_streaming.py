@@ -133,7 +133,7 @@ def _read_output(path: Path) -> dict[str, Tensor]:
         return _read_shard_set(path)[0]
     if path.suffix == ".safetensors":
         return load_file(str(path))
-    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    return dict(torch.load(path, map_location="cpu", weights_only=True))  # a collapsed .pt is a plain state dict
 
 
 def _reference(source: Path) -> dict[str, Tensor]:
@@ -694,16 +694,27 @@ def test_progress_reports_each_layer(mixed, tmp_path, model_check):
 @pytest.mark.parametrize(
     ("suffix", "sharded"), [(".pt", False), (".safetensors", False), (".safetensors", True)], ids=["pt", "single", "sharded"]
 )
-def test_output_in_a_missing_directory_is_a_clean_error(mixed, tmp_path, invoke, flat, suffix, sharded):
-    output = tmp_path / "missing" / f"out{suffix}"
+def test_output_in_a_missing_directory_is_created(mixed, tmp_path, invoke, suffix, sharded):
+    output = tmp_path / "missing" / "deeper" / f"out{suffix}"
 
     run = invoke("collapse", mixed, "-o", output, *(["--max-shard-size", "1"] if sharded else []))
+
+    assert run.returncode == 0, run.describe()
+    written = output.with_name(f"{output.stem}{INDEX_SUFFIX}") if sharded else output
+    assert written.is_file()
+    _assert_same_state(_read_output(written), _reference(mixed))
+
+
+def test_output_under_a_file_is_a_clean_error(mixed, tmp_path, invoke, flat):
+    (tmp_path / "afile").write_bytes(b"")
+    output = tmp_path / "afile" / "out.safetensors"
+
+    run = invoke("collapse", mixed, "-o", output)
 
     assert run.returncode == 2, run.describe()
     message = flat(run.stderr)
     assert "unexpected" not in message and "Traceback" not in message, message
-    assert "does not exist" in message and str(tmp_path / "missing") in message, message
-    assert not (tmp_path / "missing").exists()
+    assert "cannot create its directory" in message and str(output) in message, message
 
 
 @pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root writes into read-only directories")
@@ -729,9 +740,9 @@ def test_human_output_in_a_real_process(mixed, tmp_path, run_epcli, flat):
     run = run_epcli("collapse", mixed, "-o", output, "--max-shard-size", "1", "--no-model-check")
 
     assert run.returncode == 0, run.describe()
-    assert run.stdout == ""
-    text = flat(run.stderr)
-    assert "not checked" in text and "--no-model-check" in text, run.stderr
+    assert run.stderr == "", "the report is stdout's"
+    text = flat(run.stdout)
+    assert "not checked" in text and "--no-model-check" in text, run.stdout
     shards = len(_reference(mixed))  # one tensor per shard
-    assert f"and {shards} shards" in text, run.stderr
-    assert "Traceback" not in run.stderr and "\x1b" not in run.stderr
+    assert f"and {shards} shards" in text, run.stdout
+    assert "Traceback" not in run.stdout and "\x1b" not in run.stdout
