@@ -245,8 +245,9 @@ def _onnx_settings(session: OnnxSession, checkpoint: Checkpoint, artifact_path: 
     if isinstance(batch, int) and batch < 1:
         raise CheckpointError(f"{artifact_path}: the ONNX model's input has a static batch size of {batch}; it takes no data")
     assert checkpoint.model is not None
+    dtype = next((p.dtype for p in checkpoint.model.parameters()), torch.float32)
     with torch.no_grad():
-        reference = checkpoint.model(torch.zeros((1, *checkpoint.input_shape)))
+        reference = checkpoint.model(torch.zeros((1, *checkpoint.input_shape), dtype=dtype))
     out = session.output_shape
     if out is not None and (
         len(out) != reference.dim()

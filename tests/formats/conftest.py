@@ -111,7 +111,10 @@ def _rewrite(
         tensors = load_file(str(path))
     else:
         content = torch.load(path, weights_only=True)
-        text, tensors = content["epcli_metadata"], content["state_dict"]
+        if "epcli_metadata" in content:
+            text, tensors = content["epcli_metadata"], content["state_dict"]
+        else:  # a collapsed .pt is a plain state dict carrying its metadata as an attribute
+            text, tensors = content.epcli_metadata, dict(content)
     document = json.loads(text)
     if metadata is not None:
         metadata(document)
