@@ -257,4 +257,10 @@ def _onnx_settings(session: OnnxSession, checkpoint: Checkpoint, artifact_path: 
             f"{artifact_path}: the ONNX model's output has shape {out}, but {checkpoint.path}'s model gives "
             f"[batch, {', '.join(map(str, reference.shape[1:]))}]: the ONNX file does not match the checkpoint"
         )
-    return replace(settings, batch_size=batch) if isinstance(batch, int) else settings
+    if not isinstance(batch, int):
+        return settings
+    if settings.samples % batch:
+        raise UsageError(
+            f"{artifact_path}: the ONNX model takes batches of exactly {batch}; give --samples as a multiple of {batch}"
+        )
+    return replace(settings, batch_size=batch)

@@ -336,6 +336,7 @@ def _onnx_file(path: Path, *, input_shape, output_shape=("batch", 10), loop_trip
     [
         ("scalar-input", "does not match"),
         ("static-batch-0", "batch size of 0"),
+        ("static-batch-3", "multiple of 3"),
         ("wrong-features", "does not match"),
         ("wrong-output", "output"),
         ("another-models-onnx", "does not match"),
@@ -346,6 +347,7 @@ def test_onnx_artifact_that_does_not_fit_the_checkpoint(case, words, artifacts, 
     onnx_path = {
         "scalar-input": lambda: _onnx_file(tmp_path / "scalar.onnx", input_shape=[]),
         "static-batch-0": lambda: _onnx_file(tmp_path / "zero.onnx", input_shape=[0, 64]),
+        "static-batch-3": lambda: _onnx_file(tmp_path / "three.onnx", input_shape=[3, 64], output_shape=[3, 10]),
         "wrong-features": lambda: _onnx_file(tmp_path / "wide.onnx", input_shape=["batch", 65]),
         "wrong-output": lambda: _onnx_file(tmp_path / "out.onnx", input_shape=["batch", 64], output_shape=["batch", 64]),
         "another-models-onnx": lambda: artifacts.onnx["digits_cnn"],
@@ -367,3 +369,12 @@ def test_onnx_artifact_that_never_returns_is_stopped(artifacts, tmp_path, invoke
     elapsed = time.monotonic() - started
     text = _input_error(run, looping)
     assert "--timeout" in text and elapsed < 30, elapsed
+
+
+def test_timeout_default_in_help_is_the_jobs_default(invoke):
+    """The CLI repeats the default (its --help must not import torch); pin it to the library's."""
+    from epcli.jobs.verify import DEFAULT_ONNX_TIMEOUT
+
+    text = " ".join(invoke("verify", "--help").stdout.split())
+
+    assert "--timeout SECONDS" in text and f"[default: {DEFAULT_ONNX_TIMEOUT}]" in text, text
