@@ -20,6 +20,7 @@ from epcli.errors import ShapeMismatchError, UsageError
 __all__ = [
     "DEFAULT_TOLERANCES",
     "PASS_RULE",
+    "SUPPORTED_DTYPES",
     "Comparison",
     "Tolerance",
     "VerifyReport",

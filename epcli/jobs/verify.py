@@ -19,7 +19,7 @@ from epcli.jobs.files import file_sha256
 from epcli.jobs.summary import natural_order
 from epcli.layers.base import EPLayer
 from epcli.layers.registry import plain_layer
-from epcli.verify import Comparison, VerifyReport, VerifySettings, compare
+from epcli.verify import SUPPORTED_DTYPES, Comparison, VerifyReport, VerifySettings, compare
 
 __all__ = ["DEFAULT_ONNX_TIMEOUT", "ProgressCallback", "VerifyResult", "compare_layer", "compare_model", "verify_checkpoint", "verify_files"]
 
@@ -165,13 +165,13 @@ def verify_files(
     artifact = load_checkpoint(artifact_path)
     if artifact.kind != "collapsed":
         raise UsageError(f"{artifact_path}: expected a collapsed checkpoint (from epcli collapse), found an expanded one")
-    stale = _stale_artifact(checkpoint_path, artifact)
+    stale, stale_note = _stale_artifact(checkpoint_path, artifact)
     if set(artifact.ep_layers) != set(checkpoint.ep_layers):
         raise CheckpointError(
             f"{artifact_path}: collapses EP layers {natural_order(artifact.ep_layers)}, but {checkpoint_path} has "
-            f"{natural_order(checkpoint.ep_layers)}; " + (stale or "was it made from this checkpoint?")
+            f"{natural_order(checkpoint.ep_layers)}; " + (stale_note or "was it made from this checkpoint?")
         )
-    notes = [stale] if stale else []
+    notes = [stale_note] if stale_note else []
     precision = _artifact_precision(checkpoint, artifact, settings)
     if precision is not None:
         notes.append(precision)
@@ -182,27 +182,24 @@ def verify_files(
         label=artifact_path.name,
         progress=progress,
     )
-    recorded = artifact.metadata.get("provenance", {}).get("source_sha256")
     return VerifyResult(
-        checkpoint_path,
-        artifact_path,
-        replace(report, notes=(*report.notes, *notes)),
-        artifact_stale=None if not isinstance(recorded, str) else stale is not None,
+        checkpoint_path, artifact_path, replace(report, notes=(*report.notes, *notes)), artifact_stale=stale
     )
 
 
-def _stale_artifact(checkpoint_path: Path, artifact: Checkpoint) -> str | None:
-    """A sentence when the artifact records a source sha256 that is not the checkpoint's; None otherwise."""
+def _stale_artifact(checkpoint_path: Path, artifact: Checkpoint) -> tuple[bool | None, str | None]:
+    """Whether the artifact was collapsed from another file (None: it records no source sha256), and a sentence
+    saying so."""
     provenance = artifact.metadata.get("provenance")
     if not isinstance(provenance, dict) or not isinstance(provenance.get("source_sha256"), str):
-        return None
+        return None, None
     recorded = provenance["source_sha256"]
     actual = file_sha256(checkpoint_path)
     if recorded == actual:
-        return None
+        return False, None
     name = provenance.get("source_name")
     made_from = f"{name!r} (sha256 {recorded[:16]}...)" if isinstance(name, str) else f"a file with sha256 {recorded[:16]}..."
-    return (
+    return True, (
         f"{artifact.path} is stale: it was collapsed from {made_from}, not from {checkpoint_path} "
         f"(sha256 {actual[:16]}...); collapse this checkpoint again"
     )
@@ -216,7 +213,7 @@ def _artifact_precision(checkpoint: Checkpoint, artifact: Checkpoint, settings: 
     if not coarse:
         return None
     stored = "/".join(coarse)
-    if settings.atol is None and settings.rtol is None:
+    if settings.atol is None and settings.rtol is None and coarse[0] in SUPPORTED_DTYPES:
         raise UsageError(
             f"{artifact.path}: stores its collapsed weights in {stored}, so a {settings.dtype} comparison is bounded by "
             f"{stored} precision and cannot meet the {settings.dtype} default tolerances; run with --dtype {coarse[0]}, "
