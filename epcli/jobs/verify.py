@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from epcli.convert import collapse_model, collapsed_keys, expanded_eval, expanded_layer, layer_states, plain_model
-from epcli.errors import CheckpointError, UsageError
+from epcli.errors import CheckpointError, ShapeMismatchError, UsageError
 from epcli.formats.checkpoint import Checkpoint, load_checkpoint
 from epcli.formats.onnx_export import OnnxSession
 from epcli.jobs.files import file_sha256
@@ -160,7 +160,10 @@ def verify_files(
             )
         session = OnnxSession(artifact_path, timeout=timeout)
         settings = _onnx_settings(session, checkpoint, artifact_path, settings)
-        report = verify_checkpoint(checkpoint, settings, onnx_session=session, progress=progress)
+        try:
+            report = verify_checkpoint(checkpoint, settings, onnx_session=session, progress=progress)
+        except ShapeMismatchError as e:  # an output whose sizes the file leaves open
+            raise CheckpointError(f"{artifact_path}: the ONNX file does not match {checkpoint_path}: {e}") from e
         return VerifyResult(checkpoint_path, artifact_path, report)
     artifact = load_checkpoint(artifact_path)
     if artifact.kind != "collapsed":
