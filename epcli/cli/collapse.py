@@ -10,7 +10,7 @@ import typer
 
 from epcli.cli import render
 from epcli.cli.guard import guarded
-from epcli.cli.options import CheckpointArg, DeviceOption, ForceOption, JsonOption, ModelOption, QuietOption, parse_size
+from epcli.cli.options import CheckpointArg, DeviceOption, ForceOption, JsonOption, ModelOption, QuietOption, choice, parse_size
 
 if TYPE_CHECKING:
     from epcli.jobs.collapse import CollapseResult
@@ -31,7 +31,11 @@ def collapse_command(
         typer.Option("-o", "--output", help="Output file (default: <stem>.collapsed.safetensors beside CKPT).", show_default=False),
     ] = None,
     file_format: Annotated[
-        Optional[OutputFormat], typer.Option("--format", help="Output format (default: from -o's suffix, else safetensors).", show_default=False)
+        Optional[OutputFormat],
+        typer.Option(
+            "--format", metavar="safetensors|pt", parser=choice(OutputFormat),
+            help="Output format (default: from -o's suffix, else safetensors).", show_default=False,
+        ),
     ] = None,
     force: ForceOption = False,
     device: DeviceOption = "cpu",

@@ -10,7 +10,7 @@ import typer
 from epcli.cli import render
 from epcli.cli.collapse import collapse_payload, render_collapse
 from epcli.cli.guard import EXIT_VERIFY_FAILED, guarded
-from epcli.cli.options import Atol, CheckpointArg, ForceOption, JsonOption, ModelOption, QuietOption, Rtol, Samples, Seed
+from epcli.cli.options import Atol, CheckpointArg, ForceOption, JsonOption, ModelOption, QuietOption, Rtol, Samples, Seed, whole_number
 from epcli.cli.verify import render_report, report_payload
 
 __all__ = ["export_command"]
@@ -26,7 +26,7 @@ def export_command(
         Optional[Path],
         typer.Option("--safetensors", metavar="OUT", help="Write the collapsed checkpoint as safetensors.", show_default=False),
     ] = None,
-    opset: Annotated[int, typer.Option("--opset", min=7, help="ONNX opset version.")] = 18,
+    opset: Annotated[int, typer.Option("--opset", metavar="N", parser=whole_number(7), help="ONNX opset version.")] = 18,
     static_batch: Annotated[
         bool, typer.Option("--static-batch", help="Fix the batch axis at 1 (default: a dynamic 'batch' axis).")
     ] = False,

@@ -7,7 +7,7 @@ import re
 from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Optional, TypeVar
 
 import typer
 
@@ -15,14 +15,16 @@ from epcli.errors import UsageError
 
 __all__ = [
     "parse_size", "Atol", "BatchSize", "CheckpointArg", "DeviceOption", "Dtype", "ForceOption", "JsonOption",
-    "ModelOption", "QuietOption", "Rtol", "Samples", "Seed", "Timeout",
+    "ModelOption", "QuietOption", "Rtol", "Samples", "Seed", "Timeout", "choice", "whole_number",
 ]
+
+E = TypeVar("E", bound=Enum)
 
 SEED_MAX = 2**64 - 1
 """The largest seed torch's generator takes."""
 
 
-def _whole_number(minimum: int, maximum: int | None = None) -> Callable[[Any], int]:
+def whole_number(minimum: int, maximum: int | None = None) -> Callable[[Any], int]:
     """A parser that says what the option takes in epcli's words (Typer's would quote its validation library)."""
     wanted = f"a whole number from {minimum} to {maximum}" if maximum is not None else f"a whole number >= {minimum}"
 
@@ -34,6 +36,19 @@ def _whole_number(minimum: int, maximum: int | None = None) -> Callable[[Any], i
         if value < minimum or (maximum is not None and value > maximum):
             raise typer.BadParameter(f"expected {wanted}, got {value}")
         return value
+
+    return parse
+
+
+def choice(kind: type[E]) -> Callable[[Any], E]:
+    """A parser for an Enum option, with the choices said in epcli's words."""
+    names = ", ".join(member.value for member in kind)
+
+    def parse(text: Any) -> E:
+        try:
+            return kind(text)
+        except ValueError:
+            raise typer.BadParameter(f"expected one of {names}, got {text!r}") from None
 
     return parse
 
@@ -82,15 +97,15 @@ ModelOption = Annotated[
 ]
 ForceOption = Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")]
 Samples = Annotated[
-    int, typer.Option("--samples", metavar="N", parser=_whole_number(1), help="Number of random input samples.")
+    int, typer.Option("--samples", metavar="N", parser=whole_number(1), help="Number of random input samples.")
 ]
 BatchSize = Annotated[
-    int, typer.Option("--batch-size", metavar="B", parser=_whole_number(1), help="Samples per forward pass.")
+    int, typer.Option("--batch-size", metavar="B", parser=whole_number(1), help="Samples per forward pass.")
 ]
 Seed = Annotated[
     int,
     typer.Option(
-        "--seed", metavar="S", parser=_whole_number(0, SEED_MAX),
+        "--seed", metavar="S", parser=whole_number(0, SEED_MAX),
         help="Seed of the input generator (same seed, same inputs).",
     ),
 ]

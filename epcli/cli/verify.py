@@ -22,6 +22,7 @@ from epcli.cli.options import (
     Samples,
     Seed,
     Timeout,
+    choice,
 )
 
 if TYPE_CHECKING:
@@ -58,7 +59,9 @@ def verify_command(
     samples: Samples = 64,
     batch_size: BatchSize = 32,
     seed: Seed = 0,
-    dtype: Annotated[Dtype, typer.Option("--dtype", help="Precision of the comparison.")] = Dtype.float32,
+    dtype: Annotated[
+        Dtype, typer.Option("--dtype", metavar="float32|float64", parser=choice(Dtype), help="Precision of the comparison.")
+    ] = Dtype.float32,
     device: DeviceOption = "cpu",
     model: ModelOption = None,
     timeout: Timeout = 60.0,

@@ -227,10 +227,14 @@ def test_float64_check_of_a_float32_artifact_is_explained(artifacts, invoke, jso
         (["--atol", "-1"], "finite number >= 0"),
         (["--rtol", "nan"], "finite number >= 0"),
         (["--timeout", "0"], "seconds > 0"),
+        (["--dtype", "float16"], "expected one of float32, float64"),
+        (["collapse", "--format", "npz"], "expected one of safetensors, pt"),
+        (["export", "--onnx", "x.onnx", "--opset", "3"], "whole number >= 7"),
     ],
 )
 def test_option_values_are_checked_in_epclis_words(argv, words, bad_good_path, invoke, json_doc):
-    run = invoke("verify", bad_good_path, *argv, "--json")
+    command, argv = (argv[0], argv[1:]) if argv[0] in ("collapse", "export") else ("verify", argv)
+    run = invoke(command, bad_good_path, *argv, "--json")
 
     assert run.returncode == 2, run.describe()
     assert words in run.stderr.replace("\n", " ") and "Input should" not in run.stderr
