@@ -9,7 +9,7 @@ from typing import Any
 from epcli.convert import collapse_state_dict, collapsed_keys
 from epcli.errors import UsageError
 from epcli.formats.atomic import atomic_write
-from epcli.formats.checkpoint import load_checkpoint
+from epcli.formats.checkpoint import load_checkpoint, open_checkpoint
 from epcli.jobs.files import check_output
 from epcli.jobs.summary import LayerSummary, Spectrum, natural_order, spectrum, summarize_layer
 
@@ -38,7 +38,8 @@ def inspect_file(
     path: Path, *, model_factory: str | None = None, plot: Path | None = None, force: bool = False
 ) -> InspectResult:
     """Summarise a checkpoint; with ``plot``, also draw the spectra (the path is checked before any work)."""
-    if plot is not None:
+    if plot is not None:  # the input first (without its tensors), then the output, then the work
+        open_checkpoint(path)
         check_output(plot, (".png",), force=force, option="--plot", example="spectra.png")
     checkpoint = load_checkpoint(path, model_factory=model_factory)
     collapsed = (

@@ -109,6 +109,16 @@ def test_input_is_checked_before_the_output(samples, invoke):
     assert ".onnx" in text and "already exists" not in text
 
 
+def test_inspect_checks_its_input_before_the_plot_path(samples, invoke):
+    wrong = samples.dir / "mlp.onnx"
+    wrong.write_bytes(samples.mlp.read_bytes())
+    (samples.dir / "taken.png").write_bytes(b"")
+
+    text = _input_error(invoke("inspect", wrong, "--plot", samples.dir / "taken.png"), wrong)
+
+    assert ".onnx" in text and "already exists" not in text
+
+
 def test_collapse_of_a_directory_is_an_input_error(samples, invoke, monkeypatch):
     monkeypatch.chdir(samples.dir)
 
