@@ -1,5 +1,9 @@
 """The ``epcli`` Typer app: registers one command per module.
 
+Two small Typer subclasses carry the contract that lives outside any command body:
+usage lines that read ``CKPT [ARTIFACT]``, and usage errors that, with ``--json``,
+are also the one JSON document on stdout.
+
 Nothing heavy is imported here or in the command modules at import time: torch,
 onnx and onnxruntime load inside a command body, so ``--help`` and usage errors
 stay instant.
