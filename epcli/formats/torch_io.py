@@ -9,6 +9,7 @@ unpickler.
 
 from __future__ import annotations
 
+import itertools
 import pickle
 import re
 from collections.abc import Mapping
@@ -19,7 +20,17 @@ import torch
 from torch import Tensor
 
 from epcli.errors import CheckpointError, UnsafeCheckpointError
+from epcli.formats.limits import (
+    MAX_METADATA_CHARS,
+    MAX_TENSORS,
+    MAX_TIED_EXPANSION,
+    check_count,
+    check_name,
+    check_tensor_shape,
+)
 from epcli.formats.metadata import RawCheckpoint, missing_metadata
+from epcli.formats.pt_archive import check_archive
+from epcli.text import quote
 
 __all__ = ["METADATA_KEY", "STATE_KEY", "read_pt", "write_pt"]
 
@@ -41,7 +52,10 @@ def read_pt(path: Path) -> RawCheckpoint:
     """Metadata string and tensors of a ``.pt`` checkpoint, loaded without running any code from it.
 
     The tensors are views of the memory-mapped file: nothing is read until they
-    are used, and the mapping ends when the last of them is dropped.
+    are used, and the mapping ends when the last of them is dropped. Before
+    ``torch.load`` the archive's records and pickle are checked
+    (:func:`~epcli.formats.pt_archive.check_archive`); after it, every tensor is
+    checked to be dense and inside its own bytes of its storage.
     """
     with path.open("rb") as f:
         head = f.read(len(_ZIP_MAGIC))
@@ -51,6 +65,7 @@ def read_pt(path: Path) -> RawCheckpoint:
             "not written by torch.save; epcli writes checkpoints with "
             "epcli.save_checkpoint(model, path, input_shape=...)"
         )
+    check_archive(path)
     try:
         content = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as e:
@@ -85,21 +100,71 @@ def _unpack(content: Any) -> RawCheckpoint:
     if isinstance(content, dict) and METADATA_KEY in content:
         if set(content) != {METADATA_KEY, STATE_KEY}:
             raise CheckpointError(
-                f"has top-level keys {sorted(map(str, content))}, expected exactly {[METADATA_KEY, STATE_KEY]}"
+                f"has top-level keys {quote(list(content))}, expected exactly {[METADATA_KEY, STATE_KEY]}"
             )
         metadata, state = content[METADATA_KEY], content[STATE_KEY]
         if not isinstance(metadata, str):
             raise CheckpointError(f"{METADATA_KEY!r} must be a JSON string, got {type(metadata).__name__}")
+        check_count(len(metadata), MAX_METADATA_CHARS, "epcli metadata (characters)")
         if not isinstance(state, dict):
             raise CheckpointError(f"{STATE_KEY!r} must be a dict of tensors, got {type(state).__name__}")
+        check_count(len(state), MAX_TENSORS, f"the number of tensors in {STATE_KEY!r}")
         for key, value in state.items():
-            if not isinstance(key, str) or not isinstance(value, Tensor):
+            if not isinstance(key, str) or not key or not isinstance(value, Tensor):
                 raise CheckpointError(
-                    f"{STATE_KEY!r} entry {key!r} must map a string to a tensor, got a {type(value).__name__}"
+                    f"{STATE_KEY!r} entry {quote(key)} must map a non-empty string to a tensor, got a "
+                    f"{type(value).__name__}"
                 )
+            check_name(key, f"{STATE_KEY!r} entry")
+        _check_layout(state)
         return RawCheckpoint(metadata, {key: value.detach() for key, value in state.items()})
     if isinstance(content, Mapping) and content and all(isinstance(v, Tensor) for v in content.values()):
         raise missing_metadata(f"it holds a plain state_dict of {len(content)} tensors")
     if isinstance(content, Mapping):
-        raise missing_metadata(f"it holds a dict with keys {sorted(map(str, content))[:8]}")
+        raise missing_metadata(f"it holds a dict with keys {quote(list(content))}")
     raise missing_metadata(f"it holds a {type(content).__name__}")
+
+
+def _check_layout(state: Mapping[str, Tensor]) -> None:
+    """Every tensor dense (contiguous, no stride 0), inside its storage, and not partly overlapping another.
+
+    epcli writes nothing else, and a strided or overlapping view makes more data
+    than the file holds: a 2.5 KB file with a stride-0 tensor is a 256 MB tensor.
+    Tied tensors (the same bytes under two keys) are accepted, up to
+    :data:`~epcli.formats.limits.MAX_TIED_EXPANSION` times the storage bytes in all.
+    """
+    spans: list[tuple[int, int, int, str]] = []  # (storage, first byte, end byte, key)
+    storages: dict[int, int] = {}  # storage -> its bytes
+    for key, tensor in state.items():
+        where = f"{STATE_KEY!r} entry {quote(key)}"
+        check_tensor_shape(tensor.shape, where)
+        if tensor.numel() == 0:
+            continue
+        if not tensor.is_contiguous():
+            raise CheckpointError(
+                f"{where} is a strided view (shape {list(tensor.shape)}, strides {list(tensor.stride())}): epcli reads "
+                "dense tensors only, as torch.save writes them from contiguous tensors; a stride-0 or overlapping "
+                "view makes more data than the file holds"
+            )
+        data = tensor.untyped_storage()
+        begin = int(tensor.storage_offset()) * tensor.element_size()
+        end = begin + tensor.numel() * tensor.element_size()
+        if end > data.nbytes():
+            raise CheckpointError(
+                f"{where} needs bytes {begin}..{end} of a storage of {data.nbytes()} bytes; the file is corrupt"
+            )
+        spans.append((data.data_ptr(), begin, end, key))
+        storages[data.data_ptr()] = data.nbytes()
+    spans.sort()
+    for (storage, first_begin, end, first), (other, begin, other_end, second) in itertools.pairwise(spans):
+        if storage == other and begin < end and (begin, other_end) != (first_begin, end):
+            raise CheckpointError(
+                f"{STATE_KEY!r} entries {quote(first)} and {quote(second)} overlap in one storage without being the "
+                "same tensor; epcli reads dense, separate (or exactly tied) tensors only"
+            )
+    claimed, stored = sum(end - begin for _, begin, end, _ in spans), sum(storages.values())
+    if claimed > MAX_TIED_EXPANSION * stored:
+        raise CheckpointError(
+            f"its tensors claim {claimed} bytes made of {stored} bytes of storage, more than {MAX_TIED_EXPANSION} "
+            "times over: tied weights share a storage, but not that often (a guard against hostile files)"
+        )
