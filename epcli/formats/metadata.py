@@ -14,6 +14,7 @@ errors name the key (and layer path) but not the file, which the caller adds.
 from __future__ import annotations
 
 import json
+import math
 import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -154,7 +155,31 @@ def dump_metadata(document: Mapping[str, Any]) -> str:
     try:
         return json.dumps(document, sort_keys=True, separators=(",", ":"), allow_nan=False)
     except (TypeError, ValueError) as e:
-        raise CheckpointError(f"metadata is not JSON-serialisable ({e}); provenance must hold plain JSON values") from e
+        raise CheckpointError(
+            f"metadata is not JSON-serialisable: {_non_json(document, 'metadata') or e}; metadata (provenance "
+            "included) must hold plain JSON values and finite numbers"
+        ) from e
+
+
+def _non_json(value: Any, where: str) -> str | None:
+    """Where the first value JSON cannot hold is (``metadata['provenance']['x'] is inf``), or None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{where} is {value}"
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            if not isinstance(key, (str, int, float, bool)) and key is not None:
+                return f"{where} has a key of type {type(key).__name__}"
+            found = _non_json(item, f"{where}[{quote(key)}]")
+            if found:
+                return found
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            found = _non_json(item, f"{where}[{index}]")
+            if found:
+                return found
+    elif not isinstance(value, (str, int, float, bool)) and value is not None:
+        return f"{where} is a {type(value).__name__}"
+    return None
 
 
 # ---- reading ---------------------------------------------------------------------------------

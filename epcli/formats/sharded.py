@@ -34,6 +34,7 @@ __all__ = [
     "index_path",
     "is_index",
     "listed_shards",
+    "output_names",
     "plan_shards",
     "read_index",
     "shard_metadata",
@@ -63,6 +64,12 @@ def sharded_base(index: Path) -> Path:
 def shard_paths(output: Path, count: int) -> list[Path]:
     """``<stem>-00001-of-0000N.safetensors`` ... for ``<stem>.safetensors``."""
     return [output.with_name(f"{output.stem}-{k:05d}-of-{count:05d}{output.suffix}") for k in range(1, count + 1)]
+
+
+def output_names(output: Path) -> str:
+    """A regular expression for every file name of a ``<stem>.safetensors`` output: itself, its shards and index."""
+    stem = re.escape(output.stem)
+    return rf"{stem}(?:-\d{{5}}-of-\d{{5}})?\.safetensors(?:\.index\.json)?"
 
 
 def shard_metadata(index: Path) -> dict[str, str]:
