@@ -88,12 +88,13 @@ class StagedFiles:
             raise CheckpointError(f"cannot write {path}: it is a directory")
         remove_leftovers(path)
         temp = temp_name(path)
+        self._staged.append((temp, path))  # before it exists: an interrupt right after the open still removes it
         try:
             # O_EXCL: never follow or reuse a name someone else made; 0o666 & ~umask, the usual permissions
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
         except OSError as e:
+            self._staged.pop()
             raise CheckpointError(f"cannot write {path}: {e.strerror or e}") from e
-        self._staged.append((temp, path))
         try:
             with os.fdopen(fd, "wb") as f:
                 write(f)

@@ -131,6 +131,8 @@ def read_header(path: Path) -> SafetensorsHeader:
             f"safetensors header ({length} bytes) is not valid JSON (not UTF-8: {e}); the header length is wrong "
             "or the file is corrupt"
         ) from e
+    # an upper bound on the entries (each has one data_offsets key), found before parsing costs anything
+    check_count(text.count('"data_offsets"'), MAX_TENSORS, "the number of tensors in the safetensors header")
     document = loads_json(
         text, f"safetensors header ({length} bytes)", "; the header length is wrong or the file is corrupt"
     )
