@@ -79,7 +79,7 @@ def _classify(message: str) -> CheckpointError:
     """Refused globals -> UnsafeCheckpointError naming the global; anything else is damage."""
     if any(hint in message for hint in _UNSAFE_HINTS):
         found = _GLOBAL.search(message)
-        what = found.group(1).rstrip(".") if found else "an object that is not a tensor or a plain container"
+        what = quote(found.group(1).rstrip(".")) if found else "an object that is not a tensor or a plain container"
         return UnsafeCheckpointError(
             f"refused to load: its pickle references {what}, which is not on the allowlist of tensor and container "
             "types; loading it would run code from the file, so nothing was executed. An epcli checkpoint never "
@@ -93,7 +93,8 @@ def _brief(error: BaseException | str) -> str:
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     useful = [line for line in lines if not line.startswith(("Weights only load failed", "Check the documentation",
                                                               "Please file an issue", "In PyTorch"))]
-    return (useful or lines or [type(error).__name__])[0][:300]
+    line = (useful or lines or [type(error).__name__])[0]
+    return repr(line[:300])[1:-1]  # control characters (from names in the file) escaped
 
 
 def _unpack(content: Any) -> RawCheckpoint:
