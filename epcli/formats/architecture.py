@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from epcli.convert import expanded_eval
 from epcli.errors import CheckpointError, ConfigError, EpcliError
 from epcli.formats.limits import (
     MAX_ARCHITECTURE_NODES,
@@ -421,7 +422,8 @@ def check_forward(model: nn.Module, input_shape: tuple[int, ...], source: str) -
     output has more than :data:`~epcli.formats.limits.MAX_SAMPLE_ELEMENTS` elements per
     sample (an ``AdaptiveAvgPool2d(10**6)``), naming the module. An empty batch
     allocates no activations on any device, and (unlike the meta device, whose first
-    use imports seconds of torch) runs the ordinary kernels.
+    use imports seconds of torch) runs the ordinary kernels. EP layers run their
+    expanded chains, so no collapse is computed.
     """
     def bound(path: str) -> Callable[[nn.Module, Any, Any], None]:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
@@ -441,7 +443,7 @@ def check_forward(model: nn.Module, input_shape: tuple[int, ...], source: str) -
     )
     handles = [module.register_forward_hook(bound(path)) for path, module in model.named_modules()]
     try:
-        with torch.no_grad():
+        with torch.no_grad(), expanded_eval(model):  # the chains, not a collapse: an empty batch costs nothing
             model(batch)
     except ConfigError as e:
         raise CheckpointError(f"{source}: {e}") from None

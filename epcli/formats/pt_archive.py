@@ -45,10 +45,12 @@ _LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")
 
 @dataclass(frozen=True)
 class StorageRef:
-    """A storage the pickle refers to: its record key and its size in bytes as the pickle claims it."""
+    """A storage the pickle refers to: its record key, its size in bytes as the pickle claims it, and
+    the names of the tensors built on it (as far as the scan follows the pickle)."""
 
     key: str
     nbytes: int
+    tensors: tuple[str, ...] = ()
 
 
 class _Mark:
@@ -70,8 +72,15 @@ class _Global:
     name: str
 
 
+@dataclass(frozen=True)
+class _Tensor:
+    """A call (``_rebuild_tensor_v2`` ...) whose first argument is a storage: a tensor on that storage."""
+
+    storage: str
+
+
 _OPAQUE = object()
-"""Anything the scan need not know (dicts, lists, call results)."""
+"""Anything the scan need not know (dicts, lists, other call results)."""
 
 
 @functools.cache
@@ -88,6 +97,7 @@ def scan_pickle(data: bytes) -> list[StorageRef]:
     stack: list[Any] = []
     memo: dict[int, Any] = {}
     storages: list[StorageRef] = []
+    names: dict[str, list[str]] = {}  # storage key -> names of the tensors on it
     try:
         for opcode, value, _ in pickletools.genops(data):
             name, arg = opcode.name, cast(Any, value)
@@ -122,17 +132,24 @@ def scan_pickle(data: bytes) -> list[StorageRef]:
             elif name == "TUPLE":
                 stack.append(_tuple(tuple(_pop_to_mark(stack))))
             elif name == "BINPERSID":
-                pid = stack.pop()
-                storages.append(_storage(pid))
+                storages.append(_storage(stack.pop()))
                 check_count(len(storages), MAX_TENSORS, "the number of storages in the pickle")
-                stack.append(_OPAQUE)
-            elif name == "SETITEM":
-                _check_key(stack[-2])
-                del stack[-2:]
-            elif name == "SETITEMS":
-                items = _pop_to_mark(stack)
-                for key in items[::2]:
+                stack.append(storages[-1])
+            elif name == "REDUCE":
+                args = stack.pop()
+                stack[-1] = (
+                    _Tensor(args.items[0].key)
+                    if isinstance(args, _Tuple) and args.items and isinstance(args.items[0], StorageRef)
+                    else _OPAQUE
+                )
+            elif name in ("SETITEM", "SETITEMS"):
+                items = _pop_to_mark(stack) if name == "SETITEMS" else stack[-2:]
+                if name == "SETITEM":
+                    del stack[-2:]
+                for key, value in zip(items[::2], items[1::2], strict=True):
                     _check_key(key)
+                    if isinstance(value, _Tensor) and isinstance(key, str):
+                        names.setdefault(value.storage, []).append(key)
             elif arg is not None and not opcode.stack_before and len(opcode.stack_after) == 1:
                 stack.append(arg)  # a string, number or bytes literal
             else:
@@ -141,7 +158,7 @@ def scan_pickle(data: bytes) -> list[StorageRef]:
         raise
     except (ValueError, IndexError, KeyError, TypeError) as e:  # pickletools' own errors, or a broken stack
         raise CheckpointError(f"cannot be read as a torch checkpoint; its pickle is corrupt ({str(e)[:200]})") from e
-    return storages
+    return [StorageRef(ref.key, ref.nbytes, tuple(names.get(ref.key, ()))) for ref in storages]
 
 
 def _pop_to_mark(stack: list[Any]) -> list[Any]:
@@ -231,7 +248,8 @@ def check_archive(path: Path) -> None:
         for storage in {s.key: s for s in storages}.values():
             name = f"{prefix}data/{storage.key}"
             info = records.get(name)
-            where = f"storage record {quote(storage.key)}"
+            held = f" (holding {quote(storage.tensors[0])})" if storage.tensors else ""
+            where = f"storage record {quote(storage.key)}{held}"
             if info is None:
                 raise CheckpointError(f"cannot be read: {where} is missing from the archive; the file is corrupt")
             if info.compress_type != zipfile.ZIP_STORED:
