@@ -371,7 +371,7 @@ def test_former_blow_ups_fail_fast_in_bounded_memory(tmp_path: Path, make_model,
     for (name, (_, phrase)), result in zip(bombs.items(), results, strict=True):
         assert phrase in result["outcome"], (name, result["outcome"][:500])
         assert result["outcome"].startswith("CheckpointError"), name
-        assert result["seconds"] < 10, (name, result)
+        assert result["seconds"] < 30, (name, result)  # were 100 s to 600 s (killed); ~0.01-1 s now
         assert result["grown"] < 1.5 * 2**30, (name, result)  # the 17 MB and 20 MB files are parsed, nothing more
 
 

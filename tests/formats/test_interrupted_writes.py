@@ -111,7 +111,7 @@ def test_checkpoint_writer_without_overwrite(tmp_path: Path):
 # ---- real runs, killed while they write -------------------------------------------------------------
 def _source(tmp_path: Path) -> Path:
     torch.manual_seed(0)
-    model = nn.Sequential(*[EPLinear(32, 32, depth=3) for _ in range(24)]).eval()
+    model = nn.Sequential(*[EPLinear(32, 32, depth=3) for _ in range(12)]).eval()
     return epcli.save_checkpoint(model, tmp_path / "big.safetensors", input_shape=(32,))
 
 
