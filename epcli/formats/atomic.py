@@ -3,7 +3,10 @@
 Temp files are named ``.<target name>.epcli-<pid>-<random>.tmp`` beside their
 target. A run killed outright (SIGKILL, power loss) cannot remove its own, so
 every write first removes the leftovers of earlier runs on the same target: only
-names of that pattern, and only when the process named in them is gone.
+names of that pattern, and only when the process named in them is gone. (A pid is
+only meaningful on its own machine: two machines writing one output on a shared
+file system may remove each other's temp files; the losing write then fails, it
+never corrupts the output.)
 
 Without ``overwrite``, each file is created under its final name with
 ``os.link`` (which fails if the name exists) instead of renamed over it, so of

@@ -226,7 +226,7 @@ def _bytes_of(tensor: Tensor) -> memoryview:
     if tensor.numel() == 0:
         return memoryview(bytearray())
     # [*shape] -> [numel] -> [numel * itemsize] bytes
-    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy()).cast("B")
+    return tensor.reshape(-1).view(torch.uint8).numpy().data.cast("B")
 
 
 def _check_byte_order() -> None:
