@@ -13,6 +13,7 @@ from epcli import CheckpointError, ConfigError, EPConv2d, EPLinear
 from epcli.formats.architecture import (
     SUPPORTED_TYPES,
     build_architecture,
+    check_forward,
     collapsed_architecture,
     describe_architecture,
     ep_nodes,
@@ -51,6 +52,14 @@ def _every_type() -> nn.Module:
         nn.Softmax(dim=1),
         nn.LogSoftmax(dim=-1),
     )
+
+
+def test_every_supported_type_passes_the_forward_check_and_a_wrong_shape_does_not():
+    """The check runs an empty batch (no activations), which every supported module must accept."""
+    model = build_architecture(describe_architecture(_every_type().eval()))
+    check_forward(model, (2, 8, 8), "the model")
+    with pytest.raises(CheckpointError, match=r"the model fails on its own input_shape \[3, 8, 8\]: .*RuntimeError"):
+        check_forward(model, (3, 8, 8), "the model")
 
 
 def test_every_supported_type_round_trips():
