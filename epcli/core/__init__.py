@@ -5,11 +5,11 @@ from epcli.core.conv import ConvAlgebra
 from epcli.core.graph import LINEAR, ChainLayer, SkipEdge, collapse_chain, skip_edges
 
 __all__ = [
+    "LINEAR",
     "Affine",
     "BatchNormFold",
-    "ConvAlgebra",
-    "LINEAR",
     "ChainLayer",
+    "ConvAlgebra",
     "SkipEdge",
     "collapse_chain",
     "skip_edges",

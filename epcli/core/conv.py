@@ -33,7 +33,7 @@ from torch import Tensor
 
 from epcli.core.affine import Affine, sum_biases
 
-__all__ = ["ConvAlgebra", "PADDING_MODES", "compose_kernels", "conv_nd", "pad_kernel_to", "pad_widths"]
+__all__ = ["PADDING_MODES", "ConvAlgebra", "compose_kernels", "conv_nd", "pad_kernel_to", "pad_widths"]
 
 PADDING_MODES = ("zeros", "circular", "reflect", "replicate")
 """``nn.ConvNd`` padding modes; all are exact because the chain pads once, at the input."""

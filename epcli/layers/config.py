@@ -11,7 +11,7 @@ import dataclasses
 import math
 import numbers
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Union
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -21,13 +21,13 @@ from epcli.errors import ConfigError
 
 __all__ = [
     "CONFIG_VERSION",
+    "RESIDUAL_MODES",
     "EPConfig",
     "EPConv1dConfig",
     "EPConv2dConfig",
     "EPConv3dConfig",
     "EPConvConfig",
     "EPLinearConfig",
-    "RESIDUAL_MODES",
 ]
 
 CONFIG_VERSION = 1
@@ -230,7 +230,7 @@ class EPLinearConfig(EPConfig):
         return (*input_shape[:-1], self.out_features)
 
 
-PerDim = Union[int, tuple[int, ...]]
+PerDim = int | tuple[int, ...]
 """A size per spatial dim: one int for all dims, or one int per dim."""
 
 
@@ -313,9 +313,8 @@ class EPConvConfig(EPConfig):
                 depth = 2
             if _is_int(depth) and depth >= 1:
                 kernel_sizes = (kernel_sizes,) + (1,) * (depth - 1)
-        elif isinstance(kernel_sizes, (list, tuple)):
-            if depth is None:
-                depth = len(kernel_sizes)
+        elif isinstance(kernel_sizes, (list, tuple)) and depth is None:
+            depth = len(kernel_sizes)
         return cls(kernel_sizes=kernel_sizes, depth=depth, **kwargs)
 
     @property

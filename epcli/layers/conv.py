@@ -17,7 +17,13 @@ from torch.nn.modules.conv import _ConvNd
 
 from epcli.core.conv import ConvAlgebra, conv_nd, pad_widths
 from epcli.layers.base import EPLayer
-from epcli.layers.config import EPConv1dConfig, EPConv2dConfig, EPConv3dConfig, EPConvConfig, PerDim
+from epcli.layers.config import (
+    EPConv1dConfig,
+    EPConv2dConfig,
+    EPConv3dConfig,
+    EPConvConfig,
+    PerDim,
+)
 
 __all__ = ["EPConv", "EPConv1d", "EPConv2d", "EPConv3d", "conv_module"]
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from types import MappingProxyType
-from typing import Any, NamedTuple, Union, cast
+from typing import Any, NamedTuple, cast
 
 import torch
 from torch import Tensor, nn
@@ -21,7 +21,14 @@ from torch.nn.modules.conv import _ConvNd
 
 from epcli.errors import CheckpointError, ConfigError, ShapeMismatchError
 from epcli.layers.base import EPLayer
-from epcli.layers.config import EPConfig, EPConv1dConfig, EPConv2dConfig, EPConv3dConfig, EPConvConfig, EPLinearConfig
+from epcli.layers.config import (
+    EPConfig,
+    EPConv1dConfig,
+    EPConv2dConfig,
+    EPConv3dConfig,
+    EPConvConfig,
+    EPLinearConfig,
+)
 from epcli.layers.conv import EPConv1d, EPConv2d, EPConv3d, conv_module
 from epcli.layers.linear import EPLinear
 
@@ -64,7 +71,7 @@ REGISTRY: Mapping[str, LayerEntry] = MappingProxyType(
 """Class name -> (layer class, config class)."""
 
 
-PlainLayer = Union[nn.Linear, _ConvNd]
+PlainLayer = nn.Linear | _ConvNd
 
 
 def _plain_linear(config: EPConfig, bias: bool) -> PlainLayer:
