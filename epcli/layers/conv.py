@@ -229,7 +229,7 @@ class EPConv(EPLayer):
             if value != default
         )
         return (
-            f"{c.in_channels}, {c.out_channels}, kernel_sizes={c.to_dict()['kernel_sizes']}, padding={c.padding}, "
+            f"{c.in_channels}, {c.out_channels}, kernel_sizes={list(c.kernel_sizes)}, padding={c.padding}, "
             f"stride={c.stride}, width={c.width}, depth={c.depth}, bias={c.bias}, batch_norm={c.batch_norm}, "
             f"residual={c.residual}, residual_intervals={list(c.residual_intervals)}, "
             f"residual_mode={c.residual_mode!r}{extras}"
