@@ -82,6 +82,8 @@ class EPConv(EPLayer):
         bn_eps: float = 1e-5,
         bn_momentum: float | None = 0.1,
     ) -> None:
+        if not hasattr(type(self), "_config_class"):
+            raise TypeError("EPConv is the shared implementation: build EPConv1d, EPConv2d or EPConv3d")
         config = self._config_class.from_arguments(
             kernel_sizes,
             depth,
