@@ -87,7 +87,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--exhaustive",
         action="store_true",
         default=os.environ.get("EPCLI_EXHAUSTIVE") == "1",
-        help="run every point of the grids marked @pytest.mark.grid, not only a covering subset (also EPCLI_EXHAUSTIVE=1)",
+        help="run every point of the grids marked @pytest.mark.grid, not a covering subset (or EPCLI_EXHAUSTIVE=1)",
     )
 
 
@@ -104,7 +104,7 @@ def covering_subset(rows: Sequence[Sequence[Hashable]], strength: int) -> list[i
     if not rows:
         return []
     values: list[dict[Hashable, int]] = [{} for _ in rows[0]]
-    coded = np.array([[index.setdefault(v, len(index)) for index, v in zip(values, row)] for row in rows])
+    coded = np.array([[index.setdefault(v, len(index)) for index, v in zip(values, row, strict=True)] for row in rows])
     numbers, offset = [], 0
     for columns in itertools.combinations(range(len(values)), min(strength, len(values))):
         number = np.zeros(len(rows), dtype=np.int64)

@@ -133,7 +133,8 @@ def test_the_script_reproduces_the_samples(tmp_path: Path, assert_scaled_close):
         shipped, regenerated = epcli.load_checkpoint(SAMPLES_DIR / name), epcli.load_checkpoint(tmp_path / name)
         assert regenerated.ep_layers == shipped.ep_layers and regenerated.input_shape == shipped.input_shape, name
         expected, actual = shipped.model.state_dict(), regenerated.model.state_dict()
-        assert {k: (v.shape, v.dtype) for k, v in actual.items()} == {k: (v.shape, v.dtype) for k, v in expected.items()}
+        layout = {key: (tensor.shape, tensor.dtype) for key, tensor in expected.items()}
+        assert {key: (tensor.shape, tensor.dtype) for key, tensor in actual.items()} == layout, name
         if reproducible:
             for key, tensor in actual.items():
                 if tensor.is_floating_point():

@@ -15,7 +15,6 @@ import itertools
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Union
 
 import pytest
 import torch
@@ -25,9 +24,9 @@ from torch import Tensor, nn
 from epcli import EPConv2d, EPLinear
 from epcli.layers import EPLayer
 
-Intervals = Union[int, list[int]]
-Residual = Union[bool, str]
-Kernels = Union[int, list[int]]
+Intervals = int | list[int]
+Residual = bool | str
+Kernels = int | list[int]
 AssertScaledClose = Callable[[Tensor, Tensor], None]
 RandomiseBatchNorm = Callable[[nn.Module], None]
 Covering = Callable[[Sequence[Sequence[object]], int], list[int]]
@@ -253,7 +252,7 @@ def check_collapse(
         assert tuple(weight.shape) == weight_shape
         assert weight.dtype == dtype
         assert (bias is None) == bias_is_none
-        for x, reference in zip(inputs, expected):
+        for x, reference in zip(inputs, expected, strict=True):
             collapsed = collapsed_forward(x.to(dtype), weight, bias)
             assert_scaled_close(collapsed, reference)
             assert torch.equal(layer(x.to(dtype)), collapsed)
