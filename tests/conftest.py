@@ -1,7 +1,8 @@
 """Shared test fixtures: per-test seeding, non-trivial batch-norms, scale-relative closeness; big grids.
 
 Helpers are exposed as fixtures (not imports) because ``tests`` is not a package. Grids marked
-``@pytest.mark.grid`` run a covering subset by default and every point with ``--exhaustive``.
+``@pytest.mark.grid`` run a covering subset by default and every point with ``--exhaustive``,
+which also runs the tests marked ``@pytest.mark.slow``.
 """
 
 from __future__ import annotations
@@ -82,13 +83,31 @@ def assert_scaled_close() -> AssertScaledClose:
 GridAxes = Callable[[Any], Sequence[Hashable]]
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist each worker computes on one thread: two workers already fill two cores, and more
+    threads than cores made torch's spin-waiting threads slow everything down."""
+    if hasattr(config, "workerinput"):
+        torch.set_num_threads(1)
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
         "--exhaustive",
         action="store_true",
         default=os.environ.get("EPCLI_EXHAUSTIVE") == "1",
-        help="run every point of the grids marked @pytest.mark.grid, not a covering subset (or EPCLI_EXHAUSTIVE=1)",
+        help="run every point of @pytest.mark.grid grids (not a covering subset) and the @pytest.mark.slow tests "
+        "(or EPCLI_EXHAUSTIVE=1): the scheduled CI job",
     )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``@pytest.mark.slow`` tests are skipped unless ``--exhaustive``: they would take a large share of the run."""
+    if config.getoption("exhaustive"):
+        return
+    skip = pytest.mark.skip(reason="slow: runs with --exhaustive (EPCLI_EXHAUSTIVE=1), as the scheduled CI job does")
+    for item in items:
+        if item.get_closest_marker("slow"):
+            item.add_marker(skip)
 
 
 def covering_subset(rows: Sequence[Sequence[Hashable]], strength: int) -> list[int]:
