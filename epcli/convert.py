@@ -10,6 +10,8 @@ alone. ``collapse_state_dict`` / ``collapse_layer`` do the same on bare tensors
 from __future__ import annotations
 
 import copy
+import fnmatch
+import sys
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -36,6 +38,8 @@ from epcli.layers.registry import (
 
 __all__ = [
     "CollapseStep",
+    "Conversion",
+    "ConversionPlan",
     "collapse_layer",
     "collapse_model",
     "collapse_state_dict",
@@ -49,6 +53,8 @@ __all__ = [
     "layer_states",
     "overparameterize",
     "plain_model",
+    "plan_overparameterize",
+    "unwrap_model",
 ]
 
 _FIRST_WEIGHT = "layer_dict.0.0.weight"
@@ -221,6 +227,87 @@ def _owner(key: str, paths: Mapping[str, Any]) -> str | None:
 
 
 # ---- whole models ------------------------------------------------------------------------
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside ``DistributedDataParallel`` / ``DataParallel`` / ``torch.compile`` wrappers.
+
+    Their state dicts prefix every key (``module.``, ``_orig_mod.``); the inner model
+    is what checkpoints and transforms should see. A model sharded with FSDP2
+    (``fully_shard``: DTensor parameters, classes ``FSDP<Name>``) gives a full,
+    unsharded copy on the CPU in the original classes; gathering it is a collective,
+    so call this (and everything that calls it) on every rank. FSDP1
+    (``FullyShardedDataParallel``) flattens parameters and cannot be unwrapped here:
+    :class:`ConfigError` says what to pass instead.
+    """
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif _is_instance(model, "torch._dynamo.eval_frame", "OptimizedModule"):
+            model = model._orig_mod  # type: ignore[assignment]
+        else:
+            break
+    if any(_is_instance(module, "torch.distributed.fsdp", "FullyShardedDataParallel") for module in model.modules()):
+        raise ConfigError(
+            "the model is wrapped in FSDP1 (FullyShardedDataParallel), whose flattened parameters epcli cannot read; "
+            "pass the unwrapped module (before wrapping), or load a full state dict (FSDP.state_dict_type "
+            "FULL_STATE_DICT, or torch.distributed.checkpoint.state_dict.get_model_state_dict with "
+            "full_state_dict=True) into an unwrapped copy of the model; or shard with FSDP2 (fully_shard)"
+        )
+    if any(_is_instance(module, "torch.distributed.fsdp", "FSDPModule") for module in model.modules()):
+        return _gathered(model)
+    return model
+
+
+_FORWARD_HOOKS = (
+    "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+)
+
+
+def _gathered(model: nn.Module) -> nn.Module:
+    """A full, unsharded CPU copy of an FSDP2 model, in the original module classes and without FSDP's hooks."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.fsdp import FSDPModule
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def skeleton(module: nn.Module) -> nn.Module:
+        cls: type[nn.Module] = type(module)
+        sharded = isinstance(module, FSDPModule)
+        if sharded:  # fully_shard swaps the class for FSDP<Name>(FSDPModule, Name)
+            cls = next(b for b in cls.__bases__ if issubclass(b, nn.Module) and not issubclass(b, FSDPModule))
+        copy_ = cls.__new__(cls)
+        copy_.__dict__.update(module.__dict__)
+        copy_._modules = {name: None if child is None else skeleton(child) for name, child in module._modules.items()}
+        copy_._parameters = {
+            name: None if p is None else nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"), p.requires_grad)
+            for name, p in module._parameters.items()
+        }
+        copy_._buffers = {
+            name: None if b is None else torch.empty(b.shape, dtype=b.dtype, device="meta")
+            for name, b in module._buffers.items()
+        }
+        if sharded:  # FSDP's hooks and state live in the module's dict: the copy starts without them
+            for name in _FORWARD_HOOKS:
+                setattr(copy_, name, type(getattr(module, name))())
+            for name in list(copy_.__dict__):
+                if name.startswith("__composable_api_state_key") or name.startswith("_fsdp") or name == "_is_fsdp_managed_module":
+                    del copy_.__dict__[name]
+        if isinstance(copy_, EPLayer):
+            copy_._cache = None
+        return copy_
+
+    plain = skeleton(model)
+    plain.load_state_dict(state, strict=True, assign=True)
+    return plain
+
+
+def _is_instance(obj: object, module: str, name: str) -> bool:
+    """``isinstance`` against a torch class only if its module is already imported (importing dynamo costs ~1 s)."""
+    loaded = sys.modules.get(module)
+    cls = getattr(loaded, name, None) if loaded is not None else None
+    return isinstance(cls, type) and isinstance(obj, cls)
+
+
 def _replaced(model: nn.Module, replacements: Mapping[int, nn.Module]) -> nn.Module:
     """A deep copy of ``model`` in which each module whose ``id`` is a key becomes its replacement.
 
@@ -235,8 +322,14 @@ def collapse_model(model: nn.Module) -> nn.Module:
     """A new plain model: each EP layer replaced by ``nn.Linear`` / ``nn.Conv2d`` with its collapsed weights.
 
     The input model is left untouched; dtype and device of each layer are kept;
-    the result is in eval mode.
+    the result is in eval mode. A wrapped model (DDP, ``torch.compile``, FSDP2)
+    gives the collapsed inner model (see :func:`unwrap_model`).
+
+    Example::
+
+        >>> plain = collapse_model(ep_model.eval())  # EPLinear -> nn.Linear, EPConv2d -> nn.Conv2d
     """
+    model = unwrap_model(model)
     replacements: dict[int, nn.Module] = {}
     for layer in find_ep_layers(model).values():
         if id(layer) not in replacements:
@@ -291,27 +384,227 @@ def expanded_eval(model: nn.Module) -> Iterator[nn.Module]:
             module.training = training
 
 
-def overparameterize(model: nn.Module, depth: int = 2, width: float = 1, **ep_kwargs: Any) -> nn.Module:
-    """A copy with every ``nn.Linear`` / ``nn.Conv2d`` replaced by a freshly initialised EP equivalent.
+@dataclass(frozen=True)
+class Conversion:
+    """One module ``overparameterize`` looked at: replaced (``params_after`` set) or kept (``reason`` set).
+
+    Parameter counts are those that train: the plain module's, and the EP layer's
+    expanded chain (after collapsing, the count is ``params_before`` again).
+    """
+
+    path: str
+    kind: str
+    params_before: int
+    params_after: int | None = None
+    reason: str | None = None
+
+    @property
+    def replaced(self) -> bool:
+        return self.reason is None
+
+
+@dataclass(frozen=True)
+class ConversionPlan:
+    """What :func:`overparameterize` does to a model with the same arguments, module by module, in module order."""
+
+    conversions: tuple[Conversion, ...]
+
+    @property
+    def replaced(self) -> tuple[Conversion, ...]:
+        return tuple(c for c in self.conversions if c.replaced)
+
+    @property
+    def kept(self) -> tuple[Conversion, ...]:
+        """Convertible modules left plain, each with the reason (not selected, too small, tied weights)."""
+        return tuple(c for c in self.conversions if not c.replaced)
+
+    @property
+    def params_before(self) -> int:
+        """Trainable parameters of the replaced modules before."""
+        return sum(c.params_before for c in self.replaced)
+
+    @property
+    def params_after(self) -> int:
+        """Trainable parameters of their EP layers (the expanded chains)."""
+        return sum(c.params_after or 0 for c in self.replaced)
+
+
+_CONVERTIBLE: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
+"""Module types ``overparameterize`` can replace (exact types: a subclass may change the forward)."""
+
+
+def plan_overparameterize(
+    model: nn.Module,
+    depth: int = 2,
+    width: float = 1,
+    *,
+    include: Iterable[str] | None = None,
+    exclude: Iterable[str] = (),
+    types: Iterable[type[nn.Module]] | type[nn.Module] | None = None,
+    min_params: int = 0,
+    **ep_kwargs: Any,
+) -> ConversionPlan:
+    """What :func:`overparameterize` would replace, and what it would keep and why; the model is not changed.
+
+    A dry run to read before converting: it runs the same selection and builds the
+    same EP layers (to count their parameters and raise the same :class:`ConfigError`),
+    then drops them. Arguments as for :func:`overparameterize`.
+
+    Example::
+
+        >>> plan = plan_overparameterize(model, depth=4, exclude=["fc"])
+        >>> [(c.path, c.params_before, c.params_after) for c in plan.replaced]
+    """
+    return _plan(unwrap_model(model), depth, width, include, exclude, types, min_params, ep_kwargs)[0]
+
+
+def overparameterize(
+    model: nn.Module,
+    depth: int = 2,
+    width: float = 1,
+    *,
+    include: Iterable[str] | None = None,
+    exclude: Iterable[str] = (),
+    types: Iterable[type[nn.Module]] | type[nn.Module] | None = None,
+    min_params: int = 0,
+    **ep_kwargs: Any,
+) -> nn.Module:
+    """A copy with the selected ``nn.Linear`` / ``nn.Conv2d`` modules replaced by freshly initialised EP equivalents.
 
     Sizes, stride, padding and bias come from the replaced module; ``depth``,
     ``width`` and ``ep_kwargs`` (batch_norm, residual, residual_intervals,
     residual_mode, collapse_on_eval, negative_slope, bn_eps, bn_momentum) apply
     to every EP layer. Convolutions become ``kernel_sizes = [k] + [1] * (depth - 1)``,
     so the collapsed kernel keeps size k. Existing EP layers are left as they are.
+
+    What is converted: modules of ``types`` (default: every convertible type) whose
+    path matches an ``include`` glob (default: all) and no ``exclude`` glob, with
+    at least ``min_params`` parameters. A pattern matches a module's dotted path
+    or any enclosing path, so ``"layer1"`` selects everything inside ``layer1`` and
+    ``"*.downsample.*"`` every downsample branch. A module sharing a parameter with
+    another module (tied embeddings: ``lm_head.weight is wte.weight``) is kept, so
+    tying is never broken. :func:`plan_overparameterize` takes the same arguments
+    and returns what was replaced and kept, with parameter counts.
+
+    Wrapped models (``DistributedDataParallel``, ``torch.compile``) are unwrapped:
+    the result is the converted inner model; wrap it again (a wrapper registers
+    the parameters it wraps, and these are new ones).
+
+    Example::
+
+        >>> ep = overparameterize(resnet, depth=4, exclude=["conv1", "fc"], types=[nn.Conv2d], min_params=1024)
     """
+    model = unwrap_model(model)
+    _, replacements = _plan(model, depth, width, include, exclude, types, min_params, ep_kwargs)
+    return _replaced(model, replacements)
+
+
+def _plan(
+    model: nn.Module,
+    depth: int,
+    width: float,
+    include: Iterable[str] | None,
+    exclude: Iterable[str],
+    types: Iterable[type[nn.Module]] | type[nn.Module] | None,
+    min_params: int,
+    ep_kwargs: Mapping[str, Any],
+) -> tuple[ConversionPlan, dict[int, nn.Module]]:
+    """The plan and the replacement of each converted module by ``id`` (built in the module's dtype and device)."""
     unknown = sorted(set(ep_kwargs) - _EP_KWARGS)
     if unknown:
         raise ConfigError(f"overparameterize: unknown options {unknown}; allowed: {sorted(_EP_KWARGS)}")
+    selected = _selected_types(types)
+    if not isinstance(min_params, int) or isinstance(min_params, bool) or min_params < 0:
+        raise ConfigError(f"overparameterize: min_params must be an int >= 0, got {min_params!r}")
+    included = None if include is None else _patterns("include", include)
+    excluded = _patterns("exclude", exclude)
+    owners = _parameter_owners(model)
+    conversions: list[Conversion] = []
     replacements: dict[int, nn.Module] = {}
     for path, module in walk_modules(model):
-        if id(module) in replacements:
+        if id(module) in replacements or type(module) not in _CONVERTIBLE:
+            continue
+        count = sum(p.numel() for p in module.parameters())
+        reason = _kept_because(path, module, count, selected, included, excluded, min_params, owners)
+        if reason is not None:
+            conversions.append(Conversion(path, type(module).__name__, count, reason=reason))
             continue
         if type(module) is nn.Linear:
-            replacements[id(module)] = _ep_linear(path, module, depth, width, ep_kwargs)
-        elif type(module) is nn.Conv2d:
-            replacements[id(module)] = _ep_conv(path, module, depth, width, ep_kwargs)
-    return _replaced(model, replacements)
+            layer = _ep_linear(path, module, depth, width, ep_kwargs)
+        else:
+            layer = _ep_conv(path, module, depth, width, ep_kwargs)  # type: ignore[arg-type]
+        replacements[id(module)] = layer
+        after = sum(p.numel() for p in layer.parameters())
+        conversions.append(Conversion(path, type(module).__name__, count, params_after=after))
+    return ConversionPlan(tuple(conversions)), replacements
+
+
+def _selected_types(types: Iterable[type[nn.Module]] | type[nn.Module] | None) -> tuple[type[nn.Module], ...]:
+    if types is None:
+        return _CONVERTIBLE
+    chosen = (types,) if isinstance(types, type) else tuple(types)
+    wrong = [t for t in chosen if t not in _CONVERTIBLE]
+    if wrong:
+        names = [getattr(t, "__name__", repr(t)) for t in wrong]
+        raise ConfigError(
+            f"overparameterize: types {names} cannot be converted; choose from "
+            f"{[t.__name__ for t in _CONVERTIBLE]}"
+        )
+    return chosen
+
+
+def _patterns(name: str, patterns: Iterable[str]) -> tuple[str, ...]:
+    if isinstance(patterns, str):
+        patterns = (patterns,)
+    chosen = tuple(patterns)
+    if not all(isinstance(p, str) for p in chosen):
+        raise ConfigError(f"overparameterize: {name} must be glob patterns (strings), got {chosen!r}")
+    return chosen
+
+
+def _matches(path: str, patterns: tuple[str, ...]) -> bool:
+    """Whether a glob matches ``path`` or an enclosing path (``a.b.c`` is inside ``a.b`` and ``a``)."""
+    parts = path.split(".")
+    candidates = [".".join(parts[:end]) for end in range(1, len(parts) + 1)] if path else [""]
+    return any(fnmatch.fnmatchcase(candidate, pattern) for candidate in candidates for pattern in patterns)
+
+
+def _parameter_owners(model: nn.Module) -> dict[int, list[str]]:
+    """Parameter ``id`` -> paths of the distinct modules holding it (a module reused in two places counts once)."""
+    owners: dict[int, list[str]] = {}
+    seen: set[tuple[int, int]] = set()
+    for path, module in model.named_modules(remove_duplicate=False):
+        for parameter in module.parameters(recurse=False):
+            if (id(module), id(parameter)) not in seen:
+                seen.add((id(module), id(parameter)))
+                owners.setdefault(id(parameter), []).append(path)
+    return owners
+
+
+def _kept_because(
+    path: str,
+    module: nn.Module,
+    count: int,
+    selected: tuple[type[nn.Module], ...],
+    included: tuple[str, ...] | None,
+    excluded: tuple[str, ...],
+    min_params: int,
+    owners: Mapping[int, list[str]],
+) -> str | None:
+    """Why the module stays plain, or None when it is converted."""
+    if type(module) not in selected:
+        return f"type {type(module).__name__} not selected"
+    if included is not None and not _matches(path, included):
+        return "matches no include pattern"
+    if _matches(path, excluded):
+        return "matches an exclude pattern"
+    if count < min_params:
+        return f"{count} parameters < min_params={min_params}"
+    for name, parameter in module.named_parameters(recurse=False):
+        others = [other for other in owners.get(id(parameter), []) if other != path]
+        if others:
+            return f"{name} is shared with {others[0]!r} (tied); converting would untie it"
+    return None
 
 
 def _ep_linear(path: str, linear: nn.Linear, depth: int, width: float, ep_kwargs: Mapping[str, Any]) -> nn.Module:
