@@ -36,8 +36,14 @@ if TYPE_CHECKING:  # explicit re-exports for type checkers; at run time __getatt
     from epcli.formats.checkpoint import save_checkpoint as save_checkpoint
     from epcli.formats.checkpoint import save_collapsed_checkpoint as save_collapsed_checkpoint
     from epcli.layers import EPConfig as EPConfig
+    from epcli.layers import EPConv as EPConv
+    from epcli.layers import EPConv1d as EPConv1d
+    from epcli.layers import EPConv1dConfig as EPConv1dConfig
     from epcli.layers import EPConv2d as EPConv2d
     from epcli.layers import EPConv2dConfig as EPConv2dConfig
+    from epcli.layers import EPConv3d as EPConv3d
+    from epcli.layers import EPConv3dConfig as EPConv3dConfig
+    from epcli.layers import EPConvConfig as EPConvConfig
     from epcli.layers import EPLayer as EPLayer
     from epcli.layers import EPLinear as EPLinear
     from epcli.layers import EPLinearConfig as EPLinearConfig
@@ -46,8 +52,14 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "EPConfig": "epcli.layers",
+    "EPConv": "epcli.layers",
+    "EPConv1d": "epcli.layers",
+    "EPConv1dConfig": "epcli.layers",
     "EPConv2d": "epcli.layers",
     "EPConv2dConfig": "epcli.layers",
+    "EPConv3d": "epcli.layers",
+    "EPConv3dConfig": "epcli.layers",
+    "EPConvConfig": "epcli.layers",
     "EPLayer": "epcli.layers",
     "EPLinear": "epcli.layers",
     "EPLinearConfig": "epcli.layers",

@@ -15,16 +15,17 @@ import sys
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.conv import _ConvNd
 
 from epcli.core.affine import Affine
 from epcli.errors import CheckpointError, ConfigError
 from epcli.layers.base import EPLayer
 from epcli.layers.config import EPConfig
-from epcli.layers.conv import EPConv2d
+from epcli.layers.conv import EPConv, EPConv1d, EPConv2d, EPConv3d
 from epcli.layers.linear import EPLinear
 from epcli.layers.registry import (
     build_layer,
@@ -429,10 +430,6 @@ class ConversionPlan:
         return sum(c.params_after or 0 for c in self.replaced)
 
 
-_CONVERTIBLE: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
-"""Module types ``overparameterize`` can replace (exact types: a subclass may change the forward)."""
-
-
 def plan_overparameterize(
     model: nn.Module,
     depth: int = 2,
@@ -469,13 +466,14 @@ def overparameterize(
     min_params: int = 0,
     **ep_kwargs: Any,
 ) -> nn.Module:
-    """A copy with the selected ``nn.Linear`` / ``nn.Conv2d`` modules replaced by freshly initialised EP equivalents.
+    """A copy with the selected ``nn.Linear`` / ``nn.Conv1d/2d/3d`` modules replaced by fresh EP equivalents.
 
-    Sizes, stride, padding and bias come from the replaced module; ``depth``,
-    ``width`` and ``ep_kwargs`` (batch_norm, residual, residual_intervals,
-    residual_mode, collapse_on_eval, negative_slope, bn_eps, bn_momentum) apply
-    to every EP layer. Convolutions become ``kernel_sizes = [k] + [1] * (depth - 1)``,
-    so the collapsed kernel keeps size k. Existing EP layers are left as they are.
+    Sizes, stride, padding (and mode), groups, dilation and bias come from the
+    replaced module; ``depth``, ``width`` and ``ep_kwargs`` (batch_norm, residual,
+    residual_intervals, residual_mode, collapse_on_eval, negative_slope, bn_eps,
+    bn_momentum) apply to every EP layer. Convolutions become
+    ``kernel_sizes = [k] + [1] * (depth - 1)``, so the collapsed kernel keeps size k.
+    Existing EP layers are left as they are.
 
     What is converted: modules of ``types`` (default: every convertible type) whose
     path matches an ``include`` glob (default: all) and no ``exclude`` glob, with
@@ -532,7 +530,7 @@ def _plan(
         if type(module) is nn.Linear:
             layer = _ep_linear(path, module, depth, width, ep_kwargs)
         else:
-            layer = _ep_conv(path, module, depth, width, ep_kwargs)  # type: ignore[arg-type]
+            layer = _ep_conv(path, cast(_ConvNd, module), depth, width, ep_kwargs)
         replacements[id(module)] = layer
         after = sum(p.numel() for p in layer.parameters())
         conversions.append(Conversion(path, type(module).__name__, count, params_after=after))
@@ -617,40 +615,41 @@ def _ep_linear(path: str, linear: nn.Linear, depth: int, width: float, ep_kwargs
     return _like(layer, linear)
 
 
-def _ep_conv(path: str, conv: nn.Conv2d, depth: int, width: float, ep_kwargs: Mapping[str, Any]) -> nn.Module:
-    where = f"Conv2d at {path or '<model>'!r}"
-    kernel = conv.kernel_size[0]
-    padding = _square_padding(conv)
-    problems = []
-    if conv.kernel_size[0] != conv.kernel_size[1]:
-        problems.append(f"kernel_size {tuple(conv.kernel_size)} is not square")
-    if conv.stride[0] != conv.stride[1]:
-        problems.append(f"stride {tuple(conv.stride)} differs between height and width")
+_EP_CONVS: Mapping[type[nn.Module], type[EPConv]] = {nn.Conv1d: EPConv1d, nn.Conv2d: EPConv2d, nn.Conv3d: EPConv3d}
+"""Plain convolution type -> the EP convolution of the same family."""
+
+_CONVERTIBLE: tuple[type[nn.Module], ...] = (nn.Linear, *_EP_CONVS)
+"""Module types ``overparameterize`` can replace (exact types: a subclass may change the forward)."""
+
+
+def _ep_conv(path: str, conv: _ConvNd, depth: int, width: float, ep_kwargs: Mapping[str, Any]) -> nn.Module:
+    """The EP convolution of ``conv``'s family with its sizes, stride, padding (and mode), dilation, groups and bias.
+
+    ``kernel_sizes = [k] + [1] * (depth - 1)`` (k per dim, rectangular as it is), so the collapsed kernel is k.
+    """
+    where = f"{type(conv).__name__} at {path or '<model>'!r}"
+    padding = _symmetric_padding(conv)
     if padding is None:
-        problems.append(f"padding {conv.padding!r} differs between height and width")
-    if tuple(conv.dilation) != (1, 1):
-        problems.append(f"dilation is {tuple(conv.dilation)}, not 1")
-    if conv.groups != 1:
-        problems.append(f"groups is {conv.groups}, not 1")
-    if conv.padding_mode != "zeros":
-        problems.append(f"padding_mode is {conv.padding_mode!r}, not 'zeros'")
-    if problems or padding is None:
         raise ConfigError(
-            f"cannot overparameterize {where}: {'; '.join(problems)}; EPConv2d needs a square kernel, one int "
-            "stride and padding, dilation 1, groups 1 and zero padding"
+            f"cannot overparameterize {where}: padding='same' with kernel_size {tuple(conv.kernel_size)} and dilation "
+            f"{tuple(conv.dilation)} pads one side more than the other; EP convolutions pad symmetrically: use an odd "
+            "kernel or an explicit int padding"
         )
     if not isinstance(depth, int) or isinstance(depth, bool) or depth < 1:
         raise ConfigError(f"cannot overparameterize {where}: depth must be an int >= 1, got {depth!r}")
     try:
-        layer = EPConv2d(
+        layer = _EP_CONVS[type(conv)](
             conv.in_channels,
             conv.out_channels,
-            kernel_sizes=[kernel] + [1] * (depth - 1),
+            kernel_sizes=[tuple(conv.kernel_size)] + [1] * (depth - 1),
             padding=padding,
-            stride=conv.stride[0],
+            stride=tuple(conv.stride),
             width=width,
             depth=depth,
             bias=conv.bias is not None,
+            groups=conv.groups,
+            dilation=tuple(conv.dilation),
+            padding_mode=conv.padding_mode,
             **ep_kwargs,
         )
     except ConfigError as e:
@@ -658,20 +657,18 @@ def _ep_conv(path: str, conv: nn.Conv2d, depth: int, width: float, ep_kwargs: Ma
     return _like(layer, conv)
 
 
-def _square_padding(conv: nn.Conv2d) -> int | None:
-    """One int padding for the conv ('valid' is 0, 'same' is (k - 1) / 2 for an odd kernel), or None."""
+def _symmetric_padding(conv: _ConvNd) -> tuple[int, ...] | None:
+    """Padding per dim ('valid' is 0; 'same' is dilation * (k - 1) / 2), or None when 'same' would pad unevenly."""
     padding = conv.padding
     if padding == "valid":
-        return 0
+        return (0,) * len(conv.kernel_size)
     if padding == "same":
-        size = conv.kernel_size[0]
-        return (size - 1) // 2 if size % 2 == 1 and tuple(conv.stride) == (1, 1) else None
-    if isinstance(padding, tuple) and padding[0] == padding[1]:
-        return int(padding[0])
-    return None
+        totals = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
+        return None if any(t % 2 for t in totals) else tuple(t // 2 for t in totals)
+    return tuple(int(p) for p in padding)
 
 
-def _like(layer: EPLayer, original: nn.Linear | nn.Conv2d) -> EPLayer:
+def _like(layer: EPLayer, original: nn.Linear | _ConvNd) -> EPLayer:
     """Put the new layer on the replaced module's device and dtype, in its training mode."""
     reference = original.weight
     return layer.to(device=reference.device, dtype=reference.dtype).train(original.training)

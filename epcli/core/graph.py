@@ -17,10 +17,9 @@ from torch import Tensor
 from epcli.core.affine import Affine, BatchNormFold, LinearAlgebra
 from epcli.core.conv import ConvAlgebra
 
-__all__ = ["CONV2D", "LINEAR", "ChainLayer", "SkipEdge", "collapse_chain", "skip_edges"]
+__all__ = ["LINEAR", "ChainLayer", "SkipEdge", "collapse_chain", "skip_edges"]
 
 LINEAR = LinearAlgebra()
-CONV2D = ConvAlgebra()
 
 SkipEdge = tuple[int, int]
 """A skip ``(source node, destination node)``."""

@@ -25,6 +25,7 @@ from typing import Any, Literal, NamedTuple
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.conv import _ConvNd
 from torch.optim.optimizer import Optimizer, register_optimizer_step_post_hook
 
 from epcli.core import Affine, BatchNormFold, ChainLayer, collapse_chain
@@ -69,14 +70,14 @@ def _tracing() -> bool:
 
 
 class _Block(NamedTuple):
-    """One link of the chain, typed: the Linear/Conv2d and its optional batch-norm."""
+    """One link of the chain, typed: the Linear/ConvNd and its optional batch-norm."""
 
-    layer: nn.Linear | nn.Conv2d
+    layer: nn.Linear | _ConvNd
     norm: _BatchNorm | None
 
 
 class EPLayer(nn.Module):
-    """Base of :class:`EPLinear` and :class:`EPConv2d`; not used directly."""
+    """Base of :class:`EPLinear` and :class:`EPConv` (1-D to 3-D); not used directly."""
 
     _algebra: LinearAlgebra | ConvAlgebra
 
@@ -135,7 +136,7 @@ class EPLayer(nn.Module):
             blocks.append(_Block(modules[0], modules[1] if len(modules) > 1 else None))  # type: ignore[arg-type]
         return blocks
 
-    def _projections(self) -> dict[str, nn.Linear | nn.Conv2d]:
+    def _projections(self) -> dict[str, nn.Linear | _ConvNd]:
         """Learnable skips by key (empty for identity skips)."""
         return dict(self.residual_dict.items())  # type: ignore[arg-type]
 
@@ -182,7 +183,7 @@ class EPLayer(nn.Module):
         last = self._config.depth - 1
         for index, (layer, norm) in enumerate(self._blocks()):
             slope = self._config.negative_slope if index == last else 1.0
-            nn.init.kaiming_normal_(layer.weight, a=slope, mode=self._init_fan_mode, nonlinearity="leaky_relu")
+            self._init_weight(layer.weight, slope)
             if layer.bias is not None:
                 fan_in = layer.weight[0].numel()
                 bound = 1.0 / math.sqrt(fan_in)
@@ -191,6 +192,9 @@ class EPLayer(nn.Module):
                 norm.reset_parameters()
         for projection in self._projections().values():
             projection.reset_parameters()
+
+    def _init_weight(self, weight: Tensor, slope: float) -> None:
+        nn.init.kaiming_normal_(weight, a=slope, mode=self._init_fan_mode, nonlinearity="leaky_relu")
 
     # ---- forward ----------------------------------------------------------------
     def train(self, mode: bool = True) -> EPLayer:
