@@ -229,15 +229,15 @@ def _owner(key: str, paths: Mapping[str, Any]) -> str | None:
 
 # ---- whole models ------------------------------------------------------------------------
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The model inside ``DistributedDataParallel`` / ``DataParallel`` / ``torch.compile`` wrappers.
+    """The model inside ``DistributedDataParallel`` / ``DataParallel`` / ``torch.compile`` / FSDP wrappers.
 
-    Their state dicts prefix every key (``module.``, ``_orig_mod.``); the inner model
-    is what checkpoints and transforms should see. A model sharded with FSDP2
-    (``fully_shard``: DTensor parameters, classes ``FSDP<Name>``) gives a full,
-    unsharded copy on the CPU in the original classes; gathering it is a collective,
-    so call this (and everything that calls it) on every rank. FSDP1
-    (``FullyShardedDataParallel``) flattens parameters and cannot be unwrapped here:
-    :class:`ConfigError` says what to pass instead.
+    Their state dicts prefix every key (``module.``, ``_orig_mod.``) or hold shards;
+    the plain model is what checkpoints and transforms should see. DDP and compile
+    wrappers give the inner model itself. A sharded model (FSDP2 ``fully_shard``:
+    DTensor parameters, classes ``FSDP<Name>``; FSDP1 ``FullyShardedDataParallel``:
+    flattened parameters) gives a full, unsharded CPU copy in the original classes,
+    without FSDP's hooks; gathering it is a collective, so call this (and
+    everything that calls it) on every rank.
     """
     while True:
         if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
@@ -246,16 +246,24 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             model = model._orig_mod  # type: ignore[assignment]
         else:
             break
-    if any(_is_instance(module, "torch.distributed.fsdp", "FullyShardedDataParallel") for module in model.modules()):
-        raise ConfigError(
-            "the model is wrapped in FSDP1 (FullyShardedDataParallel), whose flattened parameters epcli cannot read; "
-            "pass the unwrapped module (before wrapping), or load a full state dict (FSDP.state_dict_type "
-            "FULL_STATE_DICT, or torch.distributed.checkpoint.state_dict.get_model_state_dict with "
-            "full_state_dict=True) into an unwrapped copy of the model; or shard with FSDP2 (fully_shard)"
-        )
-    if any(_is_instance(module, "torch.distributed.fsdp", "FSDPModule") for module in model.modules()):
+    if any(_is_sharded(module) for module in model.modules()):
         return _gathered(model)
     return model
+
+
+def _is_instance(obj: object, module: str, name: str) -> bool:
+    """``isinstance`` against a torch class only if its module is already imported (importing dynamo costs ~1 s)."""
+    loaded = sys.modules.get(module)
+    cls = getattr(loaded, name, None) if loaded is not None else None
+    return isinstance(cls, type) and isinstance(obj, cls)
+
+
+def _is_fsdp1(module: nn.Module) -> bool:
+    return _is_instance(module, "torch.distributed.fsdp", "FullyShardedDataParallel")
+
+
+def _is_sharded(module: nn.Module) -> bool:
+    return _is_fsdp1(module) or _is_instance(module, "torch.distributed.fsdp", "FSDPModule")
 
 
 _FORWARD_HOOKS = (
@@ -265,13 +273,22 @@ _FORWARD_HOOKS = (
 
 
 def _gathered(model: nn.Module) -> nn.Module:
-    """A full, unsharded CPU copy of an FSDP2 model, in the original module classes and without FSDP's hooks."""
+    """A full, unsharded CPU copy of an FSDP1/FSDP2 model, in the original module classes and without FSDP.
+
+    The tensors come from ``get_model_state_dict(full_state_dict=True)`` (FSDP's own
+    gather, keys as in the unwrapped model); the module tree is copied without its
+    tensors, FSDP1 wrappers replaced by the module they wrap, FSDP2 classes by the
+    class they extend, and each gathered tensor registered where its key says.
+    """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from torch.distributed.fsdp import FSDPModule
 
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
 
     def skeleton(module: nn.Module) -> nn.Module:
+        while _is_fsdp1(module):
+            module = module.module  # type: ignore[assignment]  # the wrapped module
         cls: type[nn.Module] = type(module)
         sharded = isinstance(module, FSDPModule)
         if sharded:  # fully_shard swaps the class for FSDP<Name>(FSDPModule, Name)
@@ -279,34 +296,31 @@ def _gathered(model: nn.Module) -> nn.Module:
         copy_ = cls.__new__(cls)
         copy_.__dict__.update(module.__dict__)
         copy_._modules = {name: None if child is None else skeleton(child) for name, child in module._modules.items()}
-        copy_._parameters = {
-            name: None if p is None else nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"), p.requires_grad)
-            for name, p in module._parameters.items()
-        }
-        copy_._buffers = {
-            name: None if b is None else torch.empty(b.shape, dtype=b.dtype, device="meta")
+        copy_._parameters = {}
+        copy_._buffers = {  # non-persistent buffers are not in the state dict, and never sharded
+            name: b.detach().cpu().clone() if b is not None and name in module._non_persistent_buffers_set else None
             for name, b in module._buffers.items()
         }
-        if sharded:  # FSDP's hooks and state live in the module's dict: the copy starts without them
+        for name in list(copy_.__dict__):  # FSDP's state lives in the module's dict
+            if name.startswith(("__composable_api_state_key", "_fsdp", "_is_fsdp")):
+                del copy_.__dict__[name]
+        if sharded:
             for name in _FORWARD_HOOKS:
                 setattr(copy_, name, type(getattr(module, name))())
-            for name in list(copy_.__dict__):
-                if name.startswith("__composable_api_state_key") or name.startswith("_fsdp") or name == "_is_fsdp_managed_module":
-                    del copy_.__dict__[name]
         if isinstance(copy_, EPLayer):
             copy_._cache = None
         return copy_
 
     plain = skeleton(model)
-    plain.load_state_dict(state, strict=True, assign=True)
+    for key, value in state.items():
+        path, _, name = key.rpartition(".")
+        owner = plain.get_submodule(path)
+        owner.__dict__.pop(name, None)  # FSDP1 leaves views of its flat parameter as plain attributes
+        if name in owner._buffers:
+            owner._buffers[name] = value
+        else:
+            owner._parameters[name] = nn.Parameter(value, requires_grad=requires_grad.get(key, True))
     return plain
-
-
-def _is_instance(obj: object, module: str, name: str) -> bool:
-    """``isinstance`` against a torch class only if its module is already imported (importing dynamo costs ~1 s)."""
-    loaded = sys.modules.get(module)
-    cls = getattr(loaded, name, None) if loaded is not None else None
-    return isinstance(cls, type) and isinstance(obj, cls)
 
 
 def _replaced(model: nn.Module, replacements: Mapping[int, nn.Module]) -> nn.Module:
@@ -323,8 +337,8 @@ def collapse_model(model: nn.Module) -> nn.Module:
     """A new plain model: each EP layer replaced by ``nn.Linear`` / ``nn.Conv2d`` with its collapsed weights.
 
     The input model is left untouched; dtype and device of each layer are kept;
-    the result is in eval mode. A wrapped model (DDP, ``torch.compile``, FSDP2)
-    gives the collapsed inner model (see :func:`unwrap_model`).
+    the result is in eval mode. A wrapped model (DDP, ``torch.compile``, FSDP)
+    gives the collapsed plain model (see :func:`unwrap_model`).
 
     Example::
 
@@ -484,9 +498,9 @@ def overparameterize(
     tying is never broken. :func:`plan_overparameterize` takes the same arguments
     and returns what was replaced and kept, with parameter counts.
 
-    Wrapped models (``DistributedDataParallel``, ``torch.compile``) are unwrapped:
-    the result is the converted inner model; wrap it again (a wrapper registers
-    the parameters it wraps, and these are new ones).
+    Wrapped models (DDP, ``torch.compile``, FSDP) are unwrapped first (:func:`unwrap_model`):
+    the result is the converted plain model; wrap it again (a wrapper registers the
+    parameters it wraps, and these are new ones). Better: convert before wrapping.
 
     Example::
 

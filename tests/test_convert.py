@@ -508,9 +508,10 @@ def process_group(tmp_path):
         dist.destroy_process_group()
 
 
-@pytest.mark.filterwarnings("ignore::UserWarning")
-def test_ddp_and_fsdp2_models_collapse_and_save_unwrapped(process_group, tmp_path):
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+def test_ddp_fsdp1_and_fsdp2_models_collapse_and_save_unwrapped(process_group, tmp_path):
     from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
     x = torch.randn(3, 4)
     reference = collapse_model(_ep_model())(x)
@@ -521,7 +522,12 @@ def test_ddp_and_fsdp2_models_collapse_and_save_unwrapped(process_group, tmp_pat
     fully_shard(fsdp2[0])
     fully_shard(fsdp2)
     assert type(fsdp2[0]).__name__ == "FSDPEPLinear"
-    for name, wrapped in (("ddp", ddp), ("fsdp2", fsdp2)):
+    fsdp1 = FullyShardedDataParallel(_ep_model(), device_id=torch.device("cpu"), auto_wrap_policy=ModuleWrapPolicy({EPLinear}))
+    assert isinstance(fsdp1.module[0], FullyShardedDataParallel)  # nested: each EP layer its own flat parameter
+    for name, wrapped in (("ddp", ddp), ("fsdp2", fsdp2), ("fsdp1", fsdp1)):
+        plain = unwrap_model(wrapped)
+        assert [type(m) for m in plain] == [EPLinear, nn.ReLU, EPLinear]
+        assert all(type(p) is nn.Parameter for p in plain.parameters())
         collapsed = collapse_model(wrapped)
         assert [type(m) for m in collapsed] == [nn.Linear, nn.ReLU, nn.Linear]
         torch.testing.assert_close(collapsed(x), reference, rtol=0, atol=0)
@@ -532,6 +538,3 @@ def test_ddp_and_fsdp2_models_collapse_and_save_unwrapped(process_group, tmp_pat
 
     ep = overparameterize(nn.parallel.DistributedDataParallel(nn.Sequential(nn.Linear(4, 2))))
     assert isinstance(ep[0], EPLinear)
-
-    with pytest.raises(ConfigError, match="FSDP1.*pass the unwrapped module"):
-        collapse_model(FullyShardedDataParallel(_ep_model(), device_id=torch.device("cpu")))

@@ -145,8 +145,9 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike[str], *, input_sha
     ``input_shape`` is the shape of one sample without the batch dimension, e.g.
     ``(64,)`` or ``(1, 8, 8)``; one forward pass on zeros of that shape records
     each EP layer's input shape. The write is atomic, and identical models give
-    byte-identical files. A wrapped model (DDP, ``torch.compile``, FSDP2) is saved
-    as its full, unwrapped inner model (:func:`epcli.convert.unwrap_model`).
+    byte-identical files. A wrapped model (DDP, ``torch.compile``, FSDP1/FSDP2) is
+    saved as its full, unwrapped model (:func:`epcli.convert.unwrap_model`; for FSDP
+    a collective, so call it on every rank).
     """
     path = Path(path)
     model = unwrap_model(model)
