@@ -313,6 +313,8 @@ def _gathered(model: nn.Module) -> nn.Module:
 
     plain = skeleton(model)
     for key, value in state.items():
+        if not isinstance(value, Tensor):  # a full, CPU-offloaded state dict holds plain tensors only
+            raise ConfigError(f"gathering the sharded model gave a {type(value).__name__} for {key!r}, not a tensor")
         path, _, name = key.rpartition(".")
         owner = plain.get_submodule(path)
         owner.__dict__.pop(name, None)  # FSDP1 leaves views of its flat parameter as plain attributes
