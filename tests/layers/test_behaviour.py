@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from epcli import ConfigError, EPConv2d, EPConv2dConfig, EPLinear, EPLinearConfig
+from epcli import ConfigError, EPConv1d, EPConv2d, EPConv2dConfig, EPConv3d, EPLinear, EPLinearConfig
 from epcli.layers import EPLayer
 
 AssertScaledClose = Callable[[Tensor, Tensor], None]
@@ -155,6 +155,30 @@ def test_gradients_reach_every_parameter_in_eval_mode(layer: EPLayer, assert_sca
         assert not calls  # the collapsed form ran
     expanded = _gradients(layer, x, weights, override=True)
     assert set(collapsed) == {name for name, _ in layer.named_parameters()}
+    for name, grad in expanded.items():
+        assert_scaled_close(collapsed[name], grad)
+
+
+@pytest.mark.parametrize(
+    ("layer", "shape"),
+    [
+        (lambda: EPConv1d(4, 4, [3, 3], padding=4, dilation=2, groups=2, batch_norm=True, residual=True), (3, 4, 9)),
+        (lambda: EPConv3d(3, 3, [3, 1], padding=1, groups=3, batch_norm=True, residual=True, residual_mode="learn"),
+         (2, 3, 4, 5, 3)),
+    ],
+    ids=["conv1d-grouped-dilated", "conv3d-depthwise"],
+)
+def test_eval_gradients_of_other_conv_families(
+    layer: Callable[[], EPLayer], shape: tuple[int, ...], randomise_batch_norm: RandomiseBatchNorm,
+    assert_scaled_close: AssertScaledClose,
+) -> None:
+    built = layer()
+    randomise_batch_norm(built)
+    built = built.double().eval()
+    x = torch.randn(shape, dtype=torch.float64)
+    weights = torch.randn_like(built(x, override=True))
+    collapsed, expanded = _gradients(built, x, weights), _gradients(built, x, weights, override=True)
+    assert set(collapsed) == {name for name, _ in built.named_parameters()}
     for name, grad in expanded.items():
         assert_scaled_close(collapsed[name], grad)
 
