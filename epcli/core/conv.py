@@ -59,6 +59,13 @@ def compose_kernels(outer: Tensor, inner: Tensor, groups: int = 1) -> Tensor:
 
     outer: [C_out, C_mid / g, *k], inner: [C_mid, C_in / g, *K] -> [C_out, C_in / g, *(K + k - 1)].
     """
+    if all(k == 1 for k in outer.shape[2:]):
+        # a pointwise outer kernel only mixes channels, group by group: one batched matrix product
+        # (the common [k] + [1] * (depth - 1) chain; a grouped float64 conv would loop over the groups)
+        out_channels, mid_per_group = outer.shape[:2]
+        blocks = outer.reshape(groups, out_channels // groups, mid_per_group)  # [g, C_out / g, C_mid / g]
+        columns = inner.reshape(groups, mid_per_group, -1)  # [C_mid, C_in / g, *K] -> [g, C_mid / g, C_in / g * prod(K)]
+        return torch.bmm(blocks, columns).reshape(out_channels, *inner.shape[1:])  # [C_out, C_in / g, *K]
     ndim = outer.dim() - 2
     spatial = tuple(range(2, outer.dim()))
     # C_in / g as the batch, C_mid (ordered by group) as channels: [C_in / g, C_mid, *K]

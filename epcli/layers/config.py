@@ -287,8 +287,7 @@ class EPConvConfig(EPConfig):
                 "depth", self.depth,
                 f"len(kernel_sizes) = {len(self.kernel_sizes)} when kernel_sizes is a list (or leave depth unset)",
             )
-        channels = {"in_channels": self.in_channels, "out_channels": self.out_channels, "hidden": self.hidden_dim}
-        if any(c % self.groups for c in channels.values()):
+        if any(channels % self.groups for channels in (self.in_channels, self.out_channels, self.hidden_dim)):
             raise ConfigError(
                 f"{self.layer_type}: groups={self.groups} must divide in_channels ({self.in_channels}), "
                 f"out_channels ({self.out_channels}) and the hidden channels int(out_channels * width) = "

@@ -82,6 +82,8 @@ class EPConv(EPLayer):
         bn_eps: float = 1e-5,
         bn_momentum: float | None = 0.1,
     ) -> None:
+        if not hasattr(type(self), "_config_class"):
+            raise TypeError("EPConv is the shared implementation: build EPConv1d, EPConv2d or EPConv3d")
         config = self._config_class.from_arguments(
             kernel_sizes,
             depth,
@@ -229,7 +231,7 @@ class EPConv(EPLayer):
             if value != default
         )
         return (
-            f"{c.in_channels}, {c.out_channels}, kernel_sizes={c.to_dict()['kernel_sizes']}, padding={c.padding}, "
+            f"{c.in_channels}, {c.out_channels}, kernel_sizes={list(c.kernel_sizes)}, padding={c.padding}, "
             f"stride={c.stride}, width={c.width}, depth={c.depth}, bias={c.bias}, batch_norm={c.batch_norm}, "
             f"residual={c.residual}, residual_intervals={list(c.residual_intervals)}, "
             f"residual_mode={c.residual_mode!r}{extras}"
