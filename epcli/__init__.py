@@ -22,10 +22,13 @@ from epcli.errors import (
 )
 
 if TYPE_CHECKING:  # explicit re-exports for type checkers; at run time __getattr__ imports them
+    from epcli.convert import ConversionPlan as ConversionPlan
     from epcli.convert import collapse_layer as collapse_layer
     from epcli.convert import collapse_model as collapse_model
     from epcli.convert import collapse_state_dict as collapse_state_dict
     from epcli.convert import overparameterize as overparameterize
+    from epcli.convert import plan_overparameterize as plan_overparameterize
+    from epcli.convert import unwrap_model as unwrap_model
     from epcli.formats.checkpoint import Checkpoint as Checkpoint
     from epcli.formats.checkpoint import CheckpointFile as CheckpointFile
     from epcli.formats.checkpoint import load_checkpoint as load_checkpoint
@@ -64,6 +67,9 @@ _LAZY = {
     "collapse_model": "epcli.convert",
     "collapse_state_dict": "epcli.convert",
     "overparameterize": "epcli.convert",
+    "plan_overparameterize": "epcli.convert",
+    "ConversionPlan": "epcli.convert",
+    "unwrap_model": "epcli.convert",
     "Checkpoint": "epcli.formats.checkpoint",
     "CheckpointFile": "epcli.formats.checkpoint",
     "load_checkpoint": "epcli.formats.checkpoint",
