@@ -112,15 +112,18 @@ def _choice(*options: Any) -> Check:
     return check
 
 
-def _pair(minimum: int) -> Check:
-    """An int or two ints (height, width) -> ``[h, w]``, each at most :data:`MAX_WINDOW`."""
+_COUNTS = {1: "one", 2: "two", 3: "three"}
+
+
+def _per_dim(ndim: int, minimum: int) -> Check:
+    """An int or ``ndim`` ints (one per spatial dim) -> a list of ``ndim`` ints, each at most :data:`MAX_WINDOW`."""
     def check(value: Any) -> list[int]:
-        items = [value, value] if _is_int(value) else value
+        items = [value] * ndim if _is_int(value) else value
         if (
-            not isinstance(items, (list, tuple)) or len(items) != 2
+            not isinstance(items, (list, tuple)) or len(items) != ndim
             or not all(_is_int(v) and minimum <= v <= MAX_WINDOW for v in items)
         ):
-            raise _Invalid(f"an int in [{minimum}, {MAX_WINDOW}] or a list of two such ints")
+            raise _Invalid(f"an int in [{minimum}, {MAX_WINDOW}] or a list of {_COUNTS[ndim]} such ints")
         return [int(v) for v in items]
 
     return check
@@ -151,16 +154,19 @@ def _either(*checks: Check) -> Check:
     return check
 
 
-def _output_size(value: Any) -> Any:
-    """AdaptiveAvgPool2d: an int, or two entries each an int >= 1 or None (keep that size)."""
+def _output_size(ndim: int) -> Check:
+    """AdaptiveAvgPool1d/2d/3d: an int, or ``ndim`` entries each an int >= 1 or None (keep that size)."""
     def size(v: Any) -> bool:
         return _is_int(v) and 1 <= v <= MAX_FEATURES
 
-    if size(value):
-        return int(value)
-    if isinstance(value, (list, tuple)) and len(value) == 2 and all(v is None or size(v) for v in value):
-        return [None if v is None else int(v) for v in value]
-    raise _Invalid(f"an int in [1, {MAX_FEATURES}] or a list of two entries, each such an int or null")
+    def check(value: Any) -> Any:
+        if size(value):
+            return int(value)
+        if isinstance(value, (list, tuple)) and len(value) == ndim and all(v is None or size(v) for v in value):
+            return [None if v is None else int(v) for v in value]
+        raise _Invalid(f"an int in [1, {MAX_FEATURES}] or a list of {_COUNTS[ndim]} entries, each such an int or null")
+
+    return check
 
 
 # ---- the module types ---------------------------------------------------------------------
@@ -222,28 +228,64 @@ _NORM_ARGS = (
     _Arg("track_running_stats", _bool),
 )
 
-_WINDOW_ARGS = (_Arg("kernel_size", _pair(1)), _Arg("stride", _pair(1)))
-"""A sliding window's size and step: convolutions and pools alike."""
+def _window_args(ndim: int) -> tuple[_Arg, ...]:
+    """A sliding window's size and step: convolutions and pools alike."""
+    return (_Arg("kernel_size", _per_dim(ndim, 1)), _Arg("stride", _per_dim(ndim, 1)))
+
+
+def _conv(cls: type[nn.Module], ndim: int) -> _ModuleType:
+    return _ModuleType(
+        cls,
+        (
+            _Arg("in_channels", _int(1)),
+            _Arg("out_channels", _int(1)),
+            *_window_args(ndim),
+            _Arg("padding", _either(_per_dim(ndim, 0), _choice("same", "valid"))),
+            _Arg("dilation", _per_dim(ndim, 1)),
+            _Arg("groups", _int(1)),
+            _Arg("bias", _bool, _has_bias),
+            _Arg("padding_mode", _choice("zeros", "reflect", "replicate", "circular")),
+        ),
+    )
+
+
+def _max_pool(cls: type[nn.Module], ndim: int) -> _ModuleType:
+    return _ModuleType(
+        cls,
+        (
+            *_window_args(ndim),
+            _Arg("padding", _per_dim(ndim, 0)),
+            _Arg("dilation", _per_dim(ndim, 1)),
+            _Arg("ceil_mode", _bool),
+            _Arg("return_indices", _choice(False)),  # indices would turn the output into a tuple
+        ),
+    )
+
+
+def _avg_pool(cls: type[nn.Module], ndim: int) -> _ModuleType:
+    divisor = (_Arg("divisor_override", _optional(_int(1))),) if ndim > 1 else ()  # AvgPool1d has none
+    return _ModuleType(
+        cls,
+        (
+            *_window_args(ndim),
+            _Arg("padding", _per_dim(ndim, 0)),
+            _Arg("ceil_mode", _bool),
+            _Arg("count_include_pad", _bool),
+            *divisor,
+        ),
+    )
+
 
 _TYPES: tuple[_ModuleType, ...] = (
     _ModuleType(
         nn.Linear, (_Arg("in_features", _int(1)), _Arg("out_features", _int(1)), _Arg("bias", _bool, _has_bias))
     ),
-    _ModuleType(
-        nn.Conv2d,
-        (
-            _Arg("in_channels", _int(1)),
-            _Arg("out_channels", _int(1)),
-            *_WINDOW_ARGS,
-            _Arg("padding", _either(_pair(0), _choice("same", "valid"))),
-            _Arg("dilation", _pair(1)),
-            _Arg("groups", _int(1)),
-            _Arg("bias", _bool, _has_bias),
-            _Arg("padding_mode", _choice("zeros", "reflect", "replicate", "circular")),
-        ),
-    ),
+    _conv(nn.Conv1d, 1),
+    _conv(nn.Conv2d, 2),
+    _conv(nn.Conv3d, 3),
     _ModuleType(nn.BatchNorm1d, _NORM_ARGS),
     _ModuleType(nn.BatchNorm2d, _NORM_ARGS),
+    _ModuleType(nn.BatchNorm3d, _NORM_ARGS),
     _ModuleType(nn.ReLU, (_INPLACE,)),
     _ModuleType(nn.GELU, (_Arg("approximate", _choice("none", "tanh")),)),
     _ModuleType(nn.SiLU, (_INPLACE,)),
@@ -257,27 +299,15 @@ _TYPES: tuple[_ModuleType, ...] = (
     _ModuleType(nn.Unflatten, (_Arg("dim", _dim), _Arg("unflattened_size", _int_list(1)))),
     _ModuleType(nn.Dropout, (_Arg("p", _real(0.0, 1.0)), _INPLACE)),
     _ModuleType(nn.Dropout2d, (_Arg("p", _real(0.0, 1.0)), _INPLACE)),
-    _ModuleType(
-        nn.MaxPool2d,
-        (
-            *_WINDOW_ARGS,
-            _Arg("padding", _pair(0)),
-            _Arg("dilation", _pair(1)),
-            _Arg("ceil_mode", _bool),
-            _Arg("return_indices", _choice(False)),  # indices would turn the output into a tuple
-        ),
-    ),
-    _ModuleType(
-        nn.AvgPool2d,
-        (
-            *_WINDOW_ARGS,
-            _Arg("padding", _pair(0)),
-            _Arg("ceil_mode", _bool),
-            _Arg("count_include_pad", _bool),
-            _Arg("divisor_override", _optional(_int(1))),
-        ),
-    ),
-    _ModuleType(nn.AdaptiveAvgPool2d, (_Arg("output_size", _output_size),)),
+    _max_pool(nn.MaxPool1d, 1),
+    _max_pool(nn.MaxPool2d, 2),
+    _max_pool(nn.MaxPool3d, 3),
+    _avg_pool(nn.AvgPool1d, 1),
+    _avg_pool(nn.AvgPool2d, 2),
+    _avg_pool(nn.AvgPool3d, 3),
+    _ModuleType(nn.AdaptiveAvgPool1d, (_Arg("output_size", _output_size(1)),)),
+    _ModuleType(nn.AdaptiveAvgPool2d, (_Arg("output_size", _output_size(2)),)),
+    _ModuleType(nn.AdaptiveAvgPool3d, (_Arg("output_size", _output_size(3)),)),
     _ModuleType(nn.Identity, ()),
 )
 
@@ -485,7 +515,7 @@ def ep_nodes(spec: Any) -> dict[str, tuple[str, Any]]:
 
 # ---- expanded spec -> collapsed spec --------------------------------------------------------
 def collapsed_architecture(spec: Spec) -> Spec:
-    """The spec of the collapsed model: each EP layer node becomes its plain Linear / Conv2d node."""
+    """The spec of the collapsed model: each EP layer node becomes its plain Linear / Conv1d/2d/3d node."""
     return _collapse_node(spec, "")
 
 

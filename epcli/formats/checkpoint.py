@@ -29,6 +29,7 @@ from epcli.convert import (
     collapsed_dtype,
     layer_prefix,
     layer_states,
+    unwrap_model,
 )
 from epcli.errors import CheckpointError, ConfigError, EpcliError, ShapeMismatchError
 from epcli.formats.architecture import (
@@ -158,9 +159,12 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike[str], *, input_sha
     ``input_shape`` is the shape of one sample without the batch dimension, e.g.
     ``(64,)`` or ``(1, 8, 8)``; one forward pass on zeros of that shape records
     each EP layer's input shape. The write is atomic, and identical models give
-    byte-identical files.
+    byte-identical files. A wrapped model (DDP, ``torch.compile``, FSDP1/FSDP2) is
+    saved as its full, unwrapped model (:func:`epcli.convert.unwrap_model`; for FSDP
+    a collective, so call it on every rank).
     """
     path = Path(path)
+    model = unwrap_model(model)
     shape = sample_shape(input_shape)
     layers = find_ep_layers(model)
     layer_shapes = _layer_input_shapes(model, shape)

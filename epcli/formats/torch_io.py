@@ -4,7 +4,7 @@ The file holds ``{"epcli_metadata": <JSON str>, "state_dict": {name: tensor}}``:
 only tensors, strings and dicts, so ``torch.load(weights_only=True)`` reads it
 and no code from the file ever runs. A pickle that needs any other global is
 refused with :class:`UnsafeCheckpointError`; there is no fallback to the full
-unpickler.
+unpickler, and no loading at all under a torch older than :data:`MIN_TORCH`.
 """
 
 from __future__ import annotations
@@ -32,11 +32,15 @@ from epcli.formats.metadata import RawCheckpoint, missing_metadata
 from epcli.formats.pt_archive import check_archive
 from epcli.text import quote
 
-__all__ = ["METADATA_KEY", "STATE_KEY", "read_pt", "write_pt"]
+__all__ = ["METADATA_KEY", "MIN_TORCH", "STATE_KEY", "read_pt", "write_pt"]
 
 METADATA_KEY = "epcli_metadata"
 STATE_KEY = "state_dict"
 _ZIP_MAGIC = b"PK\x03\x04"
+MIN_TORCH = (2, 10)
+"""The oldest torch whose weights-only unpickler epcli relies on: older ones could be made to run code
+(CVE-2025-32434, fixed in 2.6; further ``weights_only`` fixes up to 2.10). pyproject requires it too,
+but an environment may hold an older torch regardless."""
 
 _GLOBAL = re.compile(r"GLOBAL (\S+)")
 _UNSAFE_HINTS = ("GLOBAL", "allowlist", "unrecognized function", "Can only build", "Can only create")
@@ -48,6 +52,12 @@ def write_pt(f: BinaryIO, metadata: str, tensors: Mapping[str, Tensor]) -> None:
     torch.save({METADATA_KEY: metadata, STATE_KEY: dict(tensors)}, f)
 
 
+def _torch_version() -> tuple[int, int]:
+    """(major, minor) of the running torch ("2.13.0+cpu" -> (2, 13)); (0, 0), i.e. too old, if unreadable."""
+    found = re.match(r"(\d+)\.(\d+)", str(torch.__version__))
+    return (int(found.group(1)), int(found.group(2))) if found else (0, 0)
+
+
 def read_pt(path: Path) -> RawCheckpoint:
     """Metadata string and tensors of a ``.pt`` checkpoint, loaded without running any code from it.
 
@@ -57,6 +67,13 @@ def read_pt(path: Path) -> RawCheckpoint:
     (:func:`~epcli.formats.pt_archive.check_archive`); after it, every tensor is
     checked to be dense and inside its own bytes of its storage.
     """
+    if _torch_version() < MIN_TORCH:
+        raise UnsafeCheckpointError(
+            f"refused to load: torch {torch.__version__} is older than {'.'.join(map(str, MIN_TORCH))}, whose "
+            "weights-only loading of .pt files can be tricked into running code from the file (CVE-2025-32434 and "
+            f"later fixes); nothing was read. Upgrade torch (pip install 'torch>={'.'.join(map(str, MIN_TORCH))}'), "
+            "or use a .safetensors checkpoint, which needs no unpickling"
+        )
     with path.open("rb") as f:
         head = f.read(len(_ZIP_MAGIC))
     if head != _ZIP_MAGIC:

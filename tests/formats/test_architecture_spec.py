@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from epcli import CheckpointError, ConfigError, EPConv2d, EPLinear
+from epcli import CheckpointError, ConfigError, EPConv1d, EPConv2d, EPConv3d, EPLinear
 from epcli.formats.architecture import (
     SUPPORTED_TYPES,
     build_architecture,
@@ -51,6 +51,19 @@ def _every_type() -> nn.Module:
         nn.Linear(8, 5, bias=False),
         nn.Softmax(dim=1),
         nn.LogSoftmax(dim=-1),
+        nn.Unflatten(1, (1, 5)),  # [N, 1, 5]: the 1-D and 3-D families
+        EPConv1d(1, 4, [(3,), 1], padding=1, groups=1, dilation=1, residual=True, residual_mode="learn"),
+        nn.Conv1d(4, 4, 3, padding=2, dilation=2, groups=4, padding_mode="circular"),
+        nn.MaxPool1d(2, stride=1),
+        nn.AvgPool1d(2, stride=1, padding=1, count_include_pad=False),
+        nn.AdaptiveAvgPool1d(4),
+        nn.Unflatten(2, (1, 2, 2)),  # [N, 4, 1, 2, 2]
+        EPConv3d(4, 4, [(1, 3, 3), 1], padding=(0, 1, 1), groups=2, batch_norm=True),
+        nn.Conv3d(4, 2, (1, 3, 1), padding=(0, 1, 0), padding_mode="replicate"),
+        nn.BatchNorm3d(2),
+        nn.MaxPool3d(1),
+        nn.AvgPool3d((1, 2, 1), stride=1, divisor_override=2),
+        nn.AdaptiveAvgPool3d((1, None, 2)),
     )
 
 
