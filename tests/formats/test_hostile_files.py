@@ -197,6 +197,8 @@ def _metadata_keys(path: Path) -> list[str]:
         ("cnn", "0", "padding", 10**9, "config padding is 1000000000"),
         ("cnn", "0", "stride", 10**30, "config stride is 1000000000000000000000000000000"),
         ("cnn", "0", "kernel_sizes", [3, 1, 2**20], "config kernel_sizes is 1048576, over epcli's limit of 256"),
+        ("cnn", "0", "dilation", [1, 10**9], "config dilation is 1000000000, over epcli's limit of 256"),
+        ("cnn", "0", "groups", 2**62, "config groups is 4611686018427387904, over epcli's limit of 1048576"),
         ("cnn", "0", "future_field", [[1, 2], [3, 2**40]], "config future_field is 1099511627776"),  # any new field
     ],
 )
