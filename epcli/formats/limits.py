@@ -245,6 +245,8 @@ def loads_json(data: str | bytes, what: str, hint: str = "") -> Any:
             "library refuses it), so epcli refuses it too"
         ) from None
     except _TooMany:
-        raise CheckpointError(f"{what} holds more than {MAX_JSON_OBJECTS} JSON objects, epcli's limit ({_HINT})") from None
+        raise CheckpointError(
+            f"{what} holds more than {MAX_JSON_OBJECTS} JSON objects, epcli's limit ({_HINT})"
+        ) from None
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise CheckpointError(f"{what} is not valid JSON ({str(e)[:200]}){hint}") from e

@@ -190,7 +190,9 @@ def parse_metadata(text: str) -> Metadata:
     if not isinstance(document, dict):
         raise CheckpointError(f"epcli metadata must be a JSON object, got {type(document).__name__}")
     if document.get("format") != FORMAT_NAME:
-        raise CheckpointError(f"metadata format is {quote(document.get('format'))}, expected {FORMAT_NAME!r}; {SAVE_HINT}")
+        raise CheckpointError(
+            f"metadata format is {quote(document.get('format'))}, expected {FORMAT_NAME!r}; {SAVE_HINT}"
+        )
     version = document.get("format_version")
     if not _is_int(version) or version not in READABLE_FORMAT_VERSIONS:
         import epcli

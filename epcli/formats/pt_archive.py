@@ -209,10 +209,14 @@ def _storage(pid: Any) -> StorageRef:
     """``('storage', storage type, key, location, numel)`` -> the record key and its claimed size in bytes."""
     items = pid.items if isinstance(pid, _Tuple) else ()
     if len(items) != 5 or items[0] != "storage" or not isinstance(items[1], _Global):
-        raise CheckpointError("cannot be read as a torch checkpoint; its pickle refers to something other than a storage")
+        raise CheckpointError(
+            "cannot be read as a torch checkpoint; its pickle refers to something other than a storage"
+        )
     kind, key, numel = items[1], items[2], items[4]
     if not isinstance(key, str) or not isinstance(numel, int) or isinstance(numel, bool) or numel < 0:
-        raise CheckpointError(f"cannot be read as a torch checkpoint; its pickle has a malformed storage reference {quote(key)}")
+        raise CheckpointError(
+            f"cannot be read as a torch checkpoint; its pickle has a malformed storage reference {quote(key)}"
+        )
     if (kind.module, kind.name) == ("torch.storage", "UntypedStorage"):
         itemsize = 1
     elif kind.module == "torch" and kind.name in _storage_itemsizes():
@@ -239,7 +243,9 @@ def check_archive(path: Path) -> None:
             check_count(pickle_info.file_size, MAX_PICKLE_BYTES, "the size of its pickle in bytes")
             storages = scan_pickle(archive.read(pickle_info))
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, NotImplementedError, ValueError) as e:
-        raise CheckpointError(f"cannot be read as a torch checkpoint; it is truncated or corrupt ({str(e)[:200]})") from e
+        raise CheckpointError(
+            f"cannot be read as a torch checkpoint; it is truncated or corrupt ({str(e)[:200]})"
+        ) from e
     prefix = pickle_info.filename[: -len("data.pkl")]
     records = {info.filename: info for info in infos}
     size = path.stat().st_size
@@ -261,13 +267,16 @@ def check_archive(path: Path) -> None:
                 )
             start = _data_offset(f, info)
             if start + info.file_size > size:
-                raise CheckpointError(f"cannot be read: {where} extends past the end of the file; the file is truncated")
+                raise CheckpointError(
+                    f"cannot be read: {where} extends past the end of the file; the file is truncated"
+                )
             ranges.append((start, start + info.file_size, storage.key))
     ranges.sort()
     for (_, end, first), (start, _, second) in itertools.pairwise(ranges):
         if start < end:
             raise CheckpointError(
-                f"cannot be read: storage records {quote(first)} and {quote(second)} overlap in the file; it was altered"
+                f"cannot be read: storage records {quote(first)} and {quote(second)} overlap in the file; it was "
+                "altered"
             )
 
 
@@ -278,4 +287,4 @@ def _data_offset(f: Any, info: zipfile.ZipInfo) -> int:
     if len(header) != _LOCAL_HEADER.size or header[:4] != b"PK\x03\x04":
         raise CheckpointError(f"cannot be read: the zip header of record {quote(info.filename)} is damaged")
     fields = _LOCAL_HEADER.unpack(header)
-    return info.header_offset + _LOCAL_HEADER.size + fields[-2] + fields[-1]
+    return int(info.header_offset + _LOCAL_HEADER.size + fields[-2] + fields[-1])

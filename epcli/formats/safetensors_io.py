@@ -143,7 +143,8 @@ def read_header(path: Path) -> SafetensorsHeader:
         metadata = {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise CheckpointError("safetensors __metadata__ must map strings to strings")
-    check_count(sum(len(k) + len(v) for k, v in metadata.items()), MAX_METADATA_CHARS, "safetensors __metadata__ (characters)")
+    characters = sum(len(k) + len(v) for k, v in metadata.items())
+    check_count(characters, MAX_METADATA_CHARS, "safetensors __metadata__ (characters)")
     check_count(len(document), MAX_TENSORS, "the number of tensors in the safetensors header")
     # by (begin, end), as the safetensors library orders them: an empty tensor may share its begin with the next
     entries = sorted(
@@ -215,7 +216,9 @@ def read_tensors(
             while done < entry.nbytes:
                 count = f.readinto(view[done:])
                 if not count:
-                    raise CheckpointError(f"tensor {quote(key)}: the file ended early; it was truncated while being read")
+                    raise CheckpointError(
+                        f"tensor {quote(key)}: the file ended early; it was truncated while being read"
+                    )
                 done += count
             out[key] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
     return out

@@ -84,7 +84,8 @@ class TensorSource:
             cast = dtype if dtype is not None and info.dtype.is_floating_point else info.dtype
             if tuple(tensor.shape) != info.shape or tensor.dtype != cast:
                 raise CheckpointError(
-                    f"tensor {quote(key)} changed while the file was open (now {list(tensor.shape)} {tensor.dtype}, was "
+                    f"tensor {quote(key)} changed while the file was open (now {list(tensor.shape)} {tensor.dtype}, "
+                    "was "
                     f"{list(info.shape)} {info.dtype}); do not overwrite a checkpoint while epcli reads it"
                 )
         return {key: out[key] for key in wanted}

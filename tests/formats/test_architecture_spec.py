@@ -181,7 +181,8 @@ def _seq(*children: Any, names: list[Any] | None = None) -> dict[str, Any]:
     ("spec", "phrase"),
     [
         (_seq(_linear(), {"type": "Teleport"}), "architecture node '1': unknown module type 'Teleport'; supported"),
-        (_seq(_linear(in_features="ten")), "architecture node '0': in_features must be an int in [1, 1048576], got 'ten'"),
+        (_seq(_linear(in_features="ten")),
+         "architecture node '0': in_features must be an int in [1, 1048576], got 'ten'"),
         (_seq(_linear(in_features=0)), "in_features must be an int in [1, 1048576], got 0"),
         (_seq(_linear(bias=1)), "bias must be true or false, got 1"),
         (_seq(_linear(colour="red")), "architecture node '0': unknown args ['colour']"),

@@ -165,7 +165,9 @@ def test_file_content_in_messages_is_bounded_and_escaped(tmp_path: Path, make_mo
     document = _metadata(path)
     document["format"] = ESC + "x" * 10**6
     save_file({"w": torch.zeros(1)}, str(path), metadata={"epcli": json.dumps(document)})
-    message = _expect(CheckpointError, path, "metadata format is '\\x1b[2J\\x1b]0;owned\\x07xxx", f"({len(ESC) + 10**6} characters)")
+    message = _expect(
+        CheckpointError, path, "metadata format is '\\x1b[2J\\x1b]0;owned\\x07xxx", f"({len(ESC) + 10**6} characters)"
+    )
     assert len(message) < len(str(path)) + 400
 
 
@@ -257,7 +259,8 @@ def test_child_names_that_are_not_module_names(tmp_path: Path, make_model, rewri
         (2, {"type": "Softmax", "args": {"dim": 10**30}}, "dim must be an int in [-16, 16]"),
         (2, {"type": "Flatten", "args": {"start_dim": 2**62, "end_dim": -1}}, "start_dim must be an int in [-16, 16]"),
         (2, {"type": "Linear", "args": {"in_features": 2**40, "out_features": 1, "bias": True}}, "in_features must be"),
-        (0, {"type": "Unflatten", "args": {"dim": 1, "unflattened_size": [3, 5]}}, "fails on its own input_shape [3, 4]"),
+        (0, {"type": "Unflatten", "args": {"dim": 1, "unflattened_size": [3, 5]}},
+         "fails on its own input_shape [3, 4]"),
         (2, {"type": "MaxPool2d", "args": {"kernel_size": 2, "stride": 10**9, "padding": 0, "dilation": 1,
                                            "ceil_mode": False, "return_indices": False}}, "stride must be an int in"),
     ],
@@ -337,7 +340,8 @@ def _bombs(tmp_path: Path, make_model, rewrite) -> dict[str, tuple[Path, str]]:
     _rezip(tuples, {"data.pkl": _nested_tuple_pickle(40, as_key=True)})  # 2**40 steps to hash or print
     bombs["nested shared tuple as a dict key"] = (tuples, "a tuple of more than 4096 nested items")
 
-    entries = ",".join(f'"t{i}":{{"dtype":"F32","shape":[0],"data_offsets":[0,0]}}' for i in range(limits.MAX_TENSORS + 1))
+    entry = '{"dtype":"F32","shape":[0],"data_offsets":[0,0]}'
+    entries = ",".join(f'"t{i}":{entry}' for i in range(limits.MAX_TENSORS + 1))
     text = ('{"__metadata__":{"epcli":"{}"},' + entries + "}").encode()
     many = tmp_path / "many.safetensors"
     many.write_bytes(len(text).to_bytes(8, "little") + text)
@@ -348,7 +352,8 @@ def _bombs(tmp_path: Path, make_model, rewrite) -> dict[str, tuple[Path, str]]:
     bombs["a 17 MB metadata string"] = (huge, "over epcli's limit of 16777216")
 
     children = _save(tmp_path, make_model, "mlp")
-    extra = [{"name": f"i{k}", "module": {"type": "Identity", "args": {}}} for k in range(limits.MAX_ARCHITECTURE_NODES)]
+    identity = {"type": "Identity", "args": {}}
+    extra = [{"name": f"i{k}", "module": identity} for k in range(limits.MAX_ARCHITECTURE_NODES)]
     rewrite(children, metadata=lambda m: m["architecture"]["children"].extend(extra))
     bombs["65536 Identity children"] = (children, "the number of children is 65544, over epcli's limit of 65536")
 

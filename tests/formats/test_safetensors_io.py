@@ -337,7 +337,9 @@ BAD_HEADERS: dict[str, tuple[Any, bytes, str]] = {
     "a key twice inside an entry": (
         b'{"a":{"dtype":"F32","dtype":"F32","shape":[2],"data_offsets":[0,8]}}', EIGHT, r"repeats the key 'dtype'"
     ),
-    "NaN in the header": (b'{"a":{"dtype":"F32","shape":[NaN],"data_offsets":[0,8]}}', EIGHT, r"NaN is not a JSON number"),
+    "NaN in the header": (
+        b'{"a":{"dtype":"F32","shape":[NaN],"data_offsets":[0,8]}}', EIGHT, r"NaN is not a JSON number"
+    ),
     "a dimension of 2**70": (
         {"a": {"dtype": "F32", "shape": [0, 2**70], "data_offsets": [0, 0]}}, b"", r"entry 'a': a size in its shape",
     ),
