@@ -22,10 +22,13 @@ from epcli.errors import (
 )
 
 if TYPE_CHECKING:  # explicit re-exports for type checkers; at run time __getattr__ imports them
+    from epcli.convert import ConversionPlan as ConversionPlan
     from epcli.convert import collapse_layer as collapse_layer
     from epcli.convert import collapse_model as collapse_model
     from epcli.convert import collapse_state_dict as collapse_state_dict
     from epcli.convert import overparameterize as overparameterize
+    from epcli.convert import plan_overparameterize as plan_overparameterize
+    from epcli.convert import unwrap_model as unwrap_model
     from epcli.formats.checkpoint import Checkpoint as Checkpoint
     from epcli.formats.checkpoint import CheckpointFile as CheckpointFile
     from epcli.formats.checkpoint import load_checkpoint as load_checkpoint
@@ -33,8 +36,14 @@ if TYPE_CHECKING:  # explicit re-exports for type checkers; at run time __getatt
     from epcli.formats.checkpoint import save_checkpoint as save_checkpoint
     from epcli.formats.checkpoint import save_collapsed_checkpoint as save_collapsed_checkpoint
     from epcli.layers import EPConfig as EPConfig
+    from epcli.layers import EPConv as EPConv
+    from epcli.layers import EPConv1d as EPConv1d
+    from epcli.layers import EPConv1dConfig as EPConv1dConfig
     from epcli.layers import EPConv2d as EPConv2d
     from epcli.layers import EPConv2dConfig as EPConv2dConfig
+    from epcli.layers import EPConv3d as EPConv3d
+    from epcli.layers import EPConv3dConfig as EPConv3dConfig
+    from epcli.layers import EPConvConfig as EPConvConfig
     from epcli.layers import EPLayer as EPLayer
     from epcli.layers import EPLinear as EPLinear
     from epcli.layers import EPLinearConfig as EPLinearConfig
@@ -43,8 +52,14 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "EPConfig": "epcli.layers",
+    "EPConv": "epcli.layers",
+    "EPConv1d": "epcli.layers",
+    "EPConv1dConfig": "epcli.layers",
     "EPConv2d": "epcli.layers",
     "EPConv2dConfig": "epcli.layers",
+    "EPConv3d": "epcli.layers",
+    "EPConv3dConfig": "epcli.layers",
+    "EPConvConfig": "epcli.layers",
     "EPLayer": "epcli.layers",
     "EPLinear": "epcli.layers",
     "EPLinearConfig": "epcli.layers",
@@ -52,6 +67,9 @@ _LAZY = {
     "collapse_model": "epcli.convert",
     "collapse_state_dict": "epcli.convert",
     "overparameterize": "epcli.convert",
+    "plan_overparameterize": "epcli.convert",
+    "ConversionPlan": "epcli.convert",
+    "unwrap_model": "epcli.convert",
     "Checkpoint": "epcli.formats.checkpoint",
     "CheckpointFile": "epcli.formats.checkpoint",
     "load_checkpoint": "epcli.formats.checkpoint",

@@ -10,19 +10,22 @@ alone. ``collapse_state_dict`` / ``collapse_layer`` do the same on bare tensors
 from __future__ import annotations
 
 import copy
+import fnmatch
+import sys
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.conv import _ConvNd
 
 from epcli.core.affine import Affine
 from epcli.errors import CheckpointError, ConfigError
 from epcli.layers.base import EPLayer
 from epcli.layers.config import EPConfig
-from epcli.layers.conv import EPConv2d
+from epcli.layers.conv import EPConv, EPConv1d, EPConv2d, EPConv3d
 from epcli.layers.linear import EPLinear
 from epcli.layers.registry import (
     build_layer,
@@ -36,6 +39,8 @@ from epcli.layers.registry import (
 
 __all__ = [
     "CollapseStep",
+    "Conversion",
+    "ConversionPlan",
     "collapse_layer",
     "collapse_model",
     "collapse_state_dict",
@@ -49,6 +54,8 @@ __all__ = [
     "layer_states",
     "overparameterize",
     "plain_model",
+    "plan_overparameterize",
+    "unwrap_model",
 ]
 
 _FIRST_WEIGHT = "layer_dict.0.0.weight"
@@ -221,6 +228,103 @@ def _owner(key: str, paths: Mapping[str, Any]) -> str | None:
 
 
 # ---- whole models ------------------------------------------------------------------------
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside ``DistributedDataParallel`` / ``DataParallel`` / ``torch.compile`` / FSDP wrappers.
+
+    Their state dicts prefix every key (``module.``, ``_orig_mod.``) or hold shards;
+    the plain model is what checkpoints and transforms should see. DDP and compile
+    wrappers give the inner model itself. A sharded model (FSDP2 ``fully_shard``:
+    DTensor parameters, classes ``FSDP<Name>``; FSDP1 ``FullyShardedDataParallel``:
+    flattened parameters) gives a full, unsharded CPU copy in the original classes,
+    without FSDP's hooks; gathering it is a collective, so call this (and
+    everything that calls it) on every rank.
+    """
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif _is_instance(model, "torch._dynamo.eval_frame", "OptimizedModule"):
+            model = model._orig_mod  # type: ignore[assignment]
+        else:
+            break
+    if any(_is_sharded(module) for module in model.modules()):
+        return _gathered(model)
+    return model
+
+
+def _is_instance(obj: object, module: str, name: str) -> bool:
+    """``isinstance`` against a torch class only if its module is already imported (importing dynamo costs ~1 s)."""
+    loaded = sys.modules.get(module)
+    cls = getattr(loaded, name, None) if loaded is not None else None
+    return isinstance(cls, type) and isinstance(obj, cls)
+
+
+def _is_fsdp1(module: nn.Module) -> bool:
+    return _is_instance(module, "torch.distributed.fsdp", "FullyShardedDataParallel")
+
+
+def _is_sharded(module: nn.Module) -> bool:
+    return _is_fsdp1(module) or _is_instance(module, "torch.distributed.fsdp", "FSDPModule")
+
+
+_FORWARD_HOOKS = (
+    "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+)
+
+
+def _gathered(model: nn.Module) -> nn.Module:
+    """A full, unsharded CPU copy of an FSDP1/FSDP2 model, in the original module classes and without FSDP.
+
+    The tensors come from ``get_model_state_dict(full_state_dict=True)`` (FSDP's own
+    gather, keys as in the unwrapped model); the module tree is copied without its
+    tensors, FSDP1 wrappers replaced by the module they wrap, FSDP2 classes by the
+    class they extend, and each gathered tensor registered where its key says.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.fsdp import FSDPModule
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+
+    def skeleton(module: nn.Module) -> nn.Module:
+        while _is_fsdp1(module):
+            module = module.module  # type: ignore[assignment]  # the wrapped module
+        cls: type[nn.Module] = type(module)
+        sharded = isinstance(module, FSDPModule)
+        if sharded:  # fully_shard swaps the class for FSDP<Name>(FSDPModule, Name)
+            cls = next(b for b in cls.__bases__ if issubclass(b, nn.Module) and not issubclass(b, FSDPModule))
+        copy_ = cls.__new__(cls)
+        copy_.__dict__.update(module.__dict__)
+        copy_._modules = {name: None if child is None else skeleton(child) for name, child in module._modules.items()}
+        copy_._parameters = {}
+        copy_._buffers = {  # non-persistent buffers are not in the state dict, and never sharded
+            name: b.detach().cpu().clone() if b is not None and name in module._non_persistent_buffers_set else None
+            for name, b in module._buffers.items()
+        }
+        for name in list(copy_.__dict__):  # FSDP's state lives in the module's dict
+            if name.startswith(("__composable_api_state_key", "_fsdp", "_is_fsdp")):
+                del copy_.__dict__[name]
+        if sharded:
+            for name in _FORWARD_HOOKS:
+                setattr(copy_, name, type(getattr(module, name))())
+        if isinstance(copy_, EPLayer):
+            copy_._cache = None
+        return copy_
+
+    plain = skeleton(model)
+    for key, value in state.items():
+        if not isinstance(value, Tensor):  # a full, CPU-offloaded state dict holds plain tensors only
+            raise ConfigError(f"gathering the sharded model gave a {type(value).__name__} for {key!r}, not a tensor")
+        path, _, name = key.rpartition(".")
+        owner = plain.get_submodule(path)
+        owner.__dict__.pop(name, None)  # FSDP1 leaves views of its flat parameter as plain attributes
+        if name in owner._buffers:
+            owner._buffers[name] = value
+        else:
+            owner._parameters[name] = nn.Parameter(value, requires_grad=requires_grad.get(key, True))
+    return plain
+
+
 def _replaced(model: nn.Module, replacements: Mapping[int, nn.Module]) -> nn.Module:
     """A deep copy of ``model`` in which each module whose ``id`` is a key becomes its replacement.
 
@@ -235,8 +339,14 @@ def collapse_model(model: nn.Module) -> nn.Module:
     """A new plain model: each EP layer replaced by ``nn.Linear`` / ``nn.Conv2d`` with its collapsed weights.
 
     The input model is left untouched; dtype and device of each layer are kept;
-    the result is in eval mode.
+    the result is in eval mode. A wrapped model (DDP, ``torch.compile``, FSDP)
+    gives the collapsed plain model (see :func:`unwrap_model`).
+
+    Example::
+
+        >>> plain = collapse_model(ep_model.eval())  # EPLinear -> nn.Linear, EPConv2d -> nn.Conv2d
     """
+    model = unwrap_model(model)
     replacements: dict[int, nn.Module] = {}
     for layer in find_ep_layers(model).values():
         if id(layer) not in replacements:
@@ -291,27 +401,224 @@ def expanded_eval(model: nn.Module) -> Iterator[nn.Module]:
             module.training = training
 
 
-def overparameterize(model: nn.Module, depth: int = 2, width: float = 1, **ep_kwargs: Any) -> nn.Module:
-    """A copy with every ``nn.Linear`` / ``nn.Conv2d`` replaced by a freshly initialised EP equivalent.
+@dataclass(frozen=True)
+class Conversion:
+    """One module ``overparameterize`` looked at: replaced (``params_after`` set) or kept (``reason`` set).
 
-    Sizes, stride, padding and bias come from the replaced module; ``depth``,
-    ``width`` and ``ep_kwargs`` (batch_norm, residual, residual_intervals,
-    residual_mode, collapse_on_eval, negative_slope, bn_eps, bn_momentum) apply
-    to every EP layer. Convolutions become ``kernel_sizes = [k] + [1] * (depth - 1)``,
-    so the collapsed kernel keeps size k. Existing EP layers are left as they are.
+    Parameter counts are those that train: the plain module's, and the EP layer's
+    expanded chain (after collapsing, the count is ``params_before`` again).
     """
+
+    path: str
+    kind: str
+    params_before: int
+    params_after: int | None = None
+    reason: str | None = None
+
+    @property
+    def replaced(self) -> bool:
+        return self.reason is None
+
+
+@dataclass(frozen=True)
+class ConversionPlan:
+    """What :func:`overparameterize` does to a model with the same arguments, module by module, in module order."""
+
+    conversions: tuple[Conversion, ...]
+
+    @property
+    def replaced(self) -> tuple[Conversion, ...]:
+        return tuple(c for c in self.conversions if c.replaced)
+
+    @property
+    def kept(self) -> tuple[Conversion, ...]:
+        """Convertible modules left plain, each with the reason (not selected, too small, tied weights)."""
+        return tuple(c for c in self.conversions if not c.replaced)
+
+    @property
+    def params_before(self) -> int:
+        """Trainable parameters of the replaced modules before."""
+        return sum(c.params_before for c in self.replaced)
+
+    @property
+    def params_after(self) -> int:
+        """Trainable parameters of their EP layers (the expanded chains)."""
+        return sum(c.params_after or 0 for c in self.replaced)
+
+
+def plan_overparameterize(
+    model: nn.Module,
+    depth: int = 2,
+    width: float = 1,
+    *,
+    include: Iterable[str] | None = None,
+    exclude: Iterable[str] = (),
+    types: Iterable[type[nn.Module]] | type[nn.Module] | None = None,
+    min_params: int = 0,
+    **ep_kwargs: Any,
+) -> ConversionPlan:
+    """What :func:`overparameterize` would replace, and what it would keep and why; the model is not changed.
+
+    A dry run to read before converting: it runs the same selection and builds the
+    same EP layers (to count their parameters and raise the same :class:`ConfigError`),
+    then drops them. Arguments as for :func:`overparameterize`.
+
+    Example::
+
+        >>> plan = plan_overparameterize(model, depth=4, exclude=["fc"])
+        >>> [(c.path, c.params_before, c.params_after) for c in plan.replaced]
+    """
+    return _plan(unwrap_model(model), depth, width, include, exclude, types, min_params, ep_kwargs)[0]
+
+
+def overparameterize(
+    model: nn.Module,
+    depth: int = 2,
+    width: float = 1,
+    *,
+    include: Iterable[str] | None = None,
+    exclude: Iterable[str] = (),
+    types: Iterable[type[nn.Module]] | type[nn.Module] | None = None,
+    min_params: int = 0,
+    **ep_kwargs: Any,
+) -> nn.Module:
+    """A copy with the selected ``nn.Linear`` / ``nn.Conv1d/2d/3d`` modules replaced by fresh EP equivalents.
+
+    Sizes, stride, padding (and mode), groups, dilation and bias come from the
+    replaced module; ``depth``, ``width`` and ``ep_kwargs`` (batch_norm, residual,
+    residual_intervals, residual_mode, collapse_on_eval, negative_slope, bn_eps,
+    bn_momentum) apply to every EP layer. Convolutions become
+    ``kernel_sizes = [k] + [1] * (depth - 1)``, so the collapsed kernel keeps size k.
+    Existing EP layers are left as they are.
+
+    What is converted: modules of ``types`` (default: every convertible type) whose
+    path matches an ``include`` glob (default: all) and no ``exclude`` glob, with
+    at least ``min_params`` parameters. A pattern matches a module's dotted path
+    or any enclosing path, so ``"layer1"`` selects everything inside ``layer1`` and
+    ``"*.downsample.*"`` every downsample branch. A module sharing a parameter with
+    another module (tied embeddings: ``lm_head.weight is wte.weight``) is kept, so
+    tying is never broken. :func:`plan_overparameterize` takes the same arguments
+    and returns what was replaced and kept, with parameter counts.
+
+    Wrapped models (DDP, ``torch.compile``, FSDP) are unwrapped first (:func:`unwrap_model`):
+    the result is the converted plain model; wrap it again (a wrapper registers the
+    parameters it wraps, and these are new ones). Better: convert before wrapping.
+
+    Example::
+
+        >>> ep = overparameterize(resnet, depth=4, exclude=["conv1", "fc"], types=[nn.Conv2d], min_params=1024)
+    """
+    model = unwrap_model(model)
+    _, replacements = _plan(model, depth, width, include, exclude, types, min_params, ep_kwargs)
+    return _replaced(model, replacements)
+
+
+def _plan(
+    model: nn.Module,
+    depth: int,
+    width: float,
+    include: Iterable[str] | None,
+    exclude: Iterable[str],
+    types: Iterable[type[nn.Module]] | type[nn.Module] | None,
+    min_params: int,
+    ep_kwargs: Mapping[str, Any],
+) -> tuple[ConversionPlan, dict[int, nn.Module]]:
+    """The plan and the replacement of each converted module by ``id`` (built in the module's dtype and device)."""
     unknown = sorted(set(ep_kwargs) - _EP_KWARGS)
     if unknown:
         raise ConfigError(f"overparameterize: unknown options {unknown}; allowed: {sorted(_EP_KWARGS)}")
+    selected = _selected_types(types)
+    if not isinstance(min_params, int) or isinstance(min_params, bool) or min_params < 0:
+        raise ConfigError(f"overparameterize: min_params must be an int >= 0, got {min_params!r}")
+    included = None if include is None else _patterns("include", include)
+    excluded = _patterns("exclude", exclude)
+    owners = _parameter_owners(model)
+    conversions: list[Conversion] = []
     replacements: dict[int, nn.Module] = {}
     for path, module in walk_modules(model):
-        if id(module) in replacements:
+        if id(module) in replacements or type(module) not in _CONVERTIBLE:
+            continue
+        count = sum(p.numel() for p in module.parameters())
+        reason = _kept_because(path, module, count, selected, included, excluded, min_params, owners)
+        if reason is not None:
+            conversions.append(Conversion(path, type(module).__name__, count, reason=reason))
             continue
         if type(module) is nn.Linear:
-            replacements[id(module)] = _ep_linear(path, module, depth, width, ep_kwargs)
-        elif type(module) is nn.Conv2d:
-            replacements[id(module)] = _ep_conv(path, module, depth, width, ep_kwargs)
-    return _replaced(model, replacements)
+            layer = _ep_linear(path, module, depth, width, ep_kwargs)
+        else:
+            layer = _ep_conv(path, cast(_ConvNd, module), depth, width, ep_kwargs)
+        replacements[id(module)] = layer
+        after = sum(p.numel() for p in layer.parameters())
+        conversions.append(Conversion(path, type(module).__name__, count, params_after=after))
+    return ConversionPlan(tuple(conversions)), replacements
+
+
+def _selected_types(types: Iterable[type[nn.Module]] | type[nn.Module] | None) -> tuple[type[nn.Module], ...]:
+    if types is None:
+        return _CONVERTIBLE
+    chosen = (types,) if isinstance(types, type) else tuple(types)
+    wrong = [t for t in chosen if t not in _CONVERTIBLE]
+    if wrong:
+        names = [getattr(t, "__name__", repr(t)) for t in wrong]
+        raise ConfigError(
+            f"overparameterize: types {names} cannot be converted; choose from "
+            f"{[t.__name__ for t in _CONVERTIBLE]}"
+        )
+    return chosen
+
+
+def _patterns(name: str, patterns: Iterable[str]) -> tuple[str, ...]:
+    if isinstance(patterns, str):
+        patterns = (patterns,)
+    chosen = tuple(patterns)
+    if not all(isinstance(p, str) for p in chosen):
+        raise ConfigError(f"overparameterize: {name} must be glob patterns (strings), got {chosen!r}")
+    return chosen
+
+
+def _matches(path: str, patterns: tuple[str, ...]) -> bool:
+    """Whether a glob matches ``path`` or an enclosing path (``a.b.c`` is inside ``a.b`` and ``a``)."""
+    parts = path.split(".")
+    candidates = [".".join(parts[:end]) for end in range(1, len(parts) + 1)] if path else [""]
+    return any(fnmatch.fnmatchcase(candidate, pattern) for candidate in candidates for pattern in patterns)
+
+
+def _parameter_owners(model: nn.Module) -> dict[int, list[str]]:
+    """Parameter ``id`` -> paths of the distinct modules holding it (a module reused in two places counts once)."""
+    owners: dict[int, list[str]] = {}
+    seen: set[tuple[int, int]] = set()
+    for path, module in model.named_modules(remove_duplicate=False):
+        for parameter in module.parameters(recurse=False):
+            if (id(module), id(parameter)) not in seen:
+                seen.add((id(module), id(parameter)))
+                owners.setdefault(id(parameter), []).append(path)
+    return owners
+
+
+def _kept_because(
+    path: str,
+    module: nn.Module,
+    count: int,
+    selected: tuple[type[nn.Module], ...],
+    included: tuple[str, ...] | None,
+    excluded: tuple[str, ...],
+    min_params: int,
+    owners: Mapping[int, list[str]],
+) -> str | None:
+    """Why the module stays plain, or None when it is converted."""
+    if type(module) not in selected:
+        return f"type {type(module).__name__} not selected"
+    if included is not None and not _matches(path, included):
+        return "matches no include pattern"
+    if _matches(path, excluded):
+        return "matches an exclude pattern"
+    if count < min_params:
+        return f"{count} parameters < min_params={min_params}"
+    for name, parameter in module.named_parameters(recurse=False):
+        others = [other for other in owners.get(id(parameter), []) if other != path]
+        if others:
+            return f"{name} is shared with {others[0]!r} (tied); converting would untie it"
+    return None
 
 
 def _ep_linear(path: str, linear: nn.Linear, depth: int, width: float, ep_kwargs: Mapping[str, Any]) -> nn.Module:
@@ -324,40 +631,41 @@ def _ep_linear(path: str, linear: nn.Linear, depth: int, width: float, ep_kwargs
     return _like(layer, linear)
 
 
-def _ep_conv(path: str, conv: nn.Conv2d, depth: int, width: float, ep_kwargs: Mapping[str, Any]) -> nn.Module:
-    where = f"Conv2d at {path or '<model>'!r}"
-    kernel = conv.kernel_size[0]
-    padding = _square_padding(conv)
-    problems = []
-    if conv.kernel_size[0] != conv.kernel_size[1]:
-        problems.append(f"kernel_size {tuple(conv.kernel_size)} is not square")
-    if conv.stride[0] != conv.stride[1]:
-        problems.append(f"stride {tuple(conv.stride)} differs between height and width")
+_EP_CONVS: Mapping[type[nn.Module], type[EPConv]] = {nn.Conv1d: EPConv1d, nn.Conv2d: EPConv2d, nn.Conv3d: EPConv3d}
+"""Plain convolution type -> the EP convolution of the same family."""
+
+_CONVERTIBLE: tuple[type[nn.Module], ...] = (nn.Linear, *_EP_CONVS)
+"""Module types ``overparameterize`` can replace (exact types: a subclass may change the forward)."""
+
+
+def _ep_conv(path: str, conv: _ConvNd, depth: int, width: float, ep_kwargs: Mapping[str, Any]) -> nn.Module:
+    """The EP convolution of ``conv``'s family with its sizes, stride, padding (and mode), dilation, groups and bias.
+
+    ``kernel_sizes = [k] + [1] * (depth - 1)`` (k per dim, rectangular as it is), so the collapsed kernel is k.
+    """
+    where = f"{type(conv).__name__} at {path or '<model>'!r}"
+    padding = _symmetric_padding(conv)
     if padding is None:
-        problems.append(f"padding {conv.padding!r} differs between height and width")
-    if tuple(conv.dilation) != (1, 1):
-        problems.append(f"dilation is {tuple(conv.dilation)}, not 1")
-    if conv.groups != 1:
-        problems.append(f"groups is {conv.groups}, not 1")
-    if conv.padding_mode != "zeros":
-        problems.append(f"padding_mode is {conv.padding_mode!r}, not 'zeros'")
-    if problems or padding is None:
         raise ConfigError(
-            f"cannot overparameterize {where}: {'; '.join(problems)}; EPConv2d needs a square kernel, one int "
-            "stride and padding, dilation 1, groups 1 and zero padding"
+            f"cannot overparameterize {where}: padding='same' with kernel_size {tuple(conv.kernel_size)} and dilation "
+            f"{tuple(conv.dilation)} pads one side more than the other; EP convolutions pad symmetrically: use an odd "
+            "kernel or an explicit int padding"
         )
     if not isinstance(depth, int) or isinstance(depth, bool) or depth < 1:
         raise ConfigError(f"cannot overparameterize {where}: depth must be an int >= 1, got {depth!r}")
     try:
-        layer = EPConv2d(
+        layer = _EP_CONVS[type(conv)](
             conv.in_channels,
             conv.out_channels,
-            kernel_sizes=[kernel] + [1] * (depth - 1),
+            kernel_sizes=[tuple(conv.kernel_size)] + [1] * (depth - 1),
             padding=padding,
-            stride=conv.stride[0],
+            stride=tuple(conv.stride),
             width=width,
             depth=depth,
             bias=conv.bias is not None,
+            groups=conv.groups,
+            dilation=tuple(conv.dilation),
+            padding_mode=conv.padding_mode,
             **ep_kwargs,
         )
     except ConfigError as e:
@@ -365,20 +673,18 @@ def _ep_conv(path: str, conv: nn.Conv2d, depth: int, width: float, ep_kwargs: Ma
     return _like(layer, conv)
 
 
-def _square_padding(conv: nn.Conv2d) -> int | None:
-    """One int padding for the conv ('valid' is 0, 'same' is (k - 1) / 2 for an odd kernel), or None."""
+def _symmetric_padding(conv: _ConvNd) -> tuple[int, ...] | None:
+    """Padding per dim ('valid' is 0; 'same' is dilation * (k - 1) / 2), or None when 'same' would pad unevenly."""
     padding = conv.padding
     if padding == "valid":
-        return 0
+        return (0,) * len(conv.kernel_size)
     if padding == "same":
-        size = conv.kernel_size[0]
-        return (size - 1) // 2 if size % 2 == 1 and tuple(conv.stride) == (1, 1) else None
-    if isinstance(padding, tuple) and padding[0] == padding[1]:
-        return int(padding[0])
-    return None
+        totals = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
+        return None if any(t % 2 for t in totals) else tuple(t // 2 for t in totals)
+    return tuple(int(p) for p in padding)
 
 
-def _like(layer: EPLayer, original: nn.Linear | nn.Conv2d) -> EPLayer:
+def _like(layer: EPLayer, original: nn.Linear | _ConvNd) -> EPLayer:
     """Put the new layer on the replaced module's device and dtype, in its training mode."""
     reference = original.weight
     return layer.to(device=reference.device, dtype=reference.dtype).train(original.training)

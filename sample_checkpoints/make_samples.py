@@ -6,10 +6,13 @@ Run from the repository root (needs the ``samples`` extra, i.e. scikit-learn)::
     python sample_checkpoints/make_samples.py --out DIR  # somewhere else
 
 Everything is seeded and single-threaded, so on one machine the files are
-byte-identical run after run. The digits data ships inside scikit-learn's wheel:
-nothing is downloaded. ``samples.json`` records, per file, its sha256, the test
-accuracy of the expanded model (EP layers running their expanded chains) and of
-the collapsed model, and how the data was split and scaled.
+byte-identical run after run; another CPU type (other SIMD kernels) or torch version
+rounds differently, and training amplifies that into different weights of about the
+same accuracy. The digits data ships inside scikit-learn's wheel: nothing is
+downloaded. ``samples.json`` records, per file, its sha256, the test accuracy of the
+expanded model (EP layers running their expanded chains) and of the collapsed model;
+how the data was split (with the test indices, so the split can be checked without
+relying on scikit-learn's algorithm staying the same) and scaled; and the machine.
 """
 
 from __future__ import annotations
@@ -17,10 +20,13 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import platform
+import re
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import sklearn
 import torch
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
@@ -37,15 +43,23 @@ PIXEL_SCALE = 16.0
 SEED = 0
 
 
-def digits_split() -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(x_train, y_train, x_test, y_test); x is float32 [N, 64] scaled to [0, 1]."""
+def digits_split() -> tuple[Tensor, Tensor, Tensor, Tensor, list[int]]:
+    """(x_train, y_train, x_test, y_test, test indices into load_digits()); x is float32 [N, 64] scaled to [0, 1]."""
     data = load_digits()
-    x_train, x_test, y_train, y_test = train_test_split(
-        data.data, data.target, test_size=SPLIT["test_size"], random_state=SPLIT["random_state"], stratify=data.target
+    train, test = train_test_split(
+        np.arange(len(data.target)), test_size=SPLIT["test_size"], random_state=SPLIT["random_state"],
+        stratify=data.target,
     )
-    as_x = lambda a: torch.tensor(np.asarray(a) / PIXEL_SCALE, dtype=torch.float32)  # noqa: E731
-    as_y = lambda a: torch.tensor(np.asarray(a), dtype=torch.long)  # noqa: E731
-    return as_x(x_train), as_y(y_train), as_x(x_test), as_y(y_test)
+    as_x = lambda i: torch.tensor(data.data[i] / PIXEL_SCALE, dtype=torch.float32)  # noqa: E731
+    as_y = lambda i: torch.tensor(data.target[i], dtype=torch.long)  # noqa: E731
+    return as_x(train), as_y(train), as_x(test), as_y(test), [int(i) for i in test]
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux), else what the platform module knows: part of what makes training reproducible."""
+    cpuinfo = Path("/proc/cpuinfo")
+    found = re.search(r"^model name\s*:\s*(.+)$", cpuinfo.read_text(), re.M) if cpuinfo.exists() else None
+    return found.group(1).strip() if found else platform.processor() or platform.machine()
 
 
 def mlp() -> nn.Module:
@@ -104,7 +118,7 @@ SAMPLES: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], int, float]] 
 
 def make(out: Path) -> dict[str, object]:
     torch.set_num_threads(1)  # reductions in a fixed order: byte-identical files on one machine
-    x_train, y_train, x_test, y_test = digits_split()
+    x_train, y_train, x_test, y_test, test_indices = digits_split()
     records = []
     for name, (build, shape, epochs, lr) in SAMPLES.items():
         torch.manual_seed(SEED)
@@ -128,14 +142,21 @@ def make(out: Path) -> dict[str, object]:
         )
     record = {
         "dataset": "sklearn.datasets.load_digits (8x8 digits, shipped inside scikit-learn)",
-        "split": {**SPLIT, "function": "sklearn.model_selection.train_test_split"},
+        "split": {**SPLIT, "function": "sklearn.model_selection.train_test_split", "test_indices": test_indices},
         "preprocessing": f"pixels / {PIXEL_SCALE:g}, float32; reshaped to each sample's input_shape",
         "seed": SEED,
         "epcli_version": epcli.__version__,
         "torch_version": str(torch.__version__),
+        # the same torch build on the same CPU type trains to the same weights; elsewhere only the accuracy carries over
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_model": cpu_model(),
+        "numpy_version": np.__version__,
+        "sklearn_version": sklearn.__version__,
         "samples": records,
     }
-    (out / "samples.json").write_text(json.dumps(record, indent=2) + "\n")
+    one_line = lambda m: "[" + ", ".join(re.findall(r"\d+", m.group())) + "]"  # noqa: E731
+    text = re.sub(r"\[[\d,\s]+\]", one_line, json.dumps(record, indent=2))  # lists of ints on one line
+    (out / "samples.json").write_text(text + "\n")
     return record
 
 

@@ -1,13 +1,20 @@
-"""Shared test fixtures: per-test seeding, non-trivial batch-norms, scale-relative closeness.
+"""Shared test fixtures: per-test seeding, non-trivial batch-norms, scale-relative closeness; big grids.
 
-Helpers are exposed as fixtures (not imports) because ``tests`` is not a package.
+Helpers are exposed as fixtures (not imports) because ``tests`` is not a package. Grids marked
+``@pytest.mark.grid`` run a covering subset by default and every point with ``--exhaustive``,
+which also runs the tests marked ``@pytest.mark.slow``.
 """
 
 from __future__ import annotations
 
+import itertools
+import math
+import os
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from torch import Tensor, nn
@@ -69,3 +76,93 @@ def _assert_scaled_close(actual: Tensor, expected: Tensor) -> None:
 @pytest.fixture
 def assert_scaled_close() -> AssertScaledClose:
     return _assert_scaled_close
+
+
+# --- Big parametrised grids: a covering subset by default, every point with --exhaustive -----------------------
+
+GridAxes = Callable[[Any], Sequence[Hashable]]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist each worker computes on one thread: two workers already fill two cores, and more
+    threads than cores made torch's spin-waiting threads slow everything down."""
+    if hasattr(config, "workerinput"):
+        torch.set_num_threads(1)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--exhaustive",
+        action="store_true",
+        default=os.environ.get("EPCLI_EXHAUSTIVE") == "1",
+        help="run every point of @pytest.mark.grid grids (not a covering subset) and the @pytest.mark.slow tests "
+        "(or EPCLI_EXHAUSTIVE=1): the scheduled CI job",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``@pytest.mark.slow`` tests are skipped unless ``--exhaustive``: they would take a large share of the run."""
+    if config.getoption("exhaustive"):
+        return
+    skip = pytest.mark.skip(reason="slow: runs with --exhaustive (EPCLI_EXHAUSTIVE=1), as the scheduled CI job does")
+    for item in items:
+        if item.get_closest_marker("slow"):
+            item.add_marker(skip)
+
+
+def covering_subset(rows: Sequence[Sequence[Hashable]], strength: int) -> list[int]:
+    """Indices of rows that together hold every ``strength``-way combination of values held by any row.
+
+    Greedy set cover over the given rows (each step takes the first row that adds the most
+    uncovered combinations): deterministic, and every combination that occurs in the grid is
+    in the subset. Only combinations that occur are targets, so constraints (invalid points
+    left out of ``rows``) need no special handling. Combinations are numbered with numpy and
+    gains kept up to date through an index of which rows hold each: a fraction of a second
+    for ten thousand rows.
+    """
+    if not rows:
+        return []
+    values: list[dict[Hashable, int]] = [{} for _ in rows[0]]
+    coded = np.array([[index.setdefault(v, len(index)) for index, v in zip(values, row, strict=True)] for row in rows])
+    numbers, offset = [], 0
+    for columns in itertools.combinations(range(len(values)), min(strength, len(values))):
+        number = np.zeros(len(rows), dtype=np.int64)
+        for c in columns:  # mixed radix: one number per combination of values in these columns
+            number = number * len(values[c]) + coded[:, c]
+        numbers.append(offset + number)
+        offset += math.prod(len(values[c]) for c in columns)
+    held = np.stack(numbers, axis=1)  # [row, column set] -> combination number; a row holds each at most once
+    order = np.argsort(held, axis=None, kind="stable")
+    holders = order // held.shape[1]  # rows, grouped by the combination they hold
+    starts = np.searchsorted(held.ravel()[order], np.arange(offset + 1))
+    gains = np.full(len(rows), held.shape[1])
+    covered = np.zeros(offset, dtype=bool)
+    chosen = []
+    while gains.max() > 0:
+        i = int(gains.argmax())
+        new = held[i][~covered[held[i]]]
+        covered[new] = True
+        gains -= np.bincount(np.concatenate([holders[starts[c] : starts[c + 1]] for c in new]), minlength=len(rows))
+        chosen.append(i)
+    return sorted(chosen)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """``@pytest.mark.grid(cases, axes=..., strength=t, ids=...)`` parametrises ``case``.
+
+    By default only a t-way covering subset of ``cases`` runs (``axes(case)`` gives the values
+    that must be combined); ``--exhaustive`` runs all of them.
+    """
+    marker = metafunc.definition.get_closest_marker("grid")
+    if marker is None:
+        return
+    cases: Sequence[Any] = marker.args[0]
+    axes: GridAxes = marker.kwargs["axes"]
+    if not metafunc.config.getoption("exhaustive"):
+        cases = [cases[i] for i in covering_subset([axes(case) for case in cases], marker.kwargs["strength"])]
+    metafunc.parametrize("case", cases, ids=marker.kwargs.get("ids"))
+
+
+@pytest.fixture
+def covering() -> Callable[[Sequence[Sequence[Hashable]], int], list[int]]:
+    return covering_subset

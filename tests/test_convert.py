@@ -8,6 +8,7 @@ float64 1e-10, float32 1e-5.
 from __future__ import annotations
 
 import itertools
+import re
 from collections import OrderedDict
 from typing import Any
 
@@ -25,9 +26,11 @@ from epcli import (
     collapse_layer,
     collapse_model,
     collapse_state_dict,
+    load_checkpoint,
     overparameterize,
+    save_checkpoint,
 )
-from epcli.convert import expanded_eval, plain_model
+from epcli.convert import expanded_eval, plain_model, plan_overparameterize, unwrap_model
 
 DTYPES = [torch.float32, torch.float64]
 
@@ -320,13 +323,8 @@ def test_overparameterize_leaves_ep_layers_and_keeps_training_mode():
 @pytest.mark.parametrize(
     ("conv", "phrase"),
     [
-        (nn.Conv2d(2, 2, (3, 1)), "kernel_size (3, 1) is not square"),
-        (nn.Conv2d(2, 2, 3, stride=(1, 2)), "stride (1, 2) differs"),
-        (nn.Conv2d(2, 2, 3, padding=(1, 0)), "padding (1, 0) differs"),
-        (nn.Conv2d(2, 2, 3, dilation=2), "dilation is (2, 2), not 1"),
-        (nn.Conv2d(2, 2, 3, groups=2), "groups is 2, not 1"),
-        (nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect"), "padding_mode is 'reflect', not 'zeros'"),
-        (nn.Conv2d(2, 2, 4, padding="same"), "padding 'same' differs"),
+        (nn.Conv2d(2, 2, 4, padding="same"), "padding='same' with kernel_size (4, 4)"),
+        (nn.Conv2d(2, 2, (3, 2), dilation=(1, 3), padding="same"), "pads one side more than the other"),
     ],
 )
 def test_overparameterize_refuses_convolutions_it_cannot_express(conv: nn.Conv2d, phrase: str):
@@ -385,3 +383,158 @@ def test_plain_model_holds_the_given_collapsed_tensors_without_collapsing() -> N
     torch.testing.assert_close(plain(x), collapse_model(model)(x), rtol=0, atol=0)
     with pytest.raises(RuntimeError, match="Missing key"):
         plain_model(model, {k: v for k, v in state.items() if k != "2.bias"})
+
+
+# ---- overparameterize: what is converted, and the report -----------------------------------------
+class _Net(nn.Module):
+    """A stem, two stages with a downsample branch, a classifier: the paths people select by."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.layer1 = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 1))
+        self.layer2 = nn.ModuleDict({"conv": nn.Conv2d(8, 16, 3, padding=1), "downsample": nn.Conv2d(8, 16, 1)})
+        self.fc = nn.Linear(16, 10)
+
+
+def _kinds(model: nn.Module) -> dict[str, str]:
+    return {path: type(m).__name__ for path, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d, EPLayer))}
+
+
+@pytest.mark.parametrize(
+    ("options", "converted"),
+    [
+        ({}, {"conv1", "layer1.0", "layer1.1", "layer2.conv", "layer2.downsample", "fc"}),
+        (dict(include=["layer*"]), {"layer1.0", "layer1.1", "layer2.conv", "layer2.downsample"}),
+        (dict(include=["layer2"], exclude=["*.downsample"]), {"layer2.conv"}),
+        (dict(exclude=["fc", "conv1"], types=[nn.Conv2d]), {"layer1.0", "layer1.1", "layer2.conv", "layer2.downsample"}),
+        (dict(types=nn.Linear), {"fc"}),
+        (dict(min_params=8 * 8 * 9 + 8), {"layer1.0", "layer2.conv"}),  # 1x1 convs, the stem and fc are smaller
+    ],
+)
+def test_overparameterize_selects_by_path_type_and_size(options: dict[str, Any], converted: set[str]):
+    model = _Net()
+    ep = overparameterize(model, depth=2, **options)
+    kinds = _kinds(ep)
+    assert {path for path, kind in kinds.items() if kind.startswith("EP")} == converted
+    assert all(kind in ("Conv2d", "Linear") for path, kind in kinds.items() if path not in converted)
+    plan = plan_overparameterize(model, depth=2, **options)
+    plain = list(_kinds(model))
+    assert [c.path for c in plan.replaced] == [p for p in plain if p in converted]
+    assert [c.path for c in plan.kept] == [p for p in plain if p not in converted]
+    assert all(c.reason for c in plan.kept)
+
+
+def test_plan_counts_parameters_before_and_after():
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Conv2d(2, 3, 3, bias=False))
+    plan = plan_overparameterize(model, depth=3, width=2, batch_norm=True)
+    linear, conv = plan.replaced
+    assert (linear.path, linear.kind, linear.params_before) == ("0", "Linear", 4 * 6 + 6)
+    # hidden width 12: 4->12->12->6 with biases, and a batch-norm (gamma, beta) after each layer
+    assert linear.params_after == (4 * 12 + 12) + (12 * 12 + 12) + (12 * 6 + 6) + 2 * (12 + 12 + 6)
+    assert (conv.kind, conv.params_before) == ("Conv2d", 2 * 3 * 9)
+    # kernels [3, 1, 1], hidden 6 channels, no bias
+    assert conv.params_after == 2 * 6 * 9 + 6 * 6 + 6 * 3 + 2 * (6 + 6 + 3)
+    assert plan.params_before == linear.params_before + conv.params_before
+    assert plan.params_after == linear.params_after + conv.params_after
+    assert not plan.kept
+
+
+def test_tied_weights_are_kept_and_reported():
+    class Decoder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.wte = nn.Embedding(11, 8)
+            self.mlp = nn.Linear(8, 8)
+            self.lm_head = nn.Linear(8, 11, bias=False)
+            self.lm_head.weight = self.wte.weight  # tied
+
+    model = Decoder()
+    ep = overparameterize(model, depth=2)
+    assert type(ep.lm_head) is nn.Linear and ep.lm_head.weight is ep.wte.weight  # still tied in the copy
+    assert isinstance(ep.mlp, EPLinear)
+    (kept,) = plan_overparameterize(model).kept
+    assert kept.path == "lm_head" and "shared with 'wte'" in (kept.reason or "")
+
+
+def test_a_module_used_twice_is_converted_once():
+    shared = nn.Linear(4, 4)
+    ep = overparameterize(nn.Sequential(shared, nn.ReLU(), shared))
+    assert isinstance(ep[0], EPLinear) and ep[0] is ep[2]
+
+
+@pytest.mark.parametrize(
+    ("options", "phrase"),
+    [
+        (dict(types=[nn.Embedding]), "types ['Embedding'] cannot be converted"),
+        (dict(min_params=-1), "min_params must be an int >= 0"),
+        (dict(include=[3]), "include must be glob patterns"),
+    ],
+)
+def test_overparameterize_refuses_bad_selections(options: dict[str, Any], phrase: str):
+    with pytest.raises(ConfigError, match=re.escape(phrase)):
+        overparameterize(_Net(), **options)
+
+
+# ---- wrapped models ------------------------------------------------------------------------------
+def _ep_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(EPLinear(4, 6, depth=3, batch_norm=True), nn.ReLU(), EPLinear(6, 2)).eval()
+
+
+def test_compiled_and_data_parallel_models_are_unwrapped(tmp_path):
+    model = _ep_model()
+    x = torch.randn(3, 4)
+    reference = collapse_model(model)(x)
+    for wrapped in (torch.compile(model), nn.DataParallel(model), torch.compile(nn.DataParallel(model))):
+        assert unwrap_model(wrapped) is model
+        torch.testing.assert_close(collapse_model(wrapped)(x), reference, rtol=0, atol=0)
+    ep = overparameterize(torch.compile(nn.Sequential(nn.Linear(4, 2))))
+    assert isinstance(ep[0], EPLinear)
+    saved = load_checkpoint(save_checkpoint(torch.compile(model), tmp_path / "m.safetensors", input_shape=(4,)))
+    assert set(saved.state_dict) == set(model.state_dict())  # no _orig_mod. prefix
+
+
+@pytest.fixture
+def process_group(tmp_path):
+    """A single-process gloo group (CPU), destroyed after the test."""
+    dist = pytest.importorskip("torch.distributed")
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"file://{tmp_path / 'rendezvous'}")
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+def test_ddp_fsdp1_and_fsdp2_models_collapse_and_save_unwrapped(process_group, tmp_path):
+    from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    x = torch.randn(3, 4)
+    reference = collapse_model(_ep_model())(x)
+    keys = set(_ep_model().state_dict())
+
+    ddp = nn.parallel.DistributedDataParallel(_ep_model())
+    fsdp2 = _ep_model()
+    fully_shard(fsdp2[0])
+    fully_shard(fsdp2)
+    assert type(fsdp2[0]).__name__ == "FSDPEPLinear"
+    fsdp1 = FullyShardedDataParallel(_ep_model(), device_id=torch.device("cpu"), auto_wrap_policy=ModuleWrapPolicy({EPLinear}))
+    assert isinstance(fsdp1.module[0], FullyShardedDataParallel)  # nested: each EP layer its own flat parameter
+    for name, wrapped in (("ddp", ddp), ("fsdp2", fsdp2), ("fsdp1", fsdp1)):
+        plain = unwrap_model(wrapped)
+        assert [type(m) for m in plain] == [EPLinear, nn.ReLU, EPLinear]
+        assert all(type(p) is nn.Parameter for p in plain.parameters())
+        collapsed = collapse_model(wrapped)
+        assert [type(m) for m in collapsed] == [nn.Linear, nn.ReLU, nn.Linear]
+        torch.testing.assert_close(collapsed(x), reference, rtol=0, atol=0)
+        loaded = load_checkpoint(save_checkpoint(wrapped, tmp_path / f"{name}.safetensors", input_shape=(4,)))
+        assert set(loaded.state_dict) == keys and loaded.model is not None
+        torch.testing.assert_close(collapse_model(loaded.model)(x), reference, rtol=0, atol=0)
+    assert type(fsdp2[0]).__name__ == "FSDPEPLinear"  # the sharded model itself is left alone
+
+    ep = overparameterize(nn.parallel.DistributedDataParallel(nn.Sequential(nn.Linear(4, 2))))
+    assert isinstance(ep[0], EPLinear)

@@ -1,9 +1,12 @@
 """The shipped sample checkpoints: real models trained on scikit-learn's digits, collapsed without changing a class.
 
 These tests read the files in ``sample_checkpoints/`` as shipped (not regenerated
-ones). Logits of the collapsed model must match the expanded model's at the
-float32 tolerance of ``tests/conftest.py``: rtol 1e-5 and atol 1e-5 x max |logit|
-(observed: about 1e-5 absolute on logits up to ~37); predicted classes must be identical.
+ones), on the test split recorded in ``samples.json`` (its indices, so scikit-learn's
+split algorithm may change without affecting them). Logits of the collapsed model must
+match the expanded model's at the float32 tolerance of ``tests/conftest.py``: rtol 1e-5
+and atol 1e-5 x max |logit| (observed: about 1e-5 absolute on logits up to ~37);
+predicted classes must be identical. The recorded accuracy must be met exactly: the
+smallest top-2 logit margin on the split is 0.097 (MLP) / 0.68 (CNN), far above rounding.
 """
 
 from __future__ import annotations
@@ -28,19 +31,21 @@ SAMPLES = {sample["file"]: sample for sample in RECORD["samples"]}
 MIN_ACCURACY = 0.9
 
 
+def _digits(indices: list[int]) -> tuple[Tensor, Tensor]:
+    """The 8x8 digits at ``indices``, scaled as recorded (x: float32 [N, 64] in [0, 1])."""
+    from sklearn.datasets import load_digits
+
+    assert RECORD["preprocessing"].startswith("pixels / 16")
+    data = load_digits()
+    return torch.tensor(data.data[indices] / 16.0, dtype=torch.float32), torch.tensor(data.target[indices])
+
+
 @pytest.fixture(scope="module")
 def digits_test() -> tuple[Tensor, Tensor]:
-    """The recorded test split of the 8x8 digits, scaled as recorded (x: float32 [N, 64] in [0, 1])."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
+    """The recorded test split."""
     split = RECORD["split"]
-    assert split["stratify"] is True and RECORD["preprocessing"].startswith("pixels / 16")
-    data = load_digits()
-    _, x_test, _, y_test = train_test_split(
-        data.data, data.target, test_size=split["test_size"], random_state=split["random_state"], stratify=data.target
-    )
-    return torch.tensor(x_test / 16.0, dtype=torch.float32), torch.tensor(y_test)
+    assert split["stratify"] is True and len(split["test_indices"]) == len(set(split["test_indices"]))
+    return _digits(split["test_indices"])
 
 
 def _expanded_logits(model: nn.Module, x: Tensor) -> Tensor:
@@ -51,6 +56,7 @@ def _expanded_logits(model: nn.Module, x: Tensor) -> Tensor:
 def test_the_record_covers_both_files_and_the_split():
     assert set(SAMPLES) == {"digits_mlp.pt", "digits_cnn.safetensors"}
     assert RECORD["split"]["random_state"] == RECORD["seed"] == 0
+    assert all(len(RECORD["split"]["test_indices"]) == s["test_samples"] == 450 for s in SAMPLES.values())
 
 
 @pytest.mark.parametrize("name", sorted(SAMPLES))
@@ -101,17 +107,47 @@ def test_collapsed_sample_files_predict_the_same_classes(name: str, tmp_path: Pa
         assert torch.equal(collapsed.model(inputs).argmax(1), _expanded_logits(source.model, inputs).argmax(1))
 
 
-def test_the_script_reproduces_the_samples(tmp_path: Path):
-    """About 10 s on 2 cores. Same torch version: byte-identical files; otherwise the same accuracy (+-2 %)."""
+@pytest.mark.slow  # retraining takes 11 CPU-seconds, a fifth of the default run: the scheduled job runs it
+def test_the_script_reproduces_the_samples(tmp_path: Path, assert_scaled_close):
+    """Retrains both samples and compares what must carry over.
+
+    Where training is reproducible (the recorded torch build, CPU type and split), the weights
+    equal the shipped ones at the float32 tolerance of ``tests/conftest.py`` (in practice
+    bit-identical). Elsewhere rounding differs (e.g. AVX2 instead of AVX-512 kernels), training
+    amplifies it and the weights legitimately differ, so only this is required: the same layers
+    and tensor shapes, the test accuracy within 0.02 of the record (measured here on the fresh
+    record's split, and equal to what that record says), and a collapse that keeps every
+    prediction. Never the file bytes: they depend on the versions of torch and the libraries.
+    """
     result = subprocess.run(
         [sys.executable, str(SAMPLES_DIR / "make_samples.py"), "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr
-    fresh = {s["file"]: s for s in json.loads((tmp_path / "samples.json").read_text())["samples"]}
+    record = json.loads((tmp_path / "samples.json").read_text())
+    fresh = {s["file"]: s for s in record["samples"]}
     assert set(fresh) == set(SAMPLES)
+    reproducible = all(record[key] == RECORD[key] for key in ("torch_version", "cpu_capability", "cpu_model"))
+    reproducible &= record["split"]["test_indices"] == RECORD["split"]["test_indices"]
+    x, y = _digits(record["split"]["test_indices"])
     for name, sample in SAMPLES.items():
-        if RECORD["torch_version"] == str(torch.__version__):
-            assert fresh[name]["sha256"] == sample["sha256"], name
-        else:
-            assert fresh[name]["test_accuracy"] == pytest.approx(sample["test_accuracy"], abs=0.02), name
+        shipped, regenerated = epcli.load_checkpoint(SAMPLES_DIR / name), epcli.load_checkpoint(tmp_path / name)
+        assert regenerated.ep_layers == shipped.ep_layers and regenerated.input_shape == shipped.input_shape, name
+        expected, actual = shipped.model.state_dict(), regenerated.model.state_dict()
+        layout = {key: (tensor.shape, tensor.dtype) for key, tensor in expected.items()}
+        assert {key: (tensor.shape, tensor.dtype) for key, tensor in actual.items()} == layout, name
+        if reproducible:
+            for key, tensor in actual.items():
+                if tensor.is_floating_point():
+                    assert_scaled_close(tensor, expected[key])
+                else:
+                    assert torch.equal(tensor, expected[key]), key
+
+        inputs = x.reshape(-1, *regenerated.input_shape)
+        logits = _expanded_logits(regenerated.model, inputs)
+        accuracy = float((logits.argmax(1) == y).float().mean())
+        assert accuracy == pytest.approx(fresh[name]["test_accuracy"], abs=1e-6), f"{name}: the fresh record is wrong"
+        assert accuracy == pytest.approx(sample["test_accuracy"], abs=0.02), name
+        assert accuracy >= MIN_ACCURACY, name
+        with torch.no_grad():
+            assert torch.equal(epcli.collapse_model(regenerated.model)(inputs).argmax(1), logits.argmax(1)), name

@@ -117,7 +117,7 @@ def render_collapse(result: CollapseResult) -> None:
             layer.summary.layer_type,
             layer.summary.expanded_params,
             layer.summary.collapsed_params,
-            "-" if layer.summary.effective_kernel is None else f"{layer.summary.effective_kernel}x{layer.summary.effective_kernel}",
+            "-" if layer.summary.effective_kernel is None else "x".join(map(str, layer.summary.effective_kernel)),
             layer.max_abs_error,
         )
         for layer in result.layers

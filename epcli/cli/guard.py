@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import typer
 
 from epcli.cli import render
+from epcli.cli.terminate import EXIT_TERMINATED, Terminated
 from epcli.errors import EpcliError
 
 __all__ = ["EXIT_OK", "EXIT_VERIFY_FAILED", "EXIT_INPUT_ERROR", "guarded"]
@@ -63,6 +64,9 @@ def guarded(command: F) -> F:
         except KeyboardInterrupt:
             render.error("interrupted")
             raise typer.Exit(130) from None
+        except Terminated:
+            render.error("terminated")
+            raise typer.Exit(EXIT_TERMINATED) from None
         except Exception as e:  # a bug or an error from a user-named model factory
             fail(f"unexpected {type(e).__name__}: {e} (set EPCLI_DEBUG=1 for the traceback)", type(e).__name__, json_output)
 

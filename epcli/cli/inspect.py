@@ -40,7 +40,7 @@ def inspect_command(
     rows = []
     for layer in result.layers:
         s, c = layer.summary, layer.summary.config
-        kernel = f" k{s.effective_kernel}" if s.effective_kernel else ""
+        kernel = f" k{'x'.join(map(str, s.effective_kernel))}" if s.effective_kernel else ""
         chain = f"depth {c.depth} width {c.width:g}" + (" bn" if c.batch_norm else "")
         if c.residual:
             chain += f" skips {c.residual_mode}:{','.join(map(str, c.residual_intervals))}"

@@ -20,7 +20,7 @@ class Affine:
     """``v = weight (*) s + bias``; ``bias`` is None when nothing contributes one.
 
     For linear maps ``weight`` is ``[out, in]``; for convolutions it is a kernel
-    ``[out, in, K, K]`` applied as a valid cross-correlation (see ``core.conv``).
+    ``[out, in / groups, *K]`` applied as a valid cross-correlation (see ``core.conv``).
     """
 
     weight: Tensor

@@ -17,10 +17,9 @@ from torch import Tensor
 from epcli.core.affine import Affine, BatchNormFold, LinearAlgebra
 from epcli.core.conv import ConvAlgebra
 
-__all__ = ["CONV2D", "LINEAR", "ChainLayer", "SkipEdge", "collapse_chain", "skip_edges"]
+__all__ = ["LINEAR", "ChainLayer", "SkipEdge", "collapse_chain", "skip_edges"]
 
 LINEAR = LinearAlgebra()
-CONV2D = ConvAlgebra()
 
 SkipEdge = tuple[int, int]
 """A skip ``(source node, destination node)``."""
@@ -47,10 +46,14 @@ class ChainLayer:
 
 
 def _as_float64(layer: ChainLayer) -> ChainLayer:
-    """The layer's tensors in float64; no copy when they already are (see :func:`_unaliased`)."""
+    """The layer's tensors in float64; no copy when they already are (see :func:`_unaliased`).
+
+    Autograd history is kept, so a collapse run with grad enabled is differentiable;
+    callers that want plain tensors run it under ``torch.no_grad()``.
+    """
 
     def cast(t: Tensor | None) -> Tensor | None:
-        return None if t is None else t.detach().to(torch.float64)
+        return None if t is None else t.to(torch.float64)
 
     norm = layer.norm
     if norm is not None:
@@ -81,6 +84,8 @@ def collapse_chain(
     in_features: int,
     layers: Sequence[ChainLayer],
     skips: Mapping[SkipEdge, ChainLayer | None],
+    *,
+    unalias: bool = True,
 ) -> Affine:
     """Collapse an EP chain to one affine map, in float64.
 
@@ -89,6 +94,8 @@ def collapse_chain(
     later skip reads them, so memory stays at the few nodes still needed. Each
     layer is cast to float64 only when its turn comes, and float64 tensors are
     not copied at all, so at most one layer's float64 copy exists beside the nodes.
+    ``unalias=False`` skips the copy of results that alias an input (it reads storage
+    pointers, which traced tensors do not have); for results used once inside a forward.
     """
     projections = {edge: None if p is None else _as_float64(p) for edge, p in skips.items()}
     incoming: dict[int, list[tuple[int, ChainLayer | None]]] = {}
@@ -119,4 +126,4 @@ def collapse_chain(
             current = algebra.add(current, branch)
         nodes = {i: v for i, v in nodes.items() if last_read.get(i, -1) > destination}
         nodes[destination] = current
-    return _unaliased(current, [*layers, *skips.values()])
+    return _unaliased(current, [*layers, *skips.values()]) if unalias else current

@@ -11,6 +11,7 @@ the node at fault.
 
 from __future__ import annotations
 
+import itertools
 import math
 import numbers
 from collections.abc import Callable, Mapping
@@ -20,23 +21,34 @@ from types import MappingProxyType
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
+from epcli.convert import expanded_eval
 from epcli.errors import CheckpointError, ConfigError, EpcliError
+from epcli.formats.limits import (
+    MAX_ARCHITECTURE_NODES,
+    MAX_CONFIG_REAL,
+    MAX_FEATURES,
+    MAX_NAME_CHARS,
+    MAX_NESTING,
+    MAX_RANK,
+    MAX_WINDOW,
+    check_count,
+    check_sample_shape,
+)
+from epcli.formats.metadata import checked_config
 from epcli.layers.base import EPLayer
-from epcli.layers.registry import REGISTRY, class_name, collapsed_has_bias, config_from_dict, plain_layer
+from epcli.layers.registry import REGISTRY, class_name, collapsed_has_bias, plain_layer
+from epcli.text import quote
 
 __all__ = [
-    "MAX_DEPTH",
     "SUPPORTED_TYPES",
     "build_architecture",
+    "check_forward",
     "collapsed_architecture",
     "describe_architecture",
     "ep_nodes",
 ]
-
-MAX_DEPTH = 64
-"""Deepest nesting of Sequentials accepted from a file (a guard against hostile recursion)."""
 
 Spec = dict[str, Any]
 
@@ -53,24 +65,25 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def _int(minimum: int | None = None) -> Check:
+def _int(minimum: int, maximum: int = MAX_FEATURES) -> Check:
+    """An int in ``[minimum, maximum]``; the maximum comes from :mod:`epcli.formats.limits`."""
     def check(value: Any) -> int:
-        if not _is_int(value) or (minimum is not None and value < minimum):
-            raise _Invalid("an int" + (f" >= {minimum}" if minimum is not None else ""))
+        if not _is_int(value) or not minimum <= value <= maximum:
+            raise _Invalid(f"an int in [{minimum}, {maximum}]")
         return int(value)
 
     return check
 
 
-def _real(minimum: float | None = None, maximum: float | None = None, *, positive: bool = False) -> Check:
+_dim = _int(-MAX_RANK, MAX_RANK)
+"""A tensor dimension argument (Softmax dim, Flatten start_dim ...)."""
+
+
+def _real(minimum: float = -MAX_CONFIG_REAL, maximum: float = MAX_CONFIG_REAL, *, positive: bool = False) -> Check:
     def check(value: Any) -> float:
         number = float(value) if isinstance(value, numbers.Real) and not isinstance(value, bool) else math.nan
-        if (
-            not math.isfinite(number)
-            or (minimum is not None and number < minimum) or (maximum is not None and number > maximum)
-            or (positive and number <= 0)
-        ):
-            bounds = " > 0" if positive else f" in [{minimum}, {maximum}]" if minimum is not None else ""
+        if not math.isfinite(number) or number < minimum or number > maximum or (positive and number <= 0):
+            bounds = f" in ({0}, {maximum}]" if positive else f" in [{minimum}, {maximum}]"
             raise _Invalid(f"a finite number{bounds}")
         return number
 
@@ -99,15 +112,18 @@ def _choice(*options: Any) -> Check:
     return check
 
 
-def _pair(minimum: int) -> Check:
-    """An int or two ints (height, width) -> ``[h, w]``."""
+_COUNTS = {1: "one", 2: "two", 3: "three"}
+
+
+def _per_dim(ndim: int, minimum: int) -> Check:
+    """An int or ``ndim`` ints (one per spatial dim) -> a list of ``ndim`` ints, each at most :data:`MAX_WINDOW`."""
     def check(value: Any) -> list[int]:
-        items = [value, value] if _is_int(value) else value
+        items = [value] * ndim if _is_int(value) else value
         if (
-            not isinstance(items, (list, tuple)) or len(items) != 2
-            or not all(_is_int(v) and v >= minimum for v in items)
+            not isinstance(items, (list, tuple)) or len(items) != ndim
+            or not all(_is_int(v) and minimum <= v <= MAX_WINDOW for v in items)
         ):
-            raise _Invalid(f"an int >= {minimum} or a list of two such ints")
+            raise _Invalid(f"an int in [{minimum}, {MAX_WINDOW}] or a list of {_COUNTS[ndim]} such ints")
         return [int(v) for v in items]
 
     return check
@@ -115,8 +131,11 @@ def _pair(minimum: int) -> Check:
 
 def _int_list(minimum: int) -> Check:
     def check(value: Any) -> list[int]:
-        if not isinstance(value, (list, tuple)) or not value or not all(_is_int(v) and v >= minimum for v in value):
-            raise _Invalid(f"a non-empty list of ints >= {minimum}")
+        if (
+            not isinstance(value, (list, tuple)) or not value or len(value) > MAX_RANK
+            or not all(_is_int(v) and minimum <= v <= MAX_FEATURES for v in value)
+        ):
+            raise _Invalid(f"a list of 1 to {MAX_RANK} ints in [{minimum}, {MAX_FEATURES}]")
         return [int(v) for v in value]
 
     return check
@@ -135,16 +154,19 @@ def _either(*checks: Check) -> Check:
     return check
 
 
-def _output_size(value: Any) -> Any:
-    """AdaptiveAvgPool2d: an int, or two entries each an int >= 1 or None (keep that size)."""
+def _output_size(ndim: int) -> Check:
+    """AdaptiveAvgPool1d/2d/3d: an int, or ``ndim`` entries each an int >= 1 or None (keep that size)."""
     def size(v: Any) -> bool:
-        return _is_int(v) and v >= 1
+        return _is_int(v) and 1 <= v <= MAX_FEATURES
 
-    if size(value):
-        return int(value)
-    if isinstance(value, (list, tuple)) and len(value) == 2 and all(v is None or size(v) for v in value):
-        return [None if v is None else int(v) for v in value]
-    raise _Invalid("an int >= 1 or a list of two entries, each an int >= 1 or null")
+    def check(value: Any) -> Any:
+        if size(value):
+            return int(value)
+        if isinstance(value, (list, tuple)) and len(value) == ndim and all(v is None or size(v) for v in value):
+            return [None if v is None else int(v) for v in value]
+        raise _Invalid(f"an int in [1, {MAX_FEATURES}] or a list of {_COUNTS[ndim]} entries, each such an int or null")
+
+    return check
 
 
 # ---- the module types ---------------------------------------------------------------------
@@ -179,18 +201,18 @@ class _ModuleType:
         names = [a.name for a in self.args]
         unknown, missing = sorted(set(args) - set(names)), [n for n in names if n not in args]
         if unknown or missing:
-            raise CheckpointError(f"{where}: unknown args {unknown}, missing args {missing}; expected {names}")
+            raise CheckpointError(f"{where}: unknown args {quote(unknown)}, missing args {missing}; expected {names}")
         values = {}
         for arg in self.args:
             try:
                 value = arg.check(args[arg.name])
             except _Invalid as e:
-                raise CheckpointError(f"{where}: {arg.name} must be {e}, got {args[arg.name]!r}") from None
+                raise CheckpointError(f"{where}: {arg.name} must be {e}, got {quote(args[arg.name])}") from None
             values[arg.name] = tuple(value) if isinstance(value, list) else value
         try:
             return self.cls(**values)
         except (ValueError, TypeError, RuntimeError) as e:
-            raise CheckpointError(f"{where}: invalid arguments {args}: {e}") from e
+            raise CheckpointError(f"{where}: invalid arguments {quote(args)}: {quote(str(e))}") from e
 
 
 def _has_bias(module: nn.Module) -> bool:
@@ -206,28 +228,64 @@ _NORM_ARGS = (
     _Arg("track_running_stats", _bool),
 )
 
-_WINDOW_ARGS = (_Arg("kernel_size", _pair(1)), _Arg("stride", _pair(1)))
-"""A sliding window's size and step: convolutions and pools alike."""
+def _window_args(ndim: int) -> tuple[_Arg, ...]:
+    """A sliding window's size and step: convolutions and pools alike."""
+    return (_Arg("kernel_size", _per_dim(ndim, 1)), _Arg("stride", _per_dim(ndim, 1)))
+
+
+def _conv(cls: type[nn.Module], ndim: int) -> _ModuleType:
+    return _ModuleType(
+        cls,
+        (
+            _Arg("in_channels", _int(1)),
+            _Arg("out_channels", _int(1)),
+            *_window_args(ndim),
+            _Arg("padding", _either(_per_dim(ndim, 0), _choice("same", "valid"))),
+            _Arg("dilation", _per_dim(ndim, 1)),
+            _Arg("groups", _int(1)),
+            _Arg("bias", _bool, _has_bias),
+            _Arg("padding_mode", _choice("zeros", "reflect", "replicate", "circular")),
+        ),
+    )
+
+
+def _max_pool(cls: type[nn.Module], ndim: int) -> _ModuleType:
+    return _ModuleType(
+        cls,
+        (
+            *_window_args(ndim),
+            _Arg("padding", _per_dim(ndim, 0)),
+            _Arg("dilation", _per_dim(ndim, 1)),
+            _Arg("ceil_mode", _bool),
+            _Arg("return_indices", _choice(False)),  # indices would turn the output into a tuple
+        ),
+    )
+
+
+def _avg_pool(cls: type[nn.Module], ndim: int) -> _ModuleType:
+    divisor = (_Arg("divisor_override", _optional(_int(1))),) if ndim > 1 else ()  # AvgPool1d has none
+    return _ModuleType(
+        cls,
+        (
+            *_window_args(ndim),
+            _Arg("padding", _per_dim(ndim, 0)),
+            _Arg("ceil_mode", _bool),
+            _Arg("count_include_pad", _bool),
+            *divisor,
+        ),
+    )
+
 
 _TYPES: tuple[_ModuleType, ...] = (
     _ModuleType(
         nn.Linear, (_Arg("in_features", _int(1)), _Arg("out_features", _int(1)), _Arg("bias", _bool, _has_bias))
     ),
-    _ModuleType(
-        nn.Conv2d,
-        (
-            _Arg("in_channels", _int(1)),
-            _Arg("out_channels", _int(1)),
-            *_WINDOW_ARGS,
-            _Arg("padding", _either(_pair(0), _choice("same", "valid"))),
-            _Arg("dilation", _pair(1)),
-            _Arg("groups", _int(1)),
-            _Arg("bias", _bool, _has_bias),
-            _Arg("padding_mode", _choice("zeros", "reflect", "replicate", "circular")),
-        ),
-    ),
+    _conv(nn.Conv1d, 1),
+    _conv(nn.Conv2d, 2),
+    _conv(nn.Conv3d, 3),
     _ModuleType(nn.BatchNorm1d, _NORM_ARGS),
     _ModuleType(nn.BatchNorm2d, _NORM_ARGS),
+    _ModuleType(nn.BatchNorm3d, _NORM_ARGS),
     _ModuleType(nn.ReLU, (_INPLACE,)),
     _ModuleType(nn.GELU, (_Arg("approximate", _choice("none", "tanh")),)),
     _ModuleType(nn.SiLU, (_INPLACE,)),
@@ -235,33 +293,21 @@ _TYPES: tuple[_ModuleType, ...] = (
     _ModuleType(nn.Sigmoid, ()),
     _ModuleType(nn.LeakyReLU, (_Arg("negative_slope", _real()), _INPLACE)),
     _ModuleType(nn.ELU, (_Arg("alpha", _real()), _INPLACE)),
-    _ModuleType(nn.Softmax, (_Arg("dim", _optional(_int())),)),
-    _ModuleType(nn.LogSoftmax, (_Arg("dim", _optional(_int())),)),
-    _ModuleType(nn.Flatten, (_Arg("start_dim", _int()), _Arg("end_dim", _int()))),
-    _ModuleType(nn.Unflatten, (_Arg("dim", _int()), _Arg("unflattened_size", _int_list(1)))),
+    _ModuleType(nn.Softmax, (_Arg("dim", _optional(_dim)),)),
+    _ModuleType(nn.LogSoftmax, (_Arg("dim", _optional(_dim)),)),
+    _ModuleType(nn.Flatten, (_Arg("start_dim", _dim), _Arg("end_dim", _dim))),
+    _ModuleType(nn.Unflatten, (_Arg("dim", _dim), _Arg("unflattened_size", _int_list(1)))),
     _ModuleType(nn.Dropout, (_Arg("p", _real(0.0, 1.0)), _INPLACE)),
     _ModuleType(nn.Dropout2d, (_Arg("p", _real(0.0, 1.0)), _INPLACE)),
-    _ModuleType(
-        nn.MaxPool2d,
-        (
-            *_WINDOW_ARGS,
-            _Arg("padding", _pair(0)),
-            _Arg("dilation", _pair(1)),
-            _Arg("ceil_mode", _bool),
-            _Arg("return_indices", _choice(False)),  # indices would turn the output into a tuple
-        ),
-    ),
-    _ModuleType(
-        nn.AvgPool2d,
-        (
-            *_WINDOW_ARGS,
-            _Arg("padding", _pair(0)),
-            _Arg("ceil_mode", _bool),
-            _Arg("count_include_pad", _bool),
-            _Arg("divisor_override", _optional(_int(1))),
-        ),
-    ),
-    _ModuleType(nn.AdaptiveAvgPool2d, (_Arg("output_size", _output_size),)),
+    _max_pool(nn.MaxPool1d, 1),
+    _max_pool(nn.MaxPool2d, 2),
+    _max_pool(nn.MaxPool3d, 3),
+    _avg_pool(nn.AvgPool1d, 1),
+    _avg_pool(nn.AvgPool2d, 2),
+    _avg_pool(nn.AvgPool3d, 3),
+    _ModuleType(nn.AdaptiveAvgPool1d, (_Arg("output_size", _output_size(1)),)),
+    _ModuleType(nn.AdaptiveAvgPool2d, (_Arg("output_size", _output_size(2)),)),
+    _ModuleType(nn.AdaptiveAvgPool3d, (_Arg("output_size", _output_size(3)),)),
     _ModuleType(nn.Identity, ()),
 )
 
@@ -302,7 +348,7 @@ def _layout(model: nn.Module) -> dict[str, tuple[int, ...]]:
 
 
 def _describe(module: nn.Module, depth: int) -> Spec:
-    if depth > MAX_DEPTH:
+    if depth > MAX_NESTING:
         raise _Unsupported
     if type(module) is nn.Sequential:
         return {
@@ -330,58 +376,114 @@ def build_architecture(spec: Any, *, device: torch.device | str | None = None) -
     """Build (and validate) the module tree of ``spec``; ``device="meta"`` allocates no memory.
 
     Errors are :class:`CheckpointError` (or :class:`ConfigError` for an EP layer
-    config) naming the node by its module path.
+    config) naming the node by its module path. At most
+    :data:`~epcli.formats.limits.MAX_ARCHITECTURE_NODES` nodes, nested at most
+    :data:`~epcli.formats.limits.MAX_NESTING` deep.
     """
     with torch.device(device) if device is not None else nullcontext():
-        return _build(spec, "", depth=0)
+        return _build(spec, "", 0, [0])
 
 
 def _node_name(path: str) -> str:
-    return f"architecture node {path or '<model>'!r}"
+    return f"architecture node {quote(path or '<model>')}"
 
 
 def _require_keys(node: Mapping[str, Any], keys: set[str], where: str) -> None:
     if set(node) != keys:
-        raise CheckpointError(f"{where}: has keys {sorted(node)}, expected exactly {sorted(keys)}")
+        raise CheckpointError(f"{where}: has keys {quote(sorted(node))}, expected exactly {sorted(keys)}")
 
 
-def _build(node: Any, path: str, depth: int) -> nn.Module:
+def _build(node: Any, path: str, depth: int, count: list[int]) -> nn.Module:
     where = _node_name(path)
-    if depth > MAX_DEPTH:
-        raise CheckpointError(f"{where}: nested deeper than {MAX_DEPTH} levels")
+    if depth > MAX_NESTING:
+        raise CheckpointError(f"{where}: nested deeper than {MAX_NESTING} levels")
+    count[0] += 1
+    check_count(count[0], MAX_ARCHITECTURE_NODES, "the number of architecture nodes")
     if not isinstance(node, dict):
         raise CheckpointError(f"{where}: must be an object, got {type(node).__name__}")
     kind = node.get("type")
     if kind == "Sequential":
-        return _build_sequential(node, path, depth)
+        return _build_sequential(node, path, depth, count)
     if isinstance(kind, str) and kind in REGISTRY:
         _require_keys(node, {"type", "config"}, where)
-        try:
-            config = config_from_dict(kind, node["config"])
-        except ConfigError as e:
-            raise ConfigError(f"{where}: {e}") from e
-        return REGISTRY[kind].layer.from_config(config)
+        return REGISTRY[kind].layer.from_config(checked_config(kind, node["config"], where))
     module_type = _BY_NAME.get(kind) if isinstance(kind, str) else None
     if module_type is None:
-        raise CheckpointError(f"{where}: unknown module type {kind!r}; supported types: {', '.join(SUPPORTED_TYPES)}")
+        raise CheckpointError(
+            f"{where}: unknown module type {quote(kind)}; supported types: {', '.join(SUPPORTED_TYPES)}"
+        )
     return module_type.from_spec(node, where)
 
 
-def _build_sequential(node: Mapping[str, Any], path: str, depth: int) -> nn.Module:
+_RESERVED = frozenset(dir(nn.Sequential())) | frozenset(vars(nn.Sequential()))
+"""Attribute names of a Sequential (``training``, ``forward``, ``__class__`` ...): never a child's name."""
+
+
+def _build_sequential(node: Mapping[str, Any], path: str, depth: int, count: list[int]) -> nn.Module:
     where = _node_name(path)
     _require_keys(node, {"type", "children"}, where)
     children = node["children"]
     if not isinstance(children, list):
         raise CheckpointError(f"{where}: 'children' must be a list, got {type(children).__name__}")
+    check_count(len(children), MAX_ARCHITECTURE_NODES, f"{where}: the number of children")
     sequential = nn.Sequential()
     for index, child in enumerate(children):
         if not isinstance(child, dict) or set(child) != {"name", "module"}:
             raise CheckpointError(f"{where}: child {index} must be an object with exactly 'name' and 'module'")
         name = child["name"]
-        if not isinstance(name, str) or not name or "." in name or name in sequential._modules:
-            raise CheckpointError(f"{where}: child {index} has an invalid or repeated name {name!r}")
-        sequential.add_module(name, _build(child["module"], f"{path}.{name}" if path else name, depth + 1))
+        if (
+            not isinstance(name, str) or not name or len(name) > MAX_NAME_CHARS or "." in name
+            or not name.isprintable() or name in _RESERVED
+        ):
+            raise CheckpointError(
+                f"{where}: child {index} has an invalid name {quote(name)}: a module name is a non-empty printable "
+                "string without '.', and not an attribute of nn.Module such as 'training' or '__class__'"
+            )
+        if name in sequential._modules:
+            raise CheckpointError(f"{where}: child {index} repeats the name {quote(name)}")
+        sequential.add_module(name, _build(child["module"], f"{path}.{name}" if path else name, depth + 1, count))
     return sequential
+
+
+def check_forward(model: nn.Module, input_shape: tuple[int, ...], source: str) -> None:
+    """Run ``model`` on a batch of zero samples of ``input_shape``: every shape is checked, nothing is computed.
+
+    Refuses a model whose forward fails on its own input shape, and any module whose
+    output has more than :data:`~epcli.formats.limits.MAX_SAMPLE_ELEMENTS` elements per
+    sample (an ``AdaptiveAvgPool2d(10**6)``), naming the module. An empty batch
+    allocates no activations on any device, and (unlike the meta device, whose first
+    use imports seconds of torch) runs the ordinary kernels. EP layers run their
+    expanded chains, so no collapse is computed.
+    """
+    def bound(path: str) -> Callable[[nn.Module, Any, Any], None]:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if isinstance(output, Tensor):
+                check_sample_shape(output.shape[1:], f"the output of {_node_name(path)} ({type(module).__name__})")
+
+        return hook
+
+    floats = [t for t in itertools.chain(model.parameters(), model.buffers()) if t.is_floating_point()]
+    if any(t.dtype.itemsize == 1 for t in floats):
+        return  # float8: torch has no CPU kernels to run it with; the file is read, not run
+    reference = floats[0] if floats else None
+    batch = torch.zeros(
+        (0, *input_shape),
+        dtype=reference.dtype if reference is not None else torch.get_default_dtype(),
+        device=reference.device if reference is not None else None,
+    )
+    handles = [module.register_forward_hook(bound(path)) for path, module in model.named_modules()]
+    try:
+        with torch.no_grad(), expanded_eval(model):  # the chains, not a collapse: an empty batch costs nothing
+            model(batch)
+    except ConfigError as e:
+        raise CheckpointError(f"{source}: {e}") from None
+    except Exception as e:  # torch raises many types for a shape that does not fit
+        raise CheckpointError(
+            f"{source} fails on its own input_shape {list(input_shape)}: {quote(f'{type(e).__name__}: {e}', 300)}"
+        ) from None
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def ep_nodes(spec: Any) -> dict[str, tuple[str, Any]]:
@@ -392,8 +494,12 @@ def ep_nodes(spec: Any) -> dict[str, tuple[str, Any]]:
     """
     found: dict[str, tuple[str, Any]] = {}
 
+    visited = 0
+
     def visit(node: Any, path: str, depth: int) -> None:
-        if depth > MAX_DEPTH or not isinstance(node, dict):
+        nonlocal visited
+        visited += 1
+        if depth > MAX_NESTING or not isinstance(node, dict) or visited > MAX_ARCHITECTURE_NODES:
             return
         kind = node.get("type")
         if kind == "Sequential" and isinstance(node.get("children"), list):
@@ -409,7 +515,7 @@ def ep_nodes(spec: Any) -> dict[str, tuple[str, Any]]:
 
 # ---- expanded spec -> collapsed spec --------------------------------------------------------
 def collapsed_architecture(spec: Spec) -> Spec:
-    """The spec of the collapsed model: each EP layer node becomes its plain Linear / Conv2d node."""
+    """The spec of the collapsed model: each EP layer node becomes its plain Linear / Conv1d/2d/3d node."""
     return _collapse_node(spec, "")
 
 
@@ -424,9 +530,6 @@ def _collapse_node(node: Spec, path: str) -> Spec:
             ],
         }
     if kind in REGISTRY:
-        try:
-            config = config_from_dict(kind, node["config"])
-        except EpcliError as e:
-            raise ConfigError(f"{_node_name(path)}: {e}") from e
+        config = checked_config(kind, node["config"], _node_name(path))
         return _describe(plain_layer(config, bias=collapsed_has_bias(config), device="meta"), depth=0)
     return node

@@ -29,28 +29,43 @@ from epcli.convert import (
     collapsed_dtype,
     layer_prefix,
     layer_states,
+    unwrap_model,
 )
 from epcli.errors import CheckpointError, ConfigError, EpcliError, ShapeMismatchError, UsageError
-from epcli.formats.architecture import build_architecture, collapsed_architecture, describe_architecture, ep_nodes
+from epcli.formats.architecture import (
+    build_architecture,
+    check_forward,
+    collapsed_architecture,
+    describe_architecture,
+    ep_nodes,
+)
 from epcli.formats.factory import ModelFactory, build_from_factory
+from epcli.formats.limits import check_sample_shape
 from epcli.formats.metadata import (
     Metadata,
     build_metadata,
+    checked_config,
     dump_metadata,
     parse_metadata,
     sample_shape,
 )
-from epcli.formats.source import SUFFIXES, TensorInfo, TensorSource, open_source
+from epcli.formats.source import (
+    SUFFIXES,
+    TensorInfo,
+    TensorSource,
+    check_finite,
+    open_source,
+)
 from epcli.formats.writer import CheckpointWriter
 from epcli.layers.config import EPConfig
 from epcli.layers.registry import (
     check_state,
     class_name,
-    config_from_dict,
     expected_state,
     find_ep_layers,
     output_shape,
 )
+from epcli.text import quote
 
 __all__ = [
     "SUFFIXES",
@@ -108,7 +123,7 @@ class CheckpointFile:
         """
         try:
             state = self.source.read(keys, dtype=dtype)
-            _check_finite(state, "the file")
+            check_finite(state, "the file")
         except EpcliError as e:
             raise type(e)(f"{self.path}: {e}") from e
         except OSError as e:
@@ -144,7 +159,9 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike[str], *, input_sha
     ``input_shape`` is the shape of one sample without the batch dimension, e.g.
     ``(64,)`` or ``(1, 8, 8)``; one forward pass on zeros of that shape records
     each EP layer's input shape. The write is atomic, and identical models give
-    byte-identical files.
+    byte-identical files. A wrapped model (DDP, ``torch.compile``, FSDP1/FSDP2) is
+    saved as its full, unwrapped model (:func:`epcli.convert.unwrap_model`; for FSDP
+    a collective, so call it on every rank).
     """
     if not isinstance(model, nn.Module):
         what = "a state_dict" if isinstance(model, Mapping) else f"a {type(model).__name__}"
@@ -153,11 +170,12 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike[str], *, input_sha
             "(epcli records its architecture and EP layer configs, which a state_dict does not hold)"
         )
     path = Path(path)
+    model = unwrap_model(model)
     shape = sample_shape(input_shape)
     layers = find_ep_layers(model)
     layer_shapes = _layer_input_shapes(model, shape)
     state = _detached(model.state_dict())
-    _check_finite(state, "the model")
+    check_finite(state, "the model")
     document = build_metadata(
         kind="expanded",
         input_shape=shape,
@@ -200,7 +218,7 @@ def save_collapsed_checkpoint(
         except (CheckpointError, ShapeMismatchError) as e:
             raise type(e)(f"collapsed_state does not fit {checkpoint.path}: {e}") from e
         state = _detached(collapsed_state)
-        _check_finite(state, "collapsed_state")
+        check_finite(state, "collapsed_state")
     return _write(path, collapsed_metadata(checkpoint, provenance or {}), {key: state[key] for key in layout})
 
 
@@ -330,6 +348,8 @@ def load_checkpoint(path: str | os.PathLike[str], *, model_factory: ModelFactory
     state = opened.read(opened.tensors)
     with _naming(path):
         model = None if built is None else _fill(*built, state)
+        if built is not None and model is not None and opened.architecture is not None and model_factory is None:
+            check_forward(model, opened.input_shape, built[1])
     return Checkpoint(
         path=path,
         kind=opened.kind,
@@ -386,7 +406,7 @@ def _check_ep_tensors(meta: Metadata, state: Mapping[str, Tensor]) -> None:
     collapsed = meta.kind == "collapsed"
     owned = layer_states(state, meta.ep_layers)
     for path, config in meta.ep_layers.items():
-        where = f"layer {path!r} ({class_name(config)})"
+        where = f"layer {quote(path)} ({class_name(config)})"
         prefix = layer_prefix(path)
         if not collapsed and len(owned[path]) < config.depth:
             # checked before building anything, so a huge depth in a small file costs nothing
@@ -396,31 +416,9 @@ def _check_ep_tensors(meta: Metadata, state: Mapping[str, Tensor]) -> None:
             )
         try:
             check_state(expected_state(config, collapsed=collapsed), owned[path], prefix=prefix)
-            output_shape(config, meta.layer_input_shapes[path])
+            check_sample_shape(output_shape(config, meta.layer_input_shapes[path]), "its output per sample")
         except EpcliError as e:
             raise type(e)(f"{where}: {e}") from e
-
-
-def _check_finite(state: Mapping[str, Tensor], source: str) -> None:
-    for key, tensor in state.items():
-        if (tensor.is_floating_point() or tensor.is_complex()) and not _all_finite(tensor):
-            nan = int(torch.isnan(tensor).sum())
-            inf = int(torch.isinf(tensor).sum())
-            raise CheckpointError(
-                f"tensor {key!r} in {source} has non-finite values ({nan} NaN, {inf} Inf); training diverged or "
-                "the data is damaged"
-            )
-
-
-def _all_finite(tensor: Tensor) -> bool:
-    """``isfinite(t).all()``, 20x faster where ``aminmax`` applies: NaN propagates to both ends, Inf shows at one."""
-    if tensor.numel() == 0:
-        return True
-    try:
-        low, high = torch.aminmax(tensor)
-    except (RuntimeError, NotImplementedError):  # no kernel for this dtype (complex, float8)
-        return bool(torch.isfinite(tensor).all())
-    return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
 
 
 _Built = tuple[nn.Module, str]
@@ -463,10 +461,7 @@ def _fill(model: nn.Module, source: str, state: Mapping[str, Tensor]) -> nn.Modu
 def _spec_layers(spec: dict[str, Any]) -> dict[str, EPConfig]:
     layers: dict[str, EPConfig] = {}
     for path, (kind, config) in ep_nodes(spec).items():
-        try:
-            layers[path] = config_from_dict(kind, config)
-        except ConfigError as e:
-            raise ConfigError(f"architecture node {path or '<model>'!r}: {e}") from e
+        layers[path] = checked_config(kind, config, f"architecture node {quote(path or '<model>')}")
     return layers
 
 

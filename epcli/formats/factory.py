@@ -1,13 +1,17 @@
 """Model factories named by the user (``module:function``): the only way user code builds a model.
 
 A checkpoint never names code to import; the user does, explicitly, for models
-with a custom ``forward`` whose architecture no spec can describe.
+with a custom ``forward`` whose architecture no spec can describe. The factory's
+module is looked up in the working directory first, as ``python -m`` does, because
+that is where users run ``epcli ... --model mymodels:build`` from.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import re
+import sys
 from collections.abc import Callable
 
 from torch import nn
@@ -31,12 +35,14 @@ def resolve_factory(factory: ModelFactory) -> Callable[[], nn.Module]:
             "that takes no arguments and returns the model"
         )
     module_name, attribute = match["module"], match["attr"]
+    _search_working_directory()
     try:
         target: object = importlib.import_module(module_name)
     except Exception as e:  # the user's module may fail in any way while importing
         raise CheckpointError(
             f"model factory {factory!r}: cannot import module {module_name!r} ({type(e).__name__}: {e}); "
-            "check that it is on sys.path (e.g. run from its project directory)"
+            f"it is looked up in the working directory ({os.getcwd()}) and on PYTHONPATH: run epcli from the "
+            "directory that holds it, or add that directory to PYTHONPATH"
         ) from e
     for part in attribute.split("."):
         if not hasattr(target, part):
@@ -47,6 +53,18 @@ def resolve_factory(factory: ModelFactory) -> Callable[[], nn.Module]:
             f"model factory {factory!r}: {attribute!r} is not callable (type {type(target).__name__})"
         )
     return target  # type: ignore[return-value]
+
+
+def _search_working_directory() -> None:
+    """Put the working directory first on ``sys.path`` (once), as ``python -m`` and ``python -c`` do.
+
+    A console script's ``sys.path[0]`` is its own ``bin`` directory, so without this
+    ``--model mymodels:build`` fails in the very directory that holds ``mymodels.py``.
+    It happens only when the user names a factory, never for files alone.
+    """
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
 
 
 def build_from_factory(factory: ModelFactory) -> nn.Module:

@@ -14,6 +14,7 @@ errors name the key (and layer path) but not the file, which the caller adds.
 from __future__ import annotations
 
 import json
+import math
 import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -23,8 +24,19 @@ import torch
 from torch import Tensor
 
 from epcli.errors import CheckpointError, ConfigError
+from epcli.formats.limits import (
+    MAX_EP_LAYERS,
+    MAX_FEATURES,
+    MAX_METADATA_CHARS,
+    check_config_numbers,
+    check_count,
+    check_name,
+    check_sample_shape,
+    loads_json,
+)
 from epcli.layers.config import CONFIG_VERSION, EPConfig
 from epcli.layers.registry import class_name, config_from_dict
+from epcli.text import quote
 
 __all__ = [
     "FORMAT_NAME",
@@ -35,6 +47,7 @@ __all__ = [
     "Metadata",
     "RawCheckpoint",
     "build_metadata",
+    "checked_config",
     "dump_metadata",
     "missing_metadata",
     "parse_metadata",
@@ -82,7 +95,11 @@ class Metadata:
 
 
 def sample_shape(value: Any, what: str = "input_shape") -> tuple[int, ...]:
-    """A per-sample shape (no batch dim): a non-empty sequence of ints >= 1 (an int means a 1-D shape)."""
+    """A per-sample shape (no batch dim): a non-empty sequence of ints >= 1 (an int means a 1-D shape).
+
+    At most :data:`~epcli.formats.limits.MAX_SAMPLE_ELEMENTS` elements, so a shape of
+    ``2**70`` from a file is refused before any input is made for it.
+    """
     items = [value] if _is_int(value) else value
     if (
         isinstance(items, (str, bytes)) or not isinstance(items, (Sequence, torch.Size)) or not items
@@ -90,8 +107,9 @@ def sample_shape(value: Any, what: str = "input_shape") -> tuple[int, ...]:
     ):
         raise ConfigError(
             f"{what} must be the shape of one sample without the batch dimension, a non-empty list of ints >= 1 "
-            f"such as [64] or [1, 8, 8], got {value!r}"
+            f"such as [64] or [1, 8, 8], got {quote(value)}"
         )
+    check_sample_shape(items, what)
     return tuple(int(v) for v in items)
 
 
@@ -137,41 +155,65 @@ def dump_metadata(document: Mapping[str, Any]) -> str:
     try:
         return json.dumps(document, sort_keys=True, separators=(",", ":"), allow_nan=False)
     except (TypeError, ValueError) as e:
-        raise CheckpointError(f"metadata is not JSON-serialisable ({e}); provenance must hold plain JSON values") from e
+        raise CheckpointError(
+            f"metadata is not JSON-serialisable: {_non_json(document, 'metadata') or e}; metadata (provenance "
+            "included) must hold plain JSON values and finite numbers"
+        ) from e
+
+
+def _non_json(value: Any, where: str) -> str | None:
+    """Where the first value JSON cannot hold is (``metadata['provenance']['x'] is inf``), or None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{where} is {value}"
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            if not isinstance(key, (str, int, float, bool)) and key is not None:
+                return f"{where} has a key of type {type(key).__name__}"
+            found = _non_json(item, f"{where}[{quote(key)}]")
+            if found:
+                return found
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            found = _non_json(item, f"{where}[{index}]")
+            if found:
+                return found
+    elif not isinstance(value, (str, int, float, bool)) and value is not None:
+        return f"{where} is a {type(value).__name__}"
+    return None
 
 
 # ---- reading ---------------------------------------------------------------------------------
 def parse_metadata(text: str) -> Metadata:
     """Validate the metadata JSON string of a checkpoint (format, version, every key, type and range)."""
-    try:
-        document = json.loads(text)
-    except (ValueError, RecursionError) as e:
-        raise CheckpointError(f"epcli metadata is not valid JSON ({e})") from e
+    check_count(len(text), MAX_METADATA_CHARS, "epcli metadata (characters)")
+    document = loads_json(text, "epcli metadata")
     if not isinstance(document, dict):
         raise CheckpointError(f"epcli metadata must be a JSON object, got {type(document).__name__}")
     if document.get("format") != FORMAT_NAME:
-        raise CheckpointError(f"metadata format is {document.get('format')!r}, expected {FORMAT_NAME!r}; {SAVE_HINT}")
+        raise CheckpointError(
+            f"metadata format is {quote(document.get('format'))}, expected {FORMAT_NAME!r}; {SAVE_HINT}"
+        )
     version = document.get("format_version")
     if not _is_int(version) or version not in READABLE_FORMAT_VERSIONS:
         import epcli
 
         raise CheckpointError(
-            f"format_version {version!r} is not supported: epcli {epcli.__version__} reads format_version "
+            f"format_version {quote(version)} is not supported: epcli {epcli.__version__} reads format_version "
             f"{', '.join(map(str, READABLE_FORMAT_VERSIONS))}; upgrade epcli to read newer files"
         )
     missing, unknown = sorted(_KEYS - set(document)), sorted(set(document) - _KEYS)
     if missing or unknown:
-        raise CheckpointError(f"metadata is missing keys {missing} / has unknown keys {unknown}")
+        raise CheckpointError(f"metadata is missing keys {missing} / has unknown keys {quote(unknown)}")
     if document["config_version"] not in READABLE_CONFIG_VERSIONS or not _is_int(document["config_version"]):
         raise CheckpointError(
-            f"config_version {document['config_version']!r} is not supported; "
+            f"config_version {quote(document['config_version'])} is not supported; "
             f"this epcli reads {list(READABLE_CONFIG_VERSIONS)}"
         )
     if document["kind"] not in KINDS:
-        raise CheckpointError(f"kind must be one of {list(KINDS)}, got {document['kind']!r}")
+        raise CheckpointError(f"kind must be one of {list(KINDS)}, got {quote(document['kind'])}")
     for key in ("epcli_version", "torch_version"):
         if not isinstance(document[key], str):
-            raise CheckpointError(f"{key} must be a string, got {document[key]!r}")
+            raise CheckpointError(f"{key} must be a string, got {quote(document[key])}")
     architecture, provenance = document["architecture"], document["provenance"]
     if architecture is not None and not isinstance(architecture, dict):
         raise CheckpointError(f"architecture must be an object or null, got {type(architecture).__name__}")
@@ -192,18 +234,40 @@ def _shape(value: Any, what: str) -> tuple[int, ...]:
 def _parse_layers(layers: Any) -> tuple[dict[str, EPConfig], dict[str, tuple[int, ...]]]:
     if not isinstance(layers, dict):
         raise CheckpointError(f"ep_layers must be an object (layer path -> entry), got {type(layers).__name__}")
+    check_count(len(layers), MAX_EP_LAYERS, "the number of ep_layers")
     configs: dict[str, EPConfig] = {}
     shapes: dict[str, tuple[int, ...]] = {}
     for path, entry in layers.items():
-        where = f"layer {path!r}"
-        if path and not all(path.split(".")):
+        where = f"layer {quote(path)}"
+        check_name(path, "ep_layers path")
+        if path and not all(path.split(".")):  # '' is legitimate: the model itself is the EP layer
             raise CheckpointError(f"{where}: not a valid dotted module path")
         if not isinstance(entry, dict) or set(entry) != _LAYER_KEYS:
-            found = sorted(entry) if isinstance(entry, dict) else type(entry).__name__
+            found = quote(sorted(entry)) if isinstance(entry, dict) else type(entry).__name__
             raise CheckpointError(f"{where}: entry must be an object with exactly {sorted(_LAYER_KEYS)}, got {found}")
-        try:
-            configs[path] = config_from_dict(entry["class"], entry["config"])
-        except ConfigError as e:
-            raise ConfigError(f"{where}: {e}") from e
+        configs[path] = checked_config(entry["class"], entry["config"], where)
         shapes[path] = _shape(entry["input_shape"], f"{where}: input_shape")
     return configs, shapes
+
+
+def checked_config(kind: Any, data: Any, where: str) -> EPConfig:
+    """A config read from a file: its numbers within :mod:`~epcli.formats.limits` first, then validated.
+
+    The bounds apply to the raw dict (every field, known or added later) and to the
+    derived sizes (the hidden width ``int(out * width)``); errors are
+    :class:`ConfigError` starting with ``where``.
+    """
+    if not isinstance(kind, str) or len(kind) > 64:
+        raise ConfigError(f"{where}: {quote(kind)} is not an EP layer class name")
+    check_config_numbers(data, where)
+    try:
+        config = config_from_dict(kind, data)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from e
+    widest = max(config.node_dims)
+    if widest > MAX_FEATURES:
+        raise ConfigError(
+            f"{where}: its nodes are up to {widest} features wide (hidden size int(out * width)), over epcli's limit "
+            f"of {MAX_FEATURES} (a guard against hostile files; see epcli.formats.limits)"
+        )
+    return config

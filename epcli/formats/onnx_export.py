@@ -1,8 +1,9 @@
 """ONNX export of (collapsed) models and onnxruntime sessions to check them.
 
-Export goes through ``torch.onnx.export`` (the torch.export-based exporter) and
-the result is re-serialised deterministically, so the same model gives the
-same bytes. Bytes stay in memory until they are checked and validated, so a
+A plain ``nn.Sequential`` tree (what an embedded architecture rebuilds) is
+written node by node (``onnx_graph``); anything else goes through
+``torch.onnx.export`` (the torch.export-based exporter). The result is
+serialised deterministically, so the same model gives the same bytes. Bytes stay in memory until they are checked and validated, so a
 caller can refuse to write a file that does not pass.
 """
 
@@ -15,17 +16,20 @@ import threading
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from epcli.errors import CheckpointError, ExportError
+from epcli.formats.onnx_graph import INPUT_NAME, OUTPUT_NAME, emit_onnx
+
+if TYPE_CHECKING:
+    import onnx
 
 __all__ = ["DEFAULT_OPSET", "INPUT_NAME", "OUTPUT_NAME", "OnnxSession", "export_onnx_bytes", "onnx_op_types"]
 
 DEFAULT_OPSET = 18
-INPUT_NAME = "input"
-OUTPUT_NAME = "output"
 
 
 @contextlib.contextmanager
@@ -58,6 +62,18 @@ def export_onnx_bytes(
     import onnx
 
     model = model.eval()
+    proto = emit_onnx(model, input_shape, opset=opset, dynamic_batch=dynamic_batch)
+    if proto is None:
+        proto = _traced(model, input_shape, opset=opset, dynamic_batch=dynamic_batch)
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except Exception as e:
+        raise ExportError(f"the exported ONNX model does not pass onnx.checker: {e}") from e
+    return proto.SerializeToString(deterministic=True)
+
+
+def _traced(model: nn.Module, input_shape: Sequence[int], *, opset: int, dynamic_batch: bool) -> onnx.ModelProto:
+    """``torch.onnx.export`` (torch.export-based) of any model it can trace; seconds, mostly its own imports."""
     # an example batch of 2 keeps torch.export from specialising a dynamic batch to 1
     example = torch.zeros((2 if dynamic_batch else 1, *input_shape), dtype=torch.float32)
     dynamic_shapes = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
@@ -77,12 +93,7 @@ def export_onnx_bytes(
         raise ExportError(f"torch.onnx.export failed for input shape {list(input_shape)}: {e}") from e
     if program is None:
         raise ExportError("torch.onnx.export returned no program")
-    proto = program.model_proto
-    try:
-        onnx.checker.check_model(proto, full_check=True)
-    except Exception as e:
-        raise ExportError(f"the exported ONNX model does not pass onnx.checker: {e}") from e
-    return proto.SerializeToString(deterministic=True)
+    return program.model_proto
 
 
 def onnx_op_types(model: bytes | Path) -> list[str]:

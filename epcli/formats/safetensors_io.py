@@ -34,6 +34,16 @@ import torch
 from torch import Tensor
 
 from epcli.errors import CheckpointError
+from epcli.formats.limits import (
+    MAX_HEADER_BYTES,
+    MAX_METADATA_CHARS,
+    MAX_TENSORS,
+    check_count,
+    check_name,
+    check_tensor_shape,
+    loads_json,
+)
+from epcli.text import quote
 
 __all__ = [
     "DTYPES",
@@ -48,8 +58,6 @@ __all__ = [
 ]
 
 METADATA_KEY = "epcli"
-MAX_HEADER_BYTES = 100_000_000
-"""The safetensors library's own limit on the JSON header."""
 
 DTYPES: Mapping[str, torch.dtype] = MappingProxyType(
     {
@@ -117,12 +125,17 @@ def read_header(path: Path) -> SafetensorsHeader:
             raise CheckpointError(f"safetensors header claims {length} bytes, over the limit of {MAX_HEADER_BYTES}")
         raw = f.read(length)
     try:
-        document = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
         raise CheckpointError(
-            f"safetensors header ({length} bytes) is not valid JSON ({e}); the header length is wrong or the file "
-            "is corrupt"
+            f"safetensors header ({length} bytes) is not valid JSON (not UTF-8: {e}); the header length is wrong "
+            "or the file is corrupt"
         ) from e
+    # an upper bound on the entries (each has one data_offsets key), found before parsing costs anything
+    check_count(text.count('"data_offsets"'), MAX_TENSORS, "the number of tensors in the safetensors header")
+    document = loads_json(
+        text, f"safetensors header ({length} bytes)", "; the header length is wrong or the file is corrupt"
+    )
     if not isinstance(document, dict):
         raise CheckpointError(f"safetensors header must be a JSON object, got {type(document).__name__}")
     metadata = document.pop("__metadata__", None)
@@ -130,6 +143,9 @@ def read_header(path: Path) -> SafetensorsHeader:
         metadata = {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise CheckpointError("safetensors __metadata__ must map strings to strings")
+    characters = sum(len(k) + len(v) for k, v in metadata.items())
+    check_count(characters, MAX_METADATA_CHARS, "safetensors __metadata__ (characters)")
+    check_count(len(document), MAX_TENSORS, "the number of tensors in the safetensors header")
     # by (begin, end), as the safetensors library orders them: an empty tensor may share its begin with the next
     entries = sorted(
         ((_entry(name, value), name) for name, value in document.items()), key=lambda e: (e[0].begin, e[0].end)
@@ -138,7 +154,7 @@ def read_header(path: Path) -> SafetensorsHeader:
     for entry, name in entries:
         if entry.begin != end:
             raise CheckpointError(
-                f"safetensors header entry {name!r} starts at byte {entry.begin} of the data, expected {end}: "
+                f"safetensors header entry {quote(name)} starts at byte {entry.begin} of the data, expected {end}: "
                 "tensors must follow each other without gaps or overlaps; the header is corrupt"
             )
         end = entry.end
@@ -152,23 +168,27 @@ def read_header(path: Path) -> SafetensorsHeader:
 
 
 def _entry(name: str, value: Any) -> TensorEntry:
-    where = f"safetensors header entry {name!r}"
+    where = f"safetensors header entry {quote(name)}"
+    if not name:
+        raise CheckpointError(f"{where}: a tensor must have a non-empty name")
+    check_name(name, "safetensors header entry")
     if not isinstance(value, dict):
         raise CheckpointError(f"{where} must be an object with dtype, shape and data_offsets")
     name_of_dtype = value.get("dtype")
     dtype = DTYPES.get(name_of_dtype) if isinstance(name_of_dtype, str) else None
     if dtype is None:
-        raise CheckpointError(f"{where} has dtype {value.get('dtype')!r}; epcli reads {', '.join(DTYPES)}")
+        raise CheckpointError(f"{where} has dtype {quote(value.get('dtype'))}; epcli reads {', '.join(DTYPES)}")
     shape, offsets = value.get("shape"), value.get("data_offsets")
     if not isinstance(shape, list) or not all(_is_count(s) for s in shape):
         raise CheckpointError(f"{where} has no valid shape (a list of non-negative ints)")
     if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets) or offsets[0] > offsets[1]:
         raise CheckpointError(f"{where} has no valid data_offsets [begin, end]")
+    check_tensor_shape(shape, where)
     entry = TensorEntry(dtype, tuple(shape), offsets[0], offsets[1])
     expected = math.prod(entry.shape) * dtype.itemsize
     if entry.nbytes != expected:
         raise CheckpointError(
-            f"{where} claims {entry.nbytes} bytes for shape {list(shape)} of {value['dtype']}, which takes "
+            f"{where} claims {entry.nbytes} bytes for shape {list(shape)} of {name_of_dtype}, which takes "
             f"{expected}; the header is corrupt"
         )
     return entry
@@ -196,7 +216,9 @@ def read_tensors(
             while done < entry.nbytes:
                 count = f.readinto(view[done:])
                 if not count:
-                    raise CheckpointError(f"tensor {key!r}: the file ended early; it was truncated while being read")
+                    raise CheckpointError(
+                        f"tensor {quote(key)}: the file ended early; it was truncated while being read"
+                    )
                 done += count
             out[key] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
     return out
@@ -207,7 +229,7 @@ def _bytes_of(tensor: Tensor) -> memoryview:
     if tensor.numel() == 0:
         return memoryview(bytearray())
     # [*shape] -> [numel] -> [numel * itemsize] bytes
-    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy()).cast("B")
+    return tensor.reshape(-1).view(torch.uint8).numpy().data.cast("B")
 
 
 def _check_byte_order() -> None:
@@ -224,7 +246,7 @@ def _header_bytes(entries: Iterable[tuple[str, Tensor]], metadata: Mapping[str, 
     for name, tensor in ordered:
         dtype_name = _NAMES.get(tensor.dtype)
         if dtype_name is None:
-            raise CheckpointError(f"tensor {name!r} has dtype {tensor.dtype}, which safetensors cannot store")
+            raise CheckpointError(f"tensor {quote(name)} has dtype {tensor.dtype}, which safetensors cannot store")
         nbytes = tensor.numel() * tensor.dtype.itemsize
         document[name] = {"dtype": dtype_name, "shape": list(tensor.shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
@@ -259,9 +281,9 @@ class SafetensorsSpool:
 
     def add(self, name: str, tensor: Tensor) -> None:
         if name in self._layout:
-            raise CheckpointError(f"tensor {name!r} was written twice")
+            raise CheckpointError(f"tensor {quote(name)} was written twice")
         if tensor.dtype not in _NAMES:
-            raise CheckpointError(f"tensor {name!r} has dtype {tensor.dtype}, which safetensors cannot store")
+            raise CheckpointError(f"tensor {quote(name)} has dtype {tensor.dtype}, which safetensors cannot store")
         size = tensor.dtype.itemsize
         if size not in self._spools:
             self._spools[size] = tempfile.TemporaryFile(dir=self._directory, prefix=".epcli-spool-")  # noqa: SIM115

@@ -21,8 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from epcli.errors import CheckpointError, EpcliError
+from epcli.formats.limits import MAX_INDEX_BYTES, MAX_TENSORS, check_count, loads_json
 from epcli.formats.metadata import missing_metadata
 from epcli.formats.safetensors_io import METADATA_KEY, SafetensorsHeader, read_header
+from epcli.text import quote
 
 __all__ = [
     "INDEX_SUFFIX",
@@ -32,6 +34,7 @@ __all__ = [
     "index_path",
     "is_index",
     "listed_shards",
+    "output_names",
     "plan_shards",
     "read_index",
     "shard_metadata",
@@ -42,7 +45,6 @@ __all__ = [
 INDEX_SUFFIX = ".safetensors.index.json"
 SHARD_OF_KEY = "epcli_shard_of"
 """``__metadata__`` key of a shard: the file name of its index."""
-MAX_INDEX_BYTES = 100_000_000
 
 
 def is_index(path: Path) -> bool:
@@ -62,6 +64,12 @@ def sharded_base(index: Path) -> Path:
 def shard_paths(output: Path, count: int) -> list[Path]:
     """``<stem>-00001-of-0000N.safetensors`` ... for ``<stem>.safetensors``."""
     return [output.with_name(f"{output.stem}-{k:05d}-of-{count:05d}{output.suffix}") for k in range(1, count + 1)]
+
+
+def output_names(output: Path) -> str:
+    """A regular expression for every file name of a ``<stem>.safetensors`` output: itself, its shards and index."""
+    stem = re.escape(output.stem)
+    return rf"{stem}(?:-\d{{5}}-of-\d{{5}})?\.safetensors(?:\.index\.json)?"
 
 
 def shard_metadata(index: Path) -> dict[str, str]:
@@ -102,14 +110,15 @@ def read_index(path: Path) -> ShardIndex:
     Errors name the shard at fault; callers add the index's path.
     """
     size = path.stat().st_size
-    if size > MAX_INDEX_BYTES:
-        raise CheckpointError(f"shard index is {size} bytes, over the limit of {MAX_INDEX_BYTES}")
+    check_count(size, MAX_INDEX_BYTES, "the shard index's size in bytes")
     try:
-        document = json.loads(path.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise CheckpointError(f"shard index is not valid JSON ({e})") from e
+        content = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"shard index is not valid JSON (not UTF-8: {e})") from e
+    document = loads_json(content, "shard index")
     if not isinstance(document, dict) or not isinstance(document.get("weight_map"), dict):
         raise CheckpointError('shard index must be a JSON object with a "weight_map" object (tensor name -> shard file)')
+    check_count(len(document["weight_map"]), MAX_TENSORS, "the number of tensors in the shard index")
     metadata = document.get("metadata")
     text = metadata.get(METADATA_KEY) if isinstance(metadata, dict) else None
     if text is None:
@@ -121,10 +130,12 @@ def read_index(path: Path) -> ShardIndex:
     for shard, header in headers.items():
         for key in header.tensors:
             if weight_map.get(key) != shard:
-                raise CheckpointError(f"shard {shard.name} holds {key!r}, which the index does not map to it")
+                raise CheckpointError(
+                    f"shard {quote(shard.name)} holds {quote(key)}, which the index does not map to it"
+                )
     for key, shard in weight_map.items():
         if key not in headers[shard].tensors:
-            raise CheckpointError(f"the index maps {key!r} to shard {shard.name}, which does not hold it")
+            raise CheckpointError(f"the index maps {quote(key)} to shard {quote(shard.name)}, which does not hold it")
     return ShardIndex(text, headers, weight_map)
 
 
@@ -135,6 +146,8 @@ def listed_shards(index: Path) -> list[Path]:
     index's own stem count, so an edited index cannot point the clean-up at other files.
     """
     try:
+        if index.stat().st_size > MAX_INDEX_BYTES:
+            return []
         weight_map = json.loads(index.read_bytes().decode("utf-8")).get("weight_map")
         names = set(weight_map.values()) if isinstance(weight_map, dict) else set()
     except (OSError, UnicodeDecodeError, ValueError, RecursionError, AttributeError, TypeError):
@@ -150,10 +163,10 @@ def listed_shards(index: Path) -> list[Path]:
 def _shard(index: Path, key: Any, name: Any) -> Path:
     if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
         raise CheckpointError(
-            f"weight_map entry {key!r} must name a shard file beside the index (no directories), got {name!r}"
+            f"weight_map entry {quote(key)} must name a shard file beside the index (no directories), got {quote(name)}"
         )
     if not name.lower().endswith(".safetensors"):
-        raise CheckpointError(f"weight_map entry {key!r} names {name!r}; shards must be .safetensors files")
+        raise CheckpointError(f"weight_map entry {quote(key)} names {quote(name)}; shards must be .safetensors files")
     return index.with_name(name)
 
 
@@ -161,11 +174,12 @@ def _shard_header(shard: Path, weight_map: Mapping[str, Path]) -> SafetensorsHea
     if not shard.is_file():
         held = [key for key, s in weight_map.items() if s == shard]
         raise CheckpointError(
-            f"shard {shard.name} (holding {held[:3]}{' ...' if len(held) > 3 else ''}) is missing beside the index; "
+            f"shard {quote(shard.name)} (holding {quote(held[:3])}{' ...' if len(held) > 3 else ''}) is missing "
+            "beside the index; "
             "copy every shard file along with the index"
         )
     try:
         return read_header(shard)
     except EpcliError as e:
-        raise type(e)(f"shard {shard.name}: {e}") from e
+        raise type(e)(f"shard {quote(shard.name)}: {e}") from e
 

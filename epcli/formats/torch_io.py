@@ -8,11 +8,12 @@ A collapsed one is a plain state dict, so it loads into the plain architecture a
 and ignored by ``load_state_dict``). Both hold only tensors, strings and dicts, so
 ``torch.load(weights_only=True)`` reads them and no code from the file ever runs. A pickle that needs any other global is
 refused with :class:`UnsafeCheckpointError`; there is no fallback to the full
-unpickler.
+unpickler, and no loading at all under a torch older than :data:`MIN_TORCH`.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import pickle
 import re
@@ -25,13 +26,27 @@ import torch
 from torch import Tensor
 
 from epcli.errors import CheckpointError, UnsafeCheckpointError
+from epcli.formats.limits import (
+    MAX_METADATA_CHARS,
+    MAX_TENSORS,
+    MAX_TIED_EXPANSION,
+    check_count,
+    check_name,
+    check_tensor_shape,
+)
 from epcli.formats.metadata import RawCheckpoint, missing_metadata
+from epcli.formats.pt_archive import check_archive
+from epcli.text import quote
 
-__all__ = ["METADATA_KEY", "STATE_KEY", "read_pt", "write_pt"]
+__all__ = ["METADATA_KEY", "MIN_TORCH", "STATE_KEY", "read_pt", "write_pt"]
 
 METADATA_KEY = "epcli_metadata"
 STATE_KEY = "state_dict"
 _ZIP_MAGIC = b"PK\x03\x04"
+MIN_TORCH = (2, 10)
+"""The oldest torch whose weights-only unpickler epcli relies on: older ones could be made to run code
+(CVE-2025-32434, fixed in 2.6; further ``weights_only`` fixes up to 2.10). pyproject requires it too,
+but an environment may hold an older torch regardless."""
 
 _GLOBAL = re.compile(r"GLOBAL (\S+)")
 _UNSAFE_HINTS = ("GLOBAL", "allowlist", "unrecognized function", "Can only build", "Can only create")
@@ -49,12 +64,28 @@ def write_pt(f: BinaryIO, metadata: str, tensors: Mapping[str, Tensor]) -> None:
     torch.save(content, f)
 
 
+def _torch_version() -> tuple[int, int]:
+    """(major, minor) of the running torch ("2.13.0+cpu" -> (2, 13)); (0, 0), i.e. too old, if unreadable."""
+    found = re.match(r"(\d+)\.(\d+)", str(torch.__version__))
+    return (int(found.group(1)), int(found.group(2))) if found else (0, 0)
+
+
 def read_pt(path: Path) -> RawCheckpoint:
     """Metadata string and tensors of a ``.pt`` checkpoint, loaded without running any code from it.
 
     The tensors are views of the memory-mapped file: nothing is read until they
-    are used, and the mapping ends when the last of them is dropped.
+    are used, and the mapping ends when the last of them is dropped. Before
+    ``torch.load`` the archive's records and pickle are checked
+    (:func:`~epcli.formats.pt_archive.check_archive`); after it, every tensor is
+    checked to be dense and inside its own bytes of its storage.
     """
+    if _torch_version() < MIN_TORCH:
+        raise UnsafeCheckpointError(
+            f"refused to load: torch {torch.__version__} is older than {'.'.join(map(str, MIN_TORCH))}, whose "
+            "weights-only loading of .pt files can be tricked into running code from the file (CVE-2025-32434 and "
+            f"later fixes); nothing was read. Upgrade torch (pip install 'torch>={'.'.join(map(str, MIN_TORCH))}'), "
+            "or use a .safetensors checkpoint, which needs no unpickling"
+        )
     with path.open("rb") as f:
         head = f.read(len(_ZIP_MAGIC))
     if head != _ZIP_MAGIC:
@@ -63,6 +94,7 @@ def read_pt(path: Path) -> RawCheckpoint:
             "not written by torch.save; epcli writes checkpoints with "
             "epcli.save_checkpoint(model, path, input_shape=...)"
         )
+    check_archive(path)
     try:
         content = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as e:
@@ -76,7 +108,7 @@ def _classify(message: str) -> CheckpointError:
     """Refused globals -> UnsafeCheckpointError naming the global; anything else is damage."""
     if any(hint in message for hint in _UNSAFE_HINTS):
         found = _GLOBAL.search(message)
-        what = found.group(1).rstrip(".") if found else "an object that is not a tensor or a plain container"
+        what = quote(found.group(1).rstrip(".")) if found else "an object that is not a tensor or a plain container"
         return UnsafeCheckpointError(
             f"refused to load: its pickle references {what}, which is not on the allowlist of tensor and container "
             "types; loading it would run code from the file, so nothing was executed. An epcli checkpoint never "
@@ -90,7 +122,8 @@ def _brief(error: BaseException | str) -> str:
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     useful = [line for line in lines if not line.startswith(("Weights only load failed", "Check the documentation",
                                                               "Please file an issue", "In PyTorch"))]
-    return (useful or lines or [type(error).__name__])[0][:300]
+    line = (useful or lines or [type(error).__name__])[0]
+    return repr(line[:300])[1:-1]  # control characters (from names in the file) escaped
 
 
 def _unpack(content: Any) -> RawCheckpoint:
@@ -102,21 +135,71 @@ def _unpack(content: Any) -> RawCheckpoint:
     if isinstance(content, dict) and METADATA_KEY in content:
         if set(content) != {METADATA_KEY, STATE_KEY}:
             raise CheckpointError(
-                f"has top-level keys {sorted(map(str, content))}, expected exactly {[METADATA_KEY, STATE_KEY]}"
+                f"has top-level keys {quote(list(content))}, expected exactly {[METADATA_KEY, STATE_KEY]}"
             )
         metadata, state = content[METADATA_KEY], content[STATE_KEY]
         if not isinstance(metadata, str):
             raise CheckpointError(f"{METADATA_KEY!r} must be a JSON string, got {type(metadata).__name__}")
+        check_count(len(metadata), MAX_METADATA_CHARS, "epcli metadata (characters)")
         if not isinstance(state, dict):
             raise CheckpointError(f"{STATE_KEY!r} must be a dict of tensors, got {type(state).__name__}")
+        check_count(len(state), MAX_TENSORS, f"the number of tensors in {STATE_KEY!r}")
         for key, value in state.items():
-            if not isinstance(key, str) or not isinstance(value, Tensor):
+            if not isinstance(key, str) or not key or not isinstance(value, Tensor):
                 raise CheckpointError(
-                    f"{STATE_KEY!r} entry {key!r} must map a string to a tensor, got a {type(value).__name__}"
+                    f"{STATE_KEY!r} entry {quote(key)} must map a non-empty string to a tensor, got a "
+                    f"{type(value).__name__}"
                 )
+            check_name(key, f"{STATE_KEY!r} entry")
+        _check_layout(state)
         return RawCheckpoint(metadata, {key: value.detach() for key, value in state.items()})
     if isinstance(content, Mapping) and content and all(isinstance(v, Tensor) for v in content.values()):
         raise missing_metadata(f"it holds a plain state_dict of {len(content)} tensors")
     if isinstance(content, Mapping):
-        raise missing_metadata(f"it holds a dict with keys {sorted(map(str, content))[:8]}")
+        raise missing_metadata(f"it holds a dict with keys {quote(list(content))}")
     raise missing_metadata(f"it holds a {type(content).__name__}")
+
+
+def _check_layout(state: Mapping[str, Tensor]) -> None:
+    """Every tensor dense (contiguous, no stride 0), inside its storage, and not partly overlapping another.
+
+    epcli writes nothing else, and a strided or overlapping view makes more data
+    than the file holds: a 2.5 KB file with a stride-0 tensor is a 256 MB tensor.
+    Tied tensors (the same bytes under two keys) are accepted, up to
+    :data:`~epcli.formats.limits.MAX_TIED_EXPANSION` times the storage bytes in all.
+    """
+    spans: list[tuple[int, int, int, str]] = []  # (storage, first byte, end byte, key)
+    storages: dict[int, int] = {}  # storage -> its bytes
+    for key, tensor in state.items():
+        where = f"{STATE_KEY!r} entry {quote(key)}"
+        check_tensor_shape(tensor.shape, where)
+        if tensor.numel() == 0:
+            continue
+        if not tensor.is_contiguous():
+            raise CheckpointError(
+                f"{where} is a strided view (shape {list(tensor.shape)}, strides {list(tensor.stride())}): epcli reads "
+                "dense tensors only, as torch.save writes them from contiguous tensors; a stride-0 or overlapping "
+                "view makes more data than the file holds"
+            )
+        data = tensor.untyped_storage()
+        begin = int(tensor.storage_offset()) * tensor.element_size()
+        end = begin + tensor.numel() * tensor.element_size()
+        if end > data.nbytes():
+            raise CheckpointError(
+                f"{where} needs bytes {begin}..{end} of a storage of {data.nbytes()} bytes; the file is corrupt"
+            )
+        spans.append((data.data_ptr(), begin, end, key))
+        storages[data.data_ptr()] = data.nbytes()
+    spans.sort()
+    for (storage, first_begin, end, first), (other, begin, other_end, second) in itertools.pairwise(spans):
+        if storage == other and begin < end and (begin, other_end) != (first_begin, end):
+            raise CheckpointError(
+                f"{STATE_KEY!r} entries {quote(first)} and {quote(second)} overlap in one storage without being the "
+                "same tensor; epcli reads dense, separate (or exactly tied) tensors only"
+            )
+    claimed, stored = sum(end - begin for _, begin, end, _ in spans), sum(storages.values())
+    if claimed > MAX_TIED_EXPANSION * stored:
+        raise CheckpointError(
+            f"its tensors claim {claimed} bytes made of {stored} bytes of storage, more than {MAX_TIED_EXPANSION} "
+            "times over: tied weights share a storage, but not that often (a guard against hostile files)"
+        )

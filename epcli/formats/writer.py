@@ -25,17 +25,18 @@ from types import TracebackType
 from torch import Tensor
 
 from epcli.errors import CheckpointError
-from epcli.formats.atomic import StagedFiles
+from epcli.formats.atomic import StagedFiles, remove_leftovers
 from epcli.formats.safetensors_io import METADATA_KEY, SafetensorsSpool
 from epcli.formats.sharded import (
     index_document,
     index_path,
     listed_shards,
+    output_names,
     plan_shards,
     shard_metadata,
     shard_paths,
 )
-from epcli.formats.source import TensorInfo
+from epcli.formats.source import TensorInfo, check_finite
 from epcli.formats.torch_io import write_pt
 
 __all__ = ["WRITABLE_SUFFIXES", "CheckpointWriter", "output_files", "stale_files"]
@@ -77,7 +78,9 @@ class CheckpointWriter:
     Use as a context manager: leaving the block without a commit removes all
     temp files and leaves existing files alone. With ``remove_stale``, a commit
     also removes :func:`stale_files` (callers check first that none is precious,
-    e.g. an input); without it they are left as they are.
+    e.g. an input); without it they are left as they are. With ``overwrite=False``
+    the commit never replaces an existing file, even one created after the caller
+    checked (see :mod:`epcli.formats.atomic`). Tensors must be finite.
     """
 
     def __init__(
@@ -87,6 +90,7 @@ class CheckpointWriter:
         *,
         max_shard_bytes: int | None = None,
         remove_stale: bool = False,
+        overwrite: bool = True,
     ) -> None:
         if path.suffix.lower() not in WRITABLE_SUFFIXES:
             raise CheckpointError(
@@ -104,7 +108,9 @@ class CheckpointWriter:
         self._kept: dict[str, Tensor] = {}  # .pt only
         self._given: set[str] = set()
         self._left = [len(keys) for keys in self._groups]
-        self._staged = StagedFiles()
+        self._staged = StagedFiles(overwrite=overwrite)
+        # what a killed earlier run on this output left behind (any sharding): this run may not touch the same names
+        remove_leftovers(path, output_names(path) if path.suffix.lower() == ".safetensors" else None)
 
     @property
     def sharded(self) -> bool:
@@ -122,6 +128,7 @@ class CheckpointWriter:
             )
         if key in self._given:
             raise CheckpointError(f"{self.path}: tensor {key!r} was given twice")
+        check_finite({key: tensor}, f"the data for {self.path} (nothing was written)")
         self._given.add(key)
         number = self._shard_of[key]
         if self.path.suffix.lower() == ".safetensors":

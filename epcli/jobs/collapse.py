@@ -182,7 +182,9 @@ def collapse_file(
     skipped = _model_check_skipped(opened, model_check, model_factory)
     settings = replace(ERROR_SETTINGS, device=device)
     hashes = {path.name: file_sha256(path) for path in opened.files}  # also brings the file into the page cache
-    with CheckpointWriter(output, layout, max_shard_bytes=shard_limit, remove_stale=True) as writer:
+    with CheckpointWriter(
+        output, layout, max_shard_bytes=shard_limit, remove_stale=True, overwrite=force
+    ) as writer:
         layers, kept = _collapse_into(writer, opened, torch_device, settings, keep=skipped is None, progress=progress)
         model_error = None
         if skipped is None:

@@ -111,6 +111,7 @@ def _export_onnx(
     if checkpoint.kind == "expanded":
         report = verify_checkpoint(checkpoint, settings, onnx_session=session, progress=progress)
     else:
+        settings = settings.for_model(checkpoint.state_dict.values())
         comparison = compare("<model>", "model", ONNX_LABEL, collapsed, session, checkpoint.input_shape, settings)
         report = VerifyReport(settings, settings.tolerance, (comparison,))
     if report.passed:

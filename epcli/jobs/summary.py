@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from epcli.layers import EPConfig, EPConv2dConfig
-from epcli.layers.registry import build_layer, collapsed_has_bias
+from epcli.layers import EPConfig, EPConvConfig
+from epcli.layers.registry import build_layer, expected_state
 
 __all__ = ["LayerSummary", "Spectrum", "natural_order", "summarize_layer", "spectrum"]
 
@@ -36,22 +36,21 @@ class LayerSummary:
     input_shape: tuple[int, ...]
     expanded_params: int
     collapsed_params: int
-    effective_kernel: int | None  # conv only
+    effective_kernel: tuple[int, ...] | None  # conv only: the collapsed kernel per spatial dim
 
 
 def summarize_layer(path: str, config: EPConfig, input_shape: tuple[int, ...]) -> LayerSummary:
     """Parameter counts from the config alone (the layer is built on the meta device: no memory, no init cost)."""
     expanded = sum(p.numel() for p in build_layer(config, device="meta").parameters())
-    kernel = config.kernel_size if isinstance(config, EPConv2dConfig) else None
-    weight = config.out_dim * config.in_dim * (kernel * kernel if kernel else 1)
-    has_bias = collapsed_has_bias(config)
+    kernel = config.kernel_size if isinstance(config, EPConvConfig) else None
+    collapsed = sum(t.numel() for t in expected_state(config, collapsed=True).values())  # meta tensors: no memory
     return LayerSummary(
         path=path,
         layer_type=config.layer_type,
         config=config,
         input_shape=input_shape,
         expanded_params=expanded,
-        collapsed_params=weight + (config.out_dim if has_bias else 0),
+        collapsed_params=collapsed,
         effective_kernel=kernel,
     )
 

@@ -100,9 +100,12 @@ def verify_checkpoint(
     parameters cast to the comparison dtype (the collapse itself runs in float64),
     so a float64 check measures the collapse, not the storage dtype. With it, the
     given tensors (e.g. a collapsed file's) are what is judged, layer by layer and
-    loaded strictly into the collapsed architecture.
+    loaded strictly into the collapsed architecture. Default tolerances allow for
+    the checkpoint's stored dtype (``VerifySettings.model_dtype``).
     """
     comparisons: list[Comparison] = []
+    if settings.model_dtype is None:  # default tolerances follow the stored precision (bfloat16 / float16)
+        settings = settings.for_model(checkpoint.state_dict.values())
     states = layer_states(checkpoint.state_dict, checkpoint.ep_layers)
     total = len(checkpoint.ep_layers) + (checkpoint.model is not None)
     tick = progress or (lambda done, total, label: None)

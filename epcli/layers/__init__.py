@@ -1,8 +1,30 @@
 """EP layers: training-time modules whose eval form is the exact collapse."""
 
 from epcli.layers.base import EPLayer
-from epcli.layers.config import CONFIG_VERSION, EPConfig, EPConv2dConfig, EPLinearConfig
-from epcli.layers.conv import EPConv2d
+from epcli.layers.config import (
+    CONFIG_VERSION,
+    EPConfig,
+    EPConv1dConfig,
+    EPConv2dConfig,
+    EPConv3dConfig,
+    EPConvConfig,
+    EPLinearConfig,
+)
+from epcli.layers.conv import EPConv, EPConv1d, EPConv2d, EPConv3d
 from epcli.layers.linear import EPLinear
 
-__all__ = ["CONFIG_VERSION", "EPConfig", "EPConv2d", "EPConv2dConfig", "EPLayer", "EPLinear", "EPLinearConfig"]
+__all__ = [
+    "CONFIG_VERSION",
+    "EPConfig",
+    "EPConv",
+    "EPConv1d",
+    "EPConv1dConfig",
+    "EPConv2d",
+    "EPConv2dConfig",
+    "EPConv3d",
+    "EPConv3dConfig",
+    "EPConvConfig",
+    "EPLayer",
+    "EPLinear",
+    "EPLinearConfig",
+]

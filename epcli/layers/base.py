@@ -8,6 +8,13 @@ fingerprint of everything PyTorch reports about them: storage, version counter
 dtype, device, and a count of optimizer steps (fused optimizers skip version
 counters). ``train()`` / ``eval()`` also drop the cache. Edits through ``.data``
 are invisible to PyTorch itself; after one, call ``eval()`` again.
+
+The cache serves only forwards that need no gradient (``torch.no_grad()``,
+inference mode, or no parameter requiring grad). As in PyTorch, ``eval()``
+changes batch-norm, not differentiability: with grad enabled the collapse is
+computed differentiably (still in float64, cast at the end), so gradients reach
+every parameter. Under ``torch.compile`` / ``torch.export`` the same in-graph
+collapse runs, since a Python cache keyed on storage pointers cannot be traced.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from typing import Any, Literal, NamedTuple
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.conv import _ConvNd
 from torch.optim.optimizer import Optimizer, register_optimizer_step_post_hook
 
 from epcli.core import Affine, BatchNormFold, ChainLayer, collapse_chain
@@ -44,7 +52,8 @@ register_optimizer_step_post_hook(_count_optimizer_step)
 
 
 def _float64(tensor: Tensor | None) -> Tensor | None:
-    return None if tensor is None else tensor.detach().to(torch.float64)
+    """A float64 view of the tensor that keeps its autograd history (no copy when it already is float64)."""
+    return None if tensor is None else tensor.to(torch.float64)
 
 
 def _fold(norm: _BatchNorm) -> BatchNormFold:
@@ -55,15 +64,20 @@ def _fold(norm: _BatchNorm) -> BatchNormFold:
     return BatchNormFold.from_statistics(mean, var, norm.eps, _float64(norm.weight), _float64(norm.bias))
 
 
-class _Block(NamedTuple):
-    """One link of the chain, typed: the Linear/Conv2d and its optional batch-norm."""
+def _tracing() -> bool:
+    """Whether dynamo (``torch.compile``, ``torch.export``) is tracing this call."""
+    return torch.compiler.is_compiling()
 
-    layer: nn.Linear | nn.Conv2d
+
+class _Block(NamedTuple):
+    """One link of the chain, typed: the Linear/ConvNd and its optional batch-norm."""
+
+    layer: nn.Linear | _ConvNd
     norm: _BatchNorm | None
 
 
 class EPLayer(nn.Module):
-    """Base of :class:`EPLinear` and :class:`EPConv2d`; not used directly."""
+    """Base of :class:`EPLinear` and :class:`EPConv` (1-D to 3-D); not used directly."""
 
     _algebra: LinearAlgebra | ConvAlgebra
 
@@ -122,7 +136,7 @@ class EPLayer(nn.Module):
             blocks.append(_Block(modules[0], modules[1] if len(modules) > 1 else None))  # type: ignore[arg-type]
         return blocks
 
-    def _projections(self) -> dict[str, nn.Linear | nn.Conv2d]:
+    def _projections(self) -> dict[str, nn.Linear | _ConvNd]:
         """Learnable skips by key (empty for identity skips)."""
         return dict(self.residual_dict.items())  # type: ignore[arg-type]
 
@@ -169,7 +183,7 @@ class EPLayer(nn.Module):
         last = self._config.depth - 1
         for index, (layer, norm) in enumerate(self._blocks()):
             slope = self._config.negative_slope if index == last else 1.0
-            nn.init.kaiming_normal_(layer.weight, a=slope, mode=self._init_fan_mode, nonlinearity="leaky_relu")
+            self._init_weight(layer.weight, slope)
             if layer.bias is not None:
                 fan_in = layer.weight[0].numel()
                 bound = 1.0 / math.sqrt(fan_in)
@@ -178,6 +192,9 @@ class EPLayer(nn.Module):
                 norm.reset_parameters()
         for projection in self._projections().values():
             projection.reset_parameters()
+
+    def _init_weight(self, weight: Tensor, slope: float) -> None:
+        nn.init.kaiming_normal_(weight, a=slope, mode=self._init_fan_mode, nonlinearity="leaky_relu")
 
     # ---- forward ----------------------------------------------------------------
     def train(self, mode: bool = True) -> EPLayer:
@@ -189,8 +206,15 @@ class EPLayer(nn.Module):
         """Expanded graph in training mode (or with ``override``), the collapsed layer in eval mode."""
         if self.training or override or not self.collapse_on_eval:
             return self.expanded_forward(x)
-        weight, bias = self._collapsed()
+        if _tracing() or self._needs_grad():
+            weight, bias = self._collapsed_in_graph()
+        else:
+            weight, bias = self._collapsed()
         return self._collapsed_forward(x, weight, bias)
+
+    def _needs_grad(self) -> bool:
+        """Whether this forward must be differentiable w.r.t. the layer's parameters."""
+        return torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
 
     def expanded_forward(self, x: Tensor) -> Tensor:
         """Run the chain layer by layer, adding skips where they land."""
@@ -212,6 +236,11 @@ class EPLayer(nn.Module):
     # ---- collapse ---------------------------------------------------------------
     def collapse(self) -> Affine:
         """The exact collapsed map in float64 (no caching; see ``weight`` / ``bias`` for the cached cast)."""
+        with torch.no_grad():
+            return self._collapse_chain()
+
+    def _collapse_chain(self, *, unalias: bool = True) -> Affine:
+        """The float64 collapse as plain tensor ops: differentiable under grad mode, traceable by dynamo."""
         layers = []
         for layer, norm in self._blocks():
             layers.append(ChainLayer(layer.weight, layer.bias, None if norm is None else _fold(norm)))
@@ -220,8 +249,16 @@ class EPLayer(nn.Module):
         for edge in self._config.skips:
             projection = projections.get(self.skip_key(edge))
             skips[edge] = None if projection is None else ChainLayer(projection.weight, projection.bias)
-        with torch.no_grad():
-            return collapse_chain(self._algebra, self._config.in_dim, layers, skips)
+        return collapse_chain(self._algebra, self._config.in_dim, layers, skips, unalias=unalias)
+
+    def _cast(self, affine: Affine) -> tuple[Tensor, Tensor | None]:
+        """The float64 collapse in the layer's dtype (that of its first weight)."""
+        dtype = self._blocks()[0].layer.weight.dtype
+        return affine.weight.to(dtype), None if affine.bias is None else affine.bias.to(dtype)
+
+    def _collapsed_in_graph(self) -> tuple[Tensor, Tensor | None]:
+        """Weight and bias computed afresh, with autograd history and without the Python cache."""
+        return self._cast(self._collapse_chain(unalias=False))
 
     def _fingerprint(self) -> tuple[Any, ...]:
         tensors = tuple(
@@ -233,10 +270,7 @@ class EPLayer(nn.Module):
     def _collapsed(self) -> tuple[Tensor, Tensor | None]:
         key = self._fingerprint()
         if self._cache is None or self._cache[0] != key:
-            affine = self.collapse()
-            reference = self._blocks()[0].layer.weight
-            bias = None if affine.bias is None else affine.bias.to(reference.dtype)
-            self._cache = (key, affine.weight.to(reference.dtype), bias)
+            self._cache = (key, *self._cast(self.collapse()))
         return self._cache[1], self._cache[2]
 
     @property

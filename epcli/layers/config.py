@@ -15,13 +15,27 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from epcli.core.conv import PADDING_MODES
 from epcli.core.graph import SkipEdge, skip_edges
 from epcli.errors import ConfigError
 
-__all__ = ["CONFIG_VERSION", "EPConfig", "EPLinearConfig", "EPConv2dConfig", "RESIDUAL_MODES"]
+__all__ = [
+    "CONFIG_VERSION",
+    "RESIDUAL_MODES",
+    "EPConfig",
+    "EPConv1dConfig",
+    "EPConv2dConfig",
+    "EPConv3dConfig",
+    "EPConvConfig",
+    "EPLinearConfig",
+]
 
 CONFIG_VERSION = 1
-"""Bumped whenever the meaning or the set of config fields changes."""
+"""Bumped whenever a field's meaning changes or a new field is required.
+
+A new optional field whose default keeps the old meaning (``groups``, ``dilation``,
+``padding_mode``, per-dim sizes) leaves it alone, so every file written so far still reads.
+"""
 
 RESIDUAL_MODES = ("none", "learn")
 
@@ -42,6 +56,11 @@ def _as_tuple(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return tuple(int(v) if _is_int(v) else v for v in value)
     return value
+
+
+def _plain(value: Any) -> Any:
+    """Tuples (nested too) -> lists, as JSON reads them back."""
+    return [_plain(v) for v in value] if isinstance(value, tuple) else value
 
 
 def _is_real(value: Any) -> bool:
@@ -151,11 +170,16 @@ class EPConfig:
                     )
 
     # ---- serialisation -------------------------------------------------------
+    _WRITTEN_IF_SET: ClassVar[frozenset[str]] = frozenset()
+    """Fields added within a config version: written only when not at their default, so a config
+    an older epcli could read is written byte for byte as that epcli wrote it (and it can read it)."""
+
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-ready dict of every field (tuples become lists)."""
+        """Plain JSON-ready dict of every field (tuples become lists), but see :attr:`_WRITTEN_IF_SET`."""
         return {
-            f.name: list(value) if isinstance(value := getattr(self, f.name), tuple) else value
+            f.name: _plain(value)
             for f in dataclasses.fields(self)
+            if (value := getattr(self, f.name)) != f.default or f.name not in self._WRITTEN_IF_SET
         }
 
     @classmethod
@@ -206,40 +230,78 @@ class EPLinearConfig(EPConfig):
         return (*input_shape[:-1], self.out_features)
 
 
-@dataclass(frozen=True, kw_only=True)
-class EPConv2dConfig(EPConfig):
-    """Configuration of :class:`epcli.EPConv2d`; ``depth == len(kernel_sizes)``."""
+PerDim = int | tuple[int, ...]
+"""A size per spatial dim: one int for all dims, or one int per dim."""
 
-    layer_type: ClassVar[str] = "EPConv2d"
+
+@dataclass(frozen=True, kw_only=True)
+class EPConvConfig(EPConfig):
+    """Configuration of the EP convolutions; one subclass per number of spatial dims, the fields are shared.
+
+    ``depth == len(kernel_sizes)``. Each kernel size, ``padding``, ``stride`` and
+    ``dilation`` is an int (every spatial dim) or one int per dim; it is stored as an
+    int when equal in every dim, so a config written before per-dim sizes (and
+    ``groups``, ``dilation``, ``padding_mode``, whose defaults keep the old meaning)
+    reads back equal.
+    """
+
+    layer_type: ClassVar[str] = "EPConv"
+    ndim: ClassVar[int] = 0
+    _WRITTEN_IF_SET: ClassVar[frozenset[str]] = frozenset({"dilation", "groups", "padding_mode"})
 
     in_channels: int
     out_channels: int
-    kernel_sizes: tuple[int, ...] = field(default=(3, 1))
-    padding: int = 0
-    stride: int = 1
+    kernel_sizes: tuple[PerDim, ...] = field(default=(3, 1))
+    padding: PerDim = 0
+    stride: PerDim = 1
+    dilation: PerDim = 1
+    groups: int = 1
+    padding_mode: str = "zeros"
+
+    def _per_dim(self, argument: str, value: Any, minimum: int) -> PerDim:
+        """An int, or ``ndim`` ints (any sequence) -> int when all equal, else a tuple; :class:`ConfigError` otherwise."""
+        if _is_int(value) and value >= minimum:
+            return int(value)
+        if isinstance(value, (list, tuple)) and len(value) == self.ndim and all(
+            _is_int(v) and v >= minimum for v in value
+        ):
+            sizes = tuple(int(v) for v in value)
+            return sizes[0] if len(set(sizes)) == 1 else sizes
+        raise self._fail(argument, value, f"an int >= {minimum} or a list of {self.ndim} such ints (one per spatial dim)")
 
     def __post_init__(self) -> None:
         self._require_int("in_channels", 1)
         self._require_int("out_channels", 1)
-        self._require_int("padding", 0)
-        self._require_int("stride", 1)
-        object.__setattr__(self, "kernel_sizes", _as_tuple(self.kernel_sizes))
-        sizes = self.kernel_sizes
-        if not isinstance(sizes, tuple) or not sizes or not all(_is_int(k) and k >= 1 for k in sizes):
-            raise self._fail("kernel_sizes", sizes, "an int or a non-empty list of ints >= 1")
+        self._require_int("groups", 1)
+        for argument, minimum in (("padding", 0), ("stride", 1), ("dilation", 1)):
+            object.__setattr__(self, argument, self._per_dim(argument, getattr(self, argument), minimum))
+        sizes = (self.kernel_sizes,) if _is_int(self.kernel_sizes) else self.kernel_sizes
+        if not isinstance(sizes, (list, tuple)) or not sizes:
+            raise self._fail("kernel_sizes", sizes, "an int or a non-empty list, each entry an int >= 1 or one per dim")
+        object.__setattr__(self, "kernel_sizes", tuple(self._per_dim("kernel_sizes", k, 1) for k in sizes))
+        if self.padding_mode not in PADDING_MODES:
+            raise self._fail("padding_mode", self.padding_mode, f"one of {', '.join(map(repr, PADDING_MODES))}")
         super().__post_init__()
-        if len(sizes) != self.depth:
+        if len(self.kernel_sizes) != self.depth:
             raise self._fail(
-                "depth", self.depth, f"len(kernel_sizes) = {len(sizes)} when kernel_sizes is a list (or leave depth unset)"
+                "depth", self.depth,
+                f"len(kernel_sizes) = {len(self.kernel_sizes)} when kernel_sizes is a list (or leave depth unset)",
             )
-        if self.residual and any(k % 2 == 0 for k in sizes):
+        if any(channels % self.groups for channels in (self.in_channels, self.out_channels, self.hidden_dim)):
+            raise ConfigError(
+                f"{self.layer_type}: groups={self.groups} must divide in_channels ({self.in_channels}), "
+                f"out_channels ({self.out_channels}) and the hidden channels int(out_channels * width) = "
+                f"{self.hidden_dim} (every conv of the chain has the same groups); depthwise (groups == in == out) "
+                "needs a whole-number width"
+            )
+        if self.residual and any(k % 2 == 0 for shape in self.kernel_shapes for k in shape):
             raise self._fail(
-                "kernel_sizes", sizes,
-                "odd when residual=True (a skip must be centred on an even kernel, which is ambiguous)",
+                "kernel_sizes", self.kernel_sizes,
+                "odd in every dim when residual=True (a skip must be centred on an even kernel, which is ambiguous)",
             )
 
     @classmethod
-    def from_arguments(cls, kernel_sizes: Any, depth: Any, **kwargs: Any) -> EPConv2dConfig:
+    def from_arguments(cls, kernel_sizes: Any, depth: Any, **kwargs: Any) -> EPConvConfig:
         """Normalise the constructor's ``kernel_sizes`` / ``depth`` pair.
 
         A list sets the depth (a given depth must agree); an int k with depth d
@@ -250,9 +312,8 @@ class EPConv2dConfig(EPConfig):
                 depth = 2
             if _is_int(depth) and depth >= 1:
                 kernel_sizes = (kernel_sizes,) + (1,) * (depth - 1)
-        elif isinstance(kernel_sizes, (list, tuple)):
-            if depth is None:
-                depth = len(kernel_sizes)
+        elif isinstance(kernel_sizes, (list, tuple)) and depth is None:
+            depth = len(kernel_sizes)
         return cls(kernel_sizes=kernel_sizes, depth=depth, **kwargs)
 
     @property
@@ -263,34 +324,77 @@ class EPConv2dConfig(EPConfig):
     def out_dim(self) -> int:
         return self.out_channels
 
-    def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
-        """Per-sample ``(C, H, W) -> (C_out, H', W')``, H' = (H + 2 padding - kernel) // stride + 1.
+    # ---- per-dim views -------------------------------------------------------------
+    def per_dim(self, value: PerDim) -> tuple[int, ...]:
+        """``value`` (an int or a tuple, as stored) as one int per spatial dim."""
+        return (value,) * self.ndim if isinstance(value, int) else value
 
-        Arithmetic only (no tensors): :class:`ConfigError` when the channels differ or
-        a padded map is smaller than the effective kernel.
+    @property
+    def kernel_shapes(self) -> tuple[tuple[int, ...], ...]:
+        """Each layer's kernel, one size per spatial dim."""
+        return tuple(self.per_dim(k) for k in self.kernel_sizes)
+
+    @property
+    def kernel_size(self) -> tuple[int, ...]:
+        """Effective (collapsed, undilated) kernel per dim: ``sum(kernel_sizes) - depth + 1``."""
+        return tuple(sum(sizes) - self.depth + 1 for sizes in zip(*self.kernel_shapes))
+
+    @property
+    def receptive_fields(self) -> tuple[tuple[int, ...], ...]:
+        """Per node 0 .. depth, the extent per dim of the padded input it reads (dilation included)."""
+        fields = [(1,) * self.ndim]
+        for shape in self.kernel_shapes:
+            fields.append(tuple(f + d * (k - 1) for f, d, k in zip(fields[-1], self.per_dim(self.dilation), shape)))
+        return tuple(fields)
+
+    def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """Per-sample ``(C, *sizes) -> (C_out, *sizes')``, size' = (size + 2 padding - span) // stride + 1.
+
+        ``span = dilation * (kernel - 1) + 1``. Arithmetic only (no tensors): :class:`ConfigError`
+        when the channels differ, a padded map is smaller than the span, or the padding
+        mode cannot pad that much (reflect: padding < size; circular: padding <= size).
         """
-        if len(input_shape) != 3 or input_shape[0] != self.in_channels:
-            raise ConfigError(f"expects ({self.in_channels}, H, W) per sample, got {list(input_shape)}")
+        if len(input_shape) != 1 + self.ndim or input_shape[0] != self.in_channels:
+            dims = {1: "L", 2: "H, W", 3: "D, H, W"}[self.ndim]
+            raise ConfigError(f"expects ({self.in_channels}, {dims}) per sample, got {list(input_shape)}")
         sizes = []
-        for size in input_shape[1:]:
-            padded = size + 2 * self.padding
-            if padded < self.kernel_size:
+        for size, padding, stride, dilation, kernel in zip(
+            input_shape[1:], self.per_dim(self.padding), self.per_dim(self.stride), self.per_dim(self.dilation),
+            self.kernel_size,
+        ):
+            span = dilation * (kernel - 1) + 1
+            if size + 2 * padding < span:
+                dilated = f" dilated by {dilation} (span {span})" if dilation > 1 else ""
                 raise ConfigError(
-                    f"a {size}-pixel side padded by {self.padding} is smaller than the {self.kernel_size}x"
-                    f"{self.kernel_size} effective kernel"
+                    f"a side of {size} padded by {padding} is smaller than the "
+                    f"{'x'.join(map(str, self.kernel_size))} effective kernel{dilated}"
                 )
-            sizes.append((padded - self.kernel_size) // self.stride + 1)
+            if (self.padding_mode == "reflect" and padding >= size) or (self.padding_mode == "circular" and padding > size):
+                limit = "less than" if self.padding_mode == "reflect" else "at most"
+                raise ConfigError(f"padding_mode={self.padding_mode!r} needs padding {padding} {limit} the side {size}")
+            sizes.append((size + 2 * padding - span) // stride + 1)
         return (self.out_channels, *sizes)
 
-    @property
-    def kernel_size(self) -> int:
-        """Effective (collapsed) kernel size ``sum(kernel_sizes) - depth + 1``."""
-        return sum(self.kernel_sizes) - self.depth + 1
 
-    @property
-    def receptive_fields(self) -> tuple[int, ...]:
-        """Kernel size of each node 0 .. depth as a function of the padded input."""
-        fields = [1]
-        for k in self.kernel_sizes:
-            fields.append(fields[-1] + k - 1)
-        return tuple(fields)
+@dataclass(frozen=True, kw_only=True)
+class EPConv1dConfig(EPConvConfig):
+    """Configuration of :class:`epcli.EPConv1d`."""
+
+    layer_type: ClassVar[str] = "EPConv1d"
+    ndim: ClassVar[int] = 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class EPConv2dConfig(EPConvConfig):
+    """Configuration of :class:`epcli.EPConv2d`."""
+
+    layer_type: ClassVar[str] = "EPConv2d"
+    ndim: ClassVar[int] = 2
+
+
+@dataclass(frozen=True, kw_only=True)
+class EPConv3dConfig(EPConvConfig):
+    """Configuration of :class:`epcli.EPConv3d`."""
+
+    layer_type: ClassVar[str] = "EPConv3d"
+    ndim: ClassVar[int] = 3

@@ -17,16 +17,25 @@ from typing import Any, NamedTuple, cast
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.conv import _ConvNd
 
 from epcli.errors import CheckpointError, ConfigError, ShapeMismatchError
 from epcli.layers.base import EPLayer
-from epcli.layers.config import EPConfig, EPConv2dConfig, EPLinearConfig
-from epcli.layers.conv import EPConv2d
+from epcli.layers.config import (
+    EPConfig,
+    EPConv1dConfig,
+    EPConv2dConfig,
+    EPConv3dConfig,
+    EPConvConfig,
+    EPLinearConfig,
+)
+from epcli.layers.conv import EPConv1d, EPConv2d, EPConv3d, conv_module
 from epcli.layers.linear import EPLinear
 
 __all__ = [
     "REGISTRY",
     "LayerEntry",
+    "PlainLayer",
     "build_layer",
     "check_state",
     "class_name",
@@ -55,23 +64,38 @@ REGISTRY: Mapping[str, LayerEntry] = MappingProxyType(
     {
         "EPLinear": LayerEntry(EPLinear, EPLinearConfig),
         "EPConv2d": LayerEntry(EPConv2d, EPConv2dConfig),
+        "EPConv1d": LayerEntry(EPConv1d, EPConv1dConfig),
+        "EPConv3d": LayerEntry(EPConv3d, EPConv3dConfig),
     }
 )
 """Class name -> (layer class, config class)."""
 
 
-def _plain_linear(config: EPConfig, bias: bool) -> nn.Linear | nn.Conv2d:
+PlainLayer = nn.Linear | _ConvNd
+
+
+def _plain_linear(config: EPConfig, bias: bool) -> PlainLayer:
     c = cast(EPLinearConfig, config)  # the registry key guarantees the type
     return nn.Linear(c.in_features, c.out_features, bias=bias)
 
 
-def _plain_conv(config: EPConfig, bias: bool) -> nn.Linear | nn.Conv2d:
-    c = cast(EPConv2dConfig, config)  # the registry key guarantees the type
-    return nn.Conv2d(c.in_channels, c.out_channels, c.kernel_size, stride=c.stride, padding=c.padding, bias=bias)
+def _plain_conv(config: EPConfig, bias: bool) -> PlainLayer:
+    c = cast(EPConvConfig, config)  # the registry key guarantees the type
+    return conv_module(c.ndim)(
+        c.in_channels,
+        c.out_channels,
+        c.kernel_size,
+        stride=c.stride,
+        padding=c.padding,
+        dilation=c.dilation,
+        groups=c.groups,
+        bias=bias,
+        padding_mode=c.padding_mode,
+    )
 
 
-_PLAIN: Mapping[str, Callable[[EPConfig, bool], nn.Linear | nn.Conv2d]] = MappingProxyType(
-    {"EPLinear": _plain_linear, "EPConv2d": _plain_conv}
+_PLAIN: Mapping[str, Callable[[EPConfig, bool], PlainLayer]] = MappingProxyType(
+    {"EPLinear": _plain_linear, "EPConv2d": _plain_conv, "EPConv1d": _plain_conv, "EPConv3d": _plain_conv}
 )
 """Class name -> the plain torch layer computing the same map once collapsed."""
 
@@ -134,8 +158,8 @@ def plain_layer(
     bias: bool,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
-) -> nn.Linear | nn.Conv2d:
-    """The ``nn.Linear`` / ``nn.Conv2d`` a user would write for the collapsed layer (fresh weights)."""
+) -> PlainLayer:
+    """The ``nn.Linear`` / ``nn.Conv1d/2d/3d`` a user would write for the collapsed layer (fresh weights)."""
     make = _PLAIN[class_name(config)]
     with _on(device):
         module = make(config, bias)

@@ -31,7 +31,7 @@ def _expected_layer_facts(source):
             "type": type(expanded_layer).__name__,
             "expanded_params": sum(p.numel() for p in expanded_layer.parameters()),
             "collapsed_params": sum(p.numel() for p in plain.parameters()),
-            "effective_kernel": weight.shape[-1] if weight.dim() == 4 else None,
+            "effective_kernel": list(weight.shape[2:]) if weight.dim() > 2 else None,
         }
     return facts
 

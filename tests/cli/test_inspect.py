@@ -79,7 +79,7 @@ def test_inspect_json_layers_and_effective_rank(which, artifacts, invoke, json_d
         assert 0 < layer["rank"] <= min(out_dim, fan_in)
         assert len(layer["singular_values"]) == min(out_dim, fan_in)
         assert layer["singular_values"] == sorted(layer["singular_values"], reverse=True)
-        assert layer["effective_kernel"] == (weight.shape[-1] if weight.dim() == 4 else None)
+        assert layer["effective_kernel"] == (list(weight.shape[2:]) if weight.dim() > 2 else None)
         assert layer["collapsed_params"] == weight.numel() + out_dim  # both samples' layers have a bias
         assert layer["path"] in run.stderr
 

@@ -6,60 +6,14 @@ from collections.abc import Callable
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from epcli.core import LINEAR, BatchNormFold, ChainLayer, collapse_chain, skip_edges
-from epcli.core.conv import align_feature_map, compose_kernels, pad_kernel_to
 
 AssertScaledClose = Callable[[Tensor, Tensor], None]
 RandomiseBatchNorm = Callable[[nn.Module], None]
 
 f64 = torch.float64
-
-
-# ---- convolution kernels -----------------------------------------------------------------
-@pytest.mark.parametrize(("inner", "outer"), [(1, 1), (3, 3), (1, 5), (5, 1), (2, 3), (4, 2), (3, 4)])
-def test_compose_kernels_equals_two_convolutions(
-    inner: int, outer: int, assert_scaled_close: AssertScaledClose
-) -> None:
-    first = torch.randn(3, 2, inner, inner, dtype=f64)  # [C_mid, C_in, K, K]
-    second = torch.randn(4, 3, outer, outer, dtype=f64)  # [C_out, C_mid, k, k]
-    x = torch.randn(2, 2, 9, 8, dtype=f64)
-    composed = compose_kernels(second, first)
-    assert composed.shape == (4, 2, inner + outer - 1, inner + outer - 1)
-    assert_scaled_close(F.conv2d(x, composed), F.conv2d(F.conv2d(x, first), second))
-
-
-def test_pad_kernel_to_centres_the_kernel() -> None:
-    kernel = torch.arange(1.0, 10.0).reshape(1, 1, 3, 3)
-    expected = torch.zeros(1, 1, 7, 7)
-    expected[..., 2:5, 2:5] = kernel
-    assert torch.equal(pad_kernel_to(kernel, 7), expected)
-    assert torch.equal(pad_kernel_to(kernel, 3), kernel)
-
-
-@pytest.mark.parametrize("size", [4, 6, 2, 1])
-def test_pad_kernel_to_rejects_odd_difference_or_shrinking(size: int) -> None:
-    with pytest.raises(ValueError, match="cannot centre"):
-        pad_kernel_to(torch.ones(1, 1, 3, 3), size)
-
-
-def _align_naive(source: Tensor, offset: int, lengths: tuple[int, int]) -> Tensor:
-    height, width = source.shape[-2:]
-    out = torch.zeros(*source.shape[:-2], *lengths, dtype=source.dtype)
-    for i in range(lengths[0]):
-        for j in range(lengths[1]):
-            if 0 <= offset + i < height and 0 <= offset + j < width:
-                out[..., i, j] = source[..., offset + i, offset + j]
-    return out
-
-
-@pytest.mark.parametrize("offset", [-4, -1, 0, 1, 3])
-@pytest.mark.parametrize("lengths", [(1, 1), (3, 5), (6, 4), (9, 10)])
-def test_align_feature_map_matches_naive_loop(offset: int, lengths: tuple[int, int]) -> None:
-    source = torch.randn(2, 3, 5, 6, dtype=f64)
-    assert torch.equal(align_feature_map(source, offset, lengths), _align_naive(source, offset, lengths))
 
 
 # ---- skip graph --------------------------------------------------------------------------

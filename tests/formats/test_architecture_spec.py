@@ -9,15 +9,16 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from epcli import CheckpointError, ConfigError, EPConv2d, EPLinear
+from epcli import CheckpointError, ConfigError, EPConv1d, EPConv2d, EPConv3d, EPLinear
 from epcli.formats.architecture import (
-    MAX_DEPTH,
     SUPPORTED_TYPES,
     build_architecture,
+    check_forward,
     collapsed_architecture,
     describe_architecture,
     ep_nodes,
 )
+from epcli.formats.limits import MAX_NESTING
 
 
 def _every_type() -> nn.Module:
@@ -50,7 +51,28 @@ def _every_type() -> nn.Module:
         nn.Linear(8, 5, bias=False),
         nn.Softmax(dim=1),
         nn.LogSoftmax(dim=-1),
+        nn.Unflatten(1, (1, 5)),  # [N, 1, 5]: the 1-D and 3-D families
+        EPConv1d(1, 4, [(3,), 1], padding=1, groups=1, dilation=1, residual=True, residual_mode="learn"),
+        nn.Conv1d(4, 4, 3, padding=2, dilation=2, groups=4, padding_mode="circular"),
+        nn.MaxPool1d(2, stride=1),
+        nn.AvgPool1d(2, stride=1, padding=1, count_include_pad=False),
+        nn.AdaptiveAvgPool1d(4),
+        nn.Unflatten(2, (1, 2, 2)),  # [N, 4, 1, 2, 2]
+        EPConv3d(4, 4, [(1, 3, 3), 1], padding=(0, 1, 1), groups=2, batch_norm=True),
+        nn.Conv3d(4, 2, (1, 3, 1), padding=(0, 1, 0), padding_mode="replicate"),
+        nn.BatchNorm3d(2),
+        nn.MaxPool3d(1),
+        nn.AvgPool3d((1, 2, 1), stride=1, divisor_override=2),
+        nn.AdaptiveAvgPool3d((1, None, 2)),
     )
+
+
+def test_every_supported_type_passes_the_forward_check_and_a_wrong_shape_does_not():
+    """The check runs an empty batch (no activations), which every supported module must accept."""
+    model = build_architecture(describe_architecture(_every_type().eval()))
+    check_forward(model, (2, 8, 8), "the model")
+    with pytest.raises(CheckpointError, match=r"the model fails on its own input_shape \[3, 8, 8\]: .*RuntimeError"):
+        check_forward(model, (3, 8, 8), "the model")
 
 
 def test_every_supported_type_round_trips():
@@ -141,7 +163,7 @@ def test_unsupported_models_have_no_spec(model: nn.Module):
 
 def test_deep_nesting_has_no_spec():
     model: nn.Module = nn.Linear(2, 2)
-    for _ in range(MAX_DEPTH + 2):
+    for _ in range(MAX_NESTING + 2):
         model = nn.Sequential(model)
     assert describe_architecture(model) is None
 
@@ -159,8 +181,9 @@ def _seq(*children: Any, names: list[Any] | None = None) -> dict[str, Any]:
     ("spec", "phrase"),
     [
         (_seq(_linear(), {"type": "Teleport"}), "architecture node '1': unknown module type 'Teleport'; supported"),
-        (_seq(_linear(in_features="ten")), "architecture node '0': in_features must be an int >= 1, got 'ten'"),
-        (_seq(_linear(in_features=0)), "in_features must be an int >= 1, got 0"),
+        (_seq(_linear(in_features="ten")),
+         "architecture node '0': in_features must be an int in [1, 1048576], got 'ten'"),
+        (_seq(_linear(in_features=0)), "in_features must be an int in [1, 1048576], got 0"),
         (_seq(_linear(bias=1)), "bias must be true or false, got 1"),
         (_seq(_linear(colour="red")), "architecture node '0': unknown args ['colour']"),
         (_seq({"type": "Linear", "args": {"in_features": 3}}), "missing args ['out_features', 'bias']"),
@@ -168,15 +191,15 @@ def _seq(*children: Any, names: list[Any] | None = None) -> dict[str, Any]:
         (_seq({"type": "Conv2d", "args": {"in_channels": 3, "out_channels": 4, "kernel_size": [3], "stride": 1,
                                            "padding": 0, "dilation": 1, "groups": 1, "bias": True,
                                            "padding_mode": "zeros"}}),
-         "kernel_size must be an int >= 1 or a list of two such ints"),
+         "kernel_size must be an int in [1, 256] or a list of two such ints"),
         (_seq({"type": "Conv2d", "args": {"in_channels": 3, "out_channels": 4, "kernel_size": 3, "stride": 1,
                                            "padding": 0, "dilation": 1, "groups": 2, "bias": True,
                                            "padding_mode": "zeros"}}),
          "architecture node '0': invalid arguments"),
         (_seq({"type": "Dropout", "args": {"p": 1.5, "inplace": False}}), "p must be a finite number in [0.0, 1.0]"),
         (_seq({"type": "GELU", "args": {"approximate": "fast"}}), "approximate must be one of ['none', 'tanh']"),
-        (_seq(_linear(), _linear(), names=["a", "a"]), "child 1 has an invalid or repeated name 'a'"),
-        (_seq(_linear(), names=["a.b"]), "child 0 has an invalid or repeated name 'a.b'"),
+        (_seq(_linear(), _linear(), names=["a", "a"]), "child 1 repeats the name 'a'"),
+        (_seq(_linear(), names=["a.b"]), "child 0 has an invalid name 'a.b'"),
         ({"type": "Sequential", "children": [_linear()]}, "child 0 must be an object with exactly 'name' and 'module'"),
         ({"type": "Sequential", "children": {}}, "'children' must be a list"),
         (_seq(_seq([1, 2])), "architecture node '0.0': must be an object, got list"),
@@ -199,9 +222,9 @@ def test_bad_ep_config_in_a_spec_is_a_config_error_naming_the_node(value: Any, p
 
 def test_hostile_nesting_is_refused():
     spec: dict[str, Any] = _linear()
-    for _ in range(MAX_DEPTH + 5):
+    for _ in range(MAX_NESTING + 5):
         spec = _seq(spec)
-    with pytest.raises(CheckpointError, match=f"nested deeper than {MAX_DEPTH} levels"):
+    with pytest.raises(CheckpointError, match=f"nested deeper than {MAX_NESTING} levels"):
         build_architecture(spec)
 
 

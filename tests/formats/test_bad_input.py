@@ -276,13 +276,20 @@ def test_unknown_module_type_in_the_architecture(saved: Path, rewrite):
     _expect(CheckpointError, saved, "architecture node '2'", "unknown module type 'Teleport'")
 
 
-def test_huge_depth_is_refused_before_building_anything(saved: Path, rewrite):
+@pytest.mark.parametrize(
+    ("depth", "error", "phrase"),
+    [
+        (1000, CheckpointError, "needs at least 1000 weight tensors"),  # within the limits: counted before building
+        (10**9, ConfigError, "config depth is 1000000000, over epcli's limit of 1024"),
+    ],
+)
+def test_huge_depth_is_refused_before_building_anything(saved: Path, rewrite, depth: int, error: type, phrase: str):
     def mutate(m: dict[str, Any]) -> None:
-        m["ep_layers"]["4"]["config"]["depth"] = 10**9
-        m["architecture"]["children"][4]["module"]["config"]["depth"] = 10**9
+        m["ep_layers"]["4"]["config"]["depth"] = depth
+        m["architecture"]["children"][4]["module"]["config"]["depth"] = depth
 
     rewrite(saved, metadata=mutate)
-    _expect(CheckpointError, saved, "layer '4'", "depth 1000000000", "needs at least 1000000000 weight tensors")
+    _expect(error, saved, "layer '4'", phrase)
 
 
 # ---- tensors ------------------------------------------------------------------------------------

@@ -8,7 +8,18 @@ import pytest
 import torch
 from torch import nn
 
-from epcli import ConfigError, EPConv2d, EPConv2dConfig, EPLinear, EPLinearConfig, ShapeMismatchError
+from epcli import (
+    ConfigError,
+    EPConv1d,
+    EPConv1dConfig,
+    EPConv2d,
+    EPConv2dConfig,
+    EPConv3d,
+    EPConv3dConfig,
+    EPLinear,
+    EPLinearConfig,
+    ShapeMismatchError,
+)
 from epcli.errors import CheckpointError
 from epcli.layers.registry import (
     REGISTRY,
@@ -28,7 +39,12 @@ from epcli.layers.registry import (
 
 
 def test_registry_entries():
-    assert dict(REGISTRY) == {"EPLinear": (EPLinear, EPLinearConfig), "EPConv2d": (EPConv2d, EPConv2dConfig)}
+    assert dict(REGISTRY) == {
+        "EPLinear": (EPLinear, EPLinearConfig),
+        "EPConv2d": (EPConv2d, EPConv2dConfig),
+        "EPConv1d": (EPConv1d, EPConv1dConfig),
+        "EPConv3d": (EPConv3d, EPConv3dConfig),
+    }
     layer_cls, config_cls = REGISTRY["EPConv2d"]
     assert (layer_cls, config_cls) == (layer_class("EPConv2d"), config_class("EPConv2d"))
     assert lookup("EPLinear").layer is EPLinear

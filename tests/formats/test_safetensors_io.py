@@ -330,6 +330,28 @@ BAD_HEADERS: dict[str, tuple[Any, bytes, str]] = {
     "metadata a string": ({"__metadata__": "k=v"}, b"", r"__metadata__ must map strings to strings"),
     "metadata a list": ({"__metadata__": ["k"]}, b"", r"__metadata__ must map strings to strings"),
     "metadata empty list": ({"__metadata__": []}, b"", r"__metadata__ must map strings to strings"),
+    # parser agreement: a repeated key is refused, not "last one wins"
+    "__metadata__ twice": (
+        b'{"__metadata__":{"epcli":"a"},"__metadata__":{"epcli":"b"}}', b"", r"repeats the key '__metadata__'"
+    ),
+    "a key twice inside an entry": (
+        b'{"a":{"dtype":"F32","dtype":"F32","shape":[2],"data_offsets":[0,8]}}', EIGHT, r"repeats the key 'dtype'"
+    ),
+    "NaN in the header": (
+        b'{"a":{"dtype":"F32","shape":[NaN],"data_offsets":[0,8]}}', EIGHT, r"NaN is not a JSON number"
+    ),
+    "a dimension of 2**70": (
+        {"a": {"dtype": "F32", "shape": [0, 2**70], "data_offsets": [0, 0]}}, b"", r"entry 'a': a size in its shape",
+    ),
+}
+STRICTER_HEADERS: dict[str, tuple[Any, bytes, str]] = {
+    # files the library reads but epcli refuses on purpose: ambiguous, or beyond epcli.formats.limits
+    "a tensor twice (the library keeps the last)": (
+        b'{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}',
+        EIGHT, r"repeats the key 'a'",
+    ),
+    "a rank of 17": ({"a": {"dtype": "F32", "shape": [1] * 17, "data_offsets": [0, 4]}}, bytes(4), r"the rank is 17"),
+    "an empty tensor name": ({"": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, EIGHT, r"non-empty name"),
 }
 
 
@@ -338,6 +360,15 @@ def test_read_header_refuses(tmp_path: Path, case: str):
     header, data, pattern = BAD_HEADERS[case]
     path = _raw_file(tmp_path / "bad.safetensors", header, data)
     assert _library_rejects(path), "the reference accepts this file, so the case tests nothing"
+    with pytest.raises(CheckpointError, match=pattern):
+        read_header(path)
+
+
+@pytest.mark.parametrize("case", STRICTER_HEADERS)
+def test_read_header_is_stricter_than_the_library(tmp_path: Path, case: str):
+    header, data, pattern = STRICTER_HEADERS[case]
+    path = _raw_file(tmp_path / "bad.safetensors", header, data)
+    assert not _library_rejects(path), "the reference refuses it too: move the case to BAD_HEADERS"
     with pytest.raises(CheckpointError, match=pattern):
         read_header(path)
 

@@ -272,7 +272,7 @@ def test_a_missing_shard(sharded: tuple[Path, list[Path]]):
     with safe_open(str(shards[1]), "pt") as f:
         held = sorted(f.keys())
     shards[1].unlink()
-    message = _expect(index, f"shard {shards[1].name}", "is missing beside the index", "copy every shard file")
+    message = _expect(index, f"shard '{shards[1].name}'", "is missing beside the index", "copy every shard file")
     assert repr(held[0]) in message
 
 
@@ -304,11 +304,11 @@ INDEX_EDITS: dict[str, tuple[Callable[[dict[str, Any], list[Path]], None], str]]
     ),
     "a key the shard does not hold": (
         lambda d, s: d["weight_map"].update({"0.ghost": s[0].name}),
-        "the index maps '0.ghost' to shard model-00001-of-00003.safetensors, which does not hold it",
+        "the index maps '0.ghost' to shard 'model-00001-of-00003.safetensors', which does not hold it",
     ),
     "a shard holding an unlisted key": (
         lambda d, s: d["weight_map"].pop(_key_of(s[2])),
-        "shard model-00003-of-00003.safetensors holds ",
+        "shard 'model-00003-of-00003.safetensors' holds ",
     ),
     "no epcli metadata": (lambda d, s: d["metadata"].pop("epcli"), "has no epcli metadata"),
     "no metadata at all": (lambda d, s: d.pop("metadata"), "has no epcli metadata"),
@@ -352,7 +352,7 @@ def test_a_corrupt_shard(sharded: tuple[Path, list[Path]], damage: str):
     else:
         del data[-3:]
     shards[1].write_bytes(bytes(data))
-    _expect(index, f"shard {shards[1].name}: ", "truncated")
+    _expect(index, f"shard '{shards[1].name}': ", "truncated")
 
 
 def test_read_index_reads_headers_only(sharded: tuple[Path, list[Path]], model: nn.Module):

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from epcli import ConfigError, EPConv2d, EPLinear
+from epcli import ConfigError, EPConv1d, EPConv2d, EPConv3d, EPLinear
 
 
 def linear(**kwargs: Any) -> Callable[[], EPLinear]:
@@ -63,6 +63,24 @@ BAD: list[tuple[str, str, Callable[[], object]]] = [
     ("conv width=0", "width", conv(width=0)),
     ("conv bias='yes'", "bias", conv(bias="yes")),
     ("conv bn_momentum=-0.1", "bn_momentum", conv(bn_momentum=-0.1)),
+    # groups, dilation, per-dim sizes and padding modes, on every family
+    *[(f"conv groups={v!r}", "groups", conv(groups=v)) for v in (0, -2, 2.0, "2", True)],
+    ("conv groups does not divide in_channels", "groups", conv(in_channels=3, out_channels=6, groups=2)),
+    ("conv groups does not divide out_channels", "groups", conv(out_channels=3, groups=2)),
+    ("conv depthwise, hidden 4 * 1.5 = 6 not divisible by 4", "groups", conv(in_channels=4, out_channels=4,
+                                                                           groups=4, width=1.5)),
+    *[(f"conv dilation={v!r}", "dilation", conv(dilation=v)) for v in (0, (1, 0), (1, 2, 3), (2,), "2", 1.5)],
+    *[(f"conv padding={v!r}", "padding", conv(padding=v)) for v in ((1,), (1, 1, 1), (1, -1), [1.0, 1])],
+    *[(f"conv stride={v!r}", "stride", conv(stride=v)) for v in ((1, 0), (2,), (2, 2, 2))],
+    *[(f"conv kernel_sizes={v!r}", "kernel_sizes", conv(kernel_sizes=v)) for v in ([(3, 3, 3)], [(3,)], [(3, 0)],
+                                                                                  [3, (1, 2.0)])],
+    ("conv even rectangular kernel with residual", "kernel_sizes", conv(kernel_sizes=[(3, 2)], residual=True,
+                                                                          residual_intervals=1)),
+    *[(f"conv padding_mode={v!r}", "padding_mode", conv(padding_mode=v)) for v in ("symmetric", "same", None)],
+    ("conv1d padding='same'", "padding", lambda: EPConv1d(2, 2, 3, "same")),
+    ("conv1d 2-D kernel", "kernel_sizes", lambda: EPConv1d(2, 2, [(3, 3)])),
+    ("conv3d 2-D padding", "padding", lambda: EPConv3d(2, 2, 3, (1, 1))),
+    ("conv3d groups", "groups", lambda: EPConv3d(2, 3, 3, groups=2)),
 ]
 
 
@@ -82,6 +100,14 @@ GOOD: list[tuple[str, Callable[[], object]]] = [
     ("conv even kernel without residual", conv(kernel_sizes=[3, 2, 1])),
     ("conv even int kernel without residual", conv(kernel_sizes=4, depth=3)),
     ("conv padding larger than kernel", conv(padding=7)),
+    ("conv depthwise with a channel multiplier", conv(in_channels=4, out_channels=8, groups=4, width=0.5)),
+    ("conv depthwise width 2 with identity skip onto the output", conv(in_channels=4, out_channels=4, groups=4,
+                                                                       width=2, residual=True, residual_intervals=-1)),
+    ("conv even rectangular kernel without residual", conv(kernel_sizes=[(2, 3), (1, 4)], stride=(2, 1))),
+    ("conv per-dim tuples as lists", conv(padding=[1, 2], dilation=[2, 1], kernel_sizes=[[3, 5], 1])),
+    *[(f"conv padding_mode={m!r}", conv(padding=1, padding_mode=m)) for m in ("circular", "reflect", "replicate")],
+    ("conv1d tuple kernel of one", lambda: EPConv1d(2, 2, [(3,), 1], (1,), (2,), dilation=(2,))),
+    ("conv3d per-dim", lambda: EPConv3d(2, 2, [(1, 3, 3), 3], (0, 1, 2), groups=2)),
 ]
 
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from epcli import ConfigError, EPConv2d, EPConv2dConfig, EPLinear, EPLinearConfig
+from epcli import ConfigError, EPConv1d, EPConv2d, EPConv2dConfig, EPConv3d, EPLinear, EPLinearConfig
 from epcli.layers import EPLayer
 
 AssertScaledClose = Callable[[Tensor, Tensor], None]
@@ -137,6 +137,107 @@ def test_gradients_reach_every_parameter_in_train_mode(layer: EPLayer) -> None:
         assert parameter.grad is not None, name
         if name.endswith("weight"):
             assert torch.count_nonzero(parameter.grad) > 0, name
+
+
+def _gradients(layer: EPLayer, x: Tensor, weights: Tensor, **kwargs: Any) -> dict[str, Tensor]:
+    layer.zero_grad(set_to_none=True)
+    (layer(x, **kwargs) * weights).sum().backward()
+    return {name: p.grad.clone() for name, p in layer.named_parameters() if p.grad is not None}
+
+
+def test_gradients_reach_every_parameter_in_eval_mode(layer: EPLayer, assert_scaled_close: AssertScaledClose) -> None:
+    """eval() changes batch-norm, not differentiability: the collapsed forward gives the expanded forward's gradients."""
+    layer.eval()
+    x = _input(layer)
+    weights = torch.randn_like(layer(x, override=True))
+    with chain_calls(layer) as calls:
+        collapsed = _gradients(layer, x, weights)
+        assert not calls  # the collapsed form ran
+    expanded = _gradients(layer, x, weights, override=True)
+    assert set(collapsed) == {name for name, _ in layer.named_parameters()}
+    for name, grad in expanded.items():
+        assert_scaled_close(collapsed[name], grad)
+
+
+@pytest.mark.parametrize(
+    ("layer", "shape"),
+    [
+        (lambda: EPConv1d(4, 4, [3, 3], padding=4, dilation=2, groups=2, batch_norm=True, residual=True), (3, 4, 9)),
+        (lambda: EPConv3d(3, 3, [3, 1], padding=1, groups=3, batch_norm=True, residual=True, residual_mode="learn"),
+         (2, 3, 4, 5, 3)),
+    ],
+    ids=["conv1d-grouped-dilated", "conv3d-depthwise"],
+)
+def test_eval_gradients_of_other_conv_families(
+    layer: Callable[[], EPLayer], shape: tuple[int, ...], randomise_batch_norm: RandomiseBatchNorm,
+    assert_scaled_close: AssertScaledClose,
+) -> None:
+    built = layer()
+    randomise_batch_norm(built)
+    built = built.double().eval()
+    x = torch.randn(shape, dtype=torch.float64)
+    weights = torch.randn_like(built(x, override=True))
+    collapsed, expanded = _gradients(built, x, weights), _gradients(built, x, weights, override=True)
+    assert set(collapsed) == {name for name, _ in built.named_parameters()}
+    for name, grad in expanded.items():
+        assert_scaled_close(collapsed[name], grad)
+
+
+def test_eval_forward_without_grad_uses_the_cache() -> None:
+    """Under no_grad / inference_mode (or when nothing requires grad) the cached collapse serves the forward."""
+    layer = _linear().eval()
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        layer(x)
+    cached = layer._cache
+    assert cached is not None
+    with torch.inference_mode():
+        assert not layer(x).requires_grad
+    layer.requires_grad_(False)
+    assert not layer(x).requires_grad
+    assert layer._cache is cached  # reused, not recomputed
+    layer.requires_grad_(True)
+    assert layer(x).requires_grad
+
+
+def _traced_model() -> nn.Module:
+    """A small eval-mode model of five EP layers of both kinds, batch-norms randomised."""
+    model = nn.Sequential(
+        _conv(), nn.ReLU(), EPConv2d(3, 3, [3, 1], padding=1), nn.Flatten(), EPLinear(3 * 4 * 3, 4, depth=2),
+        nn.ReLU(), _linear(), EPLinear(4, 2, depth=3, residual=True, residual_intervals=-1, residual_mode="learn"),
+    )
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            with torch.no_grad():
+                module.running_var.uniform_(0.5, 2.0)
+                module.bias.normal_()
+    return model.eval()
+
+
+def test_torch_export_of_an_eval_model_matches_eager() -> None:
+    """Nothing requires grad here, so only tracing (not autograd) keeps the forward off the pointer-keyed cache."""
+    model, x = _traced_model().requires_grad_(False), torch.randn(2, 2, 7, 6)
+    with torch.no_grad():
+        eager = model(x)
+    exported = torch.export.export(model, (x,))
+    torch.testing.assert_close(exported.module()(x), eager, rtol=1e-6, atol=1e-6)
+    with torch.no_grad():  # the program computes the collapse from the parameters it was given, not a stale copy
+        model[0].layer_dict["0"][0].weight.mul_(2)
+        torch.testing.assert_close(exported.module()(x), model(x), rtol=1e-6, atol=1e-6)
+
+
+def test_torch_compile_fullgraph_of_an_eval_model_matches_eager() -> None:
+    """One graph (fullgraph raises on any break), the same numbers, and gradients through the compiled collapse.
+
+    The ``eager`` backend runs dynamo's tracing (where breaks come from) without inductor's slow code generation.
+    """
+    model, x = _traced_model(), torch.randn(2, 2, 7, 6)
+    with torch.no_grad():
+        eager = model(x)
+    out = torch.compile(model, backend="eager", fullgraph=True)(x)
+    torch.testing.assert_close(out, eager, rtol=1e-6, atol=1e-6)
+    out.sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
 
 
 # ---- cache invalidation ------------------------------------------------------------------

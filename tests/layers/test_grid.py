@@ -1,8 +1,12 @@
-"""Collapsed eval forward == expanded forward over the whole grid of layer structures.
+"""Collapsed eval forward == expanded forward over the grid of layer structures.
 
 Each grid point is its own item. Whether a structure is valid is decided here from the
 issue's rule (node sizes in, hidden..., out; identity skips need equal sizes), so both the
 accepted and the rejected sets are checked against the layers' own validation.
+
+By default a 3-way covering subset runs (every combination of three axis values that any
+valid, resp. rejected, grid point has; see ``covering_subset`` in ``tests/conftest.py``):
+about 8 % of the 11,232 points. ``pytest --exhaustive tests/layers/test_grid.py`` runs them all.
 """
 
 from __future__ import annotations
@@ -11,7 +15,6 @@ import itertools
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Union
 
 import pytest
 import torch
@@ -21,11 +24,12 @@ from torch import Tensor, nn
 from epcli import EPConv2d, EPLinear
 from epcli.layers import EPLayer
 
-Intervals = Union[int, list[int]]
-Residual = Union[bool, str]
-Kernels = Union[int, list[int]]
+Intervals = int | list[int]
+Residual = bool | str
+Kernels = int | list[int]
 AssertScaledClose = Callable[[Tensor, Tensor], None]
 RandomiseBatchNorm = Callable[[nn.Module], None]
+Covering = Callable[[Sequence[Sequence[object]], int], list[int]]
 
 BATCH_NORMS = [False, True]
 RESIDUALS: list[Residual] = [False, "none", "learn"]
@@ -114,6 +118,12 @@ class Case:
         raise NotImplementedError
 
     @property
+    def axes(self) -> tuple[object, ...]:
+        """The values a covering subset must combine: the grid axes and the per-case choices derived from the id."""
+        s = self.structure
+        return (s.batch_norm, str(s.residual), _text(s.intervals), s.bias, s.width, self.depth, self.dims)
+
+    @property
     def nodes(self) -> list[int]:
         """Sizes of nodes 0 .. depth: in, hidden = int(out * width) ..., out."""
         in_dim, out_dim = self.dims
@@ -159,6 +169,11 @@ class ConvCase(Case):
         return self.structure.sizes(self.id, 2, [(2, 3), (3, 2)])
 
     @property
+    def axes(self) -> tuple[object, ...]:
+        geometry_mode = min(_hash(self.id) % 6, 3)  # the branch ``geometry`` takes (3: the usual one)
+        return (*super().axes, self.stride, _text(self.kernels), geometry_mode)
+
+    @property
     def kernel_list(self) -> list[int]:
         """Per-layer kernel sizes, from the issue's rule (an int k means [k] + [1] * (depth - 1))."""
         return [self.kernels] + [1] * (self.depth - 1) if isinstance(self.kernels, int) else self.kernels
@@ -197,8 +212,10 @@ CONV_CASES = [
 ]
 
 
-def _params(cases: Sequence[Case], valid: bool) -> list[Any]:
-    return [pytest.param(c, id=c.id) for c in cases if c.is_valid == valid]
+def _grid(cases: Sequence[Case], valid: bool) -> pytest.MarkDecorator:
+    """Parametrise ``case`` with the valid (or invalid) cases: a 3-way covering subset, or all with --exhaustive."""
+    chosen = [c for c in cases if c.is_valid == valid]
+    return pytest.mark.grid(chosen, axes=lambda c: c.axes, strength=3, ids=lambda c: c.id)
 
 
 def check_structure(layer: EPLayer, case: Case) -> None:
@@ -235,7 +252,7 @@ def check_collapse(
         assert tuple(weight.shape) == weight_shape
         assert weight.dtype == dtype
         assert (bias is None) == bias_is_none
-        for x, reference in zip(inputs, expected):
+        for x, reference in zip(inputs, expected, strict=True):
             collapsed = collapsed_forward(x.to(dtype), weight, bias)
             assert_scaled_close(collapsed, reference)
             assert torch.equal(layer(x.to(dtype)), collapsed)
@@ -247,7 +264,7 @@ def _prepare(layer: EPLayer, randomise_batch_norm: RandomiseBatchNorm) -> EPLaye
     return layer.float().eval()
 
 
-@pytest.mark.parametrize("case", _params(LINEAR_CASES, valid=True))
+@_grid(LINEAR_CASES, valid=True)
 @torch.no_grad()
 def test_linear_collapse_matches_expanded(
     case: LinearCase, randomise_batch_norm: RandomiseBatchNorm, assert_scaled_close: AssertScaledClose
@@ -260,7 +277,7 @@ def test_linear_collapse_matches_expanded(
     check_collapse(layer, [x], F.linear, (out_features, in_features), case.structure.bias_is_none, assert_scaled_close)
 
 
-@pytest.mark.parametrize("case", _params(CONV_CASES, valid=True))
+@_grid(CONV_CASES, valid=True)
 @torch.no_grad()
 def test_conv_collapse_matches_expanded(
     case: ConvCase, randomise_batch_norm: RandomiseBatchNorm, assert_scaled_close: AssertScaledClose
@@ -281,10 +298,31 @@ def test_conv_collapse_matches_expanded(
     check_collapse(layer, inputs, conv, weight_shape, case.structure.bias_is_none, assert_scaled_close)
 
 
-@pytest.mark.parametrize("case", _params([*LINEAR_CASES, *CONV_CASES], valid=False))
-def test_rejects_mismatched_identity_skip(case: LinearCase | ConvCase) -> None:
+@_grid(LINEAR_CASES, valid=False)
+def test_linear_rejects_mismatched_identity_skip(case: LinearCase) -> None:
     with pytest.raises(ValueError, match="identity skip"):
         case.build()
+
+
+@_grid(CONV_CASES, valid=False)
+def test_conv_rejects_mismatched_identity_skip(case: ConvCase) -> None:
+    with pytest.raises(ValueError, match="identity skip"):
+        case.build()
+
+
+def test_covering_subset_holds_every_combination(covering: Covering) -> None:
+    """The default run's selection: every triple of axis values of the valid linear grid, in far fewer points."""
+    assert covering([(0, 0, 0), (0, 0, 1), (0, 1, 0), (0, 1, 1), (1, 0, 0), (1, 0, 1), (1, 1, 0), (1, 1, 1)], 2) == [
+        0, 3, 5, 6,  # the 4-row pairwise array of three binary axes (all 8 rows hold the same pairs)
+    ]
+    rows = [c.axes for c in LINEAR_CASES if c.is_valid]
+    chosen = [rows[i] for i in covering(rows, 3)]
+
+    def triples(selection: list[tuple[object, ...]]) -> set[object]:
+        return {(cols, tuple(r[c] for c in cols)) for r in selection for cols in itertools.combinations(range(7), 3)}
+
+    assert triples(chosen) == triples(rows)
+    assert len(chosen) < len(rows) / 4
 
 
 @pytest.mark.parametrize("kernels", [[2], [2, 2], [4, 1], [1, 4], [2, 3, 4]], ids=_text)
