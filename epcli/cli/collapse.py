@@ -4,13 +4,22 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from epcli.cli import render
 from epcli.cli.guard import guarded
-from epcli.cli.options import CheckpointArg, DeviceOption, ForceOption, JsonOption, ModelOption, QuietOption, choice, parse_size
+from epcli.cli.options import (
+    CheckpointArg,
+    DeviceOption,
+    ForceOption,
+    JsonOption,
+    ModelOption,
+    QuietOption,
+    choice,
+    parse_size,
+)
 
 if TYPE_CHECKING:
     from epcli.jobs.collapse import CollapseResult
@@ -27,21 +36,29 @@ class OutputFormat(str, Enum):
 def collapse_command(
     checkpoint: CheckpointArg,
     output: Annotated[
-        Optional[Path],
-        typer.Option("-o", "--output", help="Output file (default: <stem>.collapsed.safetensors beside CKPT).", show_default=False),
+        Path | None,
+        typer.Option(
+            "-o",
+            "--output",
+            help="Output file (default: <stem>.collapsed.safetensors beside CKPT).",
+            show_default=False,
+        ),
     ] = None,
     file_format: Annotated[
-        Optional[OutputFormat],
+        OutputFormat | None,
         typer.Option(
-            "--format", metavar="safetensors|pt", parser=choice(OutputFormat),
-            help="Output format (default: from -o's suffix, else safetensors).", show_default=False,
+            "--format",
+            metavar="safetensors|pt",
+            parser=choice(OutputFormat),
+            help="Output format (default: from -o's suffix, else safetensors).",
+            show_default=False,
         ),
     ] = None,
     force: ForceOption = False,
     device: DeviceOption = "cpu",
     model: ModelOption = None,
     max_shard_size: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(
             "--max-shard-size",
             metavar="SIZE",
@@ -51,7 +68,7 @@ def collapse_command(
         ),
     ] = None,
     model_check: Annotated[
-        Optional[bool],
+        bool | None,
         typer.Option(
             "--model-check/--no-model-check",
             help="Also compare the whole model (needs it in memory). Default: only for checkpoints up to 64 MiB.",
@@ -61,7 +78,7 @@ def collapse_command(
     json_output: JsonOption = False,
     quiet: QuietOption = False,
 ) -> None:
-    """Collapse every EP layer into one Linear/Conv2d, one layer at a time, and write the compact checkpoint (atomically).
+    """Collapse every EP layer into one Linear/Conv2d, one layer at a time; write the compact checkpoint (atomically).
 
     Reads .pt, .safetensors and sharded safetensors (give the .safetensors.index.json).
     """
@@ -126,10 +143,19 @@ def render_collapse(result: CollapseResult) -> None:
         f"Collapsed {result.source.name}",
         ["layer", "type", "expanded params", "collapsed params", "kernel", "max |error|"],
         rows,
-        footer=["total", "", f"{result.expanded_params:,}", f"{result.collapsed_params:,}", "", f"{result.compression:.2f}x smaller"],
+        footer=[
+            "total",
+            "",
+            f"{result.expanded_params:,}",
+            f"{result.collapsed_params:,}",
+            "",
+            f"{result.compression:.2f}x smaller",
+        ],
     )
     if result.model_max_abs_error is not None:
-        render.info(f"whole model: max |error| {result.model_max_abs_error:.3g} (written weights vs expanded, in float64)")
+        render.info(
+            f"whole model: max |error| {result.model_max_abs_error:.3g} (written weights vs expanded, in float64)"
+        )
     else:
         render.info(f"whole model: not checked: {result.model_check_skipped}")
     if len(result.files) > 1:

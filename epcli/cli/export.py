@@ -3,14 +3,25 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 from epcli.cli import render
 from epcli.cli.collapse import collapse_payload, render_collapse
 from epcli.cli.guard import EXIT_VERIFY_FAILED, guarded
-from epcli.cli.options import Atol, CheckpointArg, ForceOption, JsonOption, ModelOption, QuietOption, Rtol, Samples, Seed, whole_number
+from epcli.cli.options import (
+    Atol,
+    CheckpointArg,
+    ForceOption,
+    JsonOption,
+    ModelOption,
+    QuietOption,
+    Rtol,
+    Samples,
+    Seed,
+    whole_number,
+)
 from epcli.cli.verify import render_report, report_payload
 
 __all__ = ["export_command"]
@@ -20,13 +31,18 @@ __all__ = ["export_command"]
 def export_command(
     checkpoint: CheckpointArg,
     onnx_path: Annotated[
-        Optional[Path], typer.Option("--onnx", metavar="OUT.onnx", help="Write the collapsed whole model as ONNX.", show_default=False)
+        Path | None,
+        typer.Option("--onnx", metavar="OUT.onnx", help="Write the collapsed whole model as ONNX.", show_default=False),
     ] = None,
     safetensors_path: Annotated[
-        Optional[Path],
-        typer.Option("--safetensors", metavar="OUT", help="Write the collapsed checkpoint as safetensors.", show_default=False),
+        Path | None,
+        typer.Option(
+            "--safetensors", metavar="OUT", help="Write the collapsed checkpoint as safetensors.", show_default=False
+        ),
     ] = None,
-    opset: Annotated[int, typer.Option("--opset", metavar="N", parser=whole_number(7), help="ONNX opset version.")] = 18,
+    opset: Annotated[
+        int, typer.Option("--opset", metavar="N", parser=whole_number(7), help="ONNX opset version.")
+    ] = 18,
     static_batch: Annotated[
         bool, typer.Option("--static-batch", help="Fix the batch axis at 1 (default: a dynamic 'batch' axis).")
     ] = False,
@@ -63,7 +79,9 @@ def export_command(
         onnx = result.onnx
         render_report(f"ONNX validation of {onnx.output.name} (onnxruntime vs torch)", onnx.report)
         ops = ", ".join(f"{op} x{onnx.op_types.count(op)}" for op in dict.fromkeys(onnx.op_types))
-        render.info(f"ONNX ops: {ops}; opset {onnx.opset}; batch axis {'dynamic' if onnx.dynamic_batch else 'fixed at 1'}")
+        render.info(
+            f"ONNX ops: {ops}; opset {onnx.opset}; batch axis {'dynamic' if onnx.dynamic_batch else 'fixed at 1'}"
+        )
         if onnx.written:
             render.success(f"wrote {onnx.output}")
         else:

@@ -68,6 +68,10 @@ def guarded(command: F) -> F:
             render.error("terminated")
             raise typer.Exit(EXIT_TERMINATED) from None
         except Exception as e:  # a bug or an error from a user-named model factory
-            fail(f"unexpected {type(e).__name__}: {e} (set EPCLI_DEBUG=1 for the traceback)", type(e).__name__, json_output)
+            fail(
+                f"unexpected {type(e).__name__}: {e} (set EPCLI_DEBUG=1 for the traceback)",
+                type(e).__name__,
+                json_output,
+            )
 
     return wrapper  # type: ignore[return-value]

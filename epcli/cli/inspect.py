@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -16,10 +16,22 @@ __all__ = ["inspect_command"]
 
 @guarded
 def inspect_command(
-    checkpoint: Annotated[Path, typer.Argument(metavar="CKPT", help="An epcli checkpoint, expanded or collapsed (.pt, .safetensors, or a .safetensors.index.json).", show_default=False)],
+    checkpoint: Annotated[
+        Path,
+        typer.Argument(
+            metavar="CKPT",
+            help="An epcli checkpoint, expanded or collapsed (.pt, .safetensors, or a .safetensors.index.json).",
+            show_default=False,
+        ),
+    ],
     plot: Annotated[
-        Optional[Path],
-        typer.Option("--plot", metavar="SPECTRA.png", help="Draw the singular-value spectra (needs epcli[plot]).", show_default=False),
+        Path | None,
+        typer.Option(
+            "--plot",
+            metavar="SPECTRA.png",
+            help="Draw the singular-value spectra (needs epcli[plot]).",
+            show_default=False,
+        ),
     ] = None,
     force: ForceOption = False,
     model: ModelOption = None,
@@ -33,7 +45,8 @@ def inspect_command(
     meta = result.metadata
     render.info(
         f"{result.path.name}: {result.kind} epcli checkpoint (format v{meta.get('format_version')}, "
-        f"epcli {meta.get('epcli_version')}, torch {meta.get('torch_version')}); input shape {list(result.input_shape)}; "
+        f"epcli {meta.get('epcli_version')}, torch {meta.get('torch_version')}); "
+        f"input shape {list(result.input_shape)}; "
         f"architecture {'embedded' if result.has_architecture else 'not embedded (use --model)'}; "
         f"{result.tensor_count} tensors, {result.element_count:,} values"
     )
@@ -45,8 +58,14 @@ def inspect_command(
         if c.residual:
             chain += f" skips {c.residual_mode}:{','.join(map(str, c.residual_intervals))}"
         rows.append(
-            (s.path, f"{s.layer_type} {c.in_dim}->{c.out_dim}{kernel}", chain,
-             f"{s.expanded_params:,} -> {s.collapsed_params:,}", round(layer.spectrum.effective_rank, 1), layer.spectrum.rank)
+            (
+                s.path,
+                f"{s.layer_type} {c.in_dim}->{c.out_dim}{kernel}",
+                chain,
+                f"{s.expanded_params:,} -> {s.collapsed_params:,}",
+                round(layer.spectrum.effective_rank, 1),
+                layer.spectrum.rank,
+            )
         )
     render.table(
         "EP layers (parameters expanded -> collapsed; effective and numerical rank of the collapsed weight)",

@@ -7,15 +7,29 @@ import re
 from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Optional, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
 
 from epcli.errors import UsageError
 
 __all__ = [
-    "parse_size", "Atol", "BatchSize", "CheckpointArg", "DeviceOption", "Dtype", "ForceOption", "JsonOption",
-    "ModelOption", "QuietOption", "Rtol", "Samples", "Seed", "Timeout", "choice", "whole_number",
+    "parse_size",
+    "Atol",
+    "BatchSize",
+    "CheckpointArg",
+    "DeviceOption",
+    "Dtype",
+    "ForceOption",
+    "JsonOption",
+    "ModelOption",
+    "QuietOption",
+    "Rtol",
+    "Samples",
+    "Seed",
+    "Timeout",
+    "choice",
+    "whole_number",
 ]
 
 E = TypeVar("E", bound=Enum)
@@ -87,7 +101,7 @@ JsonOption = Annotated[
 ]
 QuietOption = Annotated[bool, typer.Option("-q", "--quiet", help="No human report; errors still go to stderr.")]
 ModelOption = Annotated[
-    Optional[str],
+    str | None,
     typer.Option(
         "--model",
         metavar="MODULE:FUNCTION",
@@ -105,23 +119,40 @@ BatchSize = Annotated[
 Seed = Annotated[
     int,
     typer.Option(
-        "--seed", metavar="S", parser=whole_number(0, SEED_MAX),
+        "--seed",
+        metavar="S",
+        parser=whole_number(0, SEED_MAX),
         help="Seed of the input generator (same seed, same inputs).",
     ),
 ]
 Atol = Annotated[
-    Optional[float],
-    typer.Option("--atol", metavar="A", parser=_positive_number(zero=True), help="Absolute tolerance (default: by dtype).", show_default=False),
+    float | None,
+    typer.Option(
+        "--atol",
+        metavar="A",
+        parser=_positive_number(zero=True),
+        help="Absolute tolerance (default: by dtype).",
+        show_default=False,
+    ),
 ]
 Rtol = Annotated[
-    Optional[float],
-    typer.Option("--rtol", metavar="R", parser=_positive_number(zero=True), help="Relative tolerance (default: by dtype).", show_default=False),
+    float | None,
+    typer.Option(
+        "--rtol",
+        metavar="R",
+        parser=_positive_number(zero=True),
+        help="Relative tolerance (default: by dtype).",
+        show_default=False,
+    ),
 ]
 Timeout = Annotated[
     float,
     typer.Option(
-        "--timeout", metavar="SECONDS", parser=_positive_number(zero=False),
-        help="Longest time one onnxruntime run (one batch) of an ONNX artifact may take; an ONNX file is untrusted input.",
+        "--timeout",
+        metavar="SECONDS",
+        parser=_positive_number(zero=False),
+        help="Longest time one onnxruntime run (one batch) of an ONNX artifact may take; an ONNX file is "
+        "untrusted input.",
     ),
 ]
 
@@ -142,8 +173,18 @@ class Dtype(str, Enum):
 
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
 
 
 def parse_size(text: str, option: str) -> int:

@@ -50,8 +50,10 @@ _CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200e\u200f\u2028-\u202e\u20
 
 def printable(text: str) -> str:
     """``text`` with every control character shown as an escape (``\\x1b``), so it cannot drive the terminal."""
-    return _CONTROL.sub(lambda match: f"\\x{ord(match.group()):02x}" if ord(match.group()) < 0x100
-                        else f"\\u{ord(match.group()):04x}", text)
+    return _CONTROL.sub(
+        lambda match: f"\\x{ord(match.group()):02x}" if ord(match.group()) < 0x100 else f"\\u{ord(match.group()):04x}",
+        text,
+    )
 
 
 def _console(*, stderr: bool) -> Console:
@@ -88,13 +90,17 @@ def emit_json(command: str, payload: Mapping[str, Any]) -> None:
     sys.stdout.flush()
 
 
-def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], *, footer: Sequence[Any] | None = None) -> None:
+def table(
+    title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], *, footer: Sequence[Any] | None = None
+) -> None:
     if _report is None:
         return
     view = Table(title=escape(printable(title)), title_justify="left", show_footer=footer is not None)
     for index, name in enumerate(columns):
         numeric = bool(rows) and all(isinstance(row[index], (int, float)) for row in rows)
-        view.add_column(name, justify="right" if numeric else "left", footer="" if footer is None else _cell(footer[index]))
+        view.add_column(
+            name, justify="right" if numeric else "left", footer="" if footer is None else _cell(footer[index])
+        )
     for row in rows:
         view.add_row(*(_cell(value) for value in row))
     _report.print(view)
@@ -150,4 +156,6 @@ def progress() -> Iterator[Callable[[int, int, str], None]]:
     )
     with bar:
         task = bar.add_task("", total=None)
-        yield lambda done, total, label: bar.update(task, completed=done, total=total, description=escape(printable(label)))
+        yield lambda done, total, label: bar.update(
+            task, completed=done, total=total, description=escape(printable(label))
+        )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -48,13 +48,17 @@ checkpoint before it runs, and each run is stopped after --timeout seconds.
 Exit codes: 0 all passed, 1 a comparison failed, 2 usage or input error."""
 
 
-
 @guarded
 def verify_command(
     checkpoint: CheckpointArg,
     artifact: Annotated[
-        Optional[Path],
-        typer.Argument(metavar="ARTIFACT", help="Collapsed .safetensors/.pt (or a shard index .safetensors.index.json) or .onnx to check (default: collapse in memory).", show_default=False),
+        Path | None,
+        typer.Argument(
+            metavar="ARTIFACT",
+            help="Collapsed .safetensors/.pt (or a shard index .safetensors.index.json) or .onnx to check "
+            "(default: collapse in memory).",
+            show_default=False,
+        ),
     ] = None,
     atol: Atol = None,
     rtol: Rtol = None,
@@ -62,7 +66,8 @@ def verify_command(
     batch_size: BatchSize = 32,
     seed: Seed = 0,
     dtype: Annotated[
-        Dtype, typer.Option("--dtype", metavar="float32|float64", parser=choice(Dtype), help="Precision of the comparison.")
+        Dtype,
+        typer.Option("--dtype", metavar="float32|float64", parser=choice(Dtype), help="Precision of the comparison."),
     ] = Dtype.float32,
     device: DeviceOption = "cpu",
     model: ModelOption = None,

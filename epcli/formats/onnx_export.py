@@ -155,7 +155,8 @@ class OnnxSession:
         except Exception as e:
             if options.terminate:
                 raise CheckpointError(
-                    f"{self.where}: one onnxruntime run (a batch of {array.shape[0]}) took longer than {self.timeout:g} s "
+                    f"{self.where}: one onnxruntime run (a batch of {array.shape[0]}) took longer than "
+                    f"{self.timeout:g} s "
                     "and was stopped; raise --timeout if the model is meant to be that slow"
                 ) from None
             raise CheckpointError(

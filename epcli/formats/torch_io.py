@@ -6,8 +6,8 @@ A collapsed one is a plain state dict, so it loads into the plain architecture a
 ``{name: tensor}`` whose metadata travels as the instance attribute ``epcli_metadata``
 (the JSON string; pickled with the dict as torch pickles a state dict's ``_metadata``,
 and ignored by ``load_state_dict``). Both hold only tensors, strings and dicts, so
-``torch.load(weights_only=True)`` reads them and no code from the file ever runs. A pickle that needs any other global is
-refused with :class:`UnsafeCheckpointError`; there is no fallback to the full
+``torch.load(weights_only=True)`` reads them and no code from the file ever runs. A pickle that needs any
+other global is refused with :class:`UnsafeCheckpointError`; there is no fallback to the full
 unpickler, and no loading at all under a torch older than :data:`MIN_TORCH`.
 """
 
@@ -130,7 +130,9 @@ def _unpack(content: Any) -> RawCheckpoint:
     attached = getattr(content, METADATA_KEY, None) if isinstance(content, OrderedDict) else None
     if attached is not None:  # a collapsed checkpoint: a plain state dict carrying its metadata
         if not isinstance(attached, str):
-            raise CheckpointError(f"the state dict's {METADATA_KEY!r} must be a JSON string, got {type(attached).__name__}")
+            raise CheckpointError(
+                f"the state dict's {METADATA_KEY!r} must be a JSON string, got {type(attached).__name__}"
+            )
         content = {METADATA_KEY: attached, STATE_KEY: dict(content)}
     if isinstance(content, dict) and METADATA_KEY in content:
         if set(content) != {METADATA_KEY, STATE_KEY}:

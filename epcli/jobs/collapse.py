@@ -33,7 +33,13 @@ from epcli.convert import (
 )
 from epcli.devices import resolve_device
 from epcli.errors import UsageError
-from epcli.formats.checkpoint import CheckpointFile, collapsed_layout, collapsed_metadata, load_checkpoint, open_checkpoint
+from epcli.formats.checkpoint import (
+    CheckpointFile,
+    collapsed_layout,
+    collapsed_metadata,
+    load_checkpoint,
+    open_checkpoint,
+)
 from epcli.formats.sharded import is_index, sharded_base
 from epcli.formats.source import TensorInfo
 from epcli.formats.writer import CheckpointWriter, output_files, stale_files
@@ -113,7 +119,9 @@ def resolve_output(source: Path, output: Path | None, file_format: str | None) -
     example = default_output(source, file_format or "safetensors").name
     check_name(output, OUTPUT_FORMATS.values(), option="-o", example=example)
     if file_format is not None and output.suffix != OUTPUT_FORMATS[file_format]:
-        raise UsageError(f"{output}: the suffix does not match --format {file_format}; use {OUTPUT_FORMATS[file_format]}")
+        raise UsageError(
+            f"{output}: the suffix does not match --format {file_format}; use {OUTPUT_FORMATS[file_format]}"
+        )
     return output
 
 
@@ -146,7 +154,9 @@ def plan_output(
         raise UsageError(f"{source}: holds no EP layers, so there is nothing to collapse; nothing was written")
     output = resolve_output(source, output, file_format)
     if output.suffix != ".safetensors" and max_shard_bytes is not None:
-        raise UsageError(f"{output}: only .safetensors output can be sharded; drop the shard size limit or use .safetensors")
+        raise UsageError(
+            f"{output}: only .safetensors output can be sharded; drop the shard size limit or use .safetensors"
+        )
     layout = {
         key: TensorInfo(tuple(meta.shape), meta.dtype)
         for key, meta in collapsed_layout(opened.meta_state(), opened.ep_layers).items()
@@ -182,9 +192,7 @@ def collapse_file(
     skipped = _model_check_skipped(opened, model_check, model_factory)
     settings = replace(ERROR_SETTINGS, device=device)
     hashes = {path.name: file_sha256(path) for path in opened.files}  # also brings the file into the page cache
-    with CheckpointWriter(
-        output, layout, max_shard_bytes=shard_limit, remove_stale=True, overwrite=force
-    ) as writer:
+    with CheckpointWriter(output, layout, max_shard_bytes=shard_limit, remove_stale=True, overwrite=force) as writer:
         layers, kept = _collapse_into(writer, opened, torch_device, settings, keep=skipped is None, progress=progress)
         model_error = None
         if skipped is None:
@@ -227,7 +235,8 @@ def _model_check_skipped(opened: CheckpointFile, model_check: bool | None, model
         return "no architecture is embedded (name a factory with --model to check the whole model)"
     if model_check is None and opened.nbytes > MODEL_CHECK_MAX_BYTES:
         return (
-            f"the checkpoint holds {opened.nbytes / 2**20:.0f} MiB of tensors, over the {MODEL_CHECK_MAX_BYTES // 2**20} "
+            f"the checkpoint holds {opened.nbytes / 2**20:.0f} MiB of tensors, over the "
+            f"{MODEL_CHECK_MAX_BYTES // 2**20} "
             "MiB up to which the whole model is checked in memory; pass --model-check, or run epcli verify"
         )
     return None
@@ -286,7 +295,7 @@ def _collapse_layer(
     config = opened.ep_layers[path]
     prefix = layer_prefix(path)
     stored = opened.read(step.keys)
-    layer_state = {key[len(prefix):]: tensor for key, tensor in stored.items()}
+    layer_state = {key[len(prefix) :]: tensor for key, tensor in stored.items()}
     del stored
     layer = expanded_layer(config, layer_state, device=device, prefix=prefix)
     del layer_state

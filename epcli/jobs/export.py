@@ -16,8 +16,8 @@ from epcli.convert import collapse_model
 from epcli.errors import UsageError
 from epcli.formats.atomic import atomic_write
 from epcli.formats.checkpoint import Checkpoint, load_checkpoint, open_checkpoint
-from epcli.formats.sharded import is_index, sharded_base
 from epcli.formats.onnx_export import DEFAULT_OPSET, OnnxSession, export_onnx_bytes, onnx_op_types
+from epcli.formats.sharded import is_index, sharded_base
 from epcli.jobs.collapse import CollapseResult, collapse_file, plan_output
 from epcli.jobs.files import check_name, check_targets, make_parent
 from epcli.jobs.verify import ONNX_LABEL, ProgressCallback, verify_checkpoint
@@ -83,9 +83,7 @@ def export_file(
             return ExportResult(source, onnx, None)
     collapsed = None
     if safetensors_path is not None:  # read again from the file, one layer at a time, as epcli collapse does
-        collapsed = collapse_file(
-            source, safetensors_path, force=force, model_factory=model_factory, progress=progress
-        )
+        collapsed = collapse_file(source, safetensors_path, force=force, model_factory=model_factory, progress=progress)
     return ExportResult(source, onnx, collapsed)
 
 

@@ -21,7 +21,9 @@ def natural_order(paths: Iterable[str]) -> list[str]:
     """Layer paths as a reader counts them: ``2`` before ``10`` (files list keys sorted as text: ``0, 10, 2``)."""
 
     def key(path: str) -> list[int | str]:
-        return [int(part) if odd else part for odd, part in zip(itertools.cycle((False, True)), re.split(r"(\d+)", path))]
+        return [
+            int(part) if odd else part for odd, part in zip(itertools.cycle((False, True)), re.split(r"(\d+)", path))
+        ]
 
     return sorted(paths, key=key)
 

@@ -21,7 +21,15 @@ from epcli.layers.base import EPLayer
 from epcli.layers.registry import plain_layer
 from epcli.verify import SUPPORTED_DTYPES, Comparison, VerifyReport, VerifySettings, compare
 
-__all__ = ["DEFAULT_ONNX_TIMEOUT", "ProgressCallback", "VerifyResult", "compare_layer", "compare_model", "verify_checkpoint", "verify_files"]
+__all__ = [
+    "DEFAULT_ONNX_TIMEOUT",
+    "ProgressCallback",
+    "VerifyResult",
+    "compare_layer",
+    "compare_model",
+    "verify_checkpoint",
+    "verify_files",
+]
 
 ProgressCallback = Callable[[int, int, str], None]
 """``report(done, total, label)``: lets a caller draw progress; library code itself never prints."""
@@ -38,7 +46,9 @@ class VerifyResult:
     checkpoint: Path
     artifact: Path | None
     report: VerifyReport
-    artifact_stale: bool | None = None  # from the artifact's recorded source sha256; None: nothing recorded / no artifact
+    artifact_stale: bool | None = (
+        None  # from the artifact's recorded source sha256; None: nothing recorded / no artifact
+    )
 
 
 def compare_layer(
@@ -170,7 +180,9 @@ def verify_files(
         return VerifyResult(checkpoint_path, artifact_path, report)
     artifact = load_checkpoint(artifact_path)
     if artifact.kind != "collapsed":
-        raise UsageError(f"{artifact_path}: expected a collapsed checkpoint (from epcli collapse), found an expanded one")
+        raise UsageError(
+            f"{artifact_path}: expected a collapsed checkpoint (from epcli collapse), found an expanded one"
+        )
     stale, stale_note = _stale_artifact(checkpoint_path, artifact)
     if set(artifact.ep_layers) != set(checkpoint.ep_layers):
         raise CheckpointError(
@@ -204,7 +216,9 @@ def _stale_artifact(checkpoint_path: Path, artifact: Checkpoint) -> tuple[bool |
     if recorded == actual:
         return False, None
     name = provenance.get("source_name")
-    made_from = f"{name!r} (sha256 {recorded[:16]}...)" if isinstance(name, str) else f"a file with sha256 {recorded[:16]}..."
+    made_from = (
+        f"{name!r} (sha256 {recorded[:16]}...)" if isinstance(name, str) else f"a file with sha256 {recorded[:16]}..."
+    )
     return True, (
         f"{artifact.path} is stale: it was collapsed from {made_from}, not from {checkpoint_path} "
         f"(sha256 {actual[:16]}...); collapse this checkpoint again"
@@ -215,28 +229,39 @@ def _artifact_precision(checkpoint: Checkpoint, artifact: Checkpoint, settings: 
     """A float64 check of float32 weights measures float32 rounding: refuse at float64's default tolerances,
     say so when the tolerances were given."""
     weights = [artifact.state_dict[collapsed_keys(path)[0]] for path in checkpoint.ep_layers]
-    coarse = sorted({str(w.dtype).removeprefix("torch.") for w in weights if torch.finfo(w.dtype).eps > torch.finfo(settings.torch_dtype).eps})
+    coarse = sorted(
+        {
+            str(w.dtype).removeprefix("torch.")
+            for w in weights
+            if torch.finfo(w.dtype).eps > torch.finfo(settings.torch_dtype).eps
+        }
+    )
     if not coarse:
         return None
     stored = "/".join(coarse)
     if settings.atol is None and settings.rtol is None and coarse[0] in SUPPORTED_DTYPES:
         raise UsageError(
-            f"{artifact.path}: stores its collapsed weights in {stored}, so a {settings.dtype} comparison is bounded by "
-            f"{stored} precision and cannot meet the {settings.dtype} default tolerances; run with --dtype {coarse[0]}, "
+            f"{artifact.path}: stores its collapsed weights in {stored}, so a {settings.dtype} comparison is "
+            f"bounded by {stored} precision and cannot meet the {settings.dtype} default tolerances; run with "
+            f"--dtype {coarse[0]}, "
             f"or give --atol/--rtol to compare in {settings.dtype} at {stored} precision"
         )
     return f"{artifact.path} stores {stored} weights: the {settings.dtype} comparison is bounded by {stored} precision"
 
 
-def _onnx_settings(session: OnnxSession, checkpoint: Checkpoint, artifact_path: Path, settings: VerifySettings) -> VerifySettings:
+def _onnx_settings(
+    session: OnnxSession, checkpoint: Checkpoint, artifact_path: Path, settings: VerifySettings
+) -> VerifySettings:
     """Check the ONNX model's input and output against the checkpoint before anything runs; a static batch sets
     the batch size."""
     expected = [None, *checkpoint.input_shape]
     shape = session.input_shape
     if session.numpy_dtype != settings.dtype:
-        raise UsageError(f"{artifact_path}: the ONNX model takes {session.numpy_dtype}; run with --dtype {session.numpy_dtype}")
+        raise UsageError(
+            f"{artifact_path}: the ONNX model takes {session.numpy_dtype}; run with --dtype {session.numpy_dtype}"
+        )
     mismatch = len(shape) != len(expected) or any(
-        isinstance(got, int) and want is not None and got != want for got, want in zip(shape, expected)
+        isinstance(got, int) and want is not None and got != want for got, want in zip(shape, expected, strict=False)
     )
     if mismatch:
         raise CheckpointError(
@@ -246,7 +271,9 @@ def _onnx_settings(session: OnnxSession, checkpoint: Checkpoint, artifact_path: 
         )
     batch = shape[0]
     if isinstance(batch, int) and batch < 1:
-        raise CheckpointError(f"{artifact_path}: the ONNX model's input has a static batch size of {batch}; it takes no data")
+        raise CheckpointError(
+            f"{artifact_path}: the ONNX model's input has a static batch size of {batch}; it takes no data"
+        )
     assert checkpoint.model is not None
     dtype = next((p.dtype for p in checkpoint.model.parameters()), torch.float32)
     with torch.no_grad():
@@ -254,7 +281,7 @@ def _onnx_settings(session: OnnxSession, checkpoint: Checkpoint, artifact_path: 
     out = session.output_shape
     if out is not None and (
         len(out) != reference.dim()
-        or any(isinstance(got, int) and got != want for got, want in zip(out[1:], reference.shape[1:]))
+        or any(isinstance(got, int) and got != want for got, want in zip(out[1:], reference.shape[1:], strict=True))
     ):
         raise CheckpointError(
             f"{artifact_path}: the ONNX model's output has shape {out}, but {checkpoint.path}'s model gives "

@@ -37,7 +37,15 @@ GOLDEN_DIR = Path(__file__).resolve().parent / "golden"
 SAMPLE_FILES = {"digits_mlp": "digits_mlp.pt", "digits_cnn": "digits_cnn.safetensors"}
 
 # variables that would change colour, debugging or terminal detection of a child process
-_SCRUBBED_ENV = ("EPCLI_DEBUG", "FORCE_COLOR", "CLICOLOR_FORCE", "TTY_COMPATIBLE", "TTY_INTERACTIVE", "NO_COLOR", "COLUMNS")
+_SCRUBBED_ENV = (
+    "EPCLI_DEBUG",
+    "FORCE_COLOR",
+    "CLICOLOR_FORCE",
+    "TTY_COMPATIBLE",
+    "TTY_INTERACTIVE",
+    "NO_COLOR",
+    "COLUMNS",
+)
 
 
 # ---- results ---------------------------------------------------------------------------------
@@ -63,13 +71,16 @@ def parse_one_json(text: str) -> dict[str, Any]:
     stripped = text.strip()
     assert stripped.startswith("{"), f"stdout does not start with a JSON object: {text[:300]!r}"
     document, end = json.JSONDecoder().raw_decode(stripped)
-    assert stripped[end:].strip() == "", f"stdout has more than one JSON document / extra text: {stripped[end:][:300]!r}"
+    assert stripped[end:].strip() == "", (
+        f"stdout has more than one JSON document / extra text: {stripped[end:][:300]!r}"
+    )
     assert isinstance(document, dict)
     return document
 
 
-def key_schema(document: Any, path: str = "$", out: dict[str, list[str]] | None = None,
-               opaque: Iterable[str] = ("config",)) -> dict[str, list[str]]:
+def key_schema(
+    document: Any, path: str = "$", out: dict[str, list[str]] | None = None, opaque: Iterable[str] = ("config",)
+) -> dict[str, list[str]]:
     """Key sets of every object in a JSON document, by path (``$.comparisons[]``), values ignored.
 
     Every object at the same path (e.g. each item of a list) must have the same keys.
@@ -129,25 +140,32 @@ def _strs(args: Sequence[Any]) -> list[str]:
     return [str(a) for a in args]
 
 
-def run_subprocess(*args: Any, env: Mapping[str, str | None] | None = None, cwd: Path | None = None,
-                   timeout: float = 240) -> Run:
+def run_subprocess(
+    *args: Any, env: Mapping[str, str | None] | None = None, cwd: Path | None = None, timeout: float = 240
+) -> Run:
     argv = _strs(args)
     done = subprocess.run(
-        [*epcli_command(), *argv], capture_output=True, text=True, env=child_env(env), cwd=cwd, timeout=timeout,
+        [*epcli_command(), *argv],
+        capture_output=True,
+        text=True,
+        env=child_env(env),
+        cwd=cwd,
+        timeout=timeout,
         stdin=subprocess.DEVNULL,
     )
     return Run(tuple(argv), done.returncode, done.stdout, done.stderr)
 
 
-def run_subprocesses(runs: Sequence[Sequence[Any]], *, envs: Sequence[Mapping[str, str | None] | None] | None = None,
-                     workers: int = 4) -> list[Run]:
+def run_subprocesses(
+    runs: Sequence[Sequence[Any]], *, envs: Sequence[Mapping[str, str | None] | None] | None = None, workers: int = 4
+) -> list[Run]:
     """Several subprocess runs, ``workers`` at a time (each is mostly torch's import time, so they overlap well)."""
     from concurrent.futures import ThreadPoolExecutor
 
     envs = list(envs) if envs is not None else [None] * len(runs)
     assert len(envs) == len(runs)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(lambda item: run_subprocess(*item[0], env=item[1]), zip(runs, envs)))
+        return list(pool.map(lambda item: run_subprocess(*item[0], env=item[1]), zip(runs, envs, strict=True)))
 
 
 def invoke_app(*args: Any, env: Mapping[str, str | None] | None = None) -> Run:
@@ -199,8 +217,14 @@ def run_stderr_on_terminal(argv: Sequence[Any], env: Mapping[str, str | None] | 
     reader = threading.Thread(target=drain, daemon=True)
     reader.start()
     try:
-        done = subprocess.run([*epcli_command(), *_strs(argv)], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                              stderr=slave, env=child_env(env), timeout=240)
+        done = subprocess.run(
+            [*epcli_command(), *_strs(argv)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=slave,
+            env=child_env(env),
+            timeout=240,
+        )
     finally:
         os.close(slave)
         reader.join(timeout=10)

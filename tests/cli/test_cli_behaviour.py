@@ -35,7 +35,9 @@ def bad(tmp_path_factory) -> SimpleNamespace:
     files = {"missing": d / "missing.pt", "directory": d / "adir.safetensors", "empty": d / "empty.pt"}
     files["directory"].mkdir()
     files["empty"].write_bytes(b"")
-    noise = torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0), dtype=torch.uint8).numpy().tobytes()
+    noise = (
+        torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0), dtype=torch.uint8).numpy().tobytes()
+    )
     files["random-pt"] = d / "random.pt"
     files["random-pt"].write_bytes(noise)
     files["random-safetensors"] = d / "random.safetensors"
@@ -57,8 +59,17 @@ def bad(tmp_path_factory) -> SimpleNamespace:
 
 
 FILE_CASES = [
-    "missing", "directory", "empty", "random-pt", "random-safetensors", "truncated-pt", "truncated-safetensors",
-    "plain-state-dict-pt", "plain-state-dict-safetensors", "unsupported-input-suffix", "collapsed-input",
+    "missing",
+    "directory",
+    "empty",
+    "random-pt",
+    "random-safetensors",
+    "truncated-pt",
+    "truncated-safetensors",
+    "plain-state-dict-pt",
+    "plain-state-dict-safetensors",
+    "unsupported-input-suffix",
+    "collapsed-input",
 ]
 CASES = [*FILE_CASES, "unsupported-output-suffix", "missing-model-module"]
 NOT_AN_ERROR = {("inspect", "collapsed-input"), ("export", "collapsed-input")}  # both accept collapsed files
@@ -98,8 +109,13 @@ def _assert_input_error(run, named: Path, outputs: list[Path], flat) -> None:
 # one case per distinct failure path (loader, codec, metadata, job, output check, factory import);
 # the full matrix runs in-process below
 SUBPROCESS_CASES = [
-    "missing", "random-pt", "truncated-safetensors", "plain-state-dict-pt", "collapsed-input",
-    "unsupported-output-suffix", "missing-model-module",
+    "missing",
+    "random-pt",
+    "truncated-safetensors",
+    "plain-state-dict-pt",
+    "collapsed-input",
+    "unsupported-output-suffix",
+    "missing-model-module",
 ]
 SUBPROCESS_USAGE = {
     "unknown-option": ["collapse", "{good}", "--no-such-option"],
@@ -124,7 +140,7 @@ def subprocess_runs(bad, run_epcli_many) -> dict[str, object]:
     planned["report:quiet"] = (["verify", bad.good, "--samples", "4", "-q"], None)
     planned["json-usage"] = (["verify", bad.good, "--json", "--atol", "-1"], None)
     runs = run_epcli_many([argv for argv, _ in planned.values()], envs=[env for _, env in planned.values()])
-    return dict(zip(planned, runs))
+    return dict(zip(planned, runs, strict=True))
 
 
 @pytest.mark.parametrize("case", SUBPROCESS_CASES)
@@ -224,11 +240,14 @@ def test_no_escape_codes_without_a_terminal(subprocess_runs):
 def test_python_m_epcli_help(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("EPCLI_DEBUG", "FORCE_COLOR")} | {"NO_COLOR": "1"}
 
-    done = subprocess.run([sys.executable, "-m", "epcli", "--help"], capture_output=True, text=True, env=env,
-                          cwd=tmp_path, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "epcli", "--help"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120
+    )
 
     assert done.returncode == 0, done.stderr
-    assert "collapse" in done.stdout and "verify" in done.stdout and "export" in done.stdout and "inspect" in done.stdout
+    assert (
+        "collapse" in done.stdout and "verify" in done.stdout and "export" in done.stdout and "inspect" in done.stdout
+    )
 
 
 def test_help_does_not_import_torch(tmp_path):
@@ -238,7 +257,8 @@ def test_help_does_not_import_torch(tmp_path):
         "import sys\n"
         "from typer.testing import CliRunner\n"
         "from epcli.cli.app import app\n"
-        "for args in (['--help'], ['collapse', '--help'], ['verify', '--help'], ['export', '--help'], ['inspect', '--help']):\n"
+        "for args in (['--help'], ['collapse', '--help'], ['verify', '--help'], ['export', '--help'],\n"
+        "             ['inspect', '--help']):\n"
         "    result = CliRunner().invoke(app, args)\n"
         "    assert result.exit_code == 0, (args, result.output)\n"
         "print(sorted(m for m in ('torch', 'onnx', 'onnxruntime', 'matplotlib') if m in sys.modules))\n"
@@ -364,9 +384,13 @@ def test_long_work_shows_progress_on_a_terminal(bad, run_on_terminal):
     """
     cnn = bad.dir / "digits_cnn.safetensors"
     if not cnn.exists():
-        cnn.write_bytes((Path(__file__).resolve().parents[2] / "sample_checkpoints" / "digits_cnn.safetensors").read_bytes())
+        cnn.write_bytes(
+            (Path(__file__).resolve().parents[2] / "sample_checkpoints" / "digits_cnn.safetensors").read_bytes()
+        )
 
-    returncode, stderr = run_on_terminal(["verify", cnn, "--samples", "512"], {"NO_COLOR": "1", "TERM": "xterm-256color"})
+    returncode, stderr = run_on_terminal(
+        ["verify", cnn, "--samples", "512"], {"NO_COLOR": "1", "TERM": "xterm-256color"}
+    )
 
     assert returncode == 0, stderr
     controls = [c for c in ("\x1b[?25l", "\x1b[2K", "\x1b[1A", "\x1b[1G") if c in stderr]

@@ -203,4 +203,6 @@ def test_collapsed_bytes_do_not_depend_on_the_directory(artifacts, samples, invo
     run = invoke("collapse", samples.mlp)
 
     assert run.returncode == 0, run.describe()
-    assert (samples.dir / "digits_mlp.collapsed.safetensors").read_bytes() == artifacts.collapsed["digits_mlp"].read_bytes()
+    assert (samples.dir / "digits_mlp.collapsed.safetensors").read_bytes() == artifacts.collapsed[
+        "digits_mlp"
+    ].read_bytes()

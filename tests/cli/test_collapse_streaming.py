@@ -155,7 +155,8 @@ def _tensor_bytes(state: dict[str, Tensor]) -> int:
 def _snapshot(directory: Path) -> dict[str, tuple[bytes, int]]:
     """Every entry of a directory (dotfiles too, subdirectories recursively): bytes and mtime."""
     return {
-        p.name: _snapshot(p) if p.is_dir() else (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(directory.iterdir())
+        p.name: _snapshot(p) if p.is_dir() else (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in sorted(directory.iterdir())
     }
 
 
@@ -378,7 +379,9 @@ def test_an_existing_output_is_refused_without_force(mixed, tmp_path, invoke, fl
     run = collapse(second, "--json")
 
     after = sorted(p.name for p in tmp_path.iterdir())
-    assert _snapshot(tmp_path) == before, f"an existing output was replaced/removed without --force: {sorted(before)} -> {after}"
+    assert _snapshot(tmp_path) == before, (
+        f"an existing output was replaced/removed without --force: {sorted(before)} -> {after}"
+    )
     assert run.returncode == 2, run.describe()
     message = flat(run.stderr)
     assert "--force" in message
@@ -450,7 +453,9 @@ def test_output_named_like_a_sharded_source_never_deletes_it(mixed, tmp_path, in
     run = invoke("collapse", index, "-o", tmp_path / "x.safetensors", *(["--force"] if force else []))
 
     after = {p.name: p.read_bytes() for p in (index, *shards) if p.exists()}
-    assert after == before, f"the source checkpoint was destroyed: {sorted(before)} -> {sorted(after)} ({run.describe()})"
+    assert after == before, (
+        f"the source checkpoint was destroyed: {sorted(before)} -> {sorted(after)} ({run.describe()})"
+    )
     assert run.returncode in (0, 2), run.describe()
     epcli.load_checkpoint(index)
 
@@ -536,7 +541,9 @@ def test_checkpoint_without_architecture(custom_model, invoke, json_doc, flat):
 
     skipped = invoke("collapse", custom_model.path, "-o", out_skipped, "--json")
     forced = invoke("collapse", custom_model.path, "-o", out_forced, "--model-check", "--json")
-    factory = invoke("collapse", custom_model.path, "-o", out_factory, "--model-check", "--model", custom_model.factory, "--json")
+    factory = invoke(
+        "collapse", custom_model.path, "-o", out_factory, "--model-check", "--model", custom_model.factory, "--json"
+    )
 
     assert skipped.returncode == 0, skipped.describe()
     document = json_doc(skipped.stdout)
@@ -601,7 +608,9 @@ def test_outputs_are_byte_identical_across_runs(mixed, tmp_path, run_epcli_many,
     )
     runs += [
         invoke("collapse", b / "model.safetensors", "-o", b / "single.safetensors"),
-        invoke("collapse", b / "model.safetensors", "-o", b / "shards.safetensors", "--max-shard-size", str(SHARD_LIMIT)),
+        invoke(
+            "collapse", b / "model.safetensors", "-o", b / "shards.safetensors", "--max-shard-size", str(SHARD_LIMIT)
+        ),
     ]
 
     assert all(r.returncode == 0 for r in runs), [r.describe() for r in runs]
@@ -692,7 +701,9 @@ def test_progress_reports_each_layer(mixed, tmp_path, model_check):
 
 
 @pytest.mark.parametrize(
-    ("suffix", "sharded"), [(".pt", False), (".safetensors", False), (".safetensors", True)], ids=["pt", "single", "sharded"]
+    ("suffix", "sharded"),
+    [(".pt", False), (".safetensors", False), (".safetensors", True)],
+    ids=["pt", "single", "sharded"],
 )
 def test_output_in_a_missing_directory_is_created(mixed, tmp_path, invoke, suffix, sharded):
     output = tmp_path / "missing" / "deeper" / f"out{suffix}"

@@ -85,7 +85,9 @@ def test_export_output_problems_are_found_before_any_export_work(case, samples, 
     run = invoke("export", samples.mlp, "--onnx", target)
 
     text = _input_error(run, target)
-    assert {"exists": "--force", "suffix": ".onnx", "directory": "is a directory", "parent-is-a-file": "directory"}[case] in text
+    assert {"exists": "--force", "suffix": ".onnx", "directory": "is a directory", "parent-is-a-file": "directory"}[
+        case
+    ] in text
     if case == "exists":
         assert target.read_bytes() == b"keep me"
 
@@ -128,8 +130,9 @@ def test_collapse_of_a_directory_is_an_input_error(samples, invoke, monkeypatch)
 
 
 def test_checkpoint_without_ep_layers_has_nothing_to_collapse(tmp_path, invoke):
-    plain = epcli.save_checkpoint(nn.Sequential(nn.Linear(4, 3), nn.ReLU()), tmp_path / "plain.safetensors",
-                                  input_shape=(4,))
+    plain = epcli.save_checkpoint(
+        nn.Sequential(nn.Linear(4, 3), nn.ReLU()), tmp_path / "plain.safetensors", input_shape=(4,)
+    )
     before = sorted(tmp_path.iterdir())
 
     text = _input_error(invoke("collapse", plain), plain)
@@ -189,8 +192,9 @@ def test_verify_says_when_the_whole_model_was_not_compared(custom_model, invoke,
     assert [c["scope"] for c in document["comparisons"]] == ["layer"]
     assert "no architecture" in document["model_check_skipped"]
     assert "whole model: not compared" in table.stdout.replace("\n", " "), table.describe()
-    with_factory = json_doc(invoke("verify", custom_model.path, "--samples", "8", "--model", custom_model.factory,
-                                   "--json").stdout)
+    with_factory = json_doc(
+        invoke("verify", custom_model.path, "--samples", "8", "--model", custom_model.factory, "--json").stdout
+    )
     assert with_factory["model_check_skipped"] is None
 
 
@@ -217,8 +221,9 @@ def test_float64_check_of_a_float32_artifact_is_explained(artifacts, invoke, jso
     source, artifact = artifacts.sources["digits_mlp"], artifacts.collapsed["digits_mlp"]
 
     refused = invoke("verify", source, artifact, "--dtype", "float64", "--samples", "8")
-    bounded = invoke("verify", source, artifact, "--dtype", "float64", "--atol", "1e-4", "--rtol", "1e-4",
-                     "--samples", "8", "--json")
+    bounded = invoke(
+        "verify", source, artifact, "--dtype", "float64", "--atol", "1e-4", "--rtol", "1e-4", "--samples", "8", "--json"
+    )
 
     text = _input_error(refused, artifact)
     assert "float32" in text and "--dtype float32" in text
@@ -322,21 +327,35 @@ def _onnx_file(path: Path, *, input_shape, output_shape=("batch", 10), loop_trip
         nodes = [helper.make_node("Identity", ["input"], ["output"])]
     else:
         body = helper.make_graph(
-            [helper.make_node("Identity", ["cond_in"], ["cond_out"]), helper.make_node("Add", ["x_in", "x_in"], ["x_out"])],
+            [
+                helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+                helper.make_node("Add", ["x_in", "x_in"], ["x_out"]),
+            ],
             "body",
-            [helper.make_tensor_value_info("iter", TensorProto.INT64, []),
-             helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
-             helper.make_tensor_value_info("x_in", TensorProto.FLOAT, None)],
-            [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
-             helper.make_tensor_value_info("x_out", TensorProto.FLOAT, None)],
+            [
+                helper.make_tensor_value_info("iter", TensorProto.INT64, []),
+                helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+                helper.make_tensor_value_info("x_in", TensorProto.FLOAT, None),
+            ],
+            [
+                helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+                helper.make_tensor_value_info("x_out", TensorProto.FLOAT, None),
+            ],
         )
         nodes = [helper.make_node("Loop", ["trips", "cond", "input"], ["output"], body=body)]
-        initializers = [helper.make_tensor("trips", TensorProto.INT64, [], [loop_trips]),
-                        helper.make_tensor("cond", TensorProto.BOOL, [], [True])]
+        initializers = [
+            helper.make_tensor("trips", TensorProto.INT64, [], [loop_trips]),
+            helper.make_tensor("cond", TensorProto.BOOL, [], [True]),
+        ]
     graph = helper.make_graph(
-        nodes, "hostile",
+        nodes,
+        "hostile",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, list(input_shape))],
-        [helper.make_tensor_value_info("output", TensorProto.FLOAT, None if output_shape is None else list(output_shape))],
+        [
+            helper.make_tensor_value_info(
+                "output", TensorProto.FLOAT, None if output_shape is None else list(output_shape)
+            )
+        ],
         initializer=initializers,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
@@ -363,7 +382,9 @@ def test_onnx_artifact_that_does_not_fit_the_checkpoint(case, words, artifacts, 
         "static-batch-0": lambda: _onnx_file(tmp_path / "zero.onnx", input_shape=[0, 64]),
         "static-batch-3": lambda: _onnx_file(tmp_path / "three.onnx", input_shape=[3, 64], output_shape=[3, 10]),
         "wrong-features": lambda: _onnx_file(tmp_path / "wide.onnx", input_shape=["batch", 65]),
-        "wrong-output": lambda: _onnx_file(tmp_path / "out.onnx", input_shape=["batch", 64], output_shape=["batch", 64]),
+        "wrong-output": lambda: _onnx_file(
+            tmp_path / "out.onnx", input_shape=["batch", 64], output_shape=["batch", 64]
+        ),
         "another-models-onnx": lambda: artifacts.onnx["digits_cnn"],
     }[case]()
 

@@ -41,7 +41,9 @@ def test_subprocess_export_onnx(samples, run_epcli, json_doc, golden, schema_of)
     assert document["onnx"]["dynamic_batch"] is True and document["onnx"]["opset"] == 18
     onnx.checker.check_model(onnx.load(str(output)), full_check=True)
     assert document["onnx"]["op_types"] == [n.op_type for n in onnx.load(str(output)).graph.node]
-    assert sorted(p.name for p in samples.dir.iterdir()) == sorted(["digits_mlp.pt", "digits_cnn.safetensors", "mlp.onnx"])
+    assert sorted(p.name for p in samples.dir.iterdir()) == sorted(
+        ["digits_mlp.pt", "digits_cnn.safetensors", "mlp.onnx"]
+    )
 
 
 # ---- the ONNX file ---------------------------------------------------------------------------
@@ -55,7 +57,9 @@ def test_onnx_passes_the_checker_and_has_one_op_per_layer(stem, artifacts, golde
     counts = module_counts(epcli.load_checkpoint(artifacts.sources[stem]))
     assert sum(op in ("Gemm", "MatMul") for op in ops) == counts["ep_linear"] + counts["linear"]
     assert ops.count("Conv") == counts["ep_conv"] + counts["conv"]
-    assert {"Add", "BatchNormalization", "Mul"}.isdisjoint(ops), "an EP layer's chain, skips or norms leaked into the graph"
+    assert {"Add", "BatchNormalization", "Mul"}.isdisjoint(ops), (
+        "an EP layer's chain, skips or norms leaked into the graph"
+    )
 
 
 @pytest.mark.parametrize("stem", ["digits_mlp", "digits_cnn"])
@@ -73,8 +77,9 @@ def test_static_batch_fixes_the_batch_axis_at_1(artifacts):
     session = _session(artifacts.onnx_static)
     x = np.random.default_rng(0).standard_normal((1, 1, 8, 8)).astype(np.float32)
     expected = epcli.collapse_model(epcli.load_checkpoint(artifacts.sources["digits_cnn"]).model)(torch.from_numpy(x))
-    np.testing.assert_allclose(session.run(None, {session.get_inputs()[0].name: x})[0], expected.detach().numpy(),
-                               **ONNX_TOLERANCE)
+    np.testing.assert_allclose(
+        session.run(None, {session.get_inputs()[0].name: x})[0], expected.detach().numpy(), **ONNX_TOLERANCE
+    )
 
 
 @pytest.mark.parametrize("batch", [1, 3, 7])
@@ -156,7 +161,9 @@ def test_failed_validation_exits_1_and_writes_nothing(samples, invoke, json_doc)
     document = json_doc(run.stdout)
     assert document["onnx"]["written"] is False and document["onnx"]["passed"] is False
     assert not output.exists()
-    assert sorted(p.name for p in samples.dir.iterdir()) == ["digits_cnn.safetensors", "digits_mlp.pt"], "no temp file left"
+    assert sorted(p.name for p in samples.dir.iterdir()) == ["digits_cnn.safetensors", "digits_mlp.pt"], (
+        "no temp file left"
+    )
 
 
 def test_existing_onnx_is_refused_without_force(samples, invoke, flat):

@@ -6,8 +6,9 @@ from pathlib import Path
 
 
 def test_factory_module_is_found_in_the_working_directory(custom_model, run_epcli):
-    run = run_epcli("verify", custom_model.path, "--model", custom_model.factory, "--samples", "8",
-                    cwd=custom_model.dir)
+    run = run_epcli(
+        "verify", custom_model.path, "--model", custom_model.factory, "--samples", "8", cwd=custom_model.dir
+    )
     assert run.returncode == 0, run
     assert "<model>" in run.stdout + run.stderr  # the whole model was built by the factory and compared
 

@@ -17,7 +17,14 @@ from epcli.verify import DEFAULT_TOLERANCES
 
 REQUIRED_TOP_KEYS = {"schema_version", "command", "passed", "comparisons"}
 REQUIRED_COMPARISON_KEYS = {
-    "name", "scope", "max_abs_error", "mean_abs_error", "max_rel_error", "mean_rel_error", "min_passing_atol", "passed",
+    "name",
+    "scope",
+    "max_abs_error",
+    "mean_abs_error",
+    "max_rel_error",
+    "mean_rel_error",
+    "min_passing_atol",
+    "passed",
 }
 
 
@@ -52,7 +59,9 @@ def _tamper_safetensors(source, target, key):
 
 
 # ---- the installed console script ------------------------------------------------------------
-def test_subprocess_tampered_artifact_exits_1_and_names_the_layer(artifacts, tmp_path, run_epcli, json_doc, golden, schema_of):
+def test_subprocess_tampered_artifact_exits_1_and_names_the_layer(
+    artifacts, tmp_path, run_epcli, json_doc, golden, schema_of
+):
     tampered = tmp_path / "digits_mlp.tampered.safetensors"
     _tamper_safetensors(artifacts.collapsed["digits_mlp"], tampered, "3.weight")
 
@@ -69,8 +78,14 @@ def test_subprocess_tampered_artifact_exits_1_and_names_the_layer(artifacts, tmp
 
 
 def test_subprocess_custom_model_with_factory(custom_model, run_epcli, json_doc):
-    run = run_epcli("verify", custom_model.path, "--model", custom_model.factory, "--json",
-                    env={"PYTHONPATH": custom_model.pythonpath})
+    run = run_epcli(
+        "verify",
+        custom_model.path,
+        "--model",
+        custom_model.factory,
+        "--json",
+        env={"PYTHONPATH": custom_model.pythonpath},
+    )
 
     assert run.returncode == 0, run.describe()
     document = json_doc(run.stdout)
@@ -142,7 +157,10 @@ def test_help_states_the_pass_rule_and_dtype_defaults(invoke):
     assert run.returncode == 0, run.describe()
     text = " ".join(run.stdout.split())
     assert "|collapsed - expanded| <= atol + rtol * |expanded|" in text
-    stated = {m[0]: (float(m[1]), float(m[2])) for m in re.findall(r"(float32|float64) atol=(\S+?) rtol=(\S+?)[;.]?(?:\s|$)", text)}
+    stated = {
+        m[0]: (float(m[1]), float(m[2]))
+        for m in re.findall(r"(float32|float64) atol=(\S+?) rtol=(\S+?)[;.]?(?:\s|$)", text)
+    }
     assert stated == {name: (t.atol, t.rtol) for name, t in DEFAULT_TOLERANCES.items()}, text
     assert "1 a comparison failed" in text or "1 verification failed" in text
 

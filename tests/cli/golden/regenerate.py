@@ -38,7 +38,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
         samples = helpers.copy_samples(directory)
-        _write("collapse_keys.json", helpers.key_schema(_run_json("collapse", samples.mlp, "-o", directory / "c.safetensors")))
+        _write(
+            "collapse_keys.json",
+            helpers.key_schema(_run_json("collapse", samples.mlp, "-o", directory / "c.safetensors")),
+        )
         _write("verify_keys.json", helpers.key_schema(_run_json("verify", samples.mlp)))
         _write("inspect_keys.json", helpers.key_schema(_run_json("inspect", samples.cnn)))
         export = _run_json(
