@@ -36,9 +36,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from _timing import interleaved_medians, machine_summary, speedup
 from torch import Tensor, nn
 
-from _timing import interleaved_medians, machine_summary, speedup
 from epcli import EPLinear
 from epcli.core import Affine
 

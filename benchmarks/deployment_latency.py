@@ -47,9 +47,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+from _timing import interleaved_medians, machine_summary, speedup
 from torch import nn
 
-from _timing import interleaved_medians, machine_summary, speedup
 from epcli import EPConv2d, EPLinear, collapse_model, overparameterize
 from epcli.convert import expanded_eval
 from epcli.formats.onnx_export import INPUT_NAME, export_onnx_bytes

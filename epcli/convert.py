@@ -121,7 +121,8 @@ def collapsed_dtype(path: str, state: Mapping[str, Any]) -> torch.dtype:
     key = layer_prefix(path) + _FIRST_WEIGHT
     if key not in state:
         raise CheckpointError(f"missing keys [{key!r}]")
-    return state[key].dtype
+    dtype: torch.dtype = state[key].dtype
+    return dtype
 
 
 def collapsed_tensors(affine: Affine, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:

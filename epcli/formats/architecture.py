@@ -216,7 +216,7 @@ class _ModuleType:
 
 
 def _has_bias(module: nn.Module) -> bool:
-    return module.bias is not None  # type: ignore[union-attr]
+    return module.bias is not None
 
 
 _INPLACE = _Arg("inplace", _bool)

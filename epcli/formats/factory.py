@@ -52,7 +52,7 @@ def resolve_factory(factory: ModelFactory) -> Callable[[], nn.Module]:
         raise CheckpointError(
             f"model factory {factory!r}: {attribute!r} is not callable (type {type(target).__name__})"
         )
-    return target  # type: ignore[return-value]
+    return target
 
 
 def _search_working_directory() -> None:

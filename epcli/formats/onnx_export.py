@@ -3,8 +3,9 @@
 A plain ``nn.Sequential`` tree (what an embedded architecture rebuilds) is
 written node by node (``onnx_graph``); anything else goes through
 ``torch.onnx.export`` (the torch.export-based exporter). The result is
-serialised deterministically, so the same model gives the same bytes. Bytes stay in memory until they are checked and validated, so a
-caller can refuse to write a file that does not pass.
+serialised deterministically, so the same model gives the same bytes. Bytes
+stay in memory until they are checked and validated, so a caller can refuse to
+write a file that does not pass.
 """
 
 from __future__ import annotations
@@ -69,7 +70,8 @@ def export_onnx_bytes(
         onnx.checker.check_model(proto, full_check=True)
     except Exception as e:
         raise ExportError(f"the exported ONNX model does not pass onnx.checker: {e}") from e
-    return proto.SerializeToString(deterministic=True)
+    data: bytes = proto.SerializeToString(deterministic=True)
+    return data
 
 
 def _traced(model: nn.Module, input_shape: Sequence[int], *, opset: int, dynamic_batch: bool) -> onnx.ModelProto:

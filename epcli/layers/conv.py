@@ -208,11 +208,12 @@ class EPConv(EPLayer):
             slice((f_end - f_start) // 2, (f_end - f_start) // 2 + s * (n - 1) + 1)
             for f_start, f_end, s, n in zip(fields[start], fields[end], strides, destination.shape[-c.ndim:])
         ]
-        centred = source[(..., *window)]  # [N, C, *window lengths]
+        centred = source[tuple([..., *window])]  # [N, C, *window lengths]
         if c.learnable_skips:
-            return self.residual_dict[self.skip_key(edge)](centred)
+            projected: Tensor = self.residual_dict[self.skip_key(edge)](centred)
+            return projected
         steps: list[Any] = [slice(None, None, s) for s in strides]
-        return centred[(..., *steps)]  # [N, C, *destination sizes]
+        return centred[tuple([..., *steps])]  # [N, C, *destination sizes]
 
     def _collapsed_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         c = self._config

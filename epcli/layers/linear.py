@@ -97,7 +97,8 @@ class EPLinear(EPLayer):
 
     def _skip_branch(self, source: Tensor, edge: tuple[int, int], destination: Tensor) -> Tensor:
         if self._config.learnable_skips:
-            return self.residual_dict[self.skip_key(edge)](source)
+            projected: Tensor = self.residual_dict[self.skip_key(edge)](source)
+            return projected
         return source
 
     def _collapsed_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
