@@ -134,12 +134,13 @@ def success(message: str) -> None:
 
 
 def warning(message: str) -> None:
-    """Something the user should know that does not stop the command (stderr, also with --quiet)."""
-    _messages.print(f"[yellow]warning:[/] {escape(printable(message))}")
+    """Something the user should know that does not stop the command (stderr, also with --quiet; one line)."""
+    _messages.print(f"[yellow]warning:[/] {escape(printable(message))}", soft_wrap=True)
 
 
 def error(message: str) -> None:
-    _messages.print(f"[red]error:[/] {escape(printable(message))}")
+    """One line on stderr whatever the terminal's width, so a CI log or ``grep`` sees the whole message."""
+    _messages.print(f"[red]error:[/] {escape(printable(message))}", soft_wrap=True)
 
 
 @contextmanager

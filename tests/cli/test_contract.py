@@ -413,3 +413,13 @@ def test_timeout_default_in_help_is_the_jobs_default(invoke):
     text = " ".join(invoke("verify", "--help").stdout.split())
 
     assert "--timeout SECONDS" in text and f"[default: {DEFAULT_ONNX_TIMEOUT}]" in text, text
+
+
+def test_an_error_is_one_line_at_any_terminal_width(tmp_path, run_epcli):
+    """CI logs and grep see the whole message: rich must not wrap it at the console's width."""
+    missing = tmp_path / ("a-rather-long-directory-name-" * 3) / "checkpoint.safetensors"
+
+    run = run_epcli("inspect", missing, env={"COLUMNS": "40"})
+
+    assert run.returncode == 2
+    assert run.stderr.count("\n") == 1 and str(missing) in run.stderr, repr(run.stderr)
