@@ -110,7 +110,8 @@ def _collapse(
 ) -> tuple[Tensor, Tensor | None]:
     """:func:`collapse_layer`, with errors naming keys by their full path ``prefix + key``."""
     layer = expanded_layer(config, layer_state, device=device, prefix=prefix)
-    return collapsed_tensors(layer.collapse(), collapsed_dtype("", layer_state))
+    where = f"layer {prefix.removesuffix('.') or '<model>'!r}"
+    return collapsed_tensors(layer.collapse(), collapsed_dtype("", layer_state), where=where)
 
 
 def collapsed_dtype(path: str, state: Mapping[str, Any]) -> torch.dtype:
@@ -125,13 +126,24 @@ def collapsed_dtype(path: str, state: Mapping[str, Any]) -> torch.dtype:
     return dtype
 
 
-def collapsed_tensors(affine: Affine, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
+def collapsed_tensors(affine: Affine, dtype: torch.dtype, *, where: str = "") -> tuple[Tensor, Tensor | None]:
     """Weight and bias of a float64 collapse as fresh contiguous CPU tensors in ``dtype``.
 
     Always copies: the collapse may hand back an input tensor as is (a lone float64 bias).
+    A value that does not fit ``dtype`` raises :class:`CheckpointError` starting with ``where``
+    (e.g. ``"<file>: layer 'fc'"``): the stored parameters are finite, but their product is not.
     """
+    weight = _fresh(affine.weight, dtype)
     bias = None if affine.bias is None else _fresh(affine.bias, dtype)
-    return _fresh(affine.weight, dtype), bias
+    for name, tensor, exact in (("weight", weight, affine.weight), ("bias", bias, affine.bias)):
+        if tensor is not None and exact is not None and not bool(torch.isfinite(tensor).all()):
+            largest = float(exact.abs().max())
+            raise CheckpointError(
+                f"{where + ': ' if where else ''}the collapsed {name} overflows {dtype} (largest |value| {largest:.3g} in "
+                "float64); a batch-norm whose running_var + eps is near 0 scales by 1/sqrt(var + eps): fix those "
+                "statistics (or bn_eps), or keep the model in float64"
+            )
+    return weight, bias
 
 
 def _fresh(tensor: Tensor, dtype: torch.dtype) -> Tensor:

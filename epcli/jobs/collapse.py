@@ -301,7 +301,8 @@ def _collapse_layer(
     del layer_state
     weight_key, bias_key = collapsed_keys(path)
     # the collapse casts one chain layer at a time; only then is the whole layer cast for the check
-    weight, bias = collapsed_tensors(layer.collapse(), collapsed_dtype(path, opened.tensors))
+    where = f"{opened.path}: layer {path or '<model>'!r}"
+    weight, bias = collapsed_tensors(layer.collapse(), collapsed_dtype(path, opened.tensors), where=where)
     layer = layer.to(dtype=settings.torch_dtype)
     input_shape = opened.layer_input_shapes[path]
     comparison = compare_layer(path, layer, weight, bias, input_shape, settings)
