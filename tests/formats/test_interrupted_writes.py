@@ -8,6 +8,7 @@ survives both.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -118,7 +119,7 @@ def _source(tmp_path: Path) -> Path:
 def _kill_while_writing(source: Path, output: Path, sig: signal.Signals) -> subprocess.CompletedProcess[str]:
     """Start ``epcli collapse`` into shards; send ``sig`` as soon as its first temp file appears."""
     argv = [sys.executable, "-m", "epcli", "collapse", str(source), "-o", str(output), "--force",
-            "--max-shard-size", "5000", "--no-model-check"]
+            "--max-shard-size", "5000", "--no-model-check", "--json"]
     process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     ours = re.compile(rf"\..+\.epcli-{process.pid}-[0-9a-f]{{8}}\.tmp")
@@ -147,5 +148,6 @@ def test_sigkill_leftovers_are_removed_by_the_next_run_and_sigterm_cleans_up(tmp
     terminated = _kill_while_writing(source, output, signal.SIGTERM)
     assert terminated.returncode == 143, terminated.stderr
     assert "terminated" in terminated.stderr
+    assert json.loads(terminated.stdout)["error"]["type"] == "Terminated"  # --json readers get one document
     assert os.listdir(output.parent) == ["model.safetensors"]  # its own temps and the killed run's are gone
     assert output.read_bytes() == old
