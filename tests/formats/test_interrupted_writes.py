@@ -151,3 +151,26 @@ def test_sigkill_leftovers_are_removed_by_the_next_run_and_sigterm_cleans_up(tmp
     assert json.loads(terminated.stdout)["error"]["type"] == "Terminated"  # --json readers get one document
     assert os.listdir(output.parent) == ["model.safetensors"]  # its own temps and the killed run's are gone
     assert output.read_bytes() == old
+
+
+def test_scratch_directories_go_with_their_staged_files(tmp_path: Path):
+    """A scratch directory (files checked together under their final names) is removed on commit and on failure,
+    and a dead run's one is removed by the next write, like its temp files."""
+    target = tmp_path / "m.onnx"
+    leftover = tmp_path / f".m.onnx.epcli-{_dead_pid()}-0123abcd.tmp"
+    leftover.mkdir()
+    (leftover / "m.onnx.data").write_bytes(b"from a killed run")
+    with pytest.raises(RuntimeError), StagedFiles() as staged:
+        scratch = staged.scratch(target)
+        (scratch / "m.onnx").write_bytes(b"half")
+        raise RuntimeError("a failed check")
+    assert os.listdir(tmp_path) == []
+    with StagedFiles(overwrite=False) as staged:
+        scratch = staged.scratch(target)
+        (scratch / "m.onnx.data").write_bytes(b"data")
+        (scratch / "m.onnx").write_bytes(b"model")
+        staged.add(target.with_name("m.onnx.data"), scratch / "m.onnx.data")
+        staged.add(target, scratch / "m.onnx")
+        staged.commit()
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx", "m.onnx.data"]
+    assert target.read_bytes() == b"model"
