@@ -43,8 +43,8 @@ from epcli.formats.onnx_export import (
 from epcli.formats.sharded import is_index, sharded_base
 from epcli.jobs.collapse import CollapseResult, collapse_file, plan_output, provenance
 from epcli.jobs.files import check_name, check_targets, file_sha256, make_parent
-from epcli.jobs.verify import ONNX_LABEL, ProgressCallback, verify_checkpoint
-from epcli.verify import VerifyReport, VerifySettings, compare
+from epcli.jobs.verify import ONNX_LABEL, ProgressCallback, compare_model, verify_checkpoint
+from epcli.verify import Comparison, VerifyReport, VerifySettings, compare
 
 __all__ = ["ExportResult", "OnnxExportResult", "export_file"]
 
@@ -164,16 +164,16 @@ def _export_onnx(
     if external and not plan.external_data:  # the estimate from the file's shapes fell short
         check_targets((data_path,), plan.sources, plan.force)
     with StagedFiles(overwrite=plan.force) as staged:
+        source: bytes | Path
         if external:  # the pair sits together under its final names while it is checked and run
             scratch = staged.scratch(output)
-            temp = scratch / output.name
+            source = temp = scratch / output.name
             save_external(proto, temp)
-            session = OnnxSession(temp)
         else:
             check_onnx(proto)
-            session = OnnxSession(serialize_onnx(proto))
-        report = _validate(checkpoint, session, settings, progress)
-        del session
+            source = serialize_onnx(proto)
+        report = _validate(checkpoint, source, settings, progress)
+        del source
         files: tuple[Path, ...] = ()
         if report.passed:
             set_onnx_metadata(proto, _metadata(checkpoint, plan.sources, report))
@@ -201,15 +201,28 @@ def _export_onnx(
 
 
 def _validate(
-    checkpoint: Checkpoint, session: OnnxSession, settings: VerifySettings, progress: ProgressCallback | None
+    checkpoint: Checkpoint, onnx_model: bytes | Path, settings: VerifySettings, progress: ProgressCallback | None
 ) -> VerifyReport:
-    """Every EP layer against its collapse, and the whole model in onnxruntime against torch."""
+    """Every EP layer against its collapse, then the whole model in onnxruntime against torch.
+
+    onnxruntime loads the model only after the per-layer checks, so its copy of the
+    weights and a layer's float64 collapse are not held at the same time.
+    """
+    comparisons: tuple[Comparison, ...] = ()
     if checkpoint.kind == "expanded":
-        return verify_checkpoint(checkpoint, settings, onnx_session=session, progress=progress)
-    assert checkpoint.model is not None
-    settings = settings.for_model(checkpoint.state_dict.values())
-    comparison = compare("<model>", "model", ONNX_LABEL, checkpoint.model, session, checkpoint.input_shape, settings)
-    return VerifyReport(settings, settings.tolerance, (comparison,))
+        layers = verify_checkpoint(replace(checkpoint, model=None), settings, progress=progress)
+        settings, comparisons = layers.settings, layers.comparisons
+    else:
+        settings = settings.for_model(checkpoint.state_dict.values())
+    if progress is not None:
+        progress(len(comparisons), len(comparisons) + 1, "checking the whole model in onnxruntime")
+    session = OnnxSession(onnx_model)
+    if checkpoint.kind == "expanded":
+        model = compare_model(checkpoint, settings, onnx_session=session)
+    else:
+        assert checkpoint.model is not None
+        model = compare("<model>", "model", ONNX_LABEL, checkpoint.model, session, checkpoint.input_shape, settings)
+    return VerifyReport(settings, settings.tolerance, (*comparisons, model))
 
 
 def _metadata(checkpoint: Checkpoint, sources: Sequence[Path], report: VerifyReport) -> dict[str, str]:
