@@ -158,17 +158,22 @@ def test_failed_validation_leaves_neither_file(samples, invoke, json_doc):
     assert _names(samples.dir) == ["digits_cnn.safetensors", "digits_mlp.pt"], "no file, temp or scratch left"
 
 
-def test_a_failure_after_the_pair_was_written_leaves_neither(samples, invoke, monkeypatch):
+@pytest.mark.parametrize(("error", "code"), [(RuntimeError("injected"), 2), (KeyboardInterrupt(), 130)])
+def test_a_failure_after_the_pair_was_written_leaves_neither(samples, invoke, monkeypatch, error, code):
     import epcli.jobs.export as export_job
 
-    def broken(*args, **kwargs):
-        raise RuntimeError("injected: onnxruntime failed")
+    seen: list[list[str]] = []
 
-    monkeypatch.setattr(export_job, "OnnxSession", broken)  # the pair exists in the scratch directory by now
+    def broken(model, *args, **kwargs):
+        seen.append(sorted(os.listdir(model.parent)))  # the pair, in the scratch directory by now
+        raise error
+
+    monkeypatch.setattr(export_job, "OnnxSession", broken)
 
     run = invoke("export", samples.mlp, "--onnx", samples.dir / "m.onnx", "--external-data")
 
-    assert run.returncode == 2 and "injected" in run.stderr, run.describe()
+    assert run.returncode == code, run.describe()
+    assert seen == [["m.onnx", "m.onnx.data"]]
     assert _names(samples.dir) == ["digits_cnn.safetensors", "digits_mlp.pt"]
 
 
