@@ -46,6 +46,23 @@ def export_command(
     static_batch: Annotated[
         bool, typer.Option("--static-batch", help="Fix the batch axis at 1 (default: a dynamic 'batch' axis).")
     ] = False,
+    external_data: Annotated[
+        bool,
+        typer.Option(
+            "--external-data",
+            help="Write the ONNX weights to OUT.onnx.data beside OUT.onnx (automatic above protobuf's 2 GiB limit).",
+        ),
+    ] = False,
+    external_threshold: Annotated[
+        int | None,
+        typer.Option(
+            "--external-data-threshold",
+            metavar="BYTES",
+            parser=whole_number(0),
+            hidden=True,
+            help="Weight bytes above which external data is used (for tests; default about 2 GiB).",
+        ),
+    ] = None,
     samples: Samples = 64,
     seed: Seed = 0,
     atol: Atol = None,
@@ -57,7 +74,10 @@ def export_command(
 ) -> None:
     """Export the collapsed model. The ONNX file holds one Gemm/Conv per EP layer, passes onnx.checker and is
     compared with the expanded torch model in onnxruntime (float32; rule and default tolerances as in
-    `epcli verify`) before it is written; on a mismatch nothing is written and the exit code is 1."""
+    `epcli verify`) before it is written; on a mismatch nothing is written and the exit code is 1. A model
+    over 2 GiB is written as OUT.onnx plus OUT.onnx.data (keep them together). The ONNX metadata records the
+    source's sha256, the epcli version and the errors measured."""
+    from epcli.formats.onnx_export import EXTERNAL_DATA_THRESHOLD
     from epcli.jobs.export import export_file
     from epcli.verify import VerifySettings
 
@@ -72,6 +92,8 @@ def export_command(
             static_batch=static_batch,
             force=force,
             model_factory=model,
+            external_data=external_data,
+            external_threshold=EXTERNAL_DATA_THRESHOLD if external_threshold is None else external_threshold,
             progress=progress,
         )
     payload: dict[str, object] = {"checkpoint": str(checkpoint), "passed": result.passed}
@@ -83,7 +105,8 @@ def export_command(
             f"ONNX ops: {ops}; opset {onnx.opset}; batch axis {'dynamic' if onnx.dynamic_batch else 'fixed at 1'}"
         )
         if onnx.written:
-            render.success(f"wrote {onnx.output}")
+            data = f" and its external data {onnx.files[1]} (keep them together)" if onnx.external_data else ""
+            render.success(f"wrote {onnx.output}{data}")
         else:
             render.error("ONNX validation failed; nothing was written")
         payload["onnx"] = {
@@ -92,6 +115,8 @@ def export_command(
             "opset": onnx.opset,
             "dynamic_batch": onnx.dynamic_batch,
             "op_types": list(onnx.op_types),
+            "external_data": onnx.external_data,
+            "files": [str(path) for path in onnx.files],
             **report_payload(onnx.report),
         }
     if result.safetensors is not None:

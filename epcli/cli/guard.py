@@ -18,11 +18,13 @@ from epcli.cli import render
 from epcli.cli.terminate import EXIT_TERMINATED, Terminated
 from epcli.errors import EpcliError
 
-__all__ = ["EXIT_OK", "EXIT_VERIFY_FAILED", "EXIT_INPUT_ERROR", "guarded"]
+__all__ = ["EXIT_INPUT_ERROR", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_VERIFY_FAILED", "guarded"]
 
 EXIT_OK = 0
 EXIT_VERIFY_FAILED = 1
 EXIT_INPUT_ERROR = 2
+EXIT_INTERRUPTED = 130
+"""128 + SIGINT, as shells report a process stopped by Ctrl-C."""
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -40,16 +42,17 @@ def guarded(command: F) -> F:
     """Run a command body; map EpcliError (and any other failure) to exit code 2 with a message.
 
     With ``--json`` the failure is also reported as the one JSON document on stdout,
-    so a CI step that parses stdout always gets a document.
+    so a CI step that parses stdout always gets a document; so is an interrupt
+    (``Interrupted``, exit 130) or SIGTERM (``Terminated``, exit 143).
     """
     name = command.__name__.removesuffix("_command")
 
-    def fail(message: str, error_type: str, json_output: bool) -> None:
+    def fail(message: str, error_type: str, json_output: bool, code: int = EXIT_INPUT_ERROR) -> None:
         _show_traceback_if_debugging()
         render.error(message)
         if json_output:
             render.emit_json(name, {"passed": False, "error": {"type": error_type, "message": message}})
-        raise typer.Exit(EXIT_INPUT_ERROR)
+        raise typer.Exit(code)
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -62,11 +65,9 @@ def guarded(command: F) -> F:
         except EpcliError as e:
             fail(str(e), type(e).__name__, json_output)
         except KeyboardInterrupt:
-            render.error("interrupted")
-            raise typer.Exit(130) from None
+            fail("interrupted", "Interrupted", json_output, EXIT_INTERRUPTED)
         except Terminated:
-            render.error("terminated")
-            raise typer.Exit(EXIT_TERMINATED) from None
+            fail("terminated", "Terminated", json_output, EXIT_TERMINATED)
         except Exception as e:  # a bug or an error from a user-named model factory
             fail(
                 f"unexpected {type(e).__name__}: {e} (set EPCLI_DEBUG=1 for the traceback)",

@@ -21,6 +21,7 @@ import errno
 import os
 import re
 import secrets
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
@@ -64,7 +65,10 @@ def remove_leftovers(target: Path, names: str | None = None) -> list[Path]:
             found = pattern.fullmatch(entry.name)
             if found and not _alive(int(found.group(1))):
                 with contextlib.suppress(OSError):
-                    os.unlink(entry.path)
+                    if entry.is_dir(follow_symlinks=False):  # a scratch directory (StagedFiles.scratch)
+                        shutil.rmtree(entry.path)
+                    else:
+                        os.unlink(entry.path)
                     removed.append(Path(entry.path))
     return removed
 
@@ -81,6 +85,26 @@ class StagedFiles:
     def __init__(self, *, overwrite: bool = True) -> None:
         self._overwrite = overwrite
         self._staged: list[tuple[Path, Path]] = []  # (temp, target)
+        self._scratch: list[Path] = []
+
+    def scratch(self, beside: Path) -> Path:
+        """A new empty temp directory beside ``beside`` (named as a temp file of it), removed with the staged files.
+
+        For files that must sit together under their final names while they are
+        checked, e.g. an ONNX model that names its external data file; stage them with :meth:`add`.
+        """
+        remove_leftovers(beside)
+        directory = temp_name(beside)
+        try:
+            directory.mkdir()
+        except OSError as e:
+            raise CheckpointError(f"cannot write {beside}: {e.strerror or e}") from e
+        self._scratch.append(directory)
+        return directory
+
+    def add(self, path: Path, temp: Path) -> None:
+        """Stage ``temp``, written and fsynced by the caller on ``path``'s file system, to be moved onto ``path``."""
+        self._staged.append((temp, path))
 
     def write(self, path: Path, write: Callable[[BinaryIO], object]) -> None:
         """Call ``write`` on a new temp file in ``path``'s directory and fsync it; OS errors name ``path``."""
@@ -141,12 +165,19 @@ class StagedFiles:
                 os.unlink(temp)  # still there after os.link
         for directory in dict.fromkeys(target.parent for _, target in staged):
             _fsync_directory(directory)
+        self._remove_scratch()
 
     def discard(self) -> None:
         for temp, _ in self._staged:
             with contextlib.suppress(OSError):
                 temp.unlink()
         self._staged = []
+        self._remove_scratch()
+
+    def _remove_scratch(self) -> None:
+        for directory in self._scratch:
+            shutil.rmtree(directory, ignore_errors=True)
+        self._scratch = []
 
     def __enter__(self) -> StagedFiles:
         return self

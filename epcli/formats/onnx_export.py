@@ -6,6 +6,12 @@ written node by node (``onnx_graph``); anything else goes through
 serialised deterministically, so the same model gives the same bytes. Bytes
 stay in memory until they are checked and validated, so a caller can refuse to
 write a file that does not pass.
+
+A model whose weights exceed protobuf's 2 GiB limit cannot be one serialised
+message: :func:`save_external` writes it the ONNX way, as ``NAME.onnx`` plus
+``NAME.onnx.data`` beside it holding every tensor of at least
+:data:`EXTERNAL_TENSOR_MIN_BYTES` (the model names the file by its relative
+location, so the pair must stay together), and checks it on the path.
 """
 
 from __future__ import annotations
@@ -13,9 +19,11 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import math
+import os
 import threading
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -28,9 +36,31 @@ from epcli.formats.onnx_graph import INPUT_NAME, OUTPUT_NAME, emit_onnx
 if TYPE_CHECKING:
     import onnx
 
-__all__ = ["DEFAULT_OPSET", "INPUT_NAME", "OUTPUT_NAME", "OnnxSession", "export_onnx_bytes", "onnx_op_types"]
+__all__ = [
+    "DEFAULT_OPSET",
+    "EXTERNAL_DATA_THRESHOLD",
+    "EXTERNAL_TENSOR_MIN_BYTES",
+    "INPUT_NAME",
+    "OUTPUT_NAME",
+    "OnnxSession",
+    "build_onnx",
+    "check_onnx",
+    "export_onnx_bytes",
+    "external_data_path",
+    "initializer_nbytes",
+    "onnx_op_types",
+    "save_external",
+    "serialize_onnx",
+    "set_onnx_metadata",
+    "write_onnx",
+]
 
 DEFAULT_OPSET = 18
+EXTERNAL_DATA_THRESHOLD = 2**31 - 2**26
+"""Initializer bytes above which a model is written with external data: protobuf refuses messages over 2 GiB,
+and 64 MiB are left for the graph, the small tensors kept inline and the metadata."""
+EXTERNAL_TENSOR_MIN_BYTES = 1024
+"""Tensors of at least this many bytes go to the external data file (onnx's own default); smaller ones stay inline."""
 
 
 @contextlib.contextmanager
@@ -60,18 +90,105 @@ def export_onnx_bytes(
 
     With ``dynamic_batch`` the batch axis is symbolic ("batch"); otherwise it is fixed at 1.
     """
-    import onnx
+    proto = build_onnx(model, input_shape, opset=opset, dynamic_batch=dynamic_batch)
+    check_onnx(proto)
+    return serialize_onnx(proto)
 
+
+def build_onnx(
+    model: nn.Module, input_shape: Sequence[int], *, opset: int = DEFAULT_OPSET, dynamic_batch: bool = True
+) -> onnx.ModelProto:
+    """The ONNX model of ``model`` (emitted node by node, else traced), not yet checked (:func:`check_onnx`)."""
     model = model.eval()
     proto = emit_onnx(model, input_shape, opset=opset, dynamic_batch=dynamic_batch)
     if proto is None:
         proto = _traced(model, input_shape, opset=opset, dynamic_batch=dynamic_batch)
+    return proto
+
+
+def check_onnx(proto: onnx.ModelProto | Path) -> None:
+    """``onnx.checker`` (full check), in memory or, for a model with external data, on its path."""
+    import onnx
+
     try:
-        onnx.checker.check_model(proto, full_check=True)
+        onnx.checker.check_model(proto if not isinstance(proto, Path) else str(proto), full_check=True)
     except Exception as e:
-        raise ExportError(f"the exported ONNX model does not pass onnx.checker: {e}") from e
+        where = f"{proto}: " if isinstance(proto, Path) else ""
+        raise ExportError(f"{where}the exported ONNX model does not pass onnx.checker: {e}") from e
+
+
+def serialize_onnx(proto: onnx.ModelProto) -> bytes:
+    """Deterministic bytes: the same model gives the same file."""
     data: bytes = proto.SerializeToString(deterministic=True)
     return data
+
+
+def initializer_nbytes(proto: onnx.ModelProto) -> int:
+    """Bytes of the main graph's initializers, from their types and shapes: the size decision needs no serialising."""
+    from onnx import helper
+
+    total = 0
+    for tensor in proto.graph.initializer:
+        itemsize = helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+        total += itemsize * math.prod(tensor.dims)
+    return total
+
+
+def external_data_path(path: Path) -> Path:
+    """``NAME.onnx.data`` beside ``NAME.onnx``: where :func:`save_external` puts the tensors."""
+    return path.with_name(f"{path.name}.data")
+
+
+def save_external(proto: onnx.ModelProto, path: Path, *, min_tensor_bytes: int = EXTERNAL_TENSOR_MIN_BYTES) -> Path:
+    """Write ``proto`` as ``path`` plus its external data file (returned), fsync both, check them on the path.
+
+    Tensors of at least ``min_tensor_bytes`` move to the data file one at a time,
+    each leaving the model as it is written, so the weights are not held twice.
+    ``proto`` is changed in place (its big tensors then point into the file), so
+    writing it again with :func:`write_onnx` keeps the same data file.
+    """
+    from onnx import external_data_helper
+
+    data = external_data_path(path)
+    external_data_helper.convert_model_to_external_data(
+        proto, all_tensors_to_one_file=True, location=data.name, size_threshold=min_tensor_bytes
+    )
+    try:
+        data.write_bytes(b"")  # onnx appends: start empty (and a model with no big tensor still gets its pair)
+        external_data_helper.write_external_data_tensors(proto, str(path.parent))
+        _fsync(data)
+    except OSError as e:
+        raise ExportError(f"cannot write {data}: {e.strerror or e}") from e
+    write_onnx(proto, path)
+    return data
+
+
+def write_onnx(proto: onnx.ModelProto, path: Path) -> None:
+    """Serialise ``proto`` to ``path``, fsync it, and check it there (the path form also checks external data)."""
+    try:
+        path.write_bytes(serialize_onnx(proto))
+        _fsync(path)
+    except OSError as e:
+        raise ExportError(f"cannot write {path}: {e.strerror or e}") from e
+    check_onnx(path)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def set_onnx_metadata(proto: onnx.ModelProto, values: Mapping[str, str]) -> None:
+    """Set ``metadata_props`` (string to string, in key order so the bytes are deterministic)."""
+    kept = [entry for entry in proto.metadata_props if entry.key not in values]
+    del proto.metadata_props[:]
+    for entry in kept:
+        proto.metadata_props.add(key=entry.key, value=entry.value)
+    for key in sorted(values):
+        proto.metadata_props.add(key=key, value=values[key])
 
 
 def _traced(model: nn.Module, input_shape: Sequence[int], *, opset: int, dynamic_batch: bool) -> onnx.ModelProto:
@@ -132,6 +249,7 @@ class OnnxSession:
             raise CheckpointError(f"{where}: expected a model with one input, found {len(inputs)}")
         if not outputs:
             raise CheckpointError(f"{where}: the model has no outputs")
+        self.metadata: dict[str, str] = dict(self._session.get_modelmeta().custom_metadata_map)
         self.input_name = inputs[0].name
         self.input_shape: list[int | str | None] = list(inputs[0].shape)
         self.output_shape: list[int | str | None] | None = None if outputs[0].shape is None else list(outputs[0].shape)

@@ -41,11 +41,16 @@ class _NoEmitter(Exception):
 
 @dataclass
 class _Graph:
-    """Nodes and initialisers being built, with fresh value names."""
+    """Nodes and initialisers being built, with fresh value names.
+
+    Initialisers stay numpy views of the module's tensors until the model is made,
+    then become tensors one at a time, so the weights are copied into the model
+    once (``helper.make_graph``/``make_model`` would copy a list of them twice more).
+    """
 
     opset: int
     nodes: list[Any] = field(default_factory=list)
-    initializers: list[Any] = field(default_factory=list)
+    initializers: list[tuple[str, Any]] = field(default_factory=list)  # (name, numpy array)
     _count: int = 0
 
     def name(self, hint: str) -> str:
@@ -53,8 +58,6 @@ class _Graph:
         return f"{hint}_{self._count}"
 
     def constant(self, hint: str, value: Tensor | Sequence[int] | float) -> str:
-        from onnx import numpy_helper
-
         if isinstance(value, Tensor):
             array = value.detach().to(torch.float32).cpu().numpy()
         elif isinstance(value, float):
@@ -62,7 +65,7 @@ class _Graph:
         else:
             array = torch.tensor(list(value), dtype=torch.int64).numpy()
         name = self.name(hint)
-        self.initializers.append(numpy_helper.from_array(array, name))
+        self.initializers.append((name, array))
         return name
 
     def node(self, op: str, inputs: Sequence[str], hint: str, **attributes: Any) -> str:
@@ -285,7 +288,7 @@ def emit_onnx(
     Input :data:`INPUT_NAME` is ``[batch, *input_shape]`` (``batch`` symbolic with ``dynamic_batch``, else 1),
     output :data:`OUTPUT_NAME`. None means: trace it with ``torch.onnx.export`` instead.
     """
-    from onnx import TensorProto, helper
+    from onnx import TensorProto, helper, numpy_helper
 
     if opset < MIN_OPSET:
         return None
@@ -317,10 +320,11 @@ def emit_onnx(
             "epcli",
             [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, [batch, *input_shape])],
             [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, [batch, *output_shape[1:]])],
-            graph.initializers,
         ),
         opset_imports=[helper.make_opsetid("", opset)],
         producer_name="epcli",
     )
     proto.ir_version = helper.find_min_ir_version_for(proto.opset_import)
+    for name, array in graph.initializers:
+        proto.graph.initializer.append(numpy_helper.from_array(array, name))
     return proto

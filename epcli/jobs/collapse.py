@@ -58,6 +58,7 @@ __all__ = [
     "collapse_file",
     "default_output",
     "plan_output",
+    "provenance",
     "resolve_output",
 ]
 
@@ -200,20 +201,35 @@ def collapse_file(
                 progress(len(layers), len(layers) + 1, "checking the whole model")
             checkpoint = load_checkpoint(source, model_factory=model_factory)
             model_error = compare_model(checkpoint, settings, collapsed_state=kept).max_abs_error
-        provenance: dict[str, object] = {
-            "source_name": source.name,
-            "source_sha256": hashes[source.name],
-            "collapsed_by": f"epcli {__version__}",
-            "error_check": {"dtype": settings.dtype, "samples": settings.samples, "seed": settings.seed},
-            "layer_max_abs_error": {layer.summary.path: layer.max_abs_error for layer in layers},
-            "model_max_abs_error": model_error,
-        }
-        if len(hashes) > 1:
-            provenance["source_files_sha256"] = hashes
-        written = writer.commit(collapsed_metadata(opened, provenance))
+        layer_errors = {layer.summary.path: layer.max_abs_error for layer in layers}
+        written = writer.commit(
+            collapsed_metadata(opened, provenance(source, hashes, settings, layer_errors, model_error))
+        )
     return CollapseResult(
         source, written, writer.files, hashes[source.name], _in_natural_order(layers), model_error, skipped
     )
+
+
+def provenance(
+    source: Path,
+    hashes: Mapping[str, str],
+    settings: VerifySettings,
+    layer_errors: Mapping[str, float],
+    model_error: float | None,
+) -> dict[str, object]:
+    """What a collapsed artifact records of its making: the source (by sha256, each file of a sharded one), the
+    epcli version, and the errors measured (with how they were measured), so a reader can tell a stale artifact."""
+    record: dict[str, object] = {
+        "source_name": source.name,
+        "source_sha256": hashes[source.name],
+        "collapsed_by": f"epcli {__version__}",
+        "error_check": {"dtype": settings.dtype, "samples": settings.samples, "seed": settings.seed},
+        "layer_max_abs_error": dict(layer_errors),
+        "model_max_abs_error": model_error,
+    }
+    if len(hashes) > 1:
+        record["source_files_sha256"] = dict(hashes)
+    return record
 
 
 def _in_natural_order(layers: list[LayerCollapse]) -> tuple[LayerCollapse, ...]:

@@ -4,36 +4,63 @@ ONNX is validated in onnxruntime against the torch model before anything is
 written; both output paths are checked before any work, and the safetensors
 file is written only after the ONNX file passed, so a failed run leaves nothing
 half-done behind.
+
+A model over protobuf's 2 GiB limit (or any, with ``external_data=True``) is
+written as ``NAME.onnx`` plus ``NAME.onnx.data``: both are written in a scratch
+directory beside the output under their final names (the model names its data
+file), checked there with ``onnx.checker`` and run in onnxruntime from that
+path, then moved into place together, the data file first; on any failure
+neither is left. The ONNX carries the provenance a collapsed safetensors file
+does, in ``metadata_props``; the validation result is added after the run it
+records (metadata does not change what runs).
 """
 
 from __future__ import annotations
 
+import json
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import BinaryIO
 
 from epcli.convert import collapse_model
 from epcli.errors import UsageError
-from epcli.formats.atomic import atomic_write
-from epcli.formats.checkpoint import Checkpoint, load_checkpoint, open_checkpoint
-from epcli.formats.onnx_export import DEFAULT_OPSET, OnnxSession, export_onnx_bytes, onnx_op_types
+from epcli.formats.atomic import StagedFiles
+from epcli.formats.checkpoint import Checkpoint, CheckpointFile, collapsed_layout, load_checkpoint, open_checkpoint
+from epcli.formats.onnx_export import (
+    DEFAULT_OPSET,
+    EXTERNAL_DATA_THRESHOLD,
+    OnnxSession,
+    build_onnx,
+    check_onnx,
+    external_data_path,
+    initializer_nbytes,
+    save_external,
+    serialize_onnx,
+    set_onnx_metadata,
+    write_onnx,
+)
 from epcli.formats.sharded import is_index, sharded_base
-from epcli.jobs.collapse import CollapseResult, collapse_file, plan_output
-from epcli.jobs.files import check_name, check_targets, make_parent
-from epcli.jobs.verify import ONNX_LABEL, ProgressCallback, verify_checkpoint
-from epcli.verify import VerifyReport, VerifySettings, compare
+from epcli.jobs.collapse import CollapseResult, collapse_file, plan_output, provenance
+from epcli.jobs.files import check_name, check_targets, file_sha256, make_parent
+from epcli.jobs.verify import ONNX_LABEL, ProgressCallback, compare_model, verify_checkpoint
+from epcli.verify import Comparison, VerifyReport, VerifySettings, compare
 
 __all__ = ["ExportResult", "OnnxExportResult", "export_file"]
 
 
 @dataclass(frozen=True)
 class OnnxExportResult:
+    """``files``: what was written (the model, then its external data file if any); empty when validation failed."""
+
     output: Path
     written: bool  # False when validation failed: nothing is left at ``output``
     op_types: tuple[str, ...]
     dynamic_batch: bool
     opset: int
     report: VerifyReport
+    external_data: bool = False
+    files: tuple[Path, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -57,9 +84,15 @@ def export_file(
     static_batch: bool = False,
     force: bool = False,
     model_factory: str | None = None,
+    external_data: bool = False,
+    external_threshold: int = EXTERNAL_DATA_THRESHOLD,
     progress: ProgressCallback | None = None,
 ) -> ExportResult:
-    """Write the requested artifacts: ONNX first (validated), then the collapsed safetensors."""
+    """Write the requested artifacts: ONNX first (validated), then the collapsed safetensors.
+
+    The ONNX weights go to an external data file with ``external_data``, or when
+    they would exceed ``external_threshold`` bytes (default: protobuf's limit, less a margin).
+    """
     if onnx_path is None and safetensors_path is None:
         raise UsageError("nothing to export: give --onnx OUT.onnx and/or --safetensors OUT.safetensors")
     if onnx_path is not None and settings.dtype != "float32":
@@ -68,7 +101,9 @@ def export_file(
     if onnx_path is not None:  # every output is checked (and its directory made) before any export work
         example = f"{sharded_base(source).stem if is_index(source) else source.stem}.onnx"
         check_name(onnx_path, (".onnx",), option="--onnx", example=example)
-        check_targets((onnx_path,), opened.files, force)
+        external_data = external_data or _onnx_nbytes_estimate(opened) > external_threshold
+        targets = (onnx_path, external_data_path(onnx_path)) if external_data else (onnx_path,)
+        check_targets(targets, opened.files, force)
     if safetensors_path is not None:
         if opened.kind != "expanded":
             raise UsageError(f"{source}: already collapsed; --safetensors has nothing to do (use --onnx)")
@@ -78,7 +113,8 @@ def export_file(
     checkpoint = load_checkpoint(source, model_factory=model_factory)
     onnx = None
     if onnx_path is not None:
-        onnx = _export_onnx(checkpoint, onnx_path, settings, opset, static_batch, progress)
+        plan = _OnnxPlan(onnx_path, opset, static_batch, force, external_data, external_threshold, opened.files)
+        onnx = _export_onnx(checkpoint, plan, settings, progress)
         if not onnx.written:
             return ExportResult(source, onnx, None)
     collapsed = None
@@ -87,13 +123,28 @@ def export_file(
     return ExportResult(source, onnx, collapsed)
 
 
+def _onnx_nbytes_estimate(opened: CheckpointFile) -> int:
+    """Bytes of the collapsed model's tensors in float32 (as ONNX holds them), from the file's shapes alone."""
+    if opened.kind == "expanded":
+        shapes = [tuple(meta.shape) for meta in collapsed_layout(opened.meta_state(), opened.ep_layers).values()]
+    else:
+        shapes = [info.shape for info in opened.tensors.values()]
+    return 4 * sum(math.prod(shape) for shape in shapes)
+
+
+@dataclass(frozen=True)
+class _OnnxPlan:
+    output: Path
+    opset: int
+    static_batch: bool
+    force: bool
+    external_data: bool
+    external_threshold: int
+    sources: Sequence[Path]
+
+
 def _export_onnx(
-    checkpoint: Checkpoint,
-    output: Path,
-    settings: VerifySettings,
-    opset: int,
-    static_batch: bool,
-    progress: ProgressCallback | None,
+    checkpoint: Checkpoint, plan: _OnnxPlan, settings: VerifySettings, progress: ProgressCallback | None
 ) -> OnnxExportResult:
     """Collapse, export, check with onnx.checker, compare in onnxruntime against torch, then write."""
     if checkpoint.model is None:
@@ -101,28 +152,95 @@ def _export_onnx(
             f"{checkpoint.path}: no architecture is embedded, so there is no whole model to export; "
             "name a factory with --model module:function"
         )
-    if static_batch:
+    output = plan.output
+    if plan.static_batch:
         settings = replace(settings, batch_size=1)
-    collapsed = checkpoint.model if checkpoint.kind == "collapsed" else collapse_model(checkpoint.model)
-    data = export_onnx_bytes(collapsed.float(), checkpoint.input_shape, opset=opset, dynamic_batch=not static_batch)
-    session = OnnxSession(data)
-    if checkpoint.kind == "expanded":
-        report = verify_checkpoint(checkpoint, settings, onnx_session=session, progress=progress)
-    else:
-        settings = settings.for_model(checkpoint.state_dict.values())
-        comparison = compare("<model>", "model", ONNX_LABEL, collapsed, session, checkpoint.input_shape, settings)
-        report = VerifyReport(settings, settings.tolerance, (comparison,))
-    if report.passed:
-
-        def write(handle: BinaryIO) -> None:
-            handle.write(data)
-
-        atomic_write(output, write)
+    model = checkpoint.model if checkpoint.kind == "collapsed" else collapse_model(checkpoint.model)
+    proto = build_onnx(model.float(), checkpoint.input_shape, opset=plan.opset, dynamic_batch=not plan.static_batch)
+    del model  # the proto holds the weights now
+    op_types = tuple(node.op_type for node in proto.graph.node)
+    external = plan.external_data or initializer_nbytes(proto) > plan.external_threshold
+    data_path = external_data_path(output)
+    if external and not plan.external_data:  # the estimate from the file's shapes fell short
+        check_targets((data_path,), plan.sources, plan.force)
+    with StagedFiles(overwrite=plan.force) as staged:
+        source: bytes | Path
+        if external:  # the pair sits together under its final names while it is checked and run
+            scratch = staged.scratch(output)
+            source = temp = scratch / output.name
+            save_external(proto, temp)
+        else:
+            check_onnx(proto)
+            source = serialize_onnx(proto)
+        report = _validate(checkpoint, source, settings, progress)
+        del source
+        files: tuple[Path, ...] = ()
+        if report.passed:
+            set_onnx_metadata(proto, _metadata(checkpoint, plan.sources, report))
+            if external:
+                write_onnx(proto, temp)
+                staged.add(data_path, scratch / data_path.name)  # the data first: the model is what readers open
+                staged.add(output, temp)
+                files = (output, data_path)
+            else:
+                data = serialize_onnx(proto)
+                del proto
+                staged.write(output, lambda handle: handle.write(data))
+                files = (output,)
+            staged.commit()
     return OnnxExportResult(
         output=output,
         written=report.passed,
-        op_types=tuple(onnx_op_types(data)),
-        dynamic_batch=not static_batch,
-        opset=opset,
+        op_types=op_types,
+        dynamic_batch=not plan.static_batch,
+        opset=plan.opset,
         report=report,
+        external_data=external,
+        files=files,
     )
+
+
+def _validate(
+    checkpoint: Checkpoint, onnx_model: bytes | Path, settings: VerifySettings, progress: ProgressCallback | None
+) -> VerifyReport:
+    """Every EP layer against its collapse, then the whole model in onnxruntime against torch.
+
+    onnxruntime loads the model only after the per-layer checks, so its copy of the
+    weights and a layer's float64 collapse are not held at the same time.
+    """
+    comparisons: tuple[Comparison, ...] = ()
+    if checkpoint.kind == "expanded":
+        layers = verify_checkpoint(replace(checkpoint, model=None), settings, progress=progress)
+        settings, comparisons = layers.settings, layers.comparisons
+    else:
+        settings = settings.for_model(checkpoint.state_dict.values())
+    if progress is not None:
+        progress(len(comparisons), len(comparisons) + 1, "checking the whole model in onnxruntime")
+    session = OnnxSession(onnx_model)
+    if checkpoint.kind == "expanded":
+        model = compare_model(checkpoint, settings, onnx_session=session)
+    else:
+        assert checkpoint.model is not None
+        model = compare("<model>", "model", ONNX_LABEL, checkpoint.model, session, checkpoint.input_shape, settings)
+    return VerifyReport(settings, settings.tolerance, (*comparisons, model))
+
+
+def _metadata(checkpoint: Checkpoint, sources: Sequence[Path], report: VerifyReport) -> dict[str, str]:
+    """The collapsed safetensors provenance (strings as they are, other values as JSON) and the validation result."""
+    hashes = {path.name: file_sha256(path) for path in sources}
+    layer_errors = {c.name: c.max_abs_error for c in report.comparisons if c.scope == "layer"}
+    model_errors = [c.max_abs_error for c in report.comparisons if c.scope == "model"]
+    record = provenance(
+        checkpoint.path, hashes, report.settings, layer_errors, model_errors[0] if model_errors else None
+    )
+    record["validation"] = {
+        "passed": report.passed,
+        "candidate": ONNX_LABEL,
+        "atol": report.tolerance.atol,
+        "rtol": report.tolerance.rtol,
+        "model_check_skipped": report.model_check_skipped,
+    }
+    return {
+        key: value if isinstance(value, str) else json.dumps(value, sort_keys=True, allow_nan=False)
+        for key, value in record.items()
+    }

@@ -65,11 +65,11 @@ def inspect_file(
         layers=layers,
     )
     if plot is not None:
-        _write_spectra_plot(result, plot)
+        _write_spectra_plot(result, plot, overwrite=force)
     return result
 
 
-def _write_spectra_plot(result: InspectResult, output: Path) -> None:
+def _write_spectra_plot(result: InspectResult, output: Path, *, overwrite: bool) -> None:
     """Singular-value spectra (normalised by the largest) of every collapsed weight, as a PNG."""
     try:
         import matplotlib
@@ -95,6 +95,10 @@ def _write_spectra_plot(result: InspectResult, output: Path) -> None:
     figure.tight_layout()
     try:
         # no Software/date metadata: the same checkpoint gives the same bytes
-        atomic_write(output, lambda handle: figure.savefig(handle, format="png", metadata={"Software": None}))
+        atomic_write(
+            output,
+            lambda handle: figure.savefig(handle, format="png", metadata={"Software": None}),
+            overwrite=overwrite,
+        )
     finally:
         plt.close(figure)

@@ -172,18 +172,27 @@ def verify_files(
                 "name a factory with --model module:function"
             )
         session = OnnxSession(artifact_path, timeout=timeout)
-        settings = _onnx_settings(session, checkpoint, artifact_path, settings)
+        stale, stale_note = _stale_artifact(checkpoint_path, artifact_path, session.metadata)  # epcli's own export
         try:
+            settings = _onnx_settings(session, checkpoint, artifact_path, settings)
             report = verify_checkpoint(checkpoint, settings, onnx_session=session, progress=progress)
         except ShapeMismatchError as e:  # an output whose sizes the file leaves open
-            raise CheckpointError(f"{artifact_path}: the ONNX file does not match {checkpoint_path}: {e}") from e
-        return VerifyResult(checkpoint_path, artifact_path, report)
+            raise CheckpointError(
+                f"{artifact_path}: the ONNX file does not match {checkpoint_path}: {e}"
+                + (f"; {stale_note}" if stale_note else "")
+            ) from e
+        except CheckpointError as e:
+            if stale_note is None:
+                raise
+            raise CheckpointError(f"{e}; {stale_note}") from e
+        noted = replace(report, notes=(*report.notes, stale_note)) if stale_note else report
+        return VerifyResult(checkpoint_path, artifact_path, noted, artifact_stale=stale)
     artifact = load_checkpoint(artifact_path)
     if artifact.kind != "collapsed":
         raise UsageError(
             f"{artifact_path}: expected a collapsed checkpoint (from epcli collapse), found an expanded one"
         )
-    stale, stale_note = _stale_artifact(checkpoint_path, artifact)
+    stale, stale_note = _stale_artifact(checkpoint_path, artifact_path, artifact.metadata.get("provenance"))
     if set(artifact.ep_layers) != set(checkpoint.ep_layers):
         raise CheckpointError(
             f"{artifact_path}: collapses EP layers {natural_order(artifact.ep_layers)}, but {checkpoint_path} has "
@@ -205,11 +214,10 @@ def verify_files(
     )
 
 
-def _stale_artifact(checkpoint_path: Path, artifact: Checkpoint) -> tuple[bool | None, str | None]:
-    """Whether the artifact was collapsed from another file (None: it records no source sha256), and a sentence
-    saying so."""
-    provenance = artifact.metadata.get("provenance")
-    if not isinstance(provenance, dict) or not isinstance(provenance.get("source_sha256"), str):
+def _stale_artifact(checkpoint_path: Path, artifact_path: Path, provenance: object) -> tuple[bool | None, str | None]:
+    """Whether the artifact was collapsed from another file (None: its ``provenance`` records no source sha256),
+    and a sentence saying so. ``provenance``: a collapsed file's metadata entry, or an ONNX file's metadata_props."""
+    if not isinstance(provenance, Mapping) or not isinstance(provenance.get("source_sha256"), str):
         return None, None
     recorded = provenance["source_sha256"]
     actual = file_sha256(checkpoint_path)
@@ -220,7 +228,7 @@ def _stale_artifact(checkpoint_path: Path, artifact: Checkpoint) -> tuple[bool |
         f"{name!r} (sha256 {recorded[:16]}...)" if isinstance(name, str) else f"a file with sha256 {recorded[:16]}..."
     )
     return True, (
-        f"{artifact.path} is stale: it was collapsed from {made_from}, not from {checkpoint_path} "
+        f"{artifact_path} is stale: it was collapsed from {made_from}, not from {checkpoint_path} "
         f"(sha256 {actual[:16]}...); collapse this checkpoint again"
     )
 

@@ -36,12 +36,14 @@ def _input_error(run, *named: Path | str) -> str:
 def test_missing_output_directories_are_created(samples, artifacts, invoke, monkeypatch):
     """The README's own CI step: ``-o dist/model.safetensors`` into a fresh checkout.
 
-    (The torch exporter is replaced by the bytes it gave for this sample, to keep the test fast;
-    onnxruntime still validates them against the torch model.)
+    (The torch exporter is replaced by the model it gave for this sample, to keep the test fast;
+    onnxruntime still validates it against the torch model.)
     """
+    import onnx
+
     import epcli.jobs.export as export_job
 
-    monkeypatch.setattr(export_job, "export_onnx_bytes", lambda *a, **k: artifacts.onnx["digits_mlp"].read_bytes())
+    monkeypatch.setattr(export_job, "build_onnx", lambda *a, **k: onnx.load(str(artifacts.onnx["digits_mlp"])))
     collapsed = samples.dir / "dist" / "model.safetensors"
     onnx_path = samples.dir / "deploy" / "onnx" / "model.onnx"
     exported = samples.dir / "deploy" / "st" / "model.safetensors"
@@ -68,7 +70,7 @@ def test_export_output_problems_are_found_before_any_export_work(case, samples, 
         raise AssertionError("the export ran before the output path was checked")
 
     monkeypatch.setattr(export_job, "load_checkpoint", no_work)
-    monkeypatch.setattr(export_job, "export_onnx_bytes", no_work)
+    monkeypatch.setattr(export_job, "build_onnx", no_work)
     target = {
         "exists": samples.dir / "taken.onnx",
         "suffix": samples.dir / "model.txt",

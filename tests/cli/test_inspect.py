@@ -138,3 +138,20 @@ def test_existing_plot_is_not_overwritten_without_force(samples, invoke, flat):
     )
     assert run.returncode == 2, run.describe()
     assert str(plot) in flat(run.stderr)
+
+
+def test_a_plot_made_meanwhile_is_not_overwritten_without_force(samples, tmp_path, monkeypatch):
+    """The up-front existence check can be raced; the write itself refuses to replace a file without --force."""
+    import epcli.jobs.inspect as inspect_job
+    from epcli.errors import CheckpointError
+
+    plot = tmp_path / "spectra.png"
+    plot.write_bytes(b"someone else's")
+    monkeypatch.setattr(inspect_job, "check_output", lambda *args, **kwargs: None)  # as if made after the check
+
+    with pytest.raises(CheckpointError, match="already exists"):
+        inspect_job.inspect_file(samples.mlp, plot=plot)
+
+    assert plot.read_bytes() == b"someone else's"
+    inspect_job.inspect_file(samples.mlp, plot=plot, force=True)
+    assert plot.read_bytes().startswith(b"\x89PNG")

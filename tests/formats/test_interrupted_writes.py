@@ -8,6 +8,7 @@ survives both.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -118,7 +119,7 @@ def _source(tmp_path: Path) -> Path:
 def _kill_while_writing(source: Path, output: Path, sig: signal.Signals) -> subprocess.CompletedProcess[str]:
     """Start ``epcli collapse`` into shards; send ``sig`` as soon as its first temp file appears."""
     argv = [sys.executable, "-m", "epcli", "collapse", str(source), "-o", str(output), "--force",
-            "--max-shard-size", "5000", "--no-model-check"]
+            "--max-shard-size", "5000", "--no-model-check", "--json"]
     process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     ours = re.compile(rf"\..+\.epcli-{process.pid}-[0-9a-f]{{8}}\.tmp")
@@ -147,5 +148,29 @@ def test_sigkill_leftovers_are_removed_by_the_next_run_and_sigterm_cleans_up(tmp
     terminated = _kill_while_writing(source, output, signal.SIGTERM)
     assert terminated.returncode == 143, terminated.stderr
     assert "terminated" in terminated.stderr
+    assert json.loads(terminated.stdout)["error"]["type"] == "Terminated"  # --json readers get one document
     assert os.listdir(output.parent) == ["model.safetensors"]  # its own temps and the killed run's are gone
     assert output.read_bytes() == old
+
+
+def test_scratch_directories_go_with_their_staged_files(tmp_path: Path):
+    """A scratch directory (files checked together under their final names) is removed on commit and on failure,
+    and a dead run's one is removed by the next write, like its temp files."""
+    target = tmp_path / "m.onnx"
+    leftover = tmp_path / f".m.onnx.epcli-{_dead_pid()}-0123abcd.tmp"
+    leftover.mkdir()
+    (leftover / "m.onnx.data").write_bytes(b"from a killed run")
+    with pytest.raises(RuntimeError), StagedFiles() as staged:
+        scratch = staged.scratch(target)
+        (scratch / "m.onnx").write_bytes(b"half")
+        raise RuntimeError("a failed check")
+    assert os.listdir(tmp_path) == []
+    with StagedFiles(overwrite=False) as staged:
+        scratch = staged.scratch(target)
+        (scratch / "m.onnx.data").write_bytes(b"data")
+        (scratch / "m.onnx").write_bytes(b"model")
+        staged.add(target.with_name("m.onnx.data"), scratch / "m.onnx.data")
+        staged.add(target, scratch / "m.onnx")
+        staged.commit()
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx", "m.onnx.data"]
+    assert target.read_bytes() == b"model"
