@@ -21,7 +21,7 @@ from typer._click.exceptions import UsageError as ClickUsageError
 from typer.core import TyperArgument, TyperCommand, TyperGroup
 
 from epcli.cli import collapse, export, inspect, render, verify
-from epcli.cli.terminate import EXIT_TERMINATED, Terminated, raise_on_sigterm
+from epcli.cli.terminate import EXIT_TERMINATED, Terminated, raise_on_signals
 
 __all__ = ["app", "main"]
 
@@ -110,7 +110,7 @@ def _root(
 
 def main() -> None:
     """Console-script entry point; SIGTERM cleans up like Ctrl-C and exits 143."""
-    raise_on_sigterm()
+    raise_on_signals()
     try:
         app()
     except Terminated:  # arrived outside a command body (the guard handles it inside)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import traceback
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -15,7 +16,7 @@ from typing import Any, TypeVar
 import typer
 
 from epcli.cli import render
-from epcli.cli.terminate import EXIT_TERMINATED, Terminated
+from epcli.cli.terminate import EXIT_TERMINATED, Terminated, signal_received
 from epcli.errors import EpcliError
 
 __all__ = ["EXIT_INPUT_ERROR", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_VERIFY_FAILED", "guarded"]
@@ -62,13 +63,18 @@ def guarded(command: F) -> F:
             return command(*args, **kwargs)
         except (typer.Exit, typer.Abort):
             raise
-        except EpcliError as e:
-            fail(str(e), type(e).__name__, json_output)
         except KeyboardInterrupt:
             fail("interrupted", "Interrupted", json_output, EXIT_INTERRUPTED)
         except Terminated:
             fail("terminated", "Terminated", json_output, EXIT_TERMINATED)
-        except Exception as e:  # a bug or an error from a user-named model factory
+        except Exception as e:
+            if signal_received() == signal.SIGINT:  # the interrupt was caught and re-raised as something else
+                fail("interrupted", "Interrupted", json_output, EXIT_INTERRUPTED)
+            if signal_received() == signal.SIGTERM:
+                fail("terminated", "Terminated", json_output, EXIT_TERMINATED)
+            if isinstance(e, EpcliError):
+                fail(str(e), type(e).__name__, json_output)
+            # a bug or an error from a user-named model factory
             fail(
                 f"unexpected {type(e).__name__}: {e} (set EPCLI_DEBUG=1 for the traceback)",
                 type(e).__name__,

@@ -21,6 +21,7 @@ import io
 import logging
 import math
 import os
+import re
 import threading
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -209,10 +210,32 @@ def _traced(model: nn.Module, input_shape: Sequence[int], *, opset: int, dynamic
                 verbose=False,
             )
     except Exception as e:  # the exporter raises many unrelated types
-        raise ExportError(f"torch.onnx.export failed for input shape {list(input_shape)}: {e}") from e
+        raise ExportError(
+            f"torch.onnx.export cannot trace the model for input shape {list(input_shape)}: {_exporter_cause(e)}; "
+            "a custom forward must be traceable by torch.export (e.g. no Python branch on tensor values), "
+            "or ship the collapsed weights with --safetensors"
+        ) from e
     if program is None:
         raise ExportError("torch.onnx.export returned no program")
     return program.model_proto
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_USER_FRAME = re.compile(r'File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<function>\S+)\n\s*(?P<code>.+)')
+
+
+def _exporter_cause(error: BaseException) -> str:
+    """The one line of torch's multi-paragraph export error that says what failed, and where in the user's code.
+
+    Torch prints advice, links and colour codes around it; a CLI error stays one line.
+    """
+    text = _ANSI.sub("", str(error))
+    summary = text.split("## Exception summary", 1)[-1]
+    lines = [line.strip() for line in summary.splitlines() if line.strip()]
+    cause = re.sub(r"^<class '[^']+'>: ", "", lines[0]) if lines else type(error).__name__
+    frame = _USER_FRAME.search(text)
+    where = f" (at {frame['file']}:{frame['line']} in {frame['function']}: {frame['code'].strip()[:120]})" if frame else ""
+    return cause[:300] + where
 
 
 def onnx_op_types(model: bytes | Path) -> list[str]:

@@ -133,3 +133,27 @@ NOT_EMITTED: dict[str, tuple[nn.Module, tuple[int, ...], int]] = {
 def test_what_has_no_direct_form_is_left_to_the_tracer(case: str):
     model, shape, opset = NOT_EMITTED[case]
     assert emit_onnx(model.eval(), shape, opset=opset, dynamic_batch=True) is None
+
+
+class _Branching(nn.Module):
+    """A Python branch on a tensor's value: torch.export cannot trace it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(3, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.linear(x)
+        if h.sum() > 0:
+            return h
+        return -h
+
+
+def test_an_untraceable_forward_is_one_line_naming_the_user_code():
+    from epcli.errors import ExportError
+
+    with pytest.raises(ExportError) as caught:
+        export_onnx_bytes(_Branching().eval(), (3,))
+    message = str(caught.value)
+    assert "\n" not in message and "\x1b" not in message
+    assert "test_onnx_graph.py" in message and "if h.sum() > 0" in message and "--safetensors" in message
