@@ -317,19 +317,21 @@ def _layer_input_shapes(model: nn.Module, shape: tuple[int, ...]) -> dict[str, t
 
 
 # ---- loading ---------------------------------------------------------------------------------
-def open_checkpoint(path: str | os.PathLike[str]) -> CheckpointFile:
+def open_checkpoint(path: str | os.PathLike[str], *, model_factory: ModelFactory | None = None) -> CheckpointFile:
     """Open and check a checkpoint without reading its tensors; :meth:`CheckpointFile.read` reads them.
 
     Runs every check of :func:`load_checkpoint` that needs no tensor data, on meta
     tensors, so it costs the same for a 10 GB file as for a small one. Reads
     ``.pt``, ``.safetensors`` and sharded safetensors (pass the ``.safetensors.index.json``).
+    With ``model_factory`` the model it builds is checked against the file's keys and
+    shapes instead of the embedded architecture (the model itself is not kept).
     Errors are :class:`EpcliError` whose messages start with the path.
     """
     path = Path(path)
     with _naming(path):
         opened = _open(path)
-        if opened.architecture is not None:
-            _skeleton(opened, opened.meta_state(), None)
+        if opened.architecture is not None or model_factory is not None:
+            _skeleton(opened, opened.meta_state(), model_factory)
         return opened
 
 
