@@ -347,13 +347,26 @@ def _colour_codes(text: str) -> list[str]:
     return found
 
 
+@pytest.fixture(scope="module")
+def terminal_runs(bad, run_on_terminal) -> dict[str, tuple[int, str]]:
+    """``verify --json`` of the CNN with stderr on a pseudo-terminal, with and without NO_COLOR (made once)."""
+    cnn = bad.dir / "digits_cnn.safetensors"
+    if not cnn.exists():
+        cnn.write_bytes(
+            (Path(__file__).resolve().parents[2] / "sample_checkpoints" / "digits_cnn.safetensors").read_bytes()
+        )
+    argv = ["verify", cnn, "--samples", "32", "--json"]
+    return {
+        "styled": run_on_terminal(argv, {"NO_COLOR": None, "TERM": "xterm-256color"}),
+        "no-color": run_on_terminal(argv, {"NO_COLOR": "1", "TERM": "xterm-256color"}),
+    }
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs a pseudo-terminal")
-def test_no_color_is_respected_on_a_terminal(bad, run_on_terminal):
+def test_no_color_is_respected_on_a_terminal(terminal_runs):
     """NO_COLOR turns off every style (bold too), not only colour. The report goes to stdout, so ``--json``
     puts it on stderr, the terminal here."""
-    argv = ["verify", bad.good, "--samples", "4", "--json"]
-    styled_code, styled = run_on_terminal(argv, {"NO_COLOR": None, "TERM": "xterm-256color"})
-    returncode, stderr = run_on_terminal(argv, {"NO_COLOR": "1", "TERM": "xterm-256color"})
+    (styled_code, styled), (returncode, stderr) = terminal_runs["styled"], terminal_runs["no-color"]
 
     assert styled_code == 0 and returncode == 0, stderr
     # sanity: without NO_COLOR the pseudo-terminal is seen as a terminal and styled ...
@@ -363,22 +376,14 @@ def test_no_color_is_respected_on_a_terminal(bad, run_on_terminal):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs a pseudo-terminal")
-def test_long_work_shows_progress_on_a_terminal(bad, run_on_terminal):
+def test_long_work_shows_progress_on_a_terminal(terminal_runs):
     """The issue: "Progress bars on long work" (on a terminal; never in pipes or CI logs).
 
     A rich progress display on a terminal hides the cursor when it starts and erases its line when it ends
     (cursor control sequences), which a plain table never emits, however short the work: a verify of 32
     samples shows it as well as a long one. (Regression: at first no command used ``render.progress``.)
     """
-    cnn = bad.dir / "digits_cnn.safetensors"
-    if not cnn.exists():
-        cnn.write_bytes(
-            (Path(__file__).resolve().parents[2] / "sample_checkpoints" / "digits_cnn.safetensors").read_bytes()
-        )
-
-    returncode, stderr = run_on_terminal(
-        ["verify", cnn, "--samples", "32"], {"NO_COLOR": "1", "TERM": "xterm-256color"}
-    )
+    returncode, stderr = terminal_runs["no-color"]
 
     assert returncode == 0, stderr
     controls = [c for c in ("\x1b[?25l", "\x1b[2K", "\x1b[1A", "\x1b[1G") if c in stderr]
