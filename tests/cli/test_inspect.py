@@ -94,6 +94,15 @@ def test_inspect_custom_model_without_architecture(custom_model, invoke, json_do
     assert "--model" in run.stderr, "the table says how to give the architecture"
 
 
+def test_inspect_with_a_factory_checks_it_against_the_file(custom_model, invoke, json_doc, flat):
+    run = invoke("inspect", custom_model.path, "--model", custom_model.factory, "--json")
+    wrong = invoke("inspect", custom_model.path, "--model", "torch.nn:Identity")
+
+    assert run.returncode == 0, run.describe()
+    assert json_doc(run.stdout)["has_architecture"] is True
+    assert wrong.returncode == 2 and str(custom_model.path) in flat(wrong.stderr), wrong.describe()
+
+
 def test_inspect_without_json_prints_the_report_on_stdout(artifacts, invoke):
     run = invoke("inspect", artifacts.sources["digits_mlp"])
 
