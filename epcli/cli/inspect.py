@@ -33,6 +33,14 @@ def inspect_command(
             show_default=False,
         ),
     ] = None,
+    exact: Annotated[
+        bool,
+        typer.Option(
+            "--exact",
+            help="Exact (float64 SVD) spectra for every layer; by default layers whose smaller side is over "
+            "512 get them from the float64 Gram matrix (marked ~), which is much faster.",
+        ),
+    ] = False,
     force: ForceOption = False,
     model: ModelOption = None,
     json_output: JsonOption = False,
@@ -41,7 +49,8 @@ def inspect_command(
     """Show what a checkpoint holds. Effective rank = exp(entropy of the normalised singular values)."""
     from epcli.jobs.inspect import inspect_file
 
-    result = inspect_file(checkpoint, model_factory=model, plot=plot, force=force)
+    with render.progress() as progress:
+        result = inspect_file(checkpoint, model_factory=model, plot=plot, force=force, exact=exact, progress=progress)
     meta = result.metadata
     render.info(
         f"{result.path.name}: {result.kind} epcli checkpoint (format v{meta.get('format_version')}, "
@@ -53,6 +62,7 @@ def inspect_command(
     rows = []
     for layer in result.layers:
         s, c = layer.summary, layer.summary.config
+        mark = "~" if layer.spectrum.approximate else ""  # the ranks are approximate
         kernel = f" k{'x'.join(map(str, s.effective_kernel))}" if s.effective_kernel else ""
         chain = f"depth {c.depth} width {c.width:g}" + (" bn" if c.batch_norm else "")
         if c.residual:
@@ -63,12 +73,14 @@ def inspect_command(
                 f"{s.layer_type} {c.in_dim}->{c.out_dim}{kernel}",
                 chain,
                 f"{s.expanded_params:,} -> {s.collapsed_params:,}",
-                round(layer.spectrum.effective_rank, 1),
-                layer.spectrum.rank,
+                f"{mark}{layer.spectrum.effective_rank:.1f}",
+                f"{mark}{layer.spectrum.rank}",
             )
         )
+    approximate = any(layer.spectrum.approximate for layer in result.layers)
     render.table(
-        "EP layers (parameters expanded -> collapsed; effective and numerical rank of the collapsed weight)",
+        "EP layers (parameters expanded -> collapsed; effective and numerical rank of the collapsed weight"
+        + ("; ~: approximate, from the float64 Gram matrix; --exact for exact)" if approximate else ")"),
         ["layer", "EP layer", "chain", "params", "erank", "rank"],
         rows,
     )
@@ -100,6 +112,8 @@ def _payload(result: Any) -> dict[str, Any]:
                 "effective_kernel": layer.summary.effective_kernel,
                 "effective_rank": layer.spectrum.effective_rank,
                 "rank": layer.spectrum.rank,
+                "spectrum_method": layer.spectrum.method,
+                "ranks_approximate": layer.spectrum.approximate,
                 "singular_values": list(layer.spectrum.singular_values),
             }
             for layer in result.layers

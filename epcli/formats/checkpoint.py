@@ -10,7 +10,6 @@ built on the meta device, so a hostile config cannot make it allocate memory.
 
 from __future__ import annotations
 
-import copy
 import itertools
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -27,6 +26,7 @@ from epcli.convert import (
     collapse_state_dict,
     collapse_steps,
     collapsed_dtype,
+    expanded_eval,
     layer_prefix,
     layer_states,
     unwrap_model,
@@ -174,7 +174,8 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike[str], *, input_sha
     shape = sample_shape(input_shape)
     layers = find_ep_layers(model)
     layer_shapes = _layer_input_shapes(model, shape)
-    state = _detached(model.state_dict())
+    # the model's own tensors, not copies: the writer streams them to the file one at a time
+    state = _tensors_only(model.state_dict())
     check_finite(state, "the model")
     document = build_metadata(
         kind="expanded",
@@ -263,22 +264,32 @@ def _write(path: Path, metadata: str, state: Mapping[str, Tensor]) -> Path:
         return writer.commit(metadata)
 
 
-def _detached(state: Mapping[str, Any]) -> dict[str, Tensor]:
-    """Contiguous CPU copies that share no storage (safetensors refuses shared or strided tensors)."""
-    out: dict[str, Tensor] = {}
+def _tensors_only(state: Mapping[str, Any]) -> dict[str, Tensor]:
+    """``state`` itself (no copies), checked to hold only tensors."""
     for key, value in state.items():
         if not isinstance(value, Tensor):
             raise CheckpointError(
                 f"state_dict entry {key!r} is a {type(value).__name__}; epcli checkpoints hold tensors only"
             )
-        out[key] = value.detach().cpu().clone(memory_format=torch.contiguous_format)
-    return out
+    return dict(state)
+
+
+def _detached(state: Mapping[str, Any]) -> dict[str, Tensor]:
+    """Contiguous CPU copies that share no storage (safetensors refuses shared or strided tensors)."""
+    return {
+        key: value.detach().cpu().clone(memory_format=torch.contiguous_format)
+        for key, value in _tensors_only(state).items()
+    }
 
 
 def _layer_input_shapes(model: nn.Module, shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
-    """Per-sample input shape of each EP layer, from one eval-mode forward pass of a copy on zeros."""
-    probe = copy.deepcopy(model).eval()
-    layers = find_ep_layers(probe)
+    """Per-sample input shape of each EP layer, from one forward pass of ``model`` itself on zeros.
+
+    No copy of the model: it runs in eval mode with its EP layers' expanded chains (no collapse is
+    computed or cached) under ``no_grad``, so no parameter, buffer or batch-norm statistic changes;
+    training flags and ``collapse_on_eval`` are restored afterwards (:func:`expanded_eval`).
+    """
+    layers = find_ep_layers(model)
     seen: dict[str, tuple[int, ...]] = {}
 
     def recorder(path: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
@@ -289,15 +300,15 @@ def _layer_input_shapes(model: nn.Module, shape: tuple[int, ...]) -> dict[str, t
         return record
 
     handles = [layer.register_forward_pre_hook(recorder(path)) for path, layer in layers.items()]
-    reference = next((t for t in itertools.chain(probe.parameters(), probe.buffers()) if t.is_floating_point()), None)
+    reference = next((t for t in itertools.chain(model.parameters(), model.buffers()) if t.is_floating_point()), None)
     batch = torch.zeros(
         (2, *shape),
         dtype=reference.dtype if reference is not None else torch.get_default_dtype(),
         device=reference.device if reference is not None else None,
     )
     try:
-        with torch.no_grad():
-            probe(batch)
+        with expanded_eval(model), torch.no_grad():
+            model(batch)
     except Exception as e:  # the user's forward may fail in any way on a wrong shape
         raise ConfigError(
             f"the model's forward fails on a batch of shape {list(batch.shape)} (input_shape={list(shape)}): "
@@ -317,19 +328,21 @@ def _layer_input_shapes(model: nn.Module, shape: tuple[int, ...]) -> dict[str, t
 
 
 # ---- loading ---------------------------------------------------------------------------------
-def open_checkpoint(path: str | os.PathLike[str]) -> CheckpointFile:
+def open_checkpoint(path: str | os.PathLike[str], *, model_factory: ModelFactory | None = None) -> CheckpointFile:
     """Open and check a checkpoint without reading its tensors; :meth:`CheckpointFile.read` reads them.
 
     Runs every check of :func:`load_checkpoint` that needs no tensor data, on meta
     tensors, so it costs the same for a 10 GB file as for a small one. Reads
     ``.pt``, ``.safetensors`` and sharded safetensors (pass the ``.safetensors.index.json``).
+    With ``model_factory`` the model it builds is checked against the file's keys and
+    shapes instead of the embedded architecture (the model itself is not kept).
     Errors are :class:`EpcliError` whose messages start with the path.
     """
     path = Path(path)
     with _naming(path):
         opened = _open(path)
-        if opened.architecture is not None:
-            _skeleton(opened, opened.meta_state(), None)
+        if opened.architecture is not None or model_factory is not None:
+            _skeleton(opened, opened.meta_state(), model_factory)
         return opened
 
 

@@ -4,7 +4,8 @@ The metadata goes last because parts of it (a collapse's measured errors) are
 known only once every tensor has been produced. :class:`CheckpointWriter`
 therefore takes tensors as they come and keeps none of them in memory for
 ``.safetensors`` output (they are spooled to temp files beside the output);
-``.pt`` output keeps them until the one ``torch.save`` at the end.
+``.pt`` output keeps them until the one ``torch.save`` at the end (without a copy when a
+tensor is the whole of its own CPU storage).
 
 Above ``max_shard_bytes`` of tensor data a ``.safetensors`` output becomes shards
 plus an index (see :mod:`epcli.formats.sharded`). On commit every file is
@@ -106,6 +107,7 @@ class CheckpointWriter:
         self._shard_of = {key: number for number, keys in enumerate(self._groups) for key in keys}
         self._spools: dict[int, SafetensorsSpool] = {}
         self._kept: dict[str, Tensor] = {}  # .pt only
+        self._kept_storages: set[int] = set()  # data pointers of the storages kept without a copy
         self._given: set[str] = set()
         self._left = [len(keys) for keys in self._groups]
         self._staged = StagedFiles(overwrite=overwrite)
@@ -140,10 +142,27 @@ class CheckpointWriter:
             except OSError as e:
                 raise CheckpointError(f"cannot write {self.path}: spooling {key!r} failed ({e.strerror or e})") from e
         else:
-            self._kept[key] = tensor.detach().to("cpu").clone().contiguous()
+            self._kept[key] = self._keepable(tensor)
         self._left[number] -= 1
         if self.sharded and self._left[number] == 0:  # a complete shard goes to its temp file at once
             self._stage_spool(self.files[number], self._spools.pop(number), shard_metadata(index_path(self.path)))
+
+    def _keepable(self, tensor: Tensor) -> Tensor:
+        """What ``.pt`` output keeps until the commit: the tensor itself when it is a contiguous CPU tensor that
+        spans the whole of a storage no other kept tensor uses (the file then stores exactly its bytes),
+        else a copy of its own. No whole-model copy: callers must not change given tensors before the commit."""
+        storage = tensor.untyped_storage()
+        whole = (
+            tensor.device.type == "cpu"
+            and tensor.is_contiguous()
+            and tensor.storage_offset() == 0
+            and storage.nbytes() == tensor.nbytes
+            and tensor.nbytes > 0
+        )
+        if whole and storage.data_ptr() not in self._kept_storages:
+            self._kept_storages.add(storage.data_ptr())
+            return tensor.detach()
+        return tensor.detach().to("cpu").clone().contiguous()
 
     def commit(self, metadata: str) -> Path:
         """Write the metadata (and the last file), rename everything into place; returns the path readers open."""
@@ -179,6 +198,7 @@ class CheckpointWriter:
             spool.close()
         self._spools.clear()
         self._kept.clear()
+        self._kept_storages.clear()
         self._staged.discard()
 
     def __enter__(self) -> CheckpointWriter:

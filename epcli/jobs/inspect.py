@@ -1,17 +1,35 @@
-"""``epcli inspect``: what a checkpoint holds, and the effective rank of every collapsed weight."""
+"""``epcli inspect``: what a checkpoint holds, and the effective rank of every collapsed weight.
+
+Streams like ``epcli collapse``: the file is opened without reading its tensors, then each
+EP layer is read, collapsed in float64 and analysed before the next one is read, so peak
+memory is about one layer. Large layers get approximate spectra (see
+:func:`epcli.jobs.summary.spectrum`) unless ``exact`` is asked for.
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from epcli.convert import collapse_state_dict, collapsed_keys
+from torch import Tensor
+
+from epcli.convert import (
+    collapse_steps,
+    collapsed_dtype,
+    collapsed_keys,
+    collapsed_tensors,
+    expanded_layer,
+    layer_prefix,
+)
 from epcli.errors import UsageError
 from epcli.formats.atomic import atomic_write
-from epcli.formats.checkpoint import load_checkpoint, open_checkpoint
+from epcli.formats.checkpoint import CheckpointFile, open_checkpoint
 from epcli.jobs.files import check_output
 from epcli.jobs.summary import LayerSummary, Spectrum, natural_order, spectrum, summarize_layer
+from epcli.jobs.verify import ProgressCallback
+from epcli.layers import EPConfig
 
 __all__ = ["LayerInspection", "InspectResult", "inspect_file"]
 
@@ -35,38 +53,59 @@ class InspectResult:
 
 
 def inspect_file(
-    path: Path, *, model_factory: str | None = None, plot: Path | None = None, force: bool = False
+    path: Path,
+    *,
+    model_factory: str | None = None,
+    plot: Path | None = None,
+    force: bool = False,
+    exact: bool = False,
+    progress: ProgressCallback | None = None,
 ) -> InspectResult:
-    """Summarise a checkpoint; with ``plot``, also draw the spectra (the path is checked before any work)."""
-    if plot is not None:  # the input first (without its tensors), then the output, then the work
-        open_checkpoint(path)
+    """Summarise a checkpoint one EP layer at a time; with ``plot``, also draw the spectra (the path is checked
+    before any work). ``exact`` computes every spectrum by a float64 SVD, whatever its size."""
+    opened = open_checkpoint(path, model_factory=model_factory)  # the input first (without its tensors)
+    if plot is not None:
         check_output(plot, (".png",), force=force, option="--plot", example="spectra.png")
-    checkpoint = load_checkpoint(path, model_factory=model_factory)
-    collapsed = (
-        checkpoint.state_dict
-        if checkpoint.kind == "collapsed"
-        else collapse_state_dict(checkpoint.state_dict, checkpoint.ep_layers)
-    )
-    layers = tuple(
-        LayerInspection(
-            summarize_layer(layer_path, config, checkpoint.layer_input_shapes[layer_path]),
-            spectrum(collapsed[collapsed_keys(layer_path)[0]]),
-        )
-        for layer_path, config in ((p, checkpoint.ep_layers[p]) for p in natural_order(checkpoint.ep_layers))
-    )
+    paths = natural_order(opened.ep_layers)
+    steps = collapse_steps(opened.tensors, opened.ep_layers) if opened.kind == "expanded" else []
+    owned = {step.layer: step.keys for step in steps if step.layer is not None}
+    layers = []
+    for done, layer_path in enumerate(paths):
+        if progress is not None:
+            progress(done, len(paths), f"collapsing and analysing layer {layer_path}")
+        config = opened.ep_layers[layer_path]
+        summary = summarize_layer(layer_path, config, opened.layer_input_shapes[layer_path])
+        weight = _collapsed_weight(opened, layer_path, config, owned.get(layer_path, ()))
+        layers.append(LayerInspection(summary, spectrum(weight, exact=exact or None)))
+        del weight
     result = InspectResult(
         path=path,
-        kind=checkpoint.kind,
-        metadata=checkpoint.metadata,
-        input_shape=checkpoint.input_shape,
-        has_architecture=checkpoint.model is not None,
-        tensor_count=len(checkpoint.state_dict),
-        element_count=sum(t.numel() for t in checkpoint.state_dict.values()),
-        layers=layers,
+        kind=opened.kind,
+        metadata=opened.metadata,
+        input_shape=opened.input_shape,
+        has_architecture=opened.architecture is not None or model_factory is not None,
+        tensor_count=len(opened.tensors),
+        element_count=sum(math.prod(info.shape) for info in opened.tensors.values()),
+        layers=tuple(layers),
     )
     if plot is not None:
         _write_spectra_plot(result, plot, overwrite=force)
     return result
+
+
+def _collapsed_weight(opened: CheckpointFile, path: str, config: EPConfig, keys: tuple[str, ...]) -> Tensor:
+    """The layer's collapsed weight as it is (or would be) stored: read from a collapsed file, or read and
+    collapsed (float64, cast to the stored dtype) from an expanded one, whose ``keys`` are the layer's."""
+    weight_key = collapsed_keys(path)[0]
+    if opened.kind == "collapsed":
+        return opened.read([weight_key])[weight_key]
+    prefix = layer_prefix(path)
+    layer_state = {key[len(prefix) :]: tensor for key, tensor in opened.read(keys).items()}
+    layer = expanded_layer(config, layer_state, prefix=prefix)
+    del layer_state
+    where = f"{opened.path}: layer {path or '<model>'!r}"
+    weight, _ = collapsed_tensors(layer.collapse(), collapsed_dtype(path, opened.tensors), where=where)
+    return weight
 
 
 def _write_spectra_plot(result: InspectResult, output: Path, *, overwrite: bool) -> None:

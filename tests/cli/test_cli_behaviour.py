@@ -106,21 +106,10 @@ def _assert_input_error(run, named: Path, outputs: list[Path], flat) -> None:
 
 
 # subprocess runs (the installed script), made together in parallel -----------------------------
-# one case per distinct failure path (loader, codec, metadata, job, output check, factory import);
-# the full matrix runs in-process below
-SUBPROCESS_CASES = [
-    "missing",
-    "random-pt",
-    "truncated-safetensors",
-    "plain-state-dict-pt",
-    "collapsed-input",
-    "unsupported-output-suffix",
-    "missing-model-module",
-]
-SUBPROCESS_USAGE = {
-    "unknown-option": ["collapse", "{good}", "--no-such-option"],
-    "samples-0": ["verify", "{good}", "--samples", "0"],
-}
+# one case per kind of failure path (file system, codec, factory import) and one usage error: the exit code,
+# the traceback-free stderr and the empty stdout are the process's; every other case runs in-process below
+SUBPROCESS_CASES = ["missing", "truncated-safetensors", "missing-model-module"]
+SUBPROCESS_USAGE = {"unknown-option": ["collapse", "{good}", "--no-such-option"]}
 
 
 @pytest.fixture(scope="module")
@@ -133,11 +122,9 @@ def subprocess_runs(bad, run_epcli_many) -> dict[str, object]:
     planned["debug:1"] = (["verify", bad.files["missing"]], {"EPCLI_DEBUG": "1"})
     planned["help"] = (["--help"], None)
     planned["version"] = (["--version"], None)
-    # stderr is a pipe (not a terminal) and NO_COLOR is unset: still no escape codes
-    planned["no-tty-colour"] = (["verify", bad.good, "--samples", "4"], {"NO_COLOR": None})
     planned["report:inspect"] = (["inspect", bad.good], None)
-    planned["report:json"] = (["verify", bad.good, "--samples", "4", "--json"], None)
-    planned["report:quiet"] = (["verify", bad.good, "--samples", "4", "-q"], None)
+    # stderr is a pipe (not a terminal) and NO_COLOR is unset: still no escape codes
+    planned["report:json"] = (["verify", bad.good, "--samples", "4", "--json"], {"NO_COLOR": None})
     planned["json-usage"] = (["verify", bad.good, "--json", "--atol", "-1"], None)
     runs = run_epcli_many([argv for argv, _ in planned.values()], envs=[env for _, env in planned.values()])
     return dict(zip(planned, runs, strict=True))
@@ -231,7 +218,7 @@ def test_version_prints_the_version(subprocess_runs):
 
 
 def test_no_escape_codes_without_a_terminal(subprocess_runs):
-    run = subprocess_runs["no-tty-colour"]
+    run = subprocess_runs["report:json"]
 
     assert run.returncode == 0, run.describe()
     assert "\x1b" not in run.stderr and "\x1b" not in run.stdout
@@ -337,8 +324,9 @@ def test_json_keeps_stdout_for_the_document_and_the_report_on_stderr(subprocess_
     assert "comparisons passed" in run.stderr, "with --json the human report moves to stderr"
 
 
-def test_quiet_prints_no_report_but_errors(subprocess_runs, bad, invoke, flat):
-    quiet, failing = subprocess_runs["report:quiet"], invoke("inspect", bad.files["missing"], "--quiet")
+def test_quiet_prints_no_report_but_errors(bad, invoke, flat):
+    quiet = invoke("verify", bad.good, "--samples", "4", "-q")
+    failing = invoke("inspect", bad.files["missing"], "--quiet")
 
     assert quiet.returncode == 0 and quiet.stdout == "" and quiet.stderr == "", quiet.describe()
     assert failing.returncode == 2 and failing.stdout == "", failing.describe()
@@ -359,13 +347,26 @@ def _colour_codes(text: str) -> list[str]:
     return found
 
 
+@pytest.fixture(scope="module")
+def terminal_runs(bad, run_on_terminal) -> dict[str, tuple[int, str]]:
+    """``verify --json`` of the CNN with stderr on a pseudo-terminal, with and without NO_COLOR (made once)."""
+    cnn = bad.dir / "digits_cnn.safetensors"
+    if not cnn.exists():
+        cnn.write_bytes(
+            (Path(__file__).resolve().parents[2] / "sample_checkpoints" / "digits_cnn.safetensors").read_bytes()
+        )
+    argv = ["verify", cnn, "--samples", "32", "--json"]
+    return {
+        "styled": run_on_terminal(argv, {"NO_COLOR": None, "TERM": "xterm-256color"}),
+        "no-color": run_on_terminal(argv, {"NO_COLOR": "1", "TERM": "xterm-256color"}),
+    }
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs a pseudo-terminal")
-def test_no_color_is_respected_on_a_terminal(bad, run_on_terminal):
+def test_no_color_is_respected_on_a_terminal(terminal_runs):
     """NO_COLOR turns off every style (bold too), not only colour. The report goes to stdout, so ``--json``
     puts it on stderr, the terminal here."""
-    argv = ["verify", bad.good, "--samples", "4", "--json"]
-    styled_code, styled = run_on_terminal(argv, {"NO_COLOR": None, "TERM": "xterm-256color"})
-    returncode, stderr = run_on_terminal(argv, {"NO_COLOR": "1", "TERM": "xterm-256color"})
+    (styled_code, styled), (returncode, stderr) = terminal_runs["styled"], terminal_runs["no-color"]
 
     assert styled_code == 0 and returncode == 0, stderr
     # sanity: without NO_COLOR the pseudo-terminal is seen as a terminal and styled ...
@@ -375,22 +376,14 @@ def test_no_color_is_respected_on_a_terminal(bad, run_on_terminal):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs a pseudo-terminal")
-def test_long_work_shows_progress_on_a_terminal(bad, run_on_terminal):
+def test_long_work_shows_progress_on_a_terminal(terminal_runs):
     """The issue: "Progress bars on long work" (on a terminal; never in pipes or CI logs).
 
-    A verify of the CNN with 512 samples takes seconds (48 forward batches). A rich progress display on a
-    terminal hides the cursor and redraws its line (cursor control sequences), which a plain
-    table never emits. (Regression: at first no command used ``render.progress``.)
+    A rich progress display on a terminal hides the cursor when it starts and erases its line when it ends
+    (cursor control sequences), which a plain table never emits, however short the work: a verify of 32
+    samples shows it as well as a long one. (Regression: at first no command used ``render.progress``.)
     """
-    cnn = bad.dir / "digits_cnn.safetensors"
-    if not cnn.exists():
-        cnn.write_bytes(
-            (Path(__file__).resolve().parents[2] / "sample_checkpoints" / "digits_cnn.safetensors").read_bytes()
-        )
-
-    returncode, stderr = run_on_terminal(
-        ["verify", cnn, "--samples", "512"], {"NO_COLOR": "1", "TERM": "xterm-256color"}
-    )
+    returncode, stderr = terminal_runs["no-color"]
 
     assert returncode == 0, stderr
     controls = [c for c in ("\x1b[?25l", "\x1b[2K", "\x1b[1A", "\x1b[1G") if c in stderr]

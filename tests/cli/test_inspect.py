@@ -94,6 +94,15 @@ def test_inspect_custom_model_without_architecture(custom_model, invoke, json_do
     assert "--model" in run.stderr, "the table says how to give the architecture"
 
 
+def test_inspect_with_a_factory_checks_it_against_the_file(custom_model, invoke, json_doc, flat):
+    run = invoke("inspect", custom_model.path, "--model", custom_model.factory, "--json")
+    wrong = invoke("inspect", custom_model.path, "--model", "torch.nn:Identity")
+
+    assert run.returncode == 0, run.describe()
+    assert json_doc(run.stdout)["has_architecture"] is True
+    assert wrong.returncode == 2 and str(custom_model.path) in flat(wrong.stderr), wrong.describe()
+
+
 def test_inspect_without_json_prints_the_report_on_stdout(artifacts, invoke):
     run = invoke("inspect", artifacts.sources["digits_mlp"])
 
@@ -155,3 +164,102 @@ def test_a_plot_made_meanwhile_is_not_overwritten_without_force(samples, tmp_pat
     assert plot.read_bytes() == b"someone else's"
     inspect_job.inspect_file(samples.mlp, plot=plot, force=True)
     assert plot.read_bytes().startswith(b"\x89PNG")
+
+
+# ---- spectra: exact and approximate ------------------------------------------------------------
+def _known_spectrum(rows: int, cols: int, values: list[float]):
+    """A float64 matrix with the given singular values (the rest 0), from seeded random orthonormal bases."""
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(rows, rows, dtype=torch.float64, generator=generator))
+    v, _ = torch.linalg.qr(torch.randn(cols, cols, dtype=torch.float64, generator=generator))
+    s = torch.zeros(rows, cols, dtype=torch.float64)
+    s[range(len(values)), range(len(values))] = torch.tensor(values, dtype=torch.float64)
+    return u @ s @ v.T
+
+
+@pytest.mark.parametrize("shape", [(40, 70), (70, 40)])
+def test_gram_spectrum_is_close_and_its_rank_follows_its_precision(shape):
+    """The Gram method resolves singular values down to ~sqrt(n * eps) * s_max (1.3e-7 here), the SVD to
+    ~n * eps * s_max: a value of 1e-10 * s_max counts for the exact rank only."""
+    from epcli.jobs.summary import spectrum
+
+    values = [10.0, 7.0, 3.0, 1.0, 0.5, 1e-3, 1e-10]
+    weight = _known_spectrum(*shape, values)
+
+    exact, approximate = spectrum(weight, exact=True), spectrum(weight, exact=False)
+
+    assert (exact.method, exact.approximate, approximate.method, approximate.approximate) == (
+        "svd", False, "gram", True
+    )
+    expected = values + [0.0] * (min(shape) - len(values))
+    np.testing.assert_allclose(exact.singular_values, expected, rtol=0, atol=1e-13 * values[0])
+    np.testing.assert_allclose(approximate.singular_values, expected, rtol=0, atol=1e-7 * values[0])
+    assert exact.rank == 7 and approximate.rank == 6
+    reference = _erank(weight)
+    assert exact.effective_rank == pytest.approx(reference, rel=1e-12)
+    assert approximate.effective_rank == pytest.approx(reference, rel=1e-6)
+
+
+def test_spectrum_method_follows_size_unless_exact_is_asked_for(monkeypatch):
+    import torch
+
+    from epcli.jobs import summary
+
+    weight = torch.randn(3, 5, 2, generator=torch.Generator().manual_seed(1))  # a conv weight: [out, in * k]
+    assert summary.spectrum(weight).method == "svd"
+    monkeypatch.setattr(summary, "EXACT_SPECTRUM_MAX_SIDE", 2)
+    assert summary.spectrum(weight).method == "gram"
+    assert summary.spectrum(weight, exact=True).method == "svd"
+
+
+def test_approximate_ranks_are_marked_in_the_table_and_json(artifacts, invoke, json_doc, flat, monkeypatch):
+    """Layers over the exact-spectrum size (lowered here so the samples' layers are over it) are marked ``~``
+    and say so in the JSON; ``--exact`` gives exact spectra for them."""
+    from epcli.jobs import summary
+
+    monkeypatch.setattr(summary, "EXACT_SPECTRUM_MAX_SIDE", 1)
+    path = artifacts.sources["digits_cnn"]
+
+    approximate, exact = invoke("inspect", path, "--json"), invoke("inspect", path, "--json", "--exact")
+
+    assert approximate.returncode == 0 and exact.returncode == 0, approximate.describe() + exact.describe()
+    for layer, reference in zip(
+        json_doc(approximate.stdout)["layers"], json_doc(exact.stdout)["layers"], strict=True
+    ):
+        assert (layer["spectrum_method"], layer["ranks_approximate"]) == ("gram", True)
+        assert (reference["spectrum_method"], reference["ranks_approximate"]) == ("svd", False)
+        assert layer["effective_rank"] == pytest.approx(reference["effective_rank"], rel=1e-6)
+        top = reference["singular_values"][0]
+        np.testing.assert_allclose(layer["singular_values"], reference["singular_values"], rtol=0, atol=1e-6 * top)
+    assert "~" in approximate.stderr and "--exact" in flat(approximate.stderr)  # with --json the table is on stderr
+    assert "~" not in exact.stderr
+
+
+@pytest.mark.parametrize("which", ["digits_mlp", "digits_cnn.collapsed"])
+def test_inspect_reads_one_ep_layer_at_a_time(which, artifacts, monkeypatch):
+    """Streaming: every read holds the tensors of at most one EP layer, and tensors of no other module."""
+    from epcli.convert import layer_states
+    from epcli.formats.checkpoint import CheckpointFile
+    from epcli.jobs.inspect import inspect_file
+
+    stem = which.split(".")[0]
+    path = artifacts.collapsed[stem] if which.endswith("collapsed") else artifacts.sources[stem]
+    reads: list[list[str]] = []
+    original = CheckpointFile.read
+
+    def recording_read(self, keys, **kwargs):
+        keys = list(keys)
+        reads.append(keys)
+        return original(self, keys, **kwargs)
+
+    monkeypatch.setattr(CheckpointFile, "read", recording_read)
+
+    result = inspect_file(path)
+
+    layers = [layer.summary.path for layer in result.layers]
+    assert len(reads) == len(layers) >= 2
+    for keys, layer in zip(reads, layers, strict=True):
+        owner = {p: set(state) for p, state in layer_states(dict.fromkeys(keys), layers).items() if state}
+        assert list(owner) == [layer], (layer, keys)
