@@ -9,6 +9,7 @@ overwritten, an existing file only with ``force``; missing parent directories ar
 from __future__ import annotations
 
 import hashlib
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -60,8 +61,20 @@ def check_targets(targets: Iterable[Path], sources: Iterable[Path], force: bool)
 
 
 def make_parent(path: Path) -> None:
-    """Create the output's missing directories (after every check passed, so a refused run creates nothing)."""
+    """Create the output's missing directories and prove a file can be created there, before any work.
+
+    Called after every other check passed, so a refused run creates nothing. The probe
+    (a file created and removed at once) catches what permission bits do not: read-only
+    mounts, ``/proc``, full quotas for new inodes.
+    """
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UsageError(f"{path}: cannot create its directory {path.parent} ({e.strerror or e})") from e
+    try:
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.epcli-probe-"):
+            pass
+    except OSError as e:
+        raise UsageError(
+            f"{path}: cannot write in {path.parent} ({e.strerror or e}); choose a writable directory"
+        ) from e

@@ -425,3 +425,11 @@ def test_an_error_is_one_line_at_any_terminal_width(tmp_path, run_epcli):
 
     assert run.returncode == 2
     assert run.stderr.count("\n") == 1 and str(missing) in run.stderr, repr(run.stderr)
+
+
+def test_an_unwritable_output_directory_is_refused_before_any_work(samples, invoke, flat):
+    """Permission bits say root may write in /proc; only creating a file there tells the truth."""
+    run = invoke("collapse", samples.mlp, "-o", "/proc/epcli-out.safetensors")
+
+    assert run.returncode == 2, run.describe()
+    assert "cannot write in /proc" in flat(run.stderr) and "collapsing" not in run.stderr
