@@ -14,12 +14,16 @@ from epcli.cli.options import (
     Atol,
     CheckpointArg,
     ForceOption,
+    InputOption,
+    InputShapeOption,
     JsonOption,
     ModelOption,
     QuietOption,
     Rtol,
     Samples,
     Seed,
+    StateKeyOption,
+    parse_inputs,
     whole_number,
 )
 from epcli.cli.verify import render_report, report_payload
@@ -52,6 +56,9 @@ def export_command(
     rtol: Rtol = None,
     force: ForceOption = False,
     model: ModelOption = None,
+    input_shape: InputShapeOption = None,
+    input_specs: InputOption = None,
+    state_key: StateKeyOption = None,
     json_output: JsonOption = False,
     quiet: QuietOption = False,
 ) -> None:
@@ -72,6 +79,8 @@ def export_command(
             static_batch=static_batch,
             force=force,
             model_factory=model,
+            inputs=parse_inputs(input_shape, input_specs),
+            state_key=state_key,
             progress=progress,
         )
     payload: dict[str, object] = {"checkpoint": str(checkpoint), "passed": result.passed}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ from epcli.convert import collapse_state_dict, collapsed_keys
 from epcli.errors import UsageError
 from epcli.formats.atomic import atomic_write
 from epcli.formats.checkpoint import load_checkpoint, open_checkpoint
+from epcli.inputs import InputSpec
 from epcli.jobs.files import check_output
 from epcli.jobs.summary import LayerSummary, Spectrum, natural_order, spectrum, summarize_layer
 
@@ -35,13 +37,22 @@ class InspectResult:
 
 
 def inspect_file(
-    path: Path, *, model_factory: str | None = None, plot: Path | None = None, force: bool = False
+    path: Path,
+    *,
+    model_factory: str | None = None,
+    inputs: Sequence[InputSpec] | None = None,
+    state_key: str | None = None,
+    plot: Path | None = None,
+    force: bool = False,
 ) -> InspectResult:
-    """Summarise a checkpoint; with ``plot``, also draw the spectra (the path is checked before any work)."""
+    """Summarise a checkpoint; with ``plot``, also draw the spectra (the path is checked before any work).
+
+    ``model_factory``, ``inputs`` and ``state_key`` are as in :func:`~epcli.load_checkpoint`.
+    """
     if plot is not None:  # the input first (without its tensors), then the output, then the work
-        open_checkpoint(path)
+        open_checkpoint(path, model_factory=model_factory, inputs=inputs, state_key=state_key)
         check_output(plot, (".png",), force=force, option="--plot", example="spectra.png")
-    checkpoint = load_checkpoint(path, model_factory=model_factory)
+    checkpoint = load_checkpoint(path, model_factory=model_factory, inputs=inputs, state_key=state_key)
     collapsed = (
         checkpoint.state_dict
         if checkpoint.kind == "collapsed"
