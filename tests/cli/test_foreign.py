@@ -9,6 +9,7 @@ process group); the factory module sits in a directory of its own, imported in-p
 from __future__ import annotations
 
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -143,6 +144,28 @@ def test_collapse_a_trainer_dict_in_a_subprocess(foreign: SimpleNamespace, run_e
     with torch.no_grad():
         expected, got = foreign.net(x), collapsed.model(x)  # type: ignore[misc]
     torch.testing.assert_close(got[0], expected[0], rtol=1e-5, atol=1e-5)
+
+
+def test_verify_a_hf_folder_and_a_dcp_directory_in_subprocesses(foreign: SimpleNamespace, run_epcli_many):
+    path = os.pathsep.join([str(foreign.root), os.environ.get("PYTHONPATH", "")])
+    common = ("--model", foreign.factory, *FLOAT, "--samples", "8")
+    runs = run_epcli_many(
+        [("verify", foreign.root / "hf", *common), ("verify", foreign.root / "dcp", *common, "--state-key", "model")],
+        envs=[{"PYTHONPATH": path}] * 2,
+    )
+    for run in runs:
+        assert run.returncode == 0, run.describe()
+        assert "all 3 comparisons passed" in " ".join((run.stdout + run.stderr).split()), run.describe()
+
+
+def test_a_bad_factory_fails_before_any_work(foreign: SimpleNamespace, invoke, tmp_path: Path):
+    out = tmp_path / "never.safetensors"
+    for factory in (f"{foreign.factory.split(':')[0]}:missing", foreign.wider):
+        run = invoke("collapse", foreign.root / "hf", "--model", factory, *FLOAT, "-o", out)
+        assert run.returncode == 2, run.describe()
+        assert "collapsing" not in run.stderr and not out.exists()
+    run = invoke("collapse", foreign.root / "hf", "--model", f"{foreign.factory.split(':')[0]}:missing", *FLOAT)
+    assert "has no attribute 'missing'" in " ".join(run.stderr.split())
 
 
 def test_inspect_and_export_a_dcp_directory(foreign: SimpleNamespace, invoke, tmp_path: Path):
