@@ -64,10 +64,17 @@ def inspect_command(
         else f"{result.kind} epcli checkpoint (format v{meta.get('format_version')}, "
         f"epcli {meta.get('epcli_version')}, torch {meta.get('torch_version')})"
     )
+    architecture = (
+        "from --model" if "source_format" in meta
+        else "embedded" if result.has_architecture
+        else "not embedded (use --model)"
+    )
+    for note in meta.get("notes", []):  # what was reconciled between a foreign file and the model
+        render.info(note)
     render.info(
         f"{result.path.name}: {written}; "
         f"input shape {list(result.input_shape)}; "
-        f"architecture {'embedded' if result.has_architecture else 'not embedded (use --model)'}; "
+        f"architecture {architecture}; "
         f"{result.tensor_count} tensors, {result.element_count:,} values"
     )
     rows = []
