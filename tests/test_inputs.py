@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 from torch import Tensor, nn
 
-from epcli import CheckpointError, ConfigError, EPLinear, InputSpec, load_checkpoint, save_checkpoint
+from epcli import CheckpointError, ConfigError, EpcliError, EPLinear, InputSpec, load_checkpoint, save_checkpoint
 from epcli.convert import collapse_state_dict
 from epcli.inputs import parse_input, random_inputs, tensor_leaves
 from epcli.jobs.verify import verify_checkpoint
@@ -158,3 +158,37 @@ def test_a_file_whose_input_shape_disagrees_with_its_inputs_is_refused(two_heads
     torch.save(content, path)
     with pytest.raises(CheckpointError, match=r"input_shape \[6\] is not the shape of inputs\[0\] \[5\]"):
         load_checkpoint(path, model_factory=TwoHeads)
+
+
+@pytest.mark.parametrize(
+    ("tensors", "match"),
+    [
+        ({"a": torch.zeros(2, 5, dtype=torch.int64), "b": torch.zeros(2, 4)}, "name them input_0 .. input_1"),
+        ({"input_0": torch.zeros(2, 5), "input_1": torch.zeros(2, 4)}, "input 0 has dtype float32, but the model"),
+        ({"input_0": torch.full((2, 5), 11), "input_1": torch.zeros(2, 4)}, r"values 11..11, outside .*\[0, 11\)"),
+        ({"input_0": torch.zeros(2, 5, dtype=torch.int64), "input_1": torch.zeros(3, 4)}, "different batch sizes"),
+        ({"input_0": torch.zeros(2, 5, dtype=torch.int64)}, "holds 1 tensors .* takes 2 inputs"),
+    ],
+)
+def test_samples_that_do_not_fit_the_specs_are_named(tmp_path: Path, tensors: dict[str, Tensor], match: str):
+    from safetensors.torch import save_file
+
+    from epcli.jobs.samples import read_samples
+
+    path = tmp_path / "samples.safetensors"
+    save_file(tensors, str(path))
+    with pytest.raises(EpcliError, match=match):
+        read_samples(path, SPECS)
+
+
+def test_samples_from_npz_and_pt_are_read_in_order(tmp_path: Path):
+    import numpy as np
+
+    from epcli.jobs.samples import read_samples
+
+    ids, x = torch.randint(0, 11, (3, 5)), torch.randn(3, 4)
+    np.savez(tmp_path / "s.npz", ids.numpy(), x.numpy())  # arr_0, arr_1
+    torch.save({"input_1": x, "input_0": ids.int()}, tmp_path / "s.pt")
+    for name in ("s.npz", "s.pt"):
+        got = read_samples(tmp_path / name, SPECS)
+        assert torch.equal(got[0], ids) and got[0].dtype == torch.int64 and torch.equal(got[1], x)
