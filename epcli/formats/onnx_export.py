@@ -155,8 +155,9 @@ class OnnxSession:
             raise CheckpointError(
                 f"{where}: unsupported input type {unsupported[0]}; expected {', '.join(sorted(_NUMPY_TYPES))}"
             )
+        self.input_shapes: list[list[int | str | None]] = [list(item.shape) for item in inputs]
         self.input_name = inputs[0].name
-        self.input_shape: list[int | str | None] = list(inputs[0].shape)
+        self.input_shape = self.input_shapes[0]
         self.output_shape: list[int | str | None] | None = None if outputs[0].shape is None else list(outputs[0].shape)
         self.numpy_dtype = self.numpy_dtypes[0]
         if outputs[0].type not in ("tensor(float)", "tensor(double)"):

@@ -30,7 +30,6 @@ __all__ = [
     "VerifyResult",
     "compare_layer",
     "compare_model",
-    "one_float_input",
     "verify_checkpoint",
     "verify_files",
 ]
@@ -211,7 +210,7 @@ def verify_files(
                 f"{checkpoint_path}: no architecture is embedded, so the ONNX model cannot be compared; "
                 "name a factory with --model module:function"
             )
-        session = OnnxSession(artifact_path, timeout=timeout)
+        session = OnnxSession(artifact_path, timeout=timeout, expected_inputs=len(checkpoint.inputs))
         settings = _onnx_settings(session, checkpoint, artifact_path, settings)
         try:
             report = verify_checkpoint(checkpoint, settings, onnx_session=session, progress=progress, batches=batches)
@@ -292,51 +291,47 @@ def _artifact_precision(checkpoint: Checkpoint, artifact: Checkpoint, settings: 
     return f"{artifact.path} stores {stored} weights: the {settings.dtype} comparison is bounded by {stored} precision"
 
 
-def one_float_input(inputs: Sequence[InputSpec]) -> bool:
-    """Whether the model takes one floating-point input: what the ONNX paths handle."""
-    return len(inputs) == 1 and inputs[0].is_float and inputs[0].low is None
-
-
 def _onnx_settings(
     session: OnnxSession, checkpoint: Checkpoint, artifact_path: Path, settings: VerifySettings
 ) -> VerifySettings:
     """Check the ONNX model's input and output against the checkpoint before anything runs; a static batch sets
     the batch size."""
-    if not one_float_input(checkpoint.inputs):
-        raise UsageError(
-            f"{artifact_path}: {checkpoint.path}'s model takes {describe_inputs(checkpoint.inputs)}; comparing an "
-            "ONNX model is supported for one floating-point input only (compare the collapsed checkpoint instead)"
-        )
-    if len(session.input_names) != 1 or session.numpy_dtype not in SUPPORTED_DTYPES:
+    specs = checkpoint.inputs
+    if len(session.input_names) != len(specs):
         raise CheckpointError(
-            f"{artifact_path}: the ONNX model takes {len(session.input_names)} input(s), the first of type "
-            f"{session.numpy_dtype}, but {checkpoint.path} takes one floating-point input (was it exported from "
-            "another model?)"
+            f"{artifact_path}: the ONNX model takes {len(session.input_names)} input(s), but {checkpoint.path} takes "
+            f"{describe_inputs(specs)}: the ONNX file does not match the checkpoint (exported from another model?)"
         )
-    expected = [None, *checkpoint.input_shape]
+    for name, shape, dtype, spec in zip(
+        session.input_names, session.input_shapes, session.numpy_dtypes, specs, strict=True
+    ):
+        if dtype not in (SUPPORTED_DTYPES if spec.is_float else (spec.name,)):
+            raise CheckpointError(
+                f"{artifact_path}: the ONNX model's input {name!r} is {dtype}, but the model takes {spec}"
+            )
+        if spec.is_float and dtype != settings.dtype:
+            raise UsageError(f"{artifact_path}: the ONNX model takes {dtype}; run with --dtype {dtype}")
+        expected = [None, *spec.shape]
+        mismatch = len(shape) != len(expected) or any(
+            isinstance(got, int) and want is not None and got != want
+            for got, want in zip(shape, expected, strict=False)
+        )
+        if mismatch:
+            raise CheckpointError(
+                f"{artifact_path}: the ONNX model's input {name!r} has shape {shape}, but {checkpoint.path} "
+                f"takes [batch, {', '.join(map(str, spec.shape))}]: the ONNX file does not match the "
+                "checkpoint's inputs (was it exported from another model?)"
+            )
     shape = session.input_shape
-    if session.numpy_dtype != settings.dtype:
-        raise UsageError(
-            f"{artifact_path}: the ONNX model takes {session.numpy_dtype}; run with --dtype {session.numpy_dtype}"
-        )
-    mismatch = len(shape) != len(expected) or any(
-        isinstance(got, int) and want is not None and got != want for got, want in zip(shape, expected, strict=False)
-    )
-    if mismatch:
-        raise CheckpointError(
-            f"{artifact_path}: the ONNX model's input {session.input_name!r} has shape {shape}, but {checkpoint.path} "
-            f"takes [batch, {', '.join(map(str, checkpoint.input_shape))}]: the ONNX file does not match the "
-            "checkpoint's inputs (was it exported from another model?)"
-        )
     batch = shape[0]
     if isinstance(batch, int) and batch < 1:
         raise CheckpointError(
             f"{artifact_path}: the ONNX model's input has a static batch size of {batch}; it takes no data"
         )
     assert checkpoint.model is not None
-    dtype = next((p.dtype for p in checkpoint.model.parameters()), torch.float32)
+    model_dtype = next((p.dtype for p in checkpoint.model.parameters()), torch.float32)
     with torch.no_grad():
-        leaves = tensor_leaves(checkpoint.model(torch.zeros((1, *checkpoint.input_shape), dtype=dtype)))
+        leaves = tensor_leaves(checkpoint.model(*(spec.example(1, dtype=model_dtype) for spec in specs)))
     if len(leaves) != 1:
         raise UsageError(
             f"{artifact_path}: {checkpoint.path}'s model returns {len(leaves)} tensors; comparing an ONNX model is "

@@ -244,6 +244,8 @@ def test_token_model_end_to_end_save_collapse_verify_export(foreign: SimpleNames
     assert run.returncode == 0, run.describe()
     run = invoke("export", path, *model, "--onnx", tmp_path / "gpt.onnx", "--samples", "8", "--json")
     assert run.returncode == 0, run.describe()
+    run = invoke("verify", path, tmp_path / "gpt.onnx", *model, "--samples", "8")  # the artifact, int64 input
+    assert run.returncode == 0, run.describe()
     session = onnxruntime.InferenceSession(str(tmp_path / "gpt.onnx"), providers=["CPUExecutionProvider"])
     (only,) = session.get_inputs()
     assert only.type == "tensor(int64)" and only.shape[1:] == [5]
