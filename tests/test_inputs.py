@@ -149,14 +149,24 @@ def test_integer_inputs_are_required_for_an_embedding(two_heads: nn.Module, tmp_
         save_checkpoint(two_heads, tmp_path / "x.safetensors", input_shape=(5,), inputs=SPECS)
 
 
-def test_a_file_whose_input_shape_disagrees_with_its_inputs_is_refused(two_heads: nn.Module, tmp_path: Path):
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (lambda d: d.update(input_shape=[6]), r"input_shape \[6\] is not the shape of inputs\[0\] \[5\]"),
+        (lambda d: d["inputs"][0].update(dtype="complex64"), r"inputs\[0\]: dtype must be one of"),
+        (lambda d: d["inputs"][0].update(high=None), r"inputs\[0\]: InputSpec: give both low and high"),
+        (lambda d: d.update(inputs=[]), "inputs must be a non-empty list"),
+        (lambda d: d.update(format_version=1), r"unknown keys \['inputs'\]"),  # a v1 file has no inputs
+    ],
+)
+def test_bad_inputs_in_a_file_are_refused(two_heads: nn.Module, tmp_path: Path, edit, match: str):
     path = save_checkpoint(two_heads, tmp_path / "h.pt", inputs=SPECS)
     content = torch.load(path, weights_only=True)
     document = json.loads(content["epcli_metadata"])
-    document["input_shape"] = [6]
+    edit(document)
     content["epcli_metadata"] = json.dumps(document)
     torch.save(content, path)
-    with pytest.raises(CheckpointError, match=r"input_shape \[6\] is not the shape of inputs\[0\] \[5\]"):
+    with pytest.raises(CheckpointError, match=match):
         load_checkpoint(path, model_factory=TwoHeads)
 
 
