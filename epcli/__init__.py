@@ -35,6 +35,7 @@ if TYPE_CHECKING:  # explicit re-exports for type checkers; at run time __getatt
     from epcli.formats.checkpoint import open_checkpoint as open_checkpoint
     from epcli.formats.checkpoint import save_checkpoint as save_checkpoint
     from epcli.formats.checkpoint import save_collapsed_checkpoint as save_collapsed_checkpoint
+    from epcli.inputs import InputSpec as InputSpec
     from epcli.layers import EPConfig as EPConfig
     from epcli.layers import EPConv as EPConv
     from epcli.layers import EPConv1d as EPConv1d
@@ -76,6 +77,7 @@ _LAZY = {
     "open_checkpoint": "epcli.formats.checkpoint",
     "save_checkpoint": "epcli.formats.checkpoint",
     "save_collapsed_checkpoint": "epcli.formats.checkpoint",
+    "InputSpec": "epcli.inputs",
 }
 
 __all__ = [

@@ -1,4 +1,4 @@
-"""Seeded random-input comparisons of an expanded model against its collapsed form.
+"""Seeded random-input (or given-input) comparisons of an expanded model against its collapsed form.
 
 Pure computation: callers hand in callables (torch modules, an onnxruntime
 session, collapsed weights) and get a frozen :class:`VerifyReport` back. Nothing
@@ -10,12 +10,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from epcli.devices import resolve_device
 from epcli.errors import ShapeMismatchError, UsageError
+from epcli.inputs import InputSpec, random_inputs, tensor_leaves
 
 __all__ = [
     "DEFAULT_TOLERANCES",
@@ -27,6 +29,7 @@ __all__ = [
     "VerifyReport",
     "VerifySettings",
     "compare",
+    "compare_outputs",
     "random_batches",
 ]
 
@@ -159,14 +162,15 @@ def random_batches(input_shape: Sequence[int], settings: VerifySettings) -> Iter
 
     Drawn in float64 on the CPU and cast, so float32 and float64 runs (and every device) see the same values.
     """
-    device = settings.torch_device
-    generator = torch.Generator().manual_seed(settings.seed)
-    remaining = settings.samples
-    while remaining > 0:
-        size = min(settings.batch_size, remaining)
-        batch = torch.randn((size, *input_shape), generator=generator, dtype=torch.float64)
-        yield batch.to(device=device, dtype=settings.torch_dtype)
-        remaining -= size
+    for (batch,) in random_inputs(
+        (InputSpec(tuple(input_shape)),),
+        settings.samples,
+        settings.batch_size,
+        settings.seed,
+        dtype=settings.torch_dtype,
+        device=settings.torch_device,
+    ):
+        yield batch
 
 
 def compare(
@@ -179,40 +183,106 @@ def compare(
     settings: VerifySettings,
 ) -> Comparison:
     """Run both callables on the same seeded batches and measure how far apart they are."""
-    tolerance = settings.tolerance
-    max_abs = sum_abs = max_ref = sum_ref = 0.0
-    min_atol = 0.0
-    count = 0
-    finite = True
-    with torch.no_grad():
-        for batch in random_batches(input_shape, settings):
-            expected = reference(batch).to("cpu", torch.float64)
-            got = candidate(batch).to("cpu", torch.float64)
-            if got.shape != expected.shape:
-                raise ShapeMismatchError(
-                    f"{name}: {candidate_label} gives shape {tuple(got.shape)}, expanded gives {tuple(expected.shape)}"
-                )
-            error = (got - expected).abs()
-            finite = finite and bool(torch.isfinite(error).all())
-            magnitude = expected.abs()
-            max_abs = max(max_abs, float(error.max()))
-            sum_abs += float(error.sum())
-            max_ref = max(max_ref, float(magnitude.max()))
-            sum_ref += float(magnitude.sum())
-            min_atol = max(min_atol, float((error - tolerance.rtol * magnitude).max()))
-            count += error.numel()
-    if not finite:
-        nan = float("nan")
-        return Comparison(name, scope, candidate_label, settings.samples, nan, nan, nan, nan, nan, False)
-    return Comparison(
-        name=name,
-        scope=scope,
-        candidate=candidate_label,
-        samples=settings.samples,
-        max_abs_error=max_abs,
-        mean_abs_error=sum_abs / count,
-        max_rel_error=max_abs / max_ref if max_ref > 0 else max_abs,
-        mean_rel_error=sum_abs / sum_ref if sum_ref > 0 else sum_abs / count,
-        min_atol=max(min_atol, 0.0),
-        passed=min_atol <= tolerance.atol,
+    (comparison,) = compare_outputs(
+        name, scope, candidate_label, reference, candidate, (InputSpec(tuple(input_shape)),), settings
     )
+    return comparison
+
+
+def compare_outputs(
+    name: str,
+    scope: str,
+    candidate_label: str,
+    reference: Callable[..., Any],
+    candidate: Callable[..., Any],
+    inputs: Sequence[InputSpec] | Sequence[tuple[Tensor, ...]],
+    settings: VerifySettings,
+) -> tuple[Comparison, ...]:
+    """Both callables on the same batches, one :class:`Comparison` per tensor in the output.
+
+    ``inputs`` are specs (seeded batches are drawn from them, ``settings.samples`` in all)
+    or the batches themselves (e.g. a user's samples, one tensor per model input, batch first).
+    A tensor output is compared as ``name``; the leaves of a tuple / dict / dataclass
+    output as ``name`` plus their path (``<model>[0]``, ``<model>.logits``).
+    """
+    if inputs and all(isinstance(spec, InputSpec) for spec in inputs):
+        specs = [spec for spec in inputs if isinstance(spec, InputSpec)]
+        batches: Iterable[tuple[Tensor, ...]] = random_inputs(
+            specs,
+            settings.samples,
+            settings.batch_size,
+            settings.seed,
+            dtype=settings.torch_dtype,
+            device=settings.torch_device,
+        )
+    else:
+        batches = [tuple(batch) for batch in inputs if isinstance(batch, tuple)]
+    tolerance = settings.tolerance
+    errors: dict[str, _Errors] = {}
+    samples = 0
+    with torch.no_grad():
+        for batch in batches:
+            samples += batch[0].shape[0]
+            expected = tensor_leaves(reference(*batch))
+            got = dict(tensor_leaves(candidate(*batch)))
+            if not expected:
+                raise ShapeMismatchError(f"{name}: the expanded model's output holds no tensors")
+            if set(got) != {path for path, _ in expected}:
+                raise ShapeMismatchError(
+                    f"{name}: {candidate_label} gives outputs {sorted(got)}, expanded gives "
+                    f"{[path for path, _ in expected]}"
+                )
+            for path, want in expected:
+                errors.setdefault(path, _Errors()).add(f"{name}{path}", candidate_label, got[path], want, tolerance)
+    return tuple(
+        errors[path].comparison(f"{name}{path}", scope, candidate_label, samples, tolerance) for path in errors
+    )
+
+
+@dataclass
+class _Errors:
+    """Running error sums of one output tensor over the batches."""
+
+    max_abs: float = 0.0
+    sum_abs: float = 0.0
+    max_ref: float = 0.0
+    sum_ref: float = 0.0
+    min_atol: float = 0.0
+    count: int = 0
+    finite: bool = True
+
+    def add(self, name: str, label: str, got: Tensor, expected: Tensor, tolerance: Tolerance) -> None:
+        if got.shape != expected.shape:
+            raise ShapeMismatchError(
+                f"{name}: {label} gives shape {tuple(got.shape)}, expanded gives {tuple(expected.shape)}"
+            )
+        expected, got = expected.to("cpu", torch.float64), got.to("cpu", torch.float64)
+        error = (got - expected).abs()
+        if error.numel() == 0:
+            return
+        self.finite = self.finite and bool(torch.isfinite(error).all())
+        magnitude = expected.abs()
+        self.max_abs = max(self.max_abs, float(error.max()))
+        self.sum_abs += float(error.sum())
+        self.max_ref = max(self.max_ref, float(magnitude.max()))
+        self.sum_ref += float(magnitude.sum())
+        self.min_atol = max(self.min_atol, float((error - tolerance.rtol * magnitude).max()))
+        self.count += error.numel()
+
+    def comparison(self, name: str, scope: str, label: str, samples: int, tolerance: Tolerance) -> Comparison:
+        if not self.finite:
+            nan = float("nan")
+            return Comparison(name, scope, label, samples, nan, nan, nan, nan, nan, False)
+        count = max(self.count, 1)
+        return Comparison(
+            name=name,
+            scope=scope,
+            candidate=label,
+            samples=samples,
+            max_abs_error=self.max_abs,
+            mean_abs_error=self.sum_abs / count,
+            max_rel_error=self.max_abs / self.max_ref if self.max_ref > 0 else self.max_abs,
+            mean_rel_error=self.sum_abs / self.sum_ref if self.sum_ref > 0 else self.sum_abs / count,
+            min_atol=max(self.min_atol, 0.0),
+            passed=self.min_atol <= tolerance.atol,
+        )

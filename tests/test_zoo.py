@@ -22,8 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from epcli import ConfigError, EPLayer, collapse_model, load_checkpoint, overparameterize, save_checkpoint
+from epcli import EPLayer, InputSpec, collapse_model, load_checkpoint, overparameterize, save_checkpoint
 from epcli.convert import expanded_eval, plan_overparameterize
+from epcli.jobs.verify import verify_checkpoint
+from epcli.verify import VerifySettings
 
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4}
 """dtype -> rtol, and atol as a fraction of the largest |expected| output."""
@@ -286,27 +288,20 @@ def test_save_and_load_round_trip_with_a_factory(trained: tuple[Case, nn.Module]
     x = case.batch(4)
     with torch.no_grad():
         expected = model(x)
-    if case.integer_input:
-        # token ids: save_checkpoint's probe feeds float zeros, which an embedding refuses (input specs: issue 10);
-        # the decoder stack itself, which takes float hidden states, round-trips today
-        with pytest.raises(ConfigError, match="forward fails"):
-            save_checkpoint(model, tmp_path / "gpt.safetensors", input_shape=case.input_shape)
+    if case.integer_input:  # token ids in [0, vocab): the probe and every check draw them from the spec
+        spec = InputSpec(case.input_shape, torch.int64, 0, case.integer_input)
+        path = save_checkpoint(model, tmp_path / "model.safetensors", inputs=[spec])
         assert model.lm_head.weight is model.wte.weight  # type: ignore[union-attr]  # still tied after training
-        part, shape = model.blocks, (case.input_shape[0], 16)
-        path = save_checkpoint(part, tmp_path / "blocks.safetensors", input_shape=shape)
-        loaded = load_checkpoint(path, model_factory=lambda: case.expand(case.build()).blocks)  # type: ignore[union-attr]
-        hidden = torch.randn(4, *shape)
-        with torch.no_grad():
-            assert loaded.model is not None
-            torch.testing.assert_close(loaded.model(hidden), part(hidden), rtol=0, atol=0)  # type: ignore[operator]
-        return
-    path = save_checkpoint(model, tmp_path / "model.safetensors", input_shape=case.input_shape)
+    else:
+        path = save_checkpoint(model, tmp_path / "model.safetensors", input_shape=case.input_shape)
     loaded = load_checkpoint(path, model_factory=lambda: case.expand(case.build()))
     assert loaded.model is not None and set(loaded.ep_layers) == {
         p for p, m in model.named_modules() if isinstance(m, EPLayer)
     }
     with torch.no_grad():
         torch.testing.assert_close(loaded.model(x), expected, rtol=0, atol=0)
+    report = verify_checkpoint(loaded, VerifySettings(samples=8, batch_size=4, dtype="float64"))
+    assert report.passed and report.comparisons[-1].name == "<model>", report
 
 
 def test_gpt_tied_head_is_kept_and_reported():

@@ -14,10 +14,14 @@ from epcli.cli.options import (
     CheckpointArg,
     DeviceOption,
     ForceOption,
+    InputOption,
+    InputShapeOption,
     JsonOption,
     ModelOption,
     QuietOption,
+    StateKeyOption,
     choice,
+    parse_inputs,
     parse_size,
 )
 
@@ -57,6 +61,9 @@ def collapse_command(
     force: ForceOption = False,
     device: DeviceOption = "cpu",
     model: ModelOption = None,
+    input_shape: InputShapeOption = None,
+    input_specs: InputOption = None,
+    state_key: StateKeyOption = None,
     max_shard_size: Annotated[
         str | None,
         typer.Option(
@@ -80,7 +87,8 @@ def collapse_command(
 ) -> None:
     """Collapse every EP layer into one Linear/Conv2d, one layer at a time; write the compact checkpoint (atomically).
 
-    Reads .pt, .safetensors and sharded safetensors (give the .safetensors.index.json).
+    Reads .pt, .safetensors and sharded safetensors (give the .safetensors.index.json); with --model and
+    --input-shape/--input also checkpoints epcli did not write (README: "Checkpoints epcli did not write").
     """
     from epcli.jobs.collapse import collapse_file
 
@@ -91,11 +99,15 @@ def collapse_command(
             file_format=None if file_format is None else file_format.value,
             force=force,
             model_factory=model,
+            inputs=parse_inputs(input_shape, input_specs),
+            state_key=state_key,
             device=device,
             max_shard_bytes=None if max_shard_size is None else parse_size(max_shard_size, "--max-shard-size"),
             model_check=model_check,
             progress=progress,
         )
+    for note in result.notes:
+        render.info(note)
     render_collapse(result)
     if json_output:
         render.emit_json("collapse", collapse_payload(result))
@@ -121,6 +133,7 @@ def collapse_payload(result: CollapseResult) -> dict[str, Any]:
         ],
         "model_max_abs_error": result.model_max_abs_error,
         "model_check_skipped": result.model_check_skipped,
+        "notes": list(result.notes),
         "expanded_params": result.expanded_params,
         "collapsed_params": result.collapsed_params,
         "compression_ratio": result.compression,

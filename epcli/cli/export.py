@@ -14,12 +14,16 @@ from epcli.cli.options import (
     Atol,
     CheckpointArg,
     ForceOption,
+    InputOption,
+    InputShapeOption,
     JsonOption,
     ModelOption,
     QuietOption,
     Rtol,
     Samples,
     Seed,
+    StateKeyOption,
+    parse_inputs,
     whole_number,
 )
 from epcli.cli.verify import render_report, report_payload
@@ -69,6 +73,9 @@ def export_command(
     rtol: Rtol = None,
     force: ForceOption = False,
     model: ModelOption = None,
+    input_shape: InputShapeOption = None,
+    input_specs: InputOption = None,
+    state_key: StateKeyOption = None,
     json_output: JsonOption = False,
     quiet: QuietOption = False,
 ) -> None:
@@ -94,6 +101,8 @@ def export_command(
             model_factory=model,
             external_data=external_data,
             external_threshold=EXTERNAL_DATA_THRESHOLD if external_threshold is None else external_threshold,
+            inputs=parse_inputs(input_shape, input_specs),
+            state_key=state_key,
             progress=progress,
         )
     payload: dict[str, object] = {"checkpoint": str(checkpoint), "passed": result.passed}

@@ -9,7 +9,16 @@ import typer
 
 from epcli.cli import render
 from epcli.cli.guard import guarded
-from epcli.cli.options import ForceOption, JsonOption, ModelOption, QuietOption
+from epcli.cli.options import (
+    ForceOption,
+    InputOption,
+    InputShapeOption,
+    JsonOption,
+    ModelOption,
+    QuietOption,
+    StateKeyOption,
+    parse_inputs,
+)
 
 __all__ = ["inspect_command"]
 
@@ -20,7 +29,9 @@ def inspect_command(
         Path,
         typer.Argument(
             metavar="CKPT",
-            help="An epcli checkpoint, expanded or collapsed (.pt, .safetensors, or a .safetensors.index.json).",
+            help="An epcli checkpoint, expanded or collapsed (.pt, .safetensors, or a .safetensors.index.json); with "
+            "--model and --input-shape/--input also one epcli did not write (state_dict .pt, Hugging Face folder, "
+            "torch.distributed.checkpoint directory).",
             show_default=False,
         ),
     ],
@@ -43,20 +54,45 @@ def inspect_command(
     ] = False,
     force: ForceOption = False,
     model: ModelOption = None,
+    input_shape: InputShapeOption = None,
+    input_specs: InputOption = None,
+    state_key: StateKeyOption = None,
     json_output: JsonOption = False,
     quiet: QuietOption = False,
 ) -> None:
     """Show what a checkpoint holds. Effective rank = exp(entropy of the normalised singular values)."""
     from epcli.jobs.inspect import inspect_file
 
+    inputs = parse_inputs(input_shape, input_specs)
     with render.progress() as progress:
-        result = inspect_file(checkpoint, model_factory=model, plot=plot, force=force, exact=exact, progress=progress)
+        result = inspect_file(
+            checkpoint,
+            model_factory=model,
+            inputs=inputs,
+            state_key=state_key,
+            plot=plot,
+            force=force,
+            exact=exact,
+            progress=progress,
+        )
     meta = result.metadata
+    written = (
+        f"{meta['source_format']} checkpoint without epcli metadata (EP configs from --model)"
+        if "source_format" in meta
+        else f"{result.kind} epcli checkpoint (format v{meta.get('format_version')}, "
+        f"epcli {meta.get('epcli_version')}, torch {meta.get('torch_version')})"
+    )
+    architecture = (
+        "from --model" if "source_format" in meta
+        else "embedded" if result.has_architecture
+        else "not embedded (use --model)"
+    )
+    for note in meta.get("notes", []):  # what was reconciled between a foreign file and the model
+        render.info(note)
     render.info(
-        f"{result.path.name}: {result.kind} epcli checkpoint (format v{meta.get('format_version')}, "
-        f"epcli {meta.get('epcli_version')}, torch {meta.get('torch_version')}); "
+        f"{result.path.name}: {written}; "
         f"input shape {list(result.input_shape)}; "
-        f"architecture {'embedded' if result.has_architecture else 'not embedded (use --model)'}; "
+        f"architecture {architecture}; "
         f"{result.tensor_count} tensors, {result.element_count:,} values"
     )
     rows = []

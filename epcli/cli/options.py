@@ -7,11 +7,14 @@ import re
 from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
 from epcli.errors import UsageError
+
+if TYPE_CHECKING:
+    from epcli.inputs import InputSpec
 
 __all__ = [
     "parse_size",
@@ -21,11 +24,15 @@ __all__ = [
     "DeviceOption",
     "Dtype",
     "ForceOption",
+    "InputOption",
+    "InputShapeOption",
     "JsonOption",
     "ModelOption",
     "QuietOption",
     "Rtol",
     "Samples",
+    "StateKeyOption",
+    "parse_inputs",
     "Seed",
     "Timeout",
     "choice",
@@ -86,7 +93,9 @@ CheckpointArg = Annotated[
     Path,
     typer.Argument(
         help="Expanded checkpoint written by epcli.save_checkpoint: .pt, .safetensors, or the .safetensors.index.json "
-        "of a sharded one.",
+        "of a sharded one. With --model and --input-shape/--input also one epcli did not write: a plain state_dict "
+        ".pt (--state-key for a trainer's dict), a Hugging Face folder or .safetensors, a torch.distributed.checkpoint "
+        "directory.",
         show_default=False,
         metavar="CKPT",
     ),
@@ -105,8 +114,40 @@ ModelOption = Annotated[
     typer.Option(
         "--model",
         metavar="MODULE:FUNCTION",
-        help="Build the architecture by calling this factory (imported only because you name it) "
-        "instead of the one embedded in the checkpoint; needed for models with a custom forward.",
+        help="A function taking no arguments that returns the expanded model (e.g. mymodels:build for build() in "
+        "mymodels.py, looked up in the working directory first); imported only because you name it, and checked "
+        "before any work. Needed for models with a custom forward and for checkpoints epcli did not write.",
+    ),
+]
+InputShapeOption = Annotated[
+    str | None,
+    typer.Option(
+        "--input-shape",
+        metavar="D1,D2,...",
+        help="For a checkpoint epcli did not write: the model takes one float32 input of this shape per sample "
+        "(no batch dimension), e.g. 3,224,224.",
+        show_default=False,
+    ),
+]
+InputOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--input",
+        metavar="SPEC",
+        help="For a checkpoint epcli did not write: one model input, repeated once per input in order. SPEC is "
+        "DTYPE[D1,D2,...] (float: standard normal) or DTYPE[D1,...]:LOW:HIGH (values in [LOW, HIGH)), e.g. "
+        "'int64[16]:0:50257' for 16 token ids of a 50257-word vocabulary, 'float32[3,224,224]'.",
+        show_default=False,
+    ),
+]
+StateKeyOption = Annotated[
+    str | None,
+    typer.Option(
+        "--state-key",
+        metavar="KEY",
+        help="For a checkpoint epcli did not write: the entry of a trainer's dict (.pt) that holds the model's "
+        "state_dict, e.g. model; for safetensors / DCP the key prefix of the model's tensors.",
+        show_default=False,
     ),
 ]
 ForceOption = Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")]
@@ -170,6 +211,22 @@ DeviceOption = Annotated[
 class Dtype(str, Enum):
     float32 = "float32"
     float64 = "float64"
+
+
+def parse_inputs(input_shape: str | None, inputs: list[str] | None) -> list[InputSpec] | None:
+    """The input specs given by --input-shape or --input (not both); None when neither was given."""
+    from epcli.inputs import parse_input
+
+    if input_shape is not None and inputs:
+        raise UsageError("give the model's input either with --input-shape (one float input) or with --input, not both")
+    if input_shape is not None:
+        if not re.fullmatch(r"\s*\d+(\s*,\s*\d+)*\s*,?\s*", input_shape):
+            raise UsageError(
+                f"--input-shape {input_shape!r}: give the sizes of one sample, e.g. 3,224,224; for another dtype or a "
+                "value range use --input (e.g. 'int64[16]:0:50257')"
+            )
+        return [parse_input(input_shape.strip().rstrip(","))]
+    return [parse_input(text) for text in inputs] if inputs else None
 
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)\s*$", re.IGNORECASE)

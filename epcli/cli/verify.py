@@ -15,14 +15,18 @@ from epcli.cli.options import (
     CheckpointArg,
     DeviceOption,
     Dtype,
+    InputOption,
+    InputShapeOption,
     JsonOption,
     ModelOption,
     QuietOption,
     Rtol,
     Samples,
     Seed,
+    StateKeyOption,
     Timeout,
     choice,
+    parse_inputs,
 )
 
 if TYPE_CHECKING:
@@ -36,6 +40,10 @@ HELP = """Compare the expanded model with its collapsed form on seeded random in
 ARTIFACT is a collapsed .safetensors/.pt (from epcli collapse) or an .onnx file (run in
 onnxruntime); without it the collapse is computed in memory. Every EP layer is checked
 alone, and the whole model when its architecture is known.
+
+Inputs are drawn from the model's input specs (saved in the checkpoint, or given with
+--input-shape / --input); --inputs FILE runs the whole model on your own samples.
+Outputs may be tuples, dicts or dataclasses of tensors: each tensor is compared.
 
 Pass rule, per element: |collapsed - expanded| <= atol + rtol * |expanded|.
 Default tolerances: float32 atol=1e-4 rtol=1e-4; float64 atol=1e-10 rtol=1e-9.
@@ -71,6 +79,20 @@ def verify_command(
     ] = Dtype.float32,
     device: DeviceOption = "cpu",
     model: ModelOption = None,
+    input_shape: InputShapeOption = None,
+    input_specs: InputOption = None,
+    state_key: StateKeyOption = None,
+    samples_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--inputs",
+            metavar="FILE",
+            help="Compare the whole model on your own samples instead of random ones: a .safetensors, .npz or .pt "
+            "(dict of tensors) holding one tensor per model input, batch first (named input_0, input_1, ... when "
+            "there are several). EP layers are still checked on random inputs.",
+            show_default=False,
+        ),
+    ] = None,
     timeout: Timeout = 60.0,
     json_output: JsonOption = False,
     quiet: QuietOption = False,
@@ -82,7 +104,17 @@ def verify_command(
         samples=samples, batch_size=batch_size, seed=seed, dtype=dtype.value, atol=atol, rtol=rtol, device=device
     )
     with render.progress() as progress:
-        result = verify_files(checkpoint, artifact, settings, model_factory=model, timeout=timeout, progress=progress)
+        result = verify_files(
+            checkpoint,
+            artifact,
+            settings,
+            model_factory=model,
+            inputs=parse_inputs(input_shape, input_specs),
+            state_key=state_key,
+            samples_path=samples_file,
+            timeout=timeout,
+            progress=progress,
+        )
     render_report(f"Verify {checkpoint.name}", result.report)
     if json_output:
         render.emit_json(

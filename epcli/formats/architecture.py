@@ -14,7 +14,7 @@ from __future__ import annotations
 import itertools
 import math
 import numbers
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -37,6 +37,7 @@ from epcli.formats.limits import (
     check_sample_shape,
 )
 from epcli.formats.metadata import checked_config
+from epcli.inputs import InputSpec, describe_inputs
 from epcli.layers.base import EPLayer
 from epcli.layers.registry import REGISTRY, class_name, collapsed_has_bias, plain_layer
 from epcli.text import quote
@@ -445,8 +446,8 @@ def _build_sequential(node: Mapping[str, Any], path: str, depth: int, count: lis
     return sequential
 
 
-def check_forward(model: nn.Module, input_shape: tuple[int, ...], source: str) -> None:
-    """Run ``model`` on a batch of zero samples of ``input_shape``: every shape is checked, nothing is computed.
+def check_forward(model: nn.Module, inputs: Sequence[InputSpec], source: str) -> None:
+    """Run ``model`` on a batch of zero samples of its ``inputs``: every shape is checked, nothing is computed.
 
     Refuses a model whose forward fails on its own input shape, and any module whose
     output has more than :data:`~epcli.formats.limits.MAX_SAMPLE_ELEMENTS` elements per
@@ -466,20 +467,23 @@ def check_forward(model: nn.Module, input_shape: tuple[int, ...], source: str) -
     if any(t.dtype.itemsize == 1 for t in floats):
         return  # float8: torch has no CPU kernels to run it with; the file is read, not run
     reference = floats[0] if floats else None
-    batch = torch.zeros(
-        (0, *input_shape),
-        dtype=reference.dtype if reference is not None else torch.get_default_dtype(),
-        device=reference.device if reference is not None else None,
-    )
+    batch = [
+        spec.example(
+            0,
+            dtype=reference.dtype if reference is not None else torch.get_default_dtype(),
+            device=reference.device if reference is not None else None,
+        )
+        for spec in inputs
+    ]
     handles = [module.register_forward_hook(bound(path)) for path, module in model.named_modules()]
     try:
         with torch.no_grad(), expanded_eval(model):  # the chains, not a collapse: an empty batch costs nothing
-            model(batch)
+            model(*batch)
     except ConfigError as e:
         raise CheckpointError(f"{source}: {e}") from None
     except Exception as e:  # torch raises many types for a shape that does not fit
         raise CheckpointError(
-            f"{source} fails on its own input_shape {list(input_shape)}: {quote(f'{type(e).__name__}: {e}', 300)}"
+            f"{source} fails on its own {describe_inputs(inputs, ' ')}: {quote(f'{type(e).__name__}: {e}', 300)}"
         ) from None
     finally:
         for handle in handles:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -40,14 +40,15 @@ from epcli.formats.architecture import (
     ep_nodes,
 )
 from epcli.formats.factory import ModelFactory, build_from_factory
+from epcli.formats.foreign import match_keys
 from epcli.formats.limits import check_sample_shape
 from epcli.formats.metadata import (
     Metadata,
     build_metadata,
     checked_config,
     dump_metadata,
+    missing_metadata,
     parse_metadata,
-    sample_shape,
 )
 from epcli.formats.source import (
     SUFFIXES,
@@ -57,6 +58,7 @@ from epcli.formats.source import (
     open_source,
 )
 from epcli.formats.writer import CheckpointWriter
+from epcli.inputs import InputSpec, describe_inputs, input_specs
 from epcli.layers.config import EPConfig
 from epcli.layers.registry import (
     check_state,
@@ -87,7 +89,8 @@ class CheckpointFile:
     EP layer's tensors against its config, and the embedded architecture against
     the keys and shapes (on the meta device). ``files`` lists every file of the
     checkpoint (an index and its shards, or the one file); ``tensors`` lists
-    keys in state-dict order.
+    keys in state-dict order. ``inputs`` are the model's input specs
+    (``input_shape`` is the first one's shape).
     """
 
     path: Path
@@ -95,9 +98,17 @@ class CheckpointFile:
     ep_layers: dict[str, EPConfig]
     layer_input_shapes: dict[str, tuple[int, ...]]
     input_shape: tuple[int, ...]
+    inputs: tuple[InputSpec, ...]
     architecture: dict[str, Any] | None
     metadata: dict[str, Any]
     source: TensorSource
+    notes: tuple[str, ...] = ()
+    """What was reconciled between a foreign file and the model (a stripped prefix, tied weights)."""
+
+    @property
+    def foreign(self) -> bool:
+        """Whether the file was written by another tool (its EP configs come from the user's factory)."""
+        return self.source.metadata is None
 
     @property
     def tensors(self) -> Mapping[str, TensorInfo]:
@@ -138,7 +149,8 @@ class Checkpoint:
     ``model`` is the rebuilt module in eval mode (None when the file has no
     architecture and no factory was given); for a collapsed file it is the plain
     model, and ``ep_layers`` still lists the configs of the collapsed layers.
-    ``layer_input_shapes`` holds each EP layer's per-sample input shape.
+    ``layer_input_shapes`` holds each EP layer's per-sample input shape, ``inputs``
+    the model's input specs (``input_shape`` is the first one's shape).
     """
 
     path: Path
@@ -148,17 +160,31 @@ class Checkpoint:
     ep_layers: dict[str, EPConfig]
     layer_input_shapes: dict[str, tuple[int, ...]]
     input_shape: tuple[int, ...]
+    inputs: tuple[InputSpec, ...]
     architecture: dict[str, Any] | None
     metadata: dict[str, Any]
+    notes: tuple[str, ...] = ()
+    files: tuple[Path, ...] = ()
+    """Every file read: the one file, an index and its shards, a folder's or DCP directory's files (first: the
+    one that identifies it, whose sha256 provenance records)."""
 
 
 # ---- saving ----------------------------------------------------------------------------------
-def save_checkpoint(model: nn.Module, path: str | os.PathLike[str], *, input_shape: Any) -> Path:
+def save_checkpoint(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    *,
+    input_shape: Any = None,
+    inputs: Sequence[InputSpec] | None = None,
+) -> Path:
     """Write ``model`` as an expanded-form checkpoint (``.pt`` or ``.safetensors``, by suffix); returns the path.
 
-    ``input_shape`` is the shape of one sample without the batch dimension, e.g.
-    ``(64,)`` or ``(1, 8, 8)``; one forward pass on zeros of that shape records
-    each EP layer's input shape. The write is atomic, and identical models give
+    ``input_shape`` is the shape of one float32 sample without the batch dimension,
+    e.g. ``(64,)`` or ``(1, 8, 8)``; ``inputs`` instead gives one
+    :class:`~epcli.InputSpec` per model input, e.g. token ids
+    ``inputs=[InputSpec((16,), torch.int64, 0, vocab_size)]``. One forward pass on
+    inputs of those specs records each EP layer's input shape, and later checks
+    draw their inputs from them. The write is atomic, and identical models give
     byte-identical files. A wrapped model (DDP, ``torch.compile``, FSDP1/FSDP2) is
     saved as its full, unwrapped model (:func:`epcli.convert.unwrap_model`; for FSDP
     a collective, so call it on every rank).
@@ -171,15 +197,15 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike[str], *, input_sha
         )
     path = Path(path)
     model = unwrap_model(model)
-    shape = sample_shape(input_shape)
+    specs = input_specs(input_shape, inputs)
     layers = find_ep_layers(model)
-    layer_shapes = _layer_input_shapes(model, shape)
+    layer_shapes = _layer_input_shapes(model, specs)
     # the model's own tensors, not copies: the writer streams them to the file one at a time
     state = _tensors_only(model.state_dict())
     check_finite(state, "the model")
     document = build_metadata(
         kind="expanded",
-        input_shape=shape,
+        inputs=specs,
         ep_layers={p: layer.config for p, layer in layers.items()},
         layer_input_shapes=layer_shapes,
         architecture=describe_architecture(model),
@@ -247,7 +273,7 @@ def collapsed_metadata(checkpoint: Checkpoint | CheckpointFile, provenance: Mapp
     architecture = None if checkpoint.architecture is None else collapsed_architecture(checkpoint.architecture)
     document = build_metadata(
         kind="collapsed",
-        input_shape=checkpoint.input_shape,
+        inputs=checkpoint.inputs,
         ep_layers=checkpoint.ep_layers,
         layer_input_shapes=checkpoint.layer_input_shapes,
         architecture=architecture,
@@ -282,8 +308,8 @@ def _detached(state: Mapping[str, Any]) -> dict[str, Tensor]:
     }
 
 
-def _layer_input_shapes(model: nn.Module, shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
-    """Per-sample input shape of each EP layer, from one forward pass of ``model`` itself on zeros.
+def _layer_input_shapes(model: nn.Module, specs: Sequence[InputSpec]) -> dict[str, tuple[int, ...]]:
+    """Per-sample input shape of each EP layer, from one forward pass of ``model`` itself on constant inputs.
 
     No copy of the model: it runs in eval mode with its EP layers' expanded chains (no collapse is
     computed or cached) under ``no_grad``, so no parameter, buffer or batch-norm statistic changes;
@@ -301,19 +327,24 @@ def _layer_input_shapes(model: nn.Module, shape: tuple[int, ...]) -> dict[str, t
 
     handles = [layer.register_forward_pre_hook(recorder(path)) for path, layer in layers.items()]
     reference = next((t for t in itertools.chain(model.parameters(), model.buffers()) if t.is_floating_point()), None)
-    batch = torch.zeros(
-        (2, *shape),
-        dtype=reference.dtype if reference is not None else torch.get_default_dtype(),
-        device=reference.device if reference is not None else None,
-    )
+    batch = [
+        spec.example(
+            2,
+            dtype=reference.dtype if reference is not None else torch.get_default_dtype(),
+            device=reference.device if reference is not None else None,
+        )
+        for spec in specs
+    ]
+    given = describe_inputs(specs)
     try:
         with expanded_eval(model), torch.no_grad():
-            model(batch)
+            model(*batch)
     except Exception as e:  # the user's forward may fail in any way on a wrong shape
+        shapes = ", ".join(f"{list(t.shape)} {str(t.dtype).removeprefix('torch.')}" for t in batch)
         raise ConfigError(
-            f"the model's forward fails on a batch of shape {list(batch.shape)} (input_shape={list(shape)}): "
+            f"the model's forward fails on a batch of shape {shapes} ({given}): "
             f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}; pass the shape of one "
-            "sample without the batch dimension"
+            "sample without the batch dimension (token ids and other non-float inputs: inputs=[InputSpec(...)])"
         ) from e
     finally:
         for handle in handles:
@@ -321,48 +352,68 @@ def _layer_input_shapes(model: nn.Module, shape: tuple[int, ...]) -> dict[str, t
     unused = [path for path in layers if path not in seen]
     if unused:
         raise ConfigError(
-            f"EP layers {unused} were not called by the forward pass on input_shape={list(shape)}; "
+            f"EP layers {unused} were not called by the forward pass on {given}; "
             "epcli needs every EP layer's input shape"
         )
     return seen
 
 
 # ---- loading ---------------------------------------------------------------------------------
-def open_checkpoint(path: str | os.PathLike[str], *, model_factory: ModelFactory | None = None) -> CheckpointFile:
+def open_checkpoint(
+    path: str | os.PathLike[str],
+    *,
+    model_factory: ModelFactory | None = None,
+    inputs: Sequence[InputSpec] | None = None,
+    state_key: str | None = None,
+) -> CheckpointFile:
     """Open and check a checkpoint without reading its tensors; :meth:`CheckpointFile.read` reads them.
 
     Runs every check of :func:`load_checkpoint` that needs no tensor data, on meta
-    tensors, so it costs the same for a 10 GB file as for a small one. Reads
-    ``.pt``, ``.safetensors`` and sharded safetensors (pass the ``.safetensors.index.json``).
-    With ``model_factory`` the model it builds is checked against the file's keys and
-    shapes instead of the embedded architecture (the model itself is not kept).
-    Errors are :class:`EpcliError` whose messages start with the path.
+    tensors, so it costs the same for a 10 GB file as for a small one; a named
+    ``model_factory`` is imported, called and checked against the file here too.
+    Reads ``.pt``, ``.safetensors``, sharded safetensors (pass the ``.safetensors.index.json``)
+    and, with ``model_factory`` and ``inputs``, checkpoints other tools wrote (see
+    :func:`load_checkpoint`). Errors are :class:`EpcliError` whose messages start with the path.
     """
     path = Path(path)
     with _naming(path):
-        opened = _open(path)
+        opened = _open(path, model_factory, inputs, state_key)
         if opened.architecture is not None or model_factory is not None:
             _skeleton(opened, opened.meta_state(), model_factory)
         return opened
 
 
-def load_checkpoint(path: str | os.PathLike[str], *, model_factory: ModelFactory | None = None) -> Checkpoint:
+def load_checkpoint(
+    path: str | os.PathLike[str],
+    *,
+    model_factory: ModelFactory | None = None,
+    inputs: Sequence[InputSpec] | None = None,
+    state_key: str | None = None,
+) -> Checkpoint:
     """Read and validate a checkpoint, and rebuild its model (eval mode) without running code from the file.
 
-    ``model_factory`` (``"module:function"`` or a callable) builds the model for
-    architectures the file cannot describe; it is imported only because the
-    caller named it. Every problem raises an :class:`EpcliError` whose message
-    starts with the file's path.
+    ``model_factory`` (``"module:function"`` or a callable taking no arguments and
+    returning the expanded model) builds the model for architectures the file
+    cannot describe; it is imported only because the caller named it. With it, a
+    checkpoint epcli did not write can be read too: a plain state-dict ``.pt`` (or the
+    entry ``state_key`` of a trainer's dict), a Hugging Face folder or ``.safetensors``
+    file, or a ``torch.distributed.checkpoint`` directory; the EP configs then come
+    from the factory's model and ``inputs`` (one :class:`~epcli.InputSpec` per model
+    input) say what it takes. Every problem raises an :class:`EpcliError` whose
+    message starts with the file's path. Example::
+
+        ckpt = load_checkpoint("run/checkpoint-1000", model_factory="mymodels:build",
+                               inputs=[InputSpec((16,), torch.int64, 0, 50257)])
     """
     path = Path(path)
     with _naming(path):
-        opened = _open(path)
+        opened = _open(path, model_factory, inputs, state_key)
         built = _skeleton(opened, opened.meta_state(), model_factory)  # all checks before any data is read
     state = opened.read(opened.tensors)
     with _naming(path):
         model = None if built is None else _fill(*built, state)
         if built is not None and model is not None and opened.architecture is not None and model_factory is None:
-            check_forward(model, opened.input_shape, built[1])
+            check_forward(model, opened.inputs, built[1])
     return Checkpoint(
         path=path,
         kind=opened.kind,
@@ -371,8 +422,11 @@ def load_checkpoint(path: str | os.PathLike[str], *, model_factory: ModelFactory
         ep_layers=opened.ep_layers,
         layer_input_shapes=opened.layer_input_shapes,
         input_shape=opened.input_shape,
+        inputs=opened.inputs,
         architecture=opened.architecture,
         metadata=opened.metadata,
+        notes=opened.notes,
+        files=opened.files,
     )
 
 
@@ -387,25 +441,35 @@ def _naming(path: Path) -> Iterator[None]:
         raise CheckpointError(f"{path}: cannot be read ({e.strerror or e})") from e
 
 
-def _open(path: Path) -> CheckpointFile:
+def _open(
+    path: Path, model_factory: ModelFactory | None, inputs: Sequence[InputSpec] | None, state_key: str | None
+) -> CheckpointFile:
     if not path.exists():
         raise CheckpointError("no such file; check the path")
-    if path.is_dir():
-        raise CheckpointError(f"is a directory, not a checkpoint file; pass the {' or '.join(SUFFIXES)} file itself")
-    if not path.is_file():
+    if not path.is_file() and not path.is_dir():
         raise CheckpointError("is not a regular file")
-    if path.stat().st_size == 0:
+    if path.is_file() and path.stat().st_size == 0:
         raise CheckpointError(
             "is empty (0 bytes); it was not written completely: save it again with epcli.save_checkpoint"
         )
-    source = open_source(path)
+    source = open_source(path, state_key=state_key)
+    if source.metadata is None:
+        return _open_foreign(path, source, model_factory, inputs)
+    if state_key is not None:
+        raise UsageError("has epcli metadata, so there is no state_dict entry to choose: drop the state key")
     meta = parse_metadata(source.metadata)
+    if inputs is not None and tuple(inputs) != meta.inputs:
+        raise UsageError(
+            f"records its model's inputs ({describe_inputs(meta.inputs)}), which differ from the ones given "
+            f"({describe_inputs(inputs)}); drop --input-shape / --input for files epcli wrote"
+        )
     opened = CheckpointFile(
         path=path,
         kind=meta.kind,
         ep_layers=meta.ep_layers,
         layer_input_shapes=meta.layer_input_shapes,
         input_shape=meta.input_shape,
+        inputs=meta.inputs,
         architecture=meta.architecture,
         metadata=meta.document,
         source=source,
@@ -414,7 +478,46 @@ def _open(path: Path) -> CheckpointFile:
     return opened
 
 
-def _check_ep_tensors(meta: Metadata, state: Mapping[str, Tensor]) -> None:
+def _open_foreign(
+    path: Path, source: TensorSource, model_factory: ModelFactory | None, inputs: Sequence[InputSpec] | None
+) -> CheckpointFile:
+    """A checkpoint another tool wrote: EP configs and layer input shapes from the factory's model."""
+    if model_factory is None:
+        raise missing_metadata(source.found)
+    if inputs is None:
+        raise UsageError(
+            f"is a {source.form} checkpoint without epcli metadata ({source.found}), so its model's input is "
+            "unknown; give it with --input-shape (one float input, e.g. 3,224,224) or --input (e.g. "
+            "'int64[16]:0:50257'), or inputs=[InputSpec(...)]"
+        )
+    specs = input_specs(inputs=inputs)
+    model = build_from_factory(model_factory)
+    source, notes = match_keys(source, model)
+    layers = find_ep_layers(model)
+    opened = CheckpointFile(
+        path=path,
+        kind="expanded",
+        ep_layers={p: layer.config for p, layer in layers.items()},
+        layer_input_shapes=_layer_input_shapes(model, specs),
+        input_shape=specs[0].shape,
+        inputs=specs,
+        architecture=None,
+        metadata={"source_format": source.form, "found": source.found, "notes": list(notes)},
+        source=source,
+        notes=notes,
+    )
+    try:
+        _check_ep_tensors(opened, opened.meta_state())
+    except EpcliError as e:
+        raise type(e)(f"the model built by factory {_factory_name(model_factory)} does not fit the file: {e}") from e
+    return opened
+
+
+def _factory_name(model_factory: ModelFactory) -> str:
+    return repr(model_factory if isinstance(model_factory, str) else getattr(model_factory, "__qualname__", "callable"))
+
+
+def _check_ep_tensors(meta: Metadata | CheckpointFile, state: Mapping[str, Tensor]) -> None:
     """Each EP layer's tensors are exactly those a layer built from its config stores, and its input shape fits."""
     collapsed = meta.kind == "collapsed"
     owned = layer_states(state, meta.ep_layers)
@@ -443,8 +546,7 @@ def _skeleton(meta: Metadata | CheckpointFile, state: Mapping[str, Tensor], mode
     expected_layers = {} if meta.kind == "collapsed" else meta.ep_layers
     if model_factory is not None:
         model = build_from_factory(model_factory)
-        name = model_factory if isinstance(model_factory, str) else getattr(model_factory, "__qualname__", "callable")
-        source = f"the model built by factory {name!r}"
+        source = f"the model built by factory {_factory_name(model_factory)}"
         if meta.kind == "collapsed" and find_ep_layers(model):
             model = collapse_model(model)  # the factory builds the EP model; the file holds its plain form
     elif meta.architecture is not None:

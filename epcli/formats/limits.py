@@ -52,6 +52,7 @@ from epcli.errors import CheckpointError, ConfigError
 from epcli.text import quote
 
 __all__ = [
+    "is_int",
     "MAX_ARCHITECTURE_NODES",
     "MAX_CONFIG_REAL",
     "MAX_EP_DEPTH",
@@ -120,7 +121,8 @@ def check_name(name: str, what: str) -> None:
         raise CheckpointError(f"{what} {quote(name)} is longer than epcli's limit of {MAX_NAME_CHARS} characters")
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
+    """An integer that is not a bool (JSON and Python both let True pass as 1)."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
@@ -184,7 +186,7 @@ def _check_value(value: Any, bound: int, what: str, level: int, budget: list[int
         raise ConfigError(f"{what}: the config holds more than {_CONFIG_ITEMS} values and characters / 16 ({_HINT})")
     if isinstance(value, bool) or value is None:
         return
-    if _is_int(value):
+    if is_int(value):
         if abs(value) > bound:
             raise ConfigError(_over(what, value, bound))
     elif isinstance(value, float):

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -31,9 +30,10 @@ from epcli.formats.limits import (
     check_config_numbers,
     check_count,
     check_name,
-    check_sample_shape,
+    is_int,
     loads_json,
 )
+from epcli.inputs import MAX_INPUTS, InputSpec, sample_shape
 from epcli.layers.config import CONFIG_VERSION, EPConfig
 from epcli.layers.registry import class_name, config_from_dict
 from epcli.text import quote
@@ -43,6 +43,7 @@ __all__ = [
     "FORMAT_VERSION",
     "KINDS",
     "READABLE_FORMAT_VERSIONS",
+    "FOREIGN_HINT",
     "SAVE_HINT",
     "Metadata",
     "RawCheckpoint",
@@ -56,29 +57,41 @@ __all__ = [
 
 FORMAT_NAME = "epcli-checkpoint"
 FORMAT_VERSION = 1
-READABLE_FORMAT_VERSIONS = (1,)
+INPUTS_FORMAT_VERSION = 2
+"""Files whose model takes anything but one float32 input carry ``inputs`` (a list of specs) and this version,
+so an older epcli refuses them by version instead of misreading them; all other files stay version 1."""
+READABLE_FORMAT_VERSIONS = (1, 2)
 READABLE_CONFIG_VERSIONS = (CONFIG_VERSION,)
 KINDS = ("expanded", "collapsed")
 SAVE_HINT = "use epcli.save_checkpoint(model, path, input_shape=...) to write a checkpoint with epcli metadata"
+FOREIGN_HINT = (
+    "to read a checkpoint epcli did not write, name the model's factory with --model module:function and its "
+    "input with --input-shape (one float input) or --input"
+)
 
 _KEYS = frozenset(
     {"format", "format_version", "config_version", "kind", "epcli_version", "torch_version", "input_shape",
      "ep_layers", "architecture", "provenance"}
 )
+_INPUTS_KEY = "inputs"
 _LAYER_KEYS = frozenset({"class", "config", "input_shape"})
 
 
 @dataclass(frozen=True)
 class RawCheckpoint:
-    """What a file holds before validation: the metadata JSON string and the tensors."""
+    """What a file holds before validation: the metadata JSON string (None: not an epcli file) and the tensors.
 
-    metadata: str
+    ``found`` says what a file without metadata holds (for messages), e.g. "a plain state_dict of 10 tensors".
+    """
+
+    metadata: str | None
     tensors: dict[str, Tensor]
+    found: str = ""
 
 
 def missing_metadata(found: str) -> CheckpointError:
     """The error for a file that is readable but was not written by epcli."""
-    return CheckpointError(f"has no epcli metadata ({found}); {SAVE_HINT}")
+    return CheckpointError(f"has no epcli metadata ({found}); {FOREIGN_HINT}; or {SAVE_HINT}")
 
 
 @dataclass(frozen=True)
@@ -87,6 +100,7 @@ class Metadata:
 
     kind: str
     input_shape: tuple[int, ...]
+    inputs: tuple[InputSpec, ...]
     ep_layers: dict[str, EPConfig]
     layer_input_shapes: dict[str, tuple[int, ...]]
     architecture: dict[str, Any] | None
@@ -94,49 +108,28 @@ class Metadata:
     document: dict[str, Any]
 
 
-def sample_shape(value: Any, what: str = "input_shape") -> tuple[int, ...]:
-    """A per-sample shape (no batch dim): a non-empty sequence of ints >= 1 (an int means a 1-D shape).
-
-    At most :data:`~epcli.formats.limits.MAX_SAMPLE_ELEMENTS` elements, so a shape of
-    ``2**70`` from a file is refused before any input is made for it.
-    """
-    items = [value] if _is_int(value) else value
-    if (
-        isinstance(items, (str, bytes)) or not isinstance(items, (Sequence, torch.Size)) or not items
-        or not all(_is_int(v) and v >= 1 for v in items)
-    ):
-        raise ConfigError(
-            f"{what} must be the shape of one sample without the batch dimension, a non-empty list of ints >= 1 "
-            f"such as [64] or [1, 8, 8], got {quote(value)}"
-        )
-    check_sample_shape(items, what)
-    return tuple(int(v) for v in items)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
 # ---- writing ---------------------------------------------------------------------------------
 def build_metadata(
     *,
     kind: str,
-    input_shape: tuple[int, ...],
+    inputs: Sequence[InputSpec],
     ep_layers: Mapping[str, EPConfig],
     layer_input_shapes: Mapping[str, tuple[int, ...]],
     architecture: dict[str, Any] | None,
     provenance: Mapping[str, Any],
 ) -> dict[str, Any]:
+    """The metadata document; ``inputs`` (and format_version 2) only unless the model takes one float32 input."""
     import epcli  # at call time: epcli/__init__ imports this module before it defines __version__
 
-    return {
+    plain = len(inputs) == 1 and inputs[0] == InputSpec(inputs[0].shape)
+    document: dict[str, Any] = {
         "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
+        "format_version": FORMAT_VERSION if plain else INPUTS_FORMAT_VERSION,
         "config_version": CONFIG_VERSION,
         "kind": kind,
         "epcli_version": epcli.__version__,
         "torch_version": str(torch.__version__),
-        "input_shape": list(input_shape),
+        "input_shape": list(inputs[0].shape),
         "ep_layers": {
             path: {
                 "class": class_name(config),
@@ -148,6 +141,9 @@ def build_metadata(
         "architecture": architecture,
         "provenance": dict(provenance),
     }
+    if not plain:
+        document[_INPUTS_KEY] = [spec.to_dict() for spec in inputs]
+    return document
 
 
 def dump_metadata(document: Mapping[str, Any]) -> str:
@@ -194,17 +190,18 @@ def parse_metadata(text: str) -> Metadata:
             f"metadata format is {quote(document.get('format'))}, expected {FORMAT_NAME!r}; {SAVE_HINT}"
         )
     version = document.get("format_version")
-    if not _is_int(version) or version not in READABLE_FORMAT_VERSIONS:
+    if not is_int(version) or version not in READABLE_FORMAT_VERSIONS:
         import epcli
 
         raise CheckpointError(
             f"format_version {quote(version)} is not supported: epcli {epcli.__version__} reads format_version "
             f"{', '.join(map(str, READABLE_FORMAT_VERSIONS))}; upgrade epcli to read newer files"
         )
-    missing, unknown = sorted(_KEYS - set(document)), sorted(set(document) - _KEYS)
+    keys = _KEYS | {_INPUTS_KEY} if version == INPUTS_FORMAT_VERSION else _KEYS
+    missing, unknown = sorted(keys - set(document)), sorted(set(document) - keys)
     if missing or unknown:
         raise CheckpointError(f"metadata is missing keys {missing} / has unknown keys {quote(unknown)}")
-    if document["config_version"] not in READABLE_CONFIG_VERSIONS or not _is_int(document["config_version"]):
+    if document["config_version"] not in READABLE_CONFIG_VERSIONS or not is_int(document["config_version"]):
         raise CheckpointError(
             f"config_version {quote(document['config_version'])} is not supported; "
             f"this epcli reads {list(READABLE_CONFIG_VERSIONS)}"
@@ -220,8 +217,23 @@ def parse_metadata(text: str) -> Metadata:
     if not isinstance(provenance, dict):
         raise CheckpointError(f"provenance must be an object, got {type(provenance).__name__}")
     input_shape = _shape(document["input_shape"], "input_shape")
+    inputs = _inputs(document[_INPUTS_KEY], input_shape) if _INPUTS_KEY in keys else (InputSpec(input_shape),)
     configs, shapes = _parse_layers(document["ep_layers"])
-    return Metadata(document["kind"], input_shape, configs, shapes, architecture, provenance, document)
+    return Metadata(document["kind"], input_shape, inputs, configs, shapes, architecture, provenance, document)
+
+
+def _inputs(value: Any, input_shape: tuple[int, ...]) -> tuple[InputSpec, ...]:
+    """The input specs of a version-2 file; the first one's shape is ``input_shape``."""
+    if not isinstance(value, list) or not value:
+        raise CheckpointError(f"inputs must be a non-empty list of input specs, got {quote(value)}")
+    check_count(len(value), MAX_INPUTS, "the number of model inputs")
+    try:
+        specs = tuple(InputSpec.from_dict(item, f"inputs[{index}]") for index, item in enumerate(value))
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+    if specs[0].shape != input_shape:
+        raise CheckpointError(f"input_shape {list(input_shape)} is not the shape of inputs[0] {list(specs[0].shape)}")
+    return specs
 
 
 def _shape(value: Any, what: str) -> tuple[int, ...]:

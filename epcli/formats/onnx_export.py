@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from epcli.errors import CheckpointError, ExportError
 from epcli.formats.onnx_graph import INPUT_NAME, OUTPUT_NAME, emit_onnx
+from epcli.inputs import InputSpec, describe_inputs
 
 if TYPE_CHECKING:
     import onnx
@@ -86,24 +87,35 @@ def export_onnx_bytes(
     *,
     opset: int = DEFAULT_OPSET,
     dynamic_batch: bool = True,
+    inputs: Sequence[InputSpec] | None = None,
 ) -> bytes:
     """Serialised, checker-clean ONNX of ``model`` (float32, eval mode) for inputs ``[batch, *input_shape]``.
 
     With ``dynamic_batch`` the batch axis is symbolic ("batch"); otherwise it is fixed at 1.
+    ``inputs`` (one spec per model input; its first shape is ``input_shape``) gives one ONNX
+    input per spec, named ``input`` or ``input_0``, ``input_1``, ...; integer inputs keep their dtype.
     """
-    proto = build_onnx(model, input_shape, opset=opset, dynamic_batch=dynamic_batch)
+    proto = build_onnx(model, input_shape, opset=opset, dynamic_batch=dynamic_batch, inputs=inputs)
     check_onnx(proto)
     return serialize_onnx(proto)
 
 
 def build_onnx(
-    model: nn.Module, input_shape: Sequence[int], *, opset: int = DEFAULT_OPSET, dynamic_batch: bool = True
+    model: nn.Module,
+    input_shape: Sequence[int],
+    *,
+    opset: int = DEFAULT_OPSET,
+    dynamic_batch: bool = True,
+    inputs: Sequence[InputSpec] | None = None,
 ) -> onnx.ModelProto:
-    """The ONNX model of ``model`` (emitted node by node, else traced), not yet checked (:func:`check_onnx`)."""
+    """The ONNX model of ``model`` (emitted node by node when it takes one float input, else traced), not yet
+    checked (:func:`check_onnx`); ``inputs`` as for :func:`export_onnx_bytes`."""
     model = model.eval()
-    proto = emit_onnx(model, input_shape, opset=opset, dynamic_batch=dynamic_batch)
+    specs = tuple(inputs) if inputs is not None else (InputSpec(tuple(input_shape)),)
+    one_float = len(specs) == 1 and specs[0].is_float
+    proto = emit_onnx(model, input_shape, opset=opset, dynamic_batch=dynamic_batch) if one_float else None
     if proto is None:
-        proto = _traced(model, input_shape, opset=opset, dynamic_batch=dynamic_batch)
+        proto = _traced(model, specs, opset=opset, dynamic_batch=dynamic_batch)
     return proto
 
 
@@ -192,18 +204,20 @@ def set_onnx_metadata(proto: onnx.ModelProto, values: Mapping[str, str]) -> None
         proto.metadata_props.add(key=key, value=values[key])
 
 
-def _traced(model: nn.Module, input_shape: Sequence[int], *, opset: int, dynamic_batch: bool) -> onnx.ModelProto:
+def _traced(model: nn.Module, specs: Sequence[InputSpec], *, opset: int, dynamic_batch: bool) -> onnx.ModelProto:
     """``torch.onnx.export`` (torch.export-based) of any model it can trace; seconds, mostly its own imports."""
     # an example batch of 2 keeps torch.export from specialising a dynamic batch to 1
-    example = torch.zeros((2 if dynamic_batch else 1, *input_shape), dtype=torch.float32)
-    dynamic_shapes = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
+    examples = tuple(spec.example(2 if dynamic_batch else 1, dtype=torch.float32) for spec in specs)
+    batch = torch.export.Dim("batch")
+    dynamic_shapes = tuple({0: batch} for _ in specs) if dynamic_batch else None
+    names = [INPUT_NAME] if len(specs) == 1 else [f"{INPUT_NAME}_{index}" for index in range(len(specs))]
     try:
         with _quiet_exporter():
             program = torch.onnx.export(
                 model,
-                (example,),
+                examples,
                 dynamo=True,
-                input_names=[INPUT_NAME],
+                input_names=names,
                 output_names=[OUTPUT_NAME],
                 dynamic_shapes=dynamic_shapes,
                 opset_version=opset,
@@ -211,7 +225,7 @@ def _traced(model: nn.Module, input_shape: Sequence[int], *, opset: int, dynamic
             )
     except Exception as e:  # the exporter raises many unrelated types
         raise ExportError(
-            f"torch.onnx.export cannot trace the model for input shape {list(input_shape)}: {_exporter_cause(e)}; "
+            f"torch.onnx.export cannot trace the model for {describe_inputs(specs)}: {_exporter_cause(e)}; "
             "a custom forward must be traceable by torch.export (e.g. no Python branch on tensor values), "
             "or ship the collapsed weights with --safetensors"
         ) from e
@@ -246,15 +260,25 @@ def onnx_op_types(model: bytes | Path) -> list[str]:
     return [node.op_type for node in proto.graph.node]
 
 
+_NUMPY_TYPES = {
+    "tensor(float)": "float32",
+    "tensor(double)": "float64",
+    "tensor(int64)": "int64",
+    "tensor(int32)": "int32",
+    "tensor(bool)": "bool",
+}
+"""ONNX input types a session feeds, as numpy dtypes."""
+
+
 class OnnxSession:
-    """An onnxruntime CPU session (all graph optimisations on) used as ``Tensor -> Tensor``.
+    """An onnxruntime CPU session (all graph optimisations on) used as ``(*inputs) -> Tensor`` (its first output).
 
     An ONNX file is untrusted input: every run is bounded by ``timeout`` seconds
     (onnxruntime's terminate flag, which loops and subgraphs honour too), and every
     failure is a :class:`CheckpointError` naming the file.
     """
 
-    def __init__(self, model: bytes | Path, *, timeout: float | None = None) -> None:
+    def __init__(self, model: bytes | Path, *, timeout: float | None = None, expected_inputs: int = 1) -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -268,24 +292,34 @@ class OnnxSession:
         except Exception as e:
             raise CheckpointError(f"{where}: onnxruntime cannot load it as an ONNX model: {e}") from e
         inputs, outputs = self._session.get_inputs(), self._session.get_outputs()
-        if len(inputs) != 1:
-            raise CheckpointError(f"{where}: expected a model with one input, found {len(inputs)}")
+        if not inputs or len(inputs) > expected_inputs:
+            raise CheckpointError(f"{where}: expected a model with {expected_inputs} input(s), found {len(inputs)}")
         if not outputs:
             raise CheckpointError(f"{where}: the model has no outputs")
         self.metadata: dict[str, str] = dict(self._session.get_modelmeta().custom_metadata_map)
+        self.input_names = [item.name for item in inputs]
+        self.numpy_dtypes = [_NUMPY_TYPES.get(item.type) for item in inputs]
+        unsupported = [item.type for item, dtype in zip(inputs, self.numpy_dtypes, strict=True) if dtype is None]
+        if unsupported:
+            raise CheckpointError(
+                f"{where}: unsupported input type {unsupported[0]}; expected {', '.join(sorted(_NUMPY_TYPES))}"
+            )
+        self.input_shapes: list[list[int | str | None]] = [list(item.shape) for item in inputs]
         self.input_name = inputs[0].name
-        self.input_shape: list[int | str | None] = list(inputs[0].shape)
+        self.input_shape = self.input_shapes[0]
         self.output_shape: list[int | str | None] | None = None if outputs[0].shape is None else list(outputs[0].shape)
-        self.numpy_dtype = {"tensor(float)": "float32", "tensor(double)": "float64"}.get(inputs[0].type)
-        if self.numpy_dtype is None:
-            raise CheckpointError(f"{where}: unsupported input type {inputs[0].type}; expected float or double")
+        self.numpy_dtype = self.numpy_dtypes[0]
         if outputs[0].type not in ("tensor(float)", "tensor(double)"):
             raise CheckpointError(f"{where}: unsupported output type {outputs[0].type}; expected float or double")
 
-    def __call__(self, batch: Tensor) -> Tensor:
+    def __call__(self, *batches: Tensor) -> Tensor:
         import onnxruntime as ort
 
-        array = batch.detach().cpu().numpy().astype(self.numpy_dtype)
+        arrays = {
+            name: batch.detach().cpu().numpy().astype(dtype)
+            for name, batch, dtype in zip(self.input_names, batches, self.numpy_dtypes, strict=True)
+        }
+        array = arrays[self.input_name]
         options = ort.RunOptions()
         options.log_severity_level = 4
         timer = None
@@ -294,7 +328,7 @@ class OnnxSession:
             timer.daemon = True
             timer.start()
         try:
-            result = self._session.run(None, {self.input_name: array}, options)[0]
+            result = self._session.run(None, arrays, options)[0]
         except Exception as e:
             if options.terminate:
                 raise CheckpointError(

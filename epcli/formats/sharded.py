@@ -22,7 +22,6 @@ from typing import Any
 
 from epcli.errors import CheckpointError, EpcliError
 from epcli.formats.limits import MAX_INDEX_BYTES, MAX_TENSORS, check_count, loads_json
-from epcli.formats.metadata import missing_metadata
 from epcli.formats.safetensors_io import METADATA_KEY, SafetensorsHeader, read_header
 from epcli.text import quote
 
@@ -97,9 +96,9 @@ def index_document(metadata: str, weight_map: Mapping[str, str], total_size: int
 
 @dataclass(frozen=True)
 class ShardIndex:
-    """A checked index: epcli's metadata string, each shard's checked header, and key -> shard."""
+    """A checked index: epcli's metadata string (None: written by another tool), each shard's header, key -> shard."""
 
-    metadata: str
+    metadata: str | None
     headers: dict[Path, SafetensorsHeader]
     weight_map: dict[str, Path]
 
@@ -121,9 +120,7 @@ def read_index(path: Path) -> ShardIndex:
     check_count(len(document["weight_map"]), MAX_TENSORS, "the number of tensors in the shard index")
     metadata = document.get("metadata")
     text = metadata.get(METADATA_KEY) if isinstance(metadata, dict) else None
-    if text is None:
-        raise missing_metadata(f'its "metadata" has no {METADATA_KEY!r} entry')
-    if not isinstance(text, str):
+    if text is not None and not isinstance(text, str):
         raise CheckpointError(f'shard index "metadata"[{METADATA_KEY!r}] must be a JSON string, got {type(text).__name__}')
     weight_map = {key: _shard(path, key, name) for key, name in document["weight_map"].items()}
     headers = {shard: _shard_header(shard, weight_map) for shard in dict.fromkeys(weight_map.values())}

@@ -1,28 +1,33 @@
-"""The tensors of a checkpoint file, listed up front and read on demand.
+"""The tensors of a checkpoint, listed up front and read on demand, whoever wrote it.
 
-:func:`open_source` reads only what describes the file (a safetensors header, a
-shard index and its shards' headers, or the pickle of a ``.pt`` mapped into
-memory) and returns a :class:`TensorSource`: epcli's metadata string, every
-tensor's shape and dtype, and :meth:`TensorSource.read` for the data of chosen
-tensors. Reading a few tensors costs their size, not the file's:
+:func:`open_source` reads only what describes the checkpoint (a safetensors header,
+a shard index and its shards' headers, the pickle of a ``.pt`` mapped into memory,
+or a ``torch.distributed.checkpoint`` directory's metadata) and returns a
+:class:`TensorSource`: epcli's metadata string (None for files other tools wrote),
+every tensor's shape and dtype, and :meth:`TensorSource.read` for the data of
+chosen tensors. Reading a few tensors costs their size, not the checkpoint's:
 
 * ``.safetensors`` and sharded safetensors: plain reads of those tensors' bytes;
 * ``.pt``: the tensors are copied out of a memory map of the file, which is
-  dropped after every sixteenth of the file read, so few file pages stay resident.
+  dropped after every sixteenth of the file read, so few file pages stay resident;
+* DCP: ``torch.distributed.checkpoint.load`` of those tensors (:mod:`epcli.formats.dcp`).
+
+A directory is a Hugging Face folder (``model.safetensors`` or its sharded
+``model.safetensors.index.json``) or a DCP directory (it holds ``.metadata``).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from epcli.errors import CheckpointError
-from epcli.formats.metadata import missing_metadata
+from epcli.formats.dcp import DCP_METADATA, is_dcp, read_dcp_listing, read_dcp_tensors
 from epcli.formats.safetensors_io import (
     METADATA_KEY,
     SafetensorsHeader,
@@ -33,7 +38,7 @@ from epcli.formats.sharded import INDEX_SUFFIX, SHARD_OF_KEY, is_index, read_ind
 from epcli.formats.torch_io import read_pt
 from epcli.text import quote
 
-__all__ = ["SUFFIXES", "TensorInfo", "TensorSource", "check_finite", "open_source"]
+__all__ = ["HF_FILES", "SUFFIXES", "TensorInfo", "TensorSource", "check_finite", "open_source", "renamed"]
 
 SUFFIXES: tuple[str, ...] = (".pt", ".pth", ".safetensors", INDEX_SUFFIX)
 """What epcli reads: torch zip checkpoints, safetensors files, and sharded safetensors by their index."""
@@ -57,16 +62,20 @@ class TensorInfo:
 
 @dataclass(frozen=True)
 class TensorSource:
-    """A file's metadata string and tensor listing (state-dict order), with data read on demand.
+    """A checkpoint's metadata string and tensor listing (state-dict order), with data read on demand.
 
     ``files`` are every file the checkpoint consists of (the index and its shards, or one file).
+    ``metadata`` is None for a checkpoint epcli did not write; ``found`` then says what it
+    holds and ``form`` names its format (for messages).
     """
 
     path: Path
-    metadata: str
+    metadata: str | None
     tensors: Mapping[str, TensorInfo]
     files: tuple[Path, ...]
     _read: Callable[[list[str], torch.dtype | None], dict[str, Tensor]]
+    found: str = ""
+    form: str = "epcli"
 
     def read(self, keys: Iterable[str], *, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
         """Fresh contiguous CPU tensors for ``keys``, in that order (sharing no memory with the file).
@@ -102,8 +111,67 @@ def _readable_suffix(path: Path) -> str | None:
     return next((suffix for suffix in sorted(SUFFIXES, key=len, reverse=True) if name.endswith(suffix)), None)
 
 
-def open_source(path: Path) -> TensorSource:
-    """List a checkpoint file's tensors without reading their data; errors do not name ``path`` (callers add it)."""
+HF_FILES = ("model.safetensors.index.json", "model.safetensors")
+"""What a Hugging Face folder holds, in the order looked for."""
+
+
+def open_source(path: Path, *, state_key: str | None = None) -> TensorSource:
+    """List a checkpoint's tensors without reading their data; errors do not name ``path`` (callers add it).
+
+    ``state_key`` names the entry of a ``.pt`` trainer dict holding the state dict (or, for
+    safetensors and DCP, the key prefix of the model's tensors, e.g. ``model`` for ``model.*``).
+    """
+    if path.is_dir():
+        return _open_directory(path, state_key)
+    source = _open_file(path, state_key)
+    return source if state_key is None or source.form == "pt" else _select(source, state_key)
+
+
+def _open_directory(path: Path, state_key: str | None) -> TensorSource:
+    if is_dcp(path):
+        source = _open_dcp(path)
+    else:
+        found = next((path / name for name in HF_FILES if (path / name).is_file()), None)
+        if found is None:
+            raise CheckpointError(
+                f"is a directory with neither {' nor '.join(HF_FILES)} (a Hugging Face folder) nor {DCP_METADATA} (a "
+                f"torch.distributed.checkpoint directory); pass the checkpoint file itself ({', '.join(SUFFIXES)})"
+            )
+        source = replace(_open_file(found, None), path=path)
+    return source if state_key is None else _select(source, state_key)
+
+
+def _select(source: TensorSource, state_key: str) -> TensorSource:
+    """The tensors under ``<state_key>.``, named without that prefix."""
+    prefix = f"{state_key}."
+    chosen = {key[len(prefix):]: key for key in source.tensors if key.startswith(prefix)}
+    if not chosen:
+        roots = sorted({key.split(".")[0] for key in source.tensors})
+        raise CheckpointError(
+            f"holds no tensors under {prefix!r} (--state-key {state_key}); its keys start with {quote(roots[:8])}"
+        )
+    return renamed(source, chosen, f"{source.found}, {len(chosen)} of them under {prefix!r}")
+
+
+def renamed(source: TensorSource, names: Mapping[str, str], found: str | None = None) -> TensorSource:
+    """``source`` with tensors listed as the keys of ``names`` (new name -> the checkpoint's own name).
+
+    Two names may map to one stored tensor (a tied weight a file stores once).
+    """
+    infos = {new: source.tensors[old] for new, old in names.items()}
+
+    def read(keys: list[str], dtype: torch.dtype | None) -> dict[str, Tensor]:
+        stored = source.read(list(dict.fromkeys(names[key] for key in keys)), dtype=dtype)
+        out: dict[str, Tensor] = {}
+        for key in keys:
+            tensor = stored[names[key]]
+            out[key] = tensor if not any(v is tensor for v in out.values()) else tensor.clone()
+        return out
+
+    return replace(source, tensors=infos, _read=read, found=source.found if found is None else found)
+
+
+def _open_file(path: Path, state_key: str | None) -> TensorSource:
     suffix = _readable_suffix(path)
     if suffix is None:
         raise CheckpointError(f"unsupported file suffix {path.suffix!r}; epcli reads {', '.join(SUFFIXES)}")
@@ -111,7 +179,7 @@ def open_source(path: Path) -> TensorSource:
         return _open_index(path)
     if suffix == ".safetensors":
         return _open_safetensors(path)
-    return _open_pt(path)
+    return _open_pt(path, state_key)
 
 
 def _open_safetensors(path: Path) -> TensorSource:
@@ -121,9 +189,11 @@ def _open_safetensors(path: Path) -> TensorSource:
         index = header.metadata.get(SHARD_OF_KEY)
         if index is not None:
             raise CheckpointError(f"is one shard of a sharded checkpoint; open its index {quote(index)} instead")
-        raise missing_metadata(f"it holds {len(header.tensors)} tensors and no {METADATA_KEY!r} entry in __metadata__")
     infos = _infos(header)
-    return TensorSource(path, text, infos, (path,), lambda keys, dtype: read_tensors(path, header, keys, dtype))
+    found = f"it holds {len(header.tensors)} tensors and no {METADATA_KEY!r} entry in __metadata__"
+    return TensorSource(
+        path, text, infos, (path,), lambda keys, dtype: read_tensors(path, header, keys, dtype), found, "safetensors"
+    )
 
 
 def _infos(header: SafetensorsHeader) -> dict[str, TensorInfo]:
@@ -149,15 +219,29 @@ def _open_index(path: Path) -> TensorSource:
                     raise CheckpointError(f"shard {quote(shard.name)}: {e}") from e
         return out
 
-    return TensorSource(path, index.metadata, infos, (path, *index.headers), read)
+    found = f'its "metadata" has no {METADATA_KEY!r} entry ({len(infos)} tensors)'
+    return TensorSource(path, index.metadata, infos, (path, *index.headers), read, found, "sharded safetensors")
 
 
-def _open_pt(path: Path) -> TensorSource:
-    raw = read_pt(path)
+def _open_pt(path: Path, state_key: str | None) -> TensorSource:
+    raw = read_pt(path, state_key)
     infos = {key: TensorInfo(tuple(t.shape), t.dtype) for key, t in raw.tensors.items()}
     total = sum(info.nbytes for info in infos.values())
     # the listing's mapping serves the first reads: nothing of it is resident yet
-    return TensorSource(path, raw.metadata, infos, (path,), _PtReader(path, total, raw.tensors).read)
+    reader = _PtReader(path, total, raw.tensors, state_key)
+    return TensorSource(path, raw.metadata, infos, (path,), reader.read, raw.found, "pt")
+
+
+def _open_dcp(path: Path) -> TensorSource:
+    listing = read_dcp_listing(path)
+    infos = {key: TensorInfo(*listing[key]) for key in listing}
+    files = tuple(sorted(p for p in path.iterdir() if p.is_file()))
+
+    def read(keys: list[str], dtype: torch.dtype | None) -> dict[str, Tensor]:
+        return {key: _copy(t, dtype) for key, t in read_dcp_tensors(path, listing, keys).items()}
+
+    found = f"a torch.distributed.checkpoint directory of {len(infos)} tensors"
+    return TensorSource(path, None, infos, files, read, found, "torch.distributed.checkpoint")
 
 
 class _PtReader:
@@ -169,15 +253,16 @@ class _PtReader:
     (at least 16 MiB) bounds both: resident pages to that much, re-mappings to about 16.
     """
 
-    def __init__(self, path: Path, total_bytes: int, mapped: dict[str, Tensor]) -> None:
+    def __init__(self, path: Path, total_bytes: int, mapped: dict[str, Tensor], state_key: str | None) -> None:
         self._path = path
+        self._state_key = state_key
         self._remap_after = max(16 * 2**20, total_bytes // 16)
         self._mapped: dict[str, Tensor] | None = mapped
         self._read_since_mapped = 0
 
     def read(self, keys: list[str], dtype: torch.dtype | None) -> dict[str, Tensor]:
         if self._mapped is None:
-            self._mapped, self._read_since_mapped = read_pt(self._path).tensors, 0
+            self._mapped, self._read_since_mapped = read_pt(self._path, self._state_key).tensors, 0
         mapped = self._mapped
         missing = [key for key in keys if key not in mapped]
         if missing:

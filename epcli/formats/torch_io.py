@@ -70,7 +70,7 @@ def _torch_version() -> tuple[int, int]:
     return (int(found.group(1)), int(found.group(2))) if found else (0, 0)
 
 
-def read_pt(path: Path) -> RawCheckpoint:
+def read_pt(path: Path, state_key: str | None = None) -> RawCheckpoint:
     """Metadata string and tensors of a ``.pt`` checkpoint, loaded without running any code from it.
 
     The tensors are views of the memory-mapped file: nothing is read until they
@@ -78,6 +78,9 @@ def read_pt(path: Path) -> RawCheckpoint:
     ``torch.load`` the archive's records and pickle are checked
     (:func:`~epcli.formats.pt_archive.check_archive`); after it, every tensor is
     checked to be dense and inside its own bytes of its storage.
+
+    A file epcli did not write gives ``metadata=None``: a plain state dict, or with
+    ``state_key`` the state dict a trainer's dict holds under that key.
     """
     if _torch_version() < MIN_TORCH:
         raise UnsafeCheckpointError(
@@ -101,7 +104,7 @@ def read_pt(path: Path) -> RawCheckpoint:
         raise _classify(str(e)) from e
     except Exception as e:  # the zip reader and unpickler raise many types on damaged input
         raise CheckpointError(f"cannot be read as a torch checkpoint; it is truncated or corrupt ({_brief(e)})") from e
-    return _unpack(content)
+    return _unpack(content, state_key)
 
 
 def _classify(message: str) -> CheckpointError:
@@ -126,7 +129,7 @@ def _brief(error: BaseException | str) -> str:
     return repr(line[:300])[1:-1]  # control characters (from names in the file) escaped
 
 
-def _unpack(content: Any) -> RawCheckpoint:
+def _unpack(content: Any, state_key: str | None = None) -> RawCheckpoint:
     attached = getattr(content, METADATA_KEY, None) if isinstance(content, OrderedDict) else None
     if attached is not None:  # a collapsed checkpoint: a plain state dict carrying its metadata
         if not isinstance(attached, str):
@@ -145,24 +148,42 @@ def _unpack(content: Any) -> RawCheckpoint:
         check_count(len(metadata), MAX_METADATA_CHARS, "epcli metadata (characters)")
         if not isinstance(state, dict):
             raise CheckpointError(f"{STATE_KEY!r} must be a dict of tensors, got {type(state).__name__}")
-        check_count(len(state), MAX_TENSORS, f"the number of tensors in {STATE_KEY!r}")
-        for key, value in state.items():
-            if not isinstance(key, str) or not key or not isinstance(value, Tensor):
-                raise CheckpointError(
-                    f"{STATE_KEY!r} entry {quote(key)} must map a non-empty string to a tensor, got a "
-                    f"{type(value).__name__}"
-                )
-            check_name(key, f"{STATE_KEY!r} entry")
-        _check_layout(state)
-        return RawCheckpoint(metadata, {key: value.detach() for key, value in state.items()})
+        return RawCheckpoint(metadata, _checked_state(state, f"{STATE_KEY!r}"))
+    if state_key is not None:
+        if not isinstance(content, Mapping) or state_key not in content:
+            held = f"none (it holds a {type(content).__name__})"
+            keys = quote(list(content)) if isinstance(content, Mapping) else held
+            raise CheckpointError(f"has no entry {state_key!r} (--state-key); its top-level keys are {keys}")
+        content, where = content[state_key], f"entry {state_key!r}"
+    else:
+        where = "it"
     if isinstance(content, Mapping) and content and all(isinstance(v, Tensor) for v in content.values()):
-        raise missing_metadata(f"it holds a plain state_dict of {len(content)} tensors")
+        state = _checked_state(dict(content), "state_dict")
+        return RawCheckpoint(None, state, f"{where} holds a plain state_dict of {len(content)} tensors")
     if isinstance(content, Mapping):
-        raise missing_metadata(f"it holds a dict with keys {quote(list(content))}")
-    raise missing_metadata(f"it holds a {type(content).__name__}")
+        tensors = [k for k, v in content.items() if isinstance(v, Mapping)]
+        raise missing_metadata(
+            f"{where} holds a dict with keys {quote(list(content))}, not a state_dict of tensors"
+            + (f"; name the entry holding the model's state_dict with --state-key (e.g. {quote(tensors[0])})"
+               if tensors else "")
+        )
+    raise missing_metadata(f"{where} holds a {type(content).__name__}")
 
 
-def _check_layout(state: Mapping[str, Tensor]) -> None:
+def _checked_state(state: dict[Any, Any], what: str) -> dict[str, Tensor]:
+    """Names and count bounded, every value a dense tensor inside its storage; detached."""
+    check_count(len(state), MAX_TENSORS, f"the number of tensors in {what}")
+    for key, value in state.items():
+        if not isinstance(key, str) or not key or not isinstance(value, Tensor):
+            raise CheckpointError(
+                f"{what} entry {quote(key)} must map a non-empty string to a tensor, got a {type(value).__name__}"
+            )
+        check_name(key, f"{what} entry")
+    _check_layout(state, what)
+    return {key: value.detach() for key, value in state.items()}
+
+
+def _check_layout(state: Mapping[str, Tensor], what: str = repr(STATE_KEY)) -> None:
     """Every tensor dense (contiguous, no stride 0), inside its storage, and not partly overlapping another.
 
     epcli writes nothing else, and a strided or overlapping view makes more data
@@ -173,7 +194,7 @@ def _check_layout(state: Mapping[str, Tensor]) -> None:
     spans: list[tuple[int, int, int, str]] = []  # (storage, first byte, end byte, key)
     storages: dict[int, int] = {}  # storage -> its bytes
     for key, tensor in state.items():
-        where = f"{STATE_KEY!r} entry {quote(key)}"
+        where = f"{what} entry {quote(key)}"
         check_tensor_shape(tensor.shape, where)
         if tensor.numel() == 0:
             continue
@@ -196,7 +217,7 @@ def _check_layout(state: Mapping[str, Tensor]) -> None:
     for (storage, first_begin, end, first), (other, begin, other_end, second) in itertools.pairwise(spans):
         if storage == other and begin < end and (begin, other_end) != (first_begin, end):
             raise CheckpointError(
-                f"{STATE_KEY!r} entries {quote(first)} and {quote(second)} overlap in one storage without being the "
+                f"{what} entries {quote(first)} and {quote(second)} overlap in one storage without being the "
                 "same tensor; epcli reads dense, separate (or exactly tied) tensors only"
             )
     claimed, stored = sum(end - begin for _, begin, end, _ in spans), sum(storages.values())

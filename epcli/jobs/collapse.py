@@ -14,7 +14,7 @@ forces it; ``epcli verify`` runs it on any size).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -43,6 +43,7 @@ from epcli.formats.checkpoint import (
 from epcli.formats.sharded import is_index, sharded_base
 from epcli.formats.source import TensorInfo
 from epcli.formats.writer import CheckpointWriter, output_files, stale_files
+from epcli.inputs import InputSpec
 from epcli.jobs.files import check_name, check_targets, file_sha256, make_parent
 from epcli.jobs.summary import LayerSummary, natural_order, summarize_layer
 from epcli.jobs.verify import ProgressCallback, compare_layer, compare_model
@@ -91,6 +92,7 @@ class CollapseResult:
     layers: tuple[LayerCollapse, ...]
     model_max_abs_error: float | None
     model_check_skipped: str | None  # why the whole model was not checked; None when it was
+    notes: tuple[str, ...] = ()  # what was reconciled between a foreign file and the model
 
     @property
     def expanded_params(self) -> int:
@@ -143,12 +145,15 @@ def plan_output(
     file_format: str | None = None,
     force: bool = False,
     max_shard_bytes: int | None = None,
+    model_factory: str | None = None,
+    inputs: Sequence[InputSpec] | None = None,
+    state_key: str | None = None,
 ) -> OutputPlan:
-    """Open ``source`` (no tensor data; the input is checked first) and check every file the collapse would
-    create, replace or remove; then create the output's missing directories."""
+    """Open ``source`` (no tensor data; the input and a named factory are checked first) and check every file the
+    collapse would create, replace or remove; then create the output's missing directories."""
     if max_shard_bytes is not None and max_shard_bytes < 1:
         raise UsageError(f"the shard size limit must be at least 1 byte, got {max_shard_bytes}")
-    opened = open_checkpoint(source)
+    opened = open_checkpoint(source, model_factory=model_factory, inputs=inputs, state_key=state_key)
     if opened.kind != "expanded":
         raise UsageError(f"{source}: already collapsed; nothing to do")
     if not opened.ep_layers:
@@ -176,6 +181,8 @@ def collapse_file(
     file_format: str | None = None,
     force: bool = False,
     model_factory: str | None = None,
+    inputs: Sequence[InputSpec] | None = None,
+    state_key: str | None = None,
     device: str = "cpu",
     max_shard_bytes: int | None = None,
     model_check: bool | None = None,
@@ -185,28 +192,40 @@ def collapse_file(
 
     ``max_shard_bytes`` (``.safetensors`` only; default :data:`DEFAULT_MAX_SHARD_BYTES`)
     shards larger outputs. ``model_check``: None checks the whole model when the
-    checkpoint is small enough, True always, False never.
+    checkpoint is small enough, True always, False never. ``model_factory`` (checked
+    before any work), ``inputs`` and ``state_key`` are as in :func:`~epcli.load_checkpoint`:
+    with them ``source`` may be a checkpoint another tool wrote.
     """
     torch_device = resolve_device(device)  # a bad device fails before any work
-    plan = plan_output(source, output, file_format=file_format, force=force, max_shard_bytes=max_shard_bytes)
+    plan = plan_output(
+        source,
+        output,
+        file_format=file_format,
+        force=force,
+        max_shard_bytes=max_shard_bytes,
+        model_factory=model_factory,
+        inputs=inputs,
+        state_key=state_key,
+    )
     opened, output, layout, shard_limit = plan.opened, plan.output, plan.layout, plan.max_shard_bytes
     skipped = _model_check_skipped(opened, model_check, model_factory)
     settings = replace(ERROR_SETTINGS, device=device)
     hashes = {path.name: file_sha256(path) for path in opened.files}  # also brings the file into the page cache
+    first = opened.files[0].name  # the file itself, an index, a folder's model.safetensors, a DCP's .metadata
     with CheckpointWriter(output, layout, max_shard_bytes=shard_limit, remove_stale=True, overwrite=force) as writer:
         layers, kept = _collapse_into(writer, opened, torch_device, settings, keep=skipped is None, progress=progress)
         model_error = None
         if skipped is None:
             if progress is not None:
                 progress(len(layers), len(layers) + 1, "checking the whole model")
-            checkpoint = load_checkpoint(source, model_factory=model_factory)
-            model_error = compare_model(checkpoint, settings, collapsed_state=kept).max_abs_error
+            checkpoint = load_checkpoint(source, model_factory=model_factory, inputs=inputs, state_key=state_key)
+            model_error = max(c.max_abs_error for c in compare_model(checkpoint, settings, collapsed_state=kept))
         layer_errors = {layer.summary.path: layer.max_abs_error for layer in layers}
         written = writer.commit(
             collapsed_metadata(opened, provenance(source, hashes, settings, layer_errors, model_error))
         )
     return CollapseResult(
-        source, written, writer.files, hashes[source.name], _in_natural_order(layers), model_error, skipped
+        source, written, writer.files, hashes[first], _in_natural_order(layers), model_error, skipped, opened.notes
     )
 
 
@@ -218,10 +237,13 @@ def provenance(
     model_error: float | None,
 ) -> dict[str, object]:
     """What a collapsed artifact records of its making: the source (by sha256, each file of a sharded one), the
-    epcli version, and the errors measured (with how they were measured), so a reader can tell a stale artifact."""
+    epcli version, and the errors measured (with how they were measured), so a reader can tell a stale artifact.
+
+    ``hashes`` maps every file of the source to its sha256, the one that names it first (the file itself, an
+    index, a folder's model.safetensors, a DCP directory's .metadata)."""
     record: dict[str, object] = {
         "source_name": source.name,
-        "source_sha256": hashes[source.name],
+        "source_sha256": next(iter(hashes.values())),
         "collapsed_by": f"epcli {__version__}",
         "error_check": {"dtype": settings.dtype, "samples": settings.samples, "seed": settings.seed},
         "layer_max_abs_error": dict(layer_errors),

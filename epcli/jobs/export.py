@@ -23,6 +23,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import torch
+
 from epcli.convert import collapse_model
 from epcli.errors import UsageError
 from epcli.formats.atomic import StagedFiles
@@ -41,10 +43,11 @@ from epcli.formats.onnx_export import (
     write_onnx,
 )
 from epcli.formats.sharded import is_index, sharded_base
+from epcli.inputs import InputSpec, tensor_leaves
 from epcli.jobs.collapse import CollapseResult, collapse_file, plan_output, provenance
 from epcli.jobs.files import check_name, check_targets, file_sha256, make_parent
 from epcli.jobs.verify import ONNX_LABEL, ProgressCallback, compare_model, verify_checkpoint
-from epcli.verify import Comparison, VerifyReport, VerifySettings, compare
+from epcli.verify import Comparison, VerifyReport, VerifySettings, compare_outputs
 
 __all__ = ["ExportResult", "OnnxExportResult", "export_file"]
 
@@ -86,18 +89,24 @@ def export_file(
     model_factory: str | None = None,
     external_data: bool = False,
     external_threshold: int = EXTERNAL_DATA_THRESHOLD,
+    inputs: Sequence[InputSpec] | None = None,
+    state_key: str | None = None,
     progress: ProgressCallback | None = None,
 ) -> ExportResult:
     """Write the requested artifacts: ONNX first (validated), then the collapsed safetensors.
 
     The ONNX weights go to an external data file with ``external_data``, or when
     they would exceed ``external_threshold`` bytes (default: protobuf's limit, less a margin).
+
+    ``model_factory`` (checked before any work), ``inputs`` and ``state_key`` are as in
+    :func:`~epcli.load_checkpoint`: with them ``source`` may be a checkpoint another tool wrote.
     """
     if onnx_path is None and safetensors_path is None:
         raise UsageError("nothing to export: give --onnx OUT.onnx and/or --safetensors OUT.safetensors")
     if onnx_path is not None and settings.dtype != "float32":
         raise UsageError("ONNX export is float32; run with --dtype float32")
-    opened = open_checkpoint(source)  # the input is checked first, without reading its tensors
+    # the input (and a named factory) first, without reading its tensors
+    opened = open_checkpoint(source, model_factory=model_factory, inputs=inputs, state_key=state_key)
     if onnx_path is not None:  # every output is checked (and its directory made) before any export work
         example = f"{sharded_base(source).stem if is_index(source) else source.stem}.onnx"
         check_name(onnx_path, (".onnx",), option="--onnx", example=example)
@@ -107,10 +116,18 @@ def export_file(
     if safetensors_path is not None:
         if opened.kind != "expanded":
             raise UsageError(f"{source}: already collapsed; --safetensors has nothing to do (use --onnx)")
-        safetensors_path = plan_output(source, safetensors_path, file_format="safetensors", force=force).output
+        safetensors_path = plan_output(
+            source,
+            safetensors_path,
+            file_format="safetensors",
+            force=force,
+            model_factory=model_factory,
+            inputs=inputs,
+            state_key=state_key,
+        ).output
     if onnx_path is not None:
         make_parent(onnx_path)
-    checkpoint = load_checkpoint(source, model_factory=model_factory)
+    checkpoint = load_checkpoint(source, model_factory=model_factory, inputs=inputs, state_key=state_key)
     onnx = None
     if onnx_path is not None:
         plan = _OnnxPlan(onnx_path, opset, static_batch, force, external_data, external_threshold, opened.files)
@@ -119,7 +136,15 @@ def export_file(
             return ExportResult(source, onnx, None)
     collapsed = None
     if safetensors_path is not None:  # read again from the file, one layer at a time, as epcli collapse does
-        collapsed = collapse_file(source, safetensors_path, force=force, model_factory=model_factory, progress=progress)
+        collapsed = collapse_file(
+            source,
+            safetensors_path,
+            force=force,
+            model_factory=model_factory,
+            inputs=inputs,
+            state_key=state_key,
+            progress=progress,
+        )
     return ExportResult(source, onnx, collapsed)
 
 
@@ -152,11 +177,25 @@ def _export_onnx(
             f"{checkpoint.path}: no architecture is embedded, so there is no whole model to export; "
             "name a factory with --model module:function"
         )
+    dtype = next((p.dtype for p in checkpoint.model.parameters() if p.is_floating_point()), torch.float32)
+    with torch.no_grad():
+        outputs = tensor_leaves(checkpoint.model(*(spec.example(1, dtype=dtype) for spec in checkpoint.inputs)))
+    if len(outputs) != 1:
+        raise UsageError(
+            f"{checkpoint.path}: the model returns {len(outputs)} tensors ({', '.join(p for p, _ in outputs)}); ONNX "
+            "export compares one output tensor so far (export the collapsed checkpoint with --safetensors)"
+        )
     output = plan.output
     if plan.static_batch:
         settings = replace(settings, batch_size=1)
     model = checkpoint.model if checkpoint.kind == "collapsed" else collapse_model(checkpoint.model)
-    proto = build_onnx(model.float(), checkpoint.input_shape, opset=plan.opset, dynamic_batch=not plan.static_batch)
+    proto = build_onnx(
+        model.float(),
+        checkpoint.input_shape,
+        opset=plan.opset,
+        dynamic_batch=not plan.static_batch,
+        inputs=checkpoint.inputs,
+    )
     del model  # the proto holds the weights now
     op_types = tuple(node.op_type for node in proto.graph.node)
     external = plan.external_data or initializer_nbytes(proto) > plan.external_threshold
@@ -216,13 +255,13 @@ def _validate(
         settings = settings.for_model(checkpoint.state_dict.values())
     if progress is not None:
         progress(len(comparisons), len(comparisons) + 1, "checking the whole model in onnxruntime")
-    session = OnnxSession(onnx_model)
+    session = OnnxSession(onnx_model, expected_inputs=len(checkpoint.inputs))
     if checkpoint.kind == "expanded":
         model = compare_model(checkpoint, settings, onnx_session=session)
     else:
         assert checkpoint.model is not None
-        model = compare("<model>", "model", ONNX_LABEL, checkpoint.model, session, checkpoint.input_shape, settings)
-    return VerifyReport(settings, settings.tolerance, (*comparisons, model))
+        model = compare_outputs("<model>", "model", ONNX_LABEL, checkpoint.model, session, checkpoint.inputs, settings)
+    return VerifyReport(settings, settings.tolerance, (*comparisons, *model))
 
 
 def _metadata(checkpoint: Checkpoint, sources: Sequence[Path], report: VerifyReport) -> dict[str, str]:
@@ -231,7 +270,7 @@ def _metadata(checkpoint: Checkpoint, sources: Sequence[Path], report: VerifyRep
     layer_errors = {c.name: c.max_abs_error for c in report.comparisons if c.scope == "layer"}
     model_errors = [c.max_abs_error for c in report.comparisons if c.scope == "model"]
     record = provenance(
-        checkpoint.path, hashes, report.settings, layer_errors, model_errors[0] if model_errors else None
+        checkpoint.path, hashes, report.settings, layer_errors, max(model_errors) if model_errors else None
     )
     record["validation"] = {
         "passed": report.passed,

@@ -9,6 +9,7 @@ memory is about one layer. Large layers get approximate spectra (see
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from epcli.convert import (
 from epcli.errors import UsageError
 from epcli.formats.atomic import atomic_write
 from epcli.formats.checkpoint import CheckpointFile, open_checkpoint
+from epcli.inputs import InputSpec
 from epcli.jobs.files import check_output
 from epcli.jobs.summary import LayerSummary, Spectrum, natural_order, spectrum, summarize_layer
 from epcli.jobs.verify import ProgressCallback
@@ -56,14 +58,20 @@ def inspect_file(
     path: Path,
     *,
     model_factory: str | None = None,
+    inputs: Sequence[InputSpec] | None = None,
+    state_key: str | None = None,
     plot: Path | None = None,
     force: bool = False,
     exact: bool = False,
     progress: ProgressCallback | None = None,
 ) -> InspectResult:
     """Summarise a checkpoint one EP layer at a time; with ``plot``, also draw the spectra (the path is checked
-    before any work). ``exact`` computes every spectrum by a float64 SVD, whatever its size."""
-    opened = open_checkpoint(path, model_factory=model_factory)  # the input first (without its tensors)
+    before any work). ``exact`` computes every spectrum by a float64 SVD, whatever its size.
+
+    ``model_factory``, ``inputs`` and ``state_key`` are as in :func:`~epcli.load_checkpoint`.
+    """
+    # the input first (without its tensors)
+    opened = open_checkpoint(path, model_factory=model_factory, inputs=inputs, state_key=state_key)
     if plot is not None:
         check_output(plot, (".png",), force=force, option="--plot", example="spectra.png")
     paths = natural_order(opened.ep_layers)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import copy
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -15,11 +16,13 @@ from epcli.convert import collapse_model, collapsed_keys, expanded_eval, expande
 from epcli.errors import CheckpointError, ShapeMismatchError, UsageError
 from epcli.formats.checkpoint import Checkpoint, load_checkpoint
 from epcli.formats.onnx_export import OnnxSession
+from epcli.inputs import InputSpec, describe_inputs, tensor_leaves
 from epcli.jobs.files import file_sha256
+from epcli.jobs.samples import read_samples, sample_batches
 from epcli.jobs.summary import natural_order
 from epcli.layers.base import EPLayer
 from epcli.layers.registry import plain_layer
-from epcli.verify import SUPPORTED_DTYPES, Comparison, VerifyReport, VerifySettings, compare
+from epcli.verify import SUPPORTED_DTYPES, Comparison, VerifyReport, VerifySettings, compare, compare_outputs
 
 __all__ = [
     "DEFAULT_ONNX_TIMEOUT",
@@ -76,12 +79,17 @@ def compare_model(
     collapsed_state: Mapping[str, Tensor] | None = None,
     onnx_session: OnnxSession | None = None,
     label: str = IN_MEMORY,
-) -> Comparison:
-    """The whole expanded model against its collapse: in memory, the given collapsed tensors, or an ONNX session."""
+    batches: Sequence[tuple[Tensor, ...]] | None = None,
+) -> tuple[Comparison, ...]:
+    """The whole expanded model against its collapse: in memory, the given collapsed tensors, or an ONNX session.
+
+    Inputs are drawn from the checkpoint's input specs, or are ``batches`` (the user's
+    samples, one tensor per model input); one comparison per tensor of the output.
+    """
     if checkpoint.model is None:
         raise UsageError(f"{checkpoint.path}: no architecture is embedded; name a factory with --model module:function")
     model = copy.deepcopy(checkpoint.model).to(device=settings.torch_device, dtype=settings.torch_dtype)
-    candidate: Callable[[Tensor], Tensor]
+    candidate: Callable[..., Any]
     if onnx_session is not None:
         candidate, label = onnx_session, ONNX_LABEL
     elif collapsed_state is None:
@@ -91,8 +99,17 @@ def compare_model(
             candidate = plain_model(model, collapsed_state).to(device=settings.torch_device, dtype=settings.torch_dtype)
         except RuntimeError as e:
             raise CheckpointError(f"the collapsed tensors do not fit the collapsed architecture: {e}") from e
+    inputs = checkpoint.inputs if batches is None else [_moved(batch, settings) for batch in batches]
     with expanded_eval(model) as reference:
-        return compare("<model>", "model", label, reference, candidate, checkpoint.input_shape, settings)
+        return compare_outputs("<model>", "model", label, reference, candidate, inputs, settings)
+
+
+def _moved(batch: tuple[Tensor, ...], settings: VerifySettings) -> tuple[Tensor, ...]:
+    """A user's batch on the comparison's device, floating tensors in its dtype."""
+    return tuple(
+        t.to(device=settings.torch_device, dtype=settings.torch_dtype if t.is_floating_point() else t.dtype)
+        for t in batch
+    )
 
 
 def verify_checkpoint(
@@ -103,6 +120,7 @@ def verify_checkpoint(
     onnx_session: OnnxSession | None = None,
     label: str = IN_MEMORY,
     progress: ProgressCallback | None = None,
+    batches: Sequence[tuple[Tensor, ...]] | None = None,
 ) -> VerifyReport:
     """Every EP layer alone, then the whole model when its architecture is known.
 
@@ -134,8 +152,15 @@ def verify_checkpoint(
         )
     if checkpoint.model is not None:
         tick(len(comparisons), total, "checking the whole model")
-        comparisons.append(
-            compare_model(checkpoint, settings, collapsed_state=collapsed_state, onnx_session=onnx_session, label=label)
+        comparisons.extend(
+            compare_model(
+                checkpoint,
+                settings,
+                collapsed_state=collapsed_state,
+                onnx_session=onnx_session,
+                label=label,
+                batches=batches,
+            )
         )
     tick(total, total, "done")
     skipped = None if checkpoint.model is not None else NO_ARCHITECTURE
@@ -148,34 +173,48 @@ def verify_files(
     settings: VerifySettings,
     *,
     model_factory: str | None = None,
+    inputs: Sequence[InputSpec] | None = None,
+    state_key: str | None = None,
+    samples_path: Path | None = None,
     timeout: float = DEFAULT_ONNX_TIMEOUT,
     progress: ProgressCallback | None = None,
 ) -> VerifyResult:
     """Load the expanded checkpoint and the artifact (collapsed .safetensors/.pt or .onnx) and compare them.
 
     An ONNX artifact is checked against the checkpoint's input (rank, static sizes) before
-    it runs, and each of its runs is bounded by ``timeout`` seconds.
+    it runs, and each of its runs is bounded by ``timeout`` seconds. ``samples_path`` is
+    a file of the user's own inputs (:func:`~epcli.jobs.samples.read_samples`), on which the
+    whole model is compared instead of random ones. ``model_factory``, ``inputs`` and
+    ``state_key`` are as in :func:`~epcli.load_checkpoint`.
     """
-    checkpoint = load_checkpoint(checkpoint_path, model_factory=model_factory)
+    checkpoint = load_checkpoint(checkpoint_path, model_factory=model_factory, inputs=inputs, state_key=state_key)
     if checkpoint.kind != "expanded":
         raise UsageError(
             f"{checkpoint_path}: this is a collapsed checkpoint; pass the expanded checkpoint first and the "
             "collapsed file as the second argument (epcli verify EXPANDED [ARTIFACT])"
         )
+    batches = None
+    if samples_path is not None:
+        if checkpoint.model is None:
+            raise UsageError(f"{checkpoint_path}: {NO_ARCHITECTURE}, so --inputs cannot be run through the model")
+        samples = read_samples(samples_path, checkpoint.inputs)
+        batches = sample_batches(samples, settings.batch_size)
+        settings = replace(settings, samples=samples[0].shape[0])
+    notes = list(checkpoint.notes)
     if artifact_path is None:
-        report = verify_checkpoint(checkpoint, settings, progress=progress)
-        return VerifyResult(checkpoint_path, None, report)
+        report = verify_checkpoint(checkpoint, settings, progress=progress, batches=batches)
+        return VerifyResult(checkpoint_path, None, replace(report, notes=(*notes, *report.notes)))
     if artifact_path.suffix == ".onnx":
         if checkpoint.model is None:
             raise UsageError(
                 f"{checkpoint_path}: no architecture is embedded, so the ONNX model cannot be compared; "
                 "name a factory with --model module:function"
             )
-        session = OnnxSession(artifact_path, timeout=timeout)
-        stale, stale_note = _stale_artifact(checkpoint_path, artifact_path, session.metadata)  # epcli's own export
+        session = OnnxSession(artifact_path, timeout=timeout, expected_inputs=len(checkpoint.inputs))
+        stale, stale_note = _stale_artifact(checkpoint, artifact_path, session.metadata)  # epcli's own export
         try:
             settings = _onnx_settings(session, checkpoint, artifact_path, settings)
-            report = verify_checkpoint(checkpoint, settings, onnx_session=session, progress=progress)
+            report = verify_checkpoint(checkpoint, settings, onnx_session=session, progress=progress, batches=batches)
         except ShapeMismatchError as e:  # an output whose sizes the file leaves open
             raise CheckpointError(
                 f"{artifact_path}: the ONNX file does not match {checkpoint_path}: {e}"
@@ -192,13 +231,14 @@ def verify_files(
         raise UsageError(
             f"{artifact_path}: expected a collapsed checkpoint (from epcli collapse), found an expanded one"
         )
-    stale, stale_note = _stale_artifact(checkpoint_path, artifact_path, artifact.metadata.get("provenance"))
+    stale, stale_note = _stale_artifact(checkpoint, artifact_path, artifact.metadata.get("provenance"))
     if set(artifact.ep_layers) != set(checkpoint.ep_layers):
         raise CheckpointError(
             f"{artifact_path}: collapses EP layers {natural_order(artifact.ep_layers)}, but {checkpoint_path} has "
             f"{natural_order(checkpoint.ep_layers)}; " + (stale_note or "was it made from this checkpoint?")
         )
-    notes = [stale_note] if stale_note else []
+    if stale_note:
+        notes.append(stale_note)
     precision = _artifact_precision(checkpoint, artifact, settings)
     if precision is not None:
         notes.append(precision)
@@ -208,19 +248,21 @@ def verify_files(
         collapsed_state=artifact.state_dict,
         label=artifact_path.name,
         progress=progress,
+        batches=batches,
     )
     return VerifyResult(
         checkpoint_path, artifact_path, replace(report, notes=(*report.notes, *notes)), artifact_stale=stale
     )
 
 
-def _stale_artifact(checkpoint_path: Path, artifact_path: Path, provenance: object) -> tuple[bool | None, str | None]:
+def _stale_artifact(checkpoint: Checkpoint, artifact_path: Path, provenance: object) -> tuple[bool | None, str | None]:
     """Whether the artifact was collapsed from another file (None: its ``provenance`` records no source sha256),
     and a sentence saying so. ``provenance``: a collapsed file's metadata entry, or an ONNX file's metadata_props."""
     if not isinstance(provenance, Mapping) or not isinstance(provenance.get("source_sha256"), str):
         return None, None
     recorded = provenance["source_sha256"]
-    actual = file_sha256(checkpoint_path)
+    checkpoint_path = checkpoint.path
+    actual = file_sha256(checkpoint.files[0] if checkpoint.files else checkpoint_path)
     if recorded == actual:
         return False, None
     name = provenance.get("source_name")
@@ -262,30 +304,48 @@ def _onnx_settings(
 ) -> VerifySettings:
     """Check the ONNX model's input and output against the checkpoint before anything runs; a static batch sets
     the batch size."""
-    expected = [None, *checkpoint.input_shape]
-    shape = session.input_shape
-    if session.numpy_dtype != settings.dtype:
-        raise UsageError(
-            f"{artifact_path}: the ONNX model takes {session.numpy_dtype}; run with --dtype {session.numpy_dtype}"
-        )
-    mismatch = len(shape) != len(expected) or any(
-        isinstance(got, int) and want is not None and got != want for got, want in zip(shape, expected, strict=False)
-    )
-    if mismatch:
+    specs = checkpoint.inputs
+    if len(session.input_names) != len(specs):
         raise CheckpointError(
-            f"{artifact_path}: the ONNX model's input {session.input_name!r} has shape {shape}, but {checkpoint.path} "
-            f"takes [batch, {', '.join(map(str, checkpoint.input_shape))}]: the ONNX file does not match the "
-            "checkpoint's inputs (was it exported from another model?)"
+            f"{artifact_path}: the ONNX model takes {len(session.input_names)} input(s), but {checkpoint.path} takes "
+            f"{describe_inputs(specs)}: the ONNX file does not match the checkpoint (exported from another model?)"
         )
+    for name, shape, dtype, spec in zip(
+        session.input_names, session.input_shapes, session.numpy_dtypes, specs, strict=True
+    ):
+        if dtype not in (SUPPORTED_DTYPES if spec.is_float else (spec.name,)):
+            raise CheckpointError(
+                f"{artifact_path}: the ONNX model's input {name!r} is {dtype}, but the model takes {spec}"
+            )
+        if spec.is_float and dtype != settings.dtype:
+            raise UsageError(f"{artifact_path}: the ONNX model takes {dtype}; run with --dtype {dtype}")
+        expected = [None, *spec.shape]
+        mismatch = len(shape) != len(expected) or any(
+            isinstance(got, int) and want is not None and got != want
+            for got, want in zip(shape, expected, strict=False)
+        )
+        if mismatch:
+            raise CheckpointError(
+                f"{artifact_path}: the ONNX model's input {name!r} has shape {shape}, but {checkpoint.path} "
+                f"takes [batch, {', '.join(map(str, spec.shape))}]: the ONNX file does not match the "
+                "checkpoint's inputs (was it exported from another model?)"
+            )
+    shape = session.input_shape
     batch = shape[0]
     if isinstance(batch, int) and batch < 1:
         raise CheckpointError(
             f"{artifact_path}: the ONNX model's input has a static batch size of {batch}; it takes no data"
         )
     assert checkpoint.model is not None
-    dtype = next((p.dtype for p in checkpoint.model.parameters()), torch.float32)
+    model_dtype = next((p.dtype for p in checkpoint.model.parameters()), torch.float32)
     with torch.no_grad():
-        reference = checkpoint.model(torch.zeros((1, *checkpoint.input_shape), dtype=dtype))
+        leaves = tensor_leaves(checkpoint.model(*(spec.example(1, dtype=model_dtype) for spec in specs)))
+    if len(leaves) != 1:
+        raise UsageError(
+            f"{artifact_path}: {checkpoint.path}'s model returns {len(leaves)} tensors; comparing an ONNX model is "
+            "supported for one output tensor only (compare the collapsed checkpoint instead)"
+        )
+    reference = leaves[0][1]
     out = session.output_shape
     if out is not None and (
         len(out) != reference.dim()

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from epcli import CheckpointError, ConfigError, EPConv1d, EPConv2d, EPConv3d, EPLinear
+from epcli import CheckpointError, ConfigError, EPConv1d, EPConv2d, EPConv3d, EPLinear, InputSpec
 from epcli.formats.architecture import (
     SUPPORTED_TYPES,
     build_architecture,
@@ -70,9 +70,9 @@ def _every_type() -> nn.Module:
 def test_every_supported_type_passes_the_forward_check_and_a_wrong_shape_does_not():
     """The check runs an empty batch (no activations), which every supported module must accept."""
     model = build_architecture(describe_architecture(_every_type().eval()))
-    check_forward(model, (2, 8, 8), "the model")
+    check_forward(model, [InputSpec((2, 8, 8))], "the model")
     with pytest.raises(CheckpointError, match=r"the model fails on its own input_shape \[3, 8, 8\]: .*RuntimeError"):
-        check_forward(model, (3, 8, 8), "the model")
+        check_forward(model, [InputSpec((3, 8, 8))], "the model")
 
 
 def test_every_supported_type_round_trips():

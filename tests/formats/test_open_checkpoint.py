@@ -279,7 +279,8 @@ def test_missing_metadata_is_raised_by_open(tmp_path: Path, suffix: str, found: 
         save_file(state, str(path), metadata={"format": "pt"})
     else:
         torch.save(state, path)
-    with pytest.raises(CheckpointError, match=rf"^{path}: has no epcli metadata \({found}\); use epcli.save_checkpoint"):
+    hint = r"name the model's factory with --model module:function and its input with --input-shape .*save_checkpoint"
+    with pytest.raises(CheckpointError, match=rf"^{path}: has no epcli metadata \({found}\); .*{hint}"):
         open_checkpoint(path)
 
 

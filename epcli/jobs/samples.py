@@ -1,0 +1,121 @@
+"""``epcli verify --inputs FILE``: the user's own samples, checked against the model's input specs.
+
+As polygraphy's ``--load-inputs`` does, the comparison then runs on real data
+instead of random inputs. The file holds one tensor per model input, batch first:
+
+* ``.safetensors`` (read by epcli's checked reader),
+* ``.npz`` (``numpy.savez``; read without pickle),
+* ``.pt`` holding a dict of tensors (through the same safe path as checkpoints:
+  ``torch.load(weights_only=True)`` after the archive checks).
+
+With one input the tensor's name does not matter; with several they are named
+``input_0``, ``input_1``, ... (or ``arr_0``, ``arr_1``, ... as ``numpy.savez(path, *arrays)`` names them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from epcli.errors import CheckpointError, EpcliError, UsageError
+from epcli.formats.limits import MAX_TENSORS, check_count, check_tensor_shape
+from epcli.formats.safetensors_io import read_header, read_tensors
+from epcli.formats.source import check_finite
+from epcli.formats.torch_io import read_pt
+from epcli.inputs import InputSpec
+from epcli.text import quote
+
+__all__ = ["SAMPLE_SUFFIXES", "read_samples", "sample_batches"]
+
+SAMPLE_SUFFIXES = (".safetensors", ".npz", ".pt", ".pth")
+
+
+def read_samples(path: Path, specs: Sequence[InputSpec]) -> tuple[Tensor, ...]:
+    """One tensor per spec (batch first, in the spec's dtype), each checked against its spec; errors name ``path``."""
+    try:
+        return _checked(_read(path), specs)
+    except EpcliError as e:
+        raise type(e)(f"{path} (--inputs): {e}") from e
+    except OSError as e:
+        raise CheckpointError(f"{path} (--inputs): cannot be read ({e.strerror or e})") from e
+
+
+def sample_batches(samples: Sequence[Tensor], batch_size: int) -> list[tuple[Tensor, ...]]:
+    """The samples split along the batch dimension into batches of at most ``batch_size``."""
+    count = samples[0].shape[0]
+    return [tuple(t[start : start + batch_size] for t in samples) for start in range(0, count, batch_size)]
+
+
+def _read(path: Path) -> dict[str, Tensor]:
+    suffix = path.suffix.lower()
+    if not path.is_file():
+        raise UsageError("no such file; check the path")
+    if suffix == ".safetensors":
+        header = read_header(path)
+        return read_tensors(path, header, sorted(header.tensors), None)
+    if suffix == ".npz":
+        import numpy as np
+
+        try:
+            with np.load(path, allow_pickle=False) as archive:
+                check_count(len(archive.files), MAX_TENSORS, "the number of arrays")
+                return {name: torch.from_numpy(np.array(archive[name])) for name in archive.files}
+        except (ValueError, OSError) as e:
+            raise CheckpointError(f"cannot be read as a .npz file without pickle ({e})") from e
+    if suffix in (".pt", ".pth"):
+        return {key: t.clone() for key, t in read_pt(path).tensors.items()}
+    raise UsageError(f"unsupported suffix {path.suffix!r}; give the samples as {', '.join(SAMPLE_SUFFIXES)}")
+
+
+def _checked(tensors: Mapping[str, Tensor], specs: Sequence[InputSpec]) -> tuple[Tensor, ...]:
+    if len(tensors) != len(specs):
+        raise UsageError(
+            f"holds {len(tensors)} tensors {quote(sorted(tensors))}, but the model takes {len(specs)} inputs; give "
+            "one tensor per model input, batch first"
+        )
+    if len(specs) == 1:
+        ordered = list(tensors.values())
+    else:
+        names = next(
+            (
+                [f"{stem}{i}" for i in range(len(specs))]
+                for stem in ("input_", "arr_")
+                if set(tensors) == {f"{stem}{i}" for i in range(len(specs))}
+            ),
+            None,
+        )
+        if names is None:
+            raise UsageError(
+                f"holds tensors {quote(sorted(tensors))}; name them input_0 .. input_{len(specs) - 1}, one per model "
+                "input in order (numpy.savez(path, *arrays) names them arr_0 ..., which is read too)"
+            )
+        ordered = [tensors[name] for name in names]
+    out: list[Tensor] = []
+    for index, (tensor, spec) in enumerate(zip(ordered, specs, strict=True)):
+        where = f"input {index}" if len(specs) > 1 else "the input"
+        check_tensor_shape(tensor.shape, where)
+        if tensor.dim() != len(spec.shape) + 1 or tuple(tensor.shape[1:]) != spec.shape or tensor.shape[0] < 1:
+            raise UsageError(
+                f"{where} has shape {list(tensor.shape)}; the model takes [batch, {', '.join(map(str, spec.shape))}] "
+                f"({spec}), batch first and at least one sample"
+            )
+        if spec.is_float != tensor.is_floating_point() and spec.dtype != torch.bool:
+            raise UsageError(
+                f"{where} has dtype {str(tensor.dtype).removeprefix('torch.')}, but the model takes {spec.name} "
+                f"({'floating-point' if spec.is_float else 'integer'} values)"
+            )
+        check_finite({where: tensor}, "the samples")
+        if not spec.is_float and tensor.numel():
+            assert spec.low is not None and spec.high is not None
+            low, high = int(tensor.min()), int(tensor.max())
+            if low < spec.low or high >= spec.high:
+                raise UsageError(
+                    f"{where} holds values {low}..{high}, outside the model's range [{spec.low:g}, {spec.high:g})"
+                )
+        out.append(tensor.to(spec.dtype) if not spec.is_float else tensor)
+    if len({t.shape[0] for t in out}) > 1:
+        raise UsageError(f"the inputs have different batch sizes {[t.shape[0] for t in out]}; give one per sample")
+    return tuple(out)
