@@ -582,8 +582,14 @@ def _spec_layers(spec: dict[str, Any]) -> dict[str, EPConfig]:
 
 def _compare_layers(found: Mapping[str, EPConfig], expected: Mapping[str, EPConfig], source: str) -> None:
     if set(found) != set(expected):
+        hint = (
+            "; the factory must return the model as it was trained, i.e. after epcli.overparameterize with the "
+            "training options (or built from EP layers), not the plain architecture"
+            if source.startswith("the model built by factory") and not found
+            else ""
+        )
         raise CheckpointError(
-            f"{source} has EP layers at {sorted(found)}, but the metadata lists {sorted(expected)}"
+            f"{source} has EP layers at {sorted(found)}, but the metadata lists {sorted(expected)}{hint}"
         )
     for path, config in found.items():
         if config != expected[path]:

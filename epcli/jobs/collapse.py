@@ -113,14 +113,18 @@ def default_output(source: Path, file_format: str) -> Path:
     return source.with_name(f"{base.stem}.collapsed{OUTPUT_FORMATS[file_format]}")
 
 
-def resolve_output(source: Path, output: Path | None, file_format: str | None) -> Path:
-    """Pick the output path and check its name (what exists there is checked with the other files it implies)."""
+def resolve_output(source: Path, output: Path | None, file_format: str | None, option: str = "-o") -> Path:
+    """Pick the output path and check its name (what exists there is checked with the other files it implies).
+
+    ``option`` is how the user named the output (``-o``, or export's ``--safetensors``, which fixes the format).
+    """
     if file_format is not None and file_format not in OUTPUT_FORMATS:
         raise UsageError(f"--format must be one of {sorted(OUTPUT_FORMATS)}, got {file_format!r}")
     if output is None:
         return default_output(source, file_format or "safetensors")
     example = default_output(source, file_format or "safetensors").name
-    check_name(output, OUTPUT_FORMATS.values(), option="-o", example=example)
+    suffixes = OUTPUT_FORMATS.values() if option == "-o" or file_format is None else (OUTPUT_FORMATS[file_format],)
+    check_name(output, suffixes, option=option, example=example)
     if file_format is not None and output.suffix != OUTPUT_FORMATS[file_format]:
         raise UsageError(
             f"{output}: the suffix does not match --format {file_format}; use {OUTPUT_FORMATS[file_format]}"
@@ -148,9 +152,11 @@ def plan_output(
     model_factory: str | None = None,
     inputs: Sequence[InputSpec] | None = None,
     state_key: str | None = None,
+    option: str = "-o",
 ) -> OutputPlan:
     """Open ``source`` (no tensor data; the input and a named factory are checked first) and check every file the
-    collapse would create, replace or remove; then create the output's missing directories."""
+    collapse would create, replace or remove; then create the output's missing directories. ``option`` names the
+    output in messages."""
     if max_shard_bytes is not None and max_shard_bytes < 1:
         raise UsageError(f"the shard size limit must be at least 1 byte, got {max_shard_bytes}")
     opened = open_checkpoint(source, model_factory=model_factory, inputs=inputs, state_key=state_key)
@@ -158,7 +164,7 @@ def plan_output(
         raise UsageError(f"{source}: already collapsed; nothing to do")
     if not opened.ep_layers:
         raise UsageError(f"{source}: holds no EP layers, so there is nothing to collapse; nothing was written")
-    output = resolve_output(source, output, file_format)
+    output = resolve_output(source, output, file_format, option)
     if output.suffix != ".safetensors" and max_shard_bytes is not None:
         raise UsageError(
             f"{output}: only .safetensors output can be sharded; drop the shard size limit or use .safetensors"

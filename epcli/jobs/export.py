@@ -121,6 +121,7 @@ def export_file(
             safetensors_path,
             file_format="safetensors",
             force=force,
+            option="--safetensors",
             model_factory=model_factory,
             inputs=inputs,
             state_key=state_key,

@@ -433,3 +433,13 @@ def test_an_unwritable_output_directory_is_refused_before_any_work(samples, invo
 
     assert run.returncode == 2, run.describe()
     assert "cannot write in /proc" in flat(run.stderr) and "collapsing" not in run.stderr
+
+
+@pytest.mark.parametrize("name", ["model.pt", "model.onnx"])
+def test_export_safetensors_names_its_own_option_and_suffix(samples, invoke, flat, name):
+    run = invoke("export", samples.mlp, "--safetensors", samples.dir / name)
+
+    assert run.returncode == 2, run.describe()
+    message = flat(run.stderr)
+    assert "for --safetensors; use .safetensors (e.g." in message
+    assert "--format" not in message and "for -o" not in message

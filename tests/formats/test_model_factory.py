@@ -115,7 +115,7 @@ def test_factory_for_a_collapsed_file_may_build_either_form(tmp_path: Path, cust
         ("{module}:NOT_CALLABLE", ["'NOT_CALLABLE' is not callable (type int)"]),
         ("{module}:broken", ["raised RuntimeError: no GPU here"]),
         ("{module}:not_a_model", ["returned an object of type int, not a torch.nn.Module"]),
-        ("{module}:build_plain", ["has EP layers at []", "metadata lists ['body']"]),
+        ("{module}:build_plain", ["has EP layers at []", "metadata lists ['body']", "after epcli.overparameterize"]),
         ("{module}:build_other_depth", ["layer 'body' disagrees with the metadata", "'depth': (3, 2)"]),
     ],
 )
