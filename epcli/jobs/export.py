@@ -130,22 +130,27 @@ def export_file(
         make_parent(onnx_path)
     checkpoint = load_checkpoint(source, model_factory=model_factory, inputs=inputs, state_key=state_key)
     onnx = None
-    if onnx_path is not None:
-        plan = _OnnxPlan(onnx_path, opset, static_batch, force, external_data, external_threshold, opened.files)
-        onnx = _export_onnx(checkpoint, plan, settings, progress)
-        if not onnx.written:
-            return ExportResult(source, onnx, None)
-    collapsed = None
-    if safetensors_path is not None:  # read again from the file, one layer at a time, as epcli collapse does
-        collapsed = collapse_file(
-            source,
-            safetensors_path,
-            force=force,
-            model_factory=model_factory,
-            inputs=inputs,
-            state_key=state_key,
-            progress=progress,
-        )
+    # the ONNX files are staged, and committed only once the safetensors output is written too: a failed or
+    # interrupted run leaves neither (the safetensors output is committed by its own writer, last)
+    with StagedFiles(overwrite=force) as staged:
+        if onnx_path is not None:
+            plan = _OnnxPlan(onnx_path, opset, static_batch, force, external_data, external_threshold, opened.files)
+            onnx = _export_onnx(checkpoint, plan, settings, staged, progress)
+            if not onnx.written:
+                return ExportResult(source, onnx, None)
+        collapsed = None
+        if safetensors_path is not None:  # read again from the file, one layer at a time, as epcli collapse does
+            del checkpoint  # the collapse streams; the whole model is not needed any more
+            collapsed = collapse_file(
+                source,
+                safetensors_path,
+                force=force,
+                model_factory=model_factory,
+                inputs=inputs,
+                state_key=state_key,
+                progress=progress,
+            )
+        staged.commit()
     return ExportResult(source, onnx, collapsed)
 
 
@@ -170,9 +175,14 @@ class _OnnxPlan:
 
 
 def _export_onnx(
-    checkpoint: Checkpoint, plan: _OnnxPlan, settings: VerifySettings, progress: ProgressCallback | None
+    checkpoint: Checkpoint,
+    plan: _OnnxPlan,
+    settings: VerifySettings,
+    staged: StagedFiles,
+    progress: ProgressCallback | None,
 ) -> OnnxExportResult:
-    """Collapse, export, check with onnx.checker, compare in onnxruntime against torch, then write."""
+    """Collapse, export, check with onnx.checker, compare in onnxruntime against torch, then stage the files
+    in ``staged`` (the caller commits them)."""
     if checkpoint.model is None:
         raise UsageError(
             f"{checkpoint.path}: no architecture is embedded, so there is no whole model to export; "
@@ -203,31 +213,29 @@ def _export_onnx(
     data_path = external_data_path(output)
     if external and not plan.external_data:  # the estimate from the file's shapes fell short
         check_targets((data_path,), plan.sources, plan.force)
-    with StagedFiles(overwrite=plan.force) as staged:
-        source: bytes | Path
-        if external:  # the pair sits together under its final names while it is checked and run
-            scratch = staged.scratch(output)
-            source = temp = scratch / output.name
-            save_external(proto, temp)
+    source: bytes | Path
+    if external:  # the pair sits together under its final names while it is checked and run
+        scratch = staged.scratch(output)
+        source = temp = scratch / output.name
+        save_external(proto, temp)
+    else:
+        check_onnx(proto)
+        source = serialize_onnx(proto)
+    report = _validate(checkpoint, source, settings, progress)
+    del source
+    files: tuple[Path, ...] = ()
+    if report.passed:
+        set_onnx_metadata(proto, _metadata(checkpoint, plan.sources, report))
+        if external:
+            write_onnx(proto, temp)
+            staged.add(data_path, scratch / data_path.name)  # the data first: the model is what readers open
+            staged.add(output, temp)
+            files = (output, data_path)
         else:
-            check_onnx(proto)
-            source = serialize_onnx(proto)
-        report = _validate(checkpoint, source, settings, progress)
-        del source
-        files: tuple[Path, ...] = ()
-        if report.passed:
-            set_onnx_metadata(proto, _metadata(checkpoint, plan.sources, report))
-            if external:
-                write_onnx(proto, temp)
-                staged.add(data_path, scratch / data_path.name)  # the data first: the model is what readers open
-                staged.add(output, temp)
-                files = (output, data_path)
-            else:
-                data = serialize_onnx(proto)
-                del proto
-                staged.write(output, lambda handle: handle.write(data))
-                files = (output,)
-            staged.commit()
+            data = serialize_onnx(proto)
+            del proto
+            staged.write(output, lambda handle: handle.write(data))
+            files = (output,)
     return OnnxExportResult(
         output=output,
         written=report.passed,

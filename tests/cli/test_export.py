@@ -220,3 +220,21 @@ def test_custom_model_needs_a_factory_to_export(custom_model, invoke, flat, json
     ops = json_doc(run.stdout)["onnx"]["op_types"]
     assert sum(op in ("Gemm", "MatMul") for op in ops) == 2  # the collapsed EP layer and the head
     onnx.checker.check_model(onnx.load(str(output)), full_check=True)
+
+
+@pytest.mark.parametrize("failure", [KeyboardInterrupt, RuntimeError])
+def test_a_failure_while_writing_safetensors_leaves_no_onnx_either(samples, tmp_path, monkeypatch, failure):
+    """Both outputs or neither: the validated ONNX is staged until the collapsed safetensors is written."""
+    import epcli.jobs.export as export_job
+    from epcli.verify import VerifySettings
+
+    def broken(*args, **kwargs):
+        raise failure("stopped while writing the safetensors output")
+
+    monkeypatch.setattr(export_job, "collapse_file", broken)
+    out = tmp_path / "out"
+    onnx_path, safetensors_path = out / "m.onnx", out / "m.safetensors"
+    with pytest.raises(failure):
+        export_job.export_file(samples.mlp, onnx_path=onnx_path, safetensors_path=safetensors_path,
+                               settings=VerifySettings())
+    assert sorted(p.name for p in out.iterdir()) == []
