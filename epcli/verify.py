@@ -224,9 +224,13 @@ def compare_outputs(
         for batch in batches:
             samples += batch[0].shape[0]
             expected = tensor_leaves(reference(*batch))
-            got = dict(tensor_leaves(candidate(*batch)))
+            produced = candidate(*batch)
             if not expected:
                 raise ShapeMismatchError(f"{name}: the expanded model's output holds no tensors")
+            if _positional(produced) and len(produced) == len(expected):  # ONNX outputs: the leaves in order
+                got = {path: tensor for (path, _), tensor in zip(expected, produced, strict=True)}
+            else:
+                got = dict(tensor_leaves(produced))
             if set(got) != {path for path, _ in expected}:
                 raise ShapeMismatchError(
                     f"{name}: {candidate_label} gives outputs {sorted(got)}, expanded gives "
@@ -237,6 +241,12 @@ def compare_outputs(
     return tuple(
         errors[path].comparison(f"{name}{path}", scope, candidate_label, samples, tolerance) for path in errors
     )
+
+
+def _positional(output: Any) -> bool:
+    """A plain tuple of tensors, as an ONNX session returns its outputs (a model's own tuple output is one too,
+    and pairs with its leaves in the same order)."""
+    return type(output) is tuple and all(isinstance(t, Tensor) for t in output)
 
 
 @dataclass

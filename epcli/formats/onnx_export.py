@@ -307,12 +307,18 @@ class OnnxSession:
         self.input_shapes: list[list[int | str | None]] = [list(item.shape) for item in inputs]
         self.input_name = inputs[0].name
         self.input_shape = self.input_shapes[0]
-        self.output_shape: list[int | str | None] | None = None if outputs[0].shape is None else list(outputs[0].shape)
-        self.numpy_dtype = self.numpy_dtypes[0]
-        if outputs[0].type not in ("tensor(float)", "tensor(double)"):
-            raise CheckpointError(f"{where}: unsupported output type {outputs[0].type}; expected float or double")
+        self.output_shapes: list[list[int | str | None] | None] = [
+            None if item.shape is None else list(item.shape) for item in outputs
+        ]
+        for item in outputs:
+            if item.type not in ("tensor(float)", "tensor(double)"):
+                raise CheckpointError(
+                    f"{where}: output {item.name!r} has unsupported type {item.type}; expected float or double"
+                )
 
-    def __call__(self, *batches: Tensor) -> Tensor:
+    def __call__(self, *batches: Tensor) -> Tensor | tuple[Tensor, ...]:
+        """The model's output: one tensor, or a tuple of them in the order of the graph's outputs (which is
+        how the exporter flattened a tuple / dict output: :func:`epcli.inputs.tensor_leaves` order)."""
         import onnxruntime as ort
 
         arrays = {
@@ -328,7 +334,7 @@ class OnnxSession:
             timer.daemon = True
             timer.start()
         try:
-            result = self._session.run(None, arrays, options)[0]
+            results = self._session.run(None, arrays, options)
         except Exception as e:
             if options.terminate:
                 raise CheckpointError(
@@ -342,4 +348,5 @@ class OnnxSession:
         finally:
             if timer is not None:
                 timer.cancel()
-        return torch.from_numpy(result)
+        tensors = tuple(torch.from_numpy(result) for result in results)
+        return tensors[0] if len(tensors) == 1 else tensors

@@ -23,8 +23,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import torch
-
 from epcli.convert import collapse_model
 from epcli.errors import UsageError
 from epcli.formats.atomic import StagedFiles
@@ -43,7 +41,7 @@ from epcli.formats.onnx_export import (
     write_onnx,
 )
 from epcli.formats.sharded import is_index, sharded_base
-from epcli.inputs import InputSpec, tensor_leaves
+from epcli.inputs import InputSpec
 from epcli.jobs.collapse import CollapseResult, collapse_file, plan_output, provenance
 from epcli.jobs.files import check_name, check_targets, file_sha256, make_parent
 from epcli.jobs.verify import ONNX_LABEL, ProgressCallback, compare_model, verify_checkpoint
@@ -187,14 +185,6 @@ def _export_onnx(
         raise UsageError(
             f"{checkpoint.path}: no architecture is embedded, so there is no whole model to export; "
             "name a factory with --model module:function"
-        )
-    dtype = next((p.dtype for p in checkpoint.model.parameters() if p.is_floating_point()), torch.float32)
-    with torch.no_grad():
-        outputs = tensor_leaves(checkpoint.model(*(spec.example(1, dtype=dtype) for spec in checkpoint.inputs)))
-    if len(outputs) != 1:
-        raise UsageError(
-            f"{checkpoint.path}: the model returns {len(outputs)} tensors ({', '.join(p for p, _ in outputs)}); ONNX "
-            "export compares one output tensor so far (export the collapsed checkpoint with --safetensors)"
         )
     output = plan.output
     if plan.static_batch:

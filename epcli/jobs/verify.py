@@ -340,21 +340,21 @@ def _onnx_settings(
     model_dtype = next((p.dtype for p in checkpoint.model.parameters()), torch.float32)
     with torch.no_grad():
         leaves = tensor_leaves(checkpoint.model(*(spec.example(1, dtype=model_dtype) for spec in specs)))
-    if len(leaves) != 1:
-        raise UsageError(
-            f"{artifact_path}: {checkpoint.path}'s model returns {len(leaves)} tensors; comparing an ONNX model is "
-            "supported for one output tensor only (compare the collapsed checkpoint instead)"
-        )
-    reference = leaves[0][1]
-    out = session.output_shape
-    if out is not None and (
-        len(out) != reference.dim()
-        or any(isinstance(got, int) and got != want for got, want in zip(out[1:], reference.shape[1:], strict=True))
-    ):
+    if len(leaves) != len(session.output_shapes):
         raise CheckpointError(
-            f"{artifact_path}: the ONNX model's output has shape {out}, but {checkpoint.path}'s model gives "
-            f"[batch, {', '.join(map(str, reference.shape[1:]))}]: the ONNX file does not match the checkpoint"
+            f"{artifact_path}: the ONNX model has {len(session.output_shapes)} output(s), but {checkpoint.path}'s "
+            f"model returns {len(leaves)} tensor(s): the ONNX file does not match the checkpoint"
         )
+    for (path, reference), out in zip(leaves, session.output_shapes, strict=True):
+        if out is not None and (
+            len(out) != reference.dim()
+            or any(isinstance(got, int) and got != want for got, want in zip(out[1:], reference.shape[1:], strict=True))
+        ):
+            raise CheckpointError(
+                f"{artifact_path}: the ONNX model's output{' ' + path if path else ''} has shape {out}, but "
+                f"{checkpoint.path}'s model gives [batch, {', '.join(map(str, reference.shape[1:]))}]: the ONNX file "
+                "does not match the checkpoint"
+            )
     if not isinstance(batch, int):
         return settings
     if settings.samples % batch:

@@ -254,3 +254,18 @@ def test_token_model_end_to_end_save_collapse_verify_export(foreign: SimpleNames
         expected = tokens(ids)
     got = torch.from_numpy(session.run(None, {only.name: ids.numpy()})[0])
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_tuple_output_exports_to_onnx_and_verifies_leaf_by_leaf(foreign: SimpleNamespace, invoke, tmp_path):
+    """One ONNX output per tensor of the model's (tuple, dict) output, each compared under its own name."""
+    onnx_path = tmp_path / "net.onnx"
+    run = invoke("export", foreign.root / "hf", "--model", foreign.factory, *FLOAT, "--onnx", onnx_path, "--json")
+    assert run.returncode == 0, run.describe()
+    export_names = [c["name"] for c in json.loads(run.stdout)["onnx"]["comparisons"] if c["scope"] == "model"]
+    assert export_names == ["<model>[0]", "<model>[1].hidden"]
+
+    run = invoke("verify", foreign.root / "hf", onnx_path, "--model", foreign.factory, *FLOAT, "--json")
+    assert run.returncode == 0, run.describe()
+    document = json.loads(run.stdout)
+    assert [c["name"] for c in document["comparisons"] if c["scope"] == "model"] == export_names
+    assert document["passed"]
