@@ -7,7 +7,6 @@ import functools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -19,18 +18,17 @@ from epcli.convert import (
     expanded_layer,
     layer_prefix,
     layer_states,
-    plain_model,
 )
 from epcli.errors import CheckpointError, ShapeMismatchError, UsageError
 from epcli.formats.checkpoint import Checkpoint, CheckpointFile, open_checkpoint, read_model
 from epcli.formats.onnx_export import OnnxSession
-from epcli.inputs import InputSpec, describe_inputs, tensor_leaves
+from epcli.inputs import InputSpec, describe_inputs, random_inputs, tensor_leaves
 from epcli.jobs.files import file_sha256
 from epcli.jobs.samples import read_samples, sample_batches
 from epcli.jobs.summary import natural_order
 from epcli.layers.base import EPLayer
 from epcli.layers.config import EPConfig
-from epcli.layers.registry import plain_layer
+from epcli.layers.registry import collapsed_has_bias, find_ep_layers, plain_layer
 from epcli.verify import SUPPORTED_DTYPES, Comparison, VerifyReport, VerifySettings, compare, compare_outputs
 
 __all__ = [
@@ -118,21 +116,61 @@ def _compare_owned(
     label: str,
     batches: Sequence[tuple[Tensor, ...]] | None,
 ) -> tuple[Comparison, ...]:
-    """:func:`compare_model` on a model nobody else holds: it is cast in place, so only one copy exists."""
+    """:func:`compare_model` on a model nobody else holds, so only one copy of it ever exists: it is cast in
+    place, and (unless an ONNX session is the candidate) its outputs are taken first, then it is collapsed in
+    place, one EP layer at a time, and run again on the same batches."""
     model = model.to(device=settings.torch_device, dtype=settings.torch_dtype)
-    candidate: Callable[..., Any]
+    inputs: Sequence[InputSpec] | Sequence[tuple[Tensor, ...]]
+    if batches is not None:
+        inputs = [_moved(batch, settings) for batch in batches]
+    elif onnx_session is not None:
+        inputs = specs
+    else:  # drawn here, as compare_outputs would, to be run twice
+        inputs = list(
+            random_inputs(
+                specs,
+                settings.samples,
+                settings.batch_size,
+                settings.seed,
+                dtype=settings.torch_dtype,
+                device=settings.torch_device,
+            )
+        )
     if onnx_session is not None:
-        candidate, label = onnx_session, ONNX_LABEL
-    elif collapsed_state is None:
-        candidate = collapse_model(model)
-    else:
+        with expanded_eval(model) as reference:
+            return compare_outputs("<model>", "model", ONNX_LABEL, reference, onnx_session, inputs, settings)
+    with expanded_eval(model) as reference, torch.no_grad():
+        expected = [reference(*batch) for batch in inputs if isinstance(batch, tuple)]
+    candidate = _collapsed_in_place(model, collapsed_state, settings)
+    outputs = iter(expected)
+    return compare_outputs("<model>", "model", label, lambda *batch: next(outputs), candidate, inputs, settings)
+
+
+def _collapsed_in_place(
+    model: nn.Module, collapsed_state: Mapping[str, Tensor] | None, settings: VerifySettings
+) -> nn.Module:
+    """``model`` with each EP layer replaced by its plain layer, in place, each EP layer dropped as it goes (the
+    model itself when it is one): collapsed in memory, or holding ``collapsed_state`` (loaded strictly, as is)."""
+    layers = find_ep_layers(model)
+    plain: dict[int, nn.Module] = {}
+    while layers:
+        path, layer = layers.popitem()
+        if id(layer) not in plain:  # a layer used at several paths is collapsed once
+            if collapsed_state is None:
+                plain[id(layer)] = collapse_model(layer)
+            else:
+                plain[id(layer)] = plain_layer(layer.config, bias=collapsed_has_bias(layer.config), device="meta")
+        if not path:
+            model = plain[id(layer)]
+        else:
+            model.set_submodule(path, plain[id(layer)])
+        del layer
+    if collapsed_state is not None:
         try:  # the given tensors as they are: collapsing the model again would be wasted work
-            candidate = plain_model(model, collapsed_state).to(device=settings.torch_device, dtype=settings.torch_dtype)
+            model.load_state_dict(collapsed_state, strict=True, assign=True)
         except RuntimeError as e:
             raise CheckpointError(f"the collapsed tensors do not fit the collapsed architecture: {e}") from e
-    inputs = specs if batches is None else [_moved(batch, settings) for batch in batches]
-    with expanded_eval(model) as reference:
-        return compare_outputs("<model>", "model", label, reference, candidate, inputs, settings)
+    return model.to(device=settings.torch_device, dtype=settings.torch_dtype).eval()
 
 
 def _moved(batch: tuple[Tensor, ...], settings: VerifySettings) -> tuple[Tensor, ...]:
