@@ -313,6 +313,11 @@ def verify_files(
     a file of the user's own inputs (:func:`~epcli.jobs.samples.read_samples`), on which the
     whole model is compared instead of random ones. ``model_factory``, ``inputs`` and
     ``state_key`` are as in :func:`~epcli.load_checkpoint`.
+
+    The checkpoint is opened, not loaded: each EP layer is read, checked and dropped in
+    turn, then the model is read once, in the comparison dtype, and collapsed in place
+    after its expanded outputs are taken; so the peak is about the model in that dtype
+    (plus a collapsed artifact's tensors) and one layer's float64 collapse.
     """
     checkpoint = open_checkpoint(checkpoint_path, model_factory=model_factory, inputs=inputs, state_key=state_key)
     if checkpoint.kind != "expanded":
