@@ -72,11 +72,16 @@ def compare_layer(
 ) -> Comparison:
     """One EP layer's expanded chain (``layer``, already in the comparison dtype and device) against the plain
     layer holding ``weight`` / ``bias``, cast the same way."""
-    plain = plain_layer(layer.config, bias=bias is not None, device="meta")
-    plain.load_state_dict({"weight": weight} if bias is None else {"weight": weight, "bias": bias}, assign=True)
     reference = next(layer.parameters())
-    plain = plain.to(device=reference.device, dtype=reference.dtype)
+    plain = _plain(layer.config, weight, bias).to(device=reference.device, dtype=reference.dtype)
     return compare(path, "layer", label, functools.partial(layer, override=True), plain, input_shape, settings)
+
+
+def _plain(config: EPConfig, weight: Tensor, bias: Tensor | None) -> nn.Module:
+    """The plain layer holding ``weight`` / ``bias`` themselves (no copy)."""
+    plain = plain_layer(config, bias=bias is not None, device="meta")
+    plain.load_state_dict({"weight": weight} if bias is None else {"weight": weight, "bias": bias}, assign=True)
+    return plain
 
 
 def compare_model(
@@ -115,10 +120,12 @@ def _compare_owned(
     onnx_session: OnnxSession | None,
     label: str,
     batches: Sequence[tuple[Tensor, ...]] | None,
+    collapsed_layers: Mapping[str, tuple[Tensor, Tensor | None]] | None = None,
 ) -> tuple[Comparison, ...]:
     """:func:`compare_model` on a model nobody else holds, so only one copy of it ever exists: it is cast in
     place, and (unless an ONNX session is the candidate) its outputs are taken first, then it is collapsed in
-    place, one EP layer at a time, and run again on the same batches."""
+    place, one EP layer at a time, and run again on the same batches. ``collapsed_layers``: the in-memory
+    collapse of EP layers (by path, in the comparison dtype) already computed from these same parameters."""
     model = model.to(device=settings.torch_device, dtype=settings.torch_dtype)
     inputs: Sequence[InputSpec] | Sequence[tuple[Tensor, ...]]
     if batches is not None:
@@ -141,22 +148,28 @@ def _compare_owned(
             return compare_outputs("<model>", "model", ONNX_LABEL, reference, onnx_session, inputs, settings)
     with expanded_eval(model) as reference, torch.no_grad():
         expected = [reference(*batch) for batch in inputs if isinstance(batch, tuple)]
-    candidate = _collapsed_in_place(model, collapsed_state, settings)
+    candidate = _collapsed_in_place(model, collapsed_state, collapsed_layers or {}, settings)
     outputs = iter(expected)
     return compare_outputs("<model>", "model", label, lambda *batch: next(outputs), candidate, inputs, settings)
 
 
 def _collapsed_in_place(
-    model: nn.Module, collapsed_state: Mapping[str, Tensor] | None, settings: VerifySettings
+    model: nn.Module,
+    collapsed_state: Mapping[str, Tensor] | None,
+    collapsed_layers: Mapping[str, tuple[Tensor, Tensor | None]],
+    settings: VerifySettings,
 ) -> nn.Module:
     """``model`` with each EP layer replaced by its plain layer, in place, each EP layer dropped as it goes (the
-    model itself when it is one): collapsed in memory, or holding ``collapsed_state`` (loaded strictly, as is)."""
+    model itself when it is one): collapsed in memory (or taken from ``collapsed_layers``), or holding
+    ``collapsed_state`` (loaded strictly, as is)."""
     layers = find_ep_layers(model)
     plain: dict[int, nn.Module] = {}
     while layers:
         path, layer = layers.popitem()
         if id(layer) not in plain:  # a layer used at several paths is collapsed once
-            if collapsed_state is None:
+            if collapsed_state is None and path in collapsed_layers:
+                plain[id(layer)] = _plain(layer.config, *collapsed_layers[path])
+            elif collapsed_state is None:
                 plain[id(layer)] = collapse_model(layer)
             else:
                 plain[id(layer)] = plain_layer(layer.config, bias=collapsed_has_bias(layer.config), device="meta")
@@ -258,6 +271,9 @@ def _verify(
     comparisons: list[Comparison] = []
     if settings.model_dtype is None:  # default tolerances follow the stored precision (bfloat16 / float16)
         settings = settings.for_model(subject.stored)
+    # the model check would collapse the same parameters again: keep each result, cast as that check casts it
+    keep = collapsed_state is None and onnx_session is None and subject.owned_model is not None
+    kept: dict[str, tuple[Tensor, Tensor | None]] = {}
     total = len(subject.ep_layers) + (subject.owned_model is not None)
     tick = progress or (lambda done, total, label: None)
     for path in natural_order(subject.ep_layers):
@@ -269,6 +285,8 @@ def _verify(
         if collapsed_state is None:
             collapsed = layer.collapse()
             weight, bias = collapsed.weight, collapsed.bias
+            if keep:
+                kept[path] = (weight.to(settings.torch_dtype), None if bias is None else bias.to(settings.torch_dtype))
         else:
             weight_key, bias_key = collapsed_keys(path)
             weight, bias = collapsed_state[weight_key], collapsed_state.get(bias_key)
@@ -287,6 +305,7 @@ def _verify(
                 onnx_session=onnx_session,
                 label=label,
                 batches=batches,
+                collapsed_layers=kept,
             )
         )
     tick(total, total, "done")
