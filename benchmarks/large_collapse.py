@@ -20,11 +20,18 @@ be forked from a small one, and this script never imports torch itself); the flo
 "peak RSS above the import-torch floor <= 0.5 x input" (both are printed).
 Run from the repository root: ``python benchmarks/large_collapse.py`` (about 2-3 minutes);
 ``--multi-gb`` runs once on a 4 GiB checkpoint instead, with sharded output (about 10 minutes).
+
+``--verify [--width W] [--before CHECKOUT]`` measures ``epcli verify`` instead (issue 12): on a checkpoint of
+``LAYERS x EPLinear(W, W, depth=4)`` (.safetensors; ``--layers``, default 16 x 1024 = 256 MiB, 4 x 4096 = 1 GiB),
+one fresh process each of ``epcli collapse``, ``epcli verify CKPT`` (collapsed in memory) and ``epcli verify CKPT
+COLLAPSED``, with this epcli and, with ``--before``, with the epcli package found in CHECKOUT (run with
+``PYTHONPATH=CHECKOUT``). Target: verify's peak RSS above the ``import torch`` floor <= 1.0x the input.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -95,11 +102,12 @@ WRAPPER = textwrap.dedent(
     """
     import os, subprocess, sys, time
     start = time.perf_counter()
-    process = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    accepted = {int(code) for code in sys.argv[1].split(",")}
+    process = subprocess.Popen(sys.argv[2:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(process.pid, 0)
     elapsed = time.perf_counter() - start
     code = os.waitstatus_to_exitcode(status)
-    if code != 0:
+    if code not in accepted:
         sys.stderr.write(process.stderr.read().decode())
         sys.exit(code)
     print(elapsed, usage.ru_maxrss * 1024)  # Linux: KiB
@@ -114,9 +122,10 @@ def build(directory: Path, layers: int, width: int, suffixes: tuple[str, ...]) -
     return {suffix: directory / f"big{suffix}" for suffix in suffixes}
 
 
-def run(command: list[str]) -> tuple[float, int]:
-    """Wall seconds and peak RSS (bytes) of one fresh subprocess, forked from a small wrapper."""
-    done = subprocess.run([sys.executable, "-c", WRAPPER, *command], capture_output=True, text=True)
+def run(command: list[str], accepted: str = "0") -> tuple[float, int]:
+    """Wall seconds and peak RSS (bytes) of one fresh subprocess, forked from a small wrapper; ``accepted``: the
+    exit codes that count as a run (comma-separated)."""
+    done = subprocess.run([sys.executable, "-c", WRAPPER, accepted, *command], capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed ({done.returncode}):\n{done.stderr}")
     elapsed, peak = done.stdout.split()
@@ -163,6 +172,33 @@ def measure(directory: Path, source: Path, layers: int, width: int, rounds: int,
     return time_ok and rss_floor_ok
 
 
+VERIFY_RSS_TARGET = 1.0
+
+
+def measure_verify(directory: Path, layers: int, width: int, floor: int, before: Path | None) -> None:
+    """One fresh run each of collapse, verify (in memory) and verify against the collapsed file, per checkout."""
+    source = build(directory, layers, width, (".safetensors",))[".safetensors"]
+    size = source.stat().st_size
+    collapsed = directory / "collapsed.safetensors"
+    commands = {
+        "collapse": ["-m", "epcli", "collapse", str(source), "-o", str(collapsed), "--force"],
+        "verify": ["-m", "epcli", "verify", str(source)],
+        "verify COLLAPSED": ["-m", "epcli", "verify", str(source), str(collapsed)],
+    }
+    print(f"\nverify: input {size / 2**20:.0f} MiB ({layers} x EPLinear({width}, {width}, depth={DEPTH})); "
+          f"floor {floor / 2**20:.0f} MiB")
+    checkouts = {"this epcli": os.environ.get("PYTHONPATH", "")} | ({f"epcli at {before}": str(before)} if before else {})
+    for label, pythonpath in checkouts.items():
+        for name, args in commands.items():
+            # exit code 1: a comparison failed (float32 at its default tolerances); the run is measured all the same
+            seconds, peak = run(["env", f"PYTHONPATH={pythonpath}", sys.executable, *args], accepted="0,1")
+            above = (peak - floor) / size
+            met = "met" if above <= VERIFY_RSS_TARGET else "NOT met"
+            target = "" if name == "collapse" else f" (target <= {VERIFY_RSS_TARGET}x: {met})"
+            print(f"  {label:24s} {name:17s} {seconds:7.2f} s; peak RSS {peak / 2**20:6.0f} MiB = {peak / size:.2f}x "
+                  f"input; above the torch floor {above:.2f}x{target}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -170,6 +206,10 @@ def main() -> None:
         help=f"instead: one round on {MULTI_LAYERS} x EPLinear({MULTI_WIDTH}, {MULTI_WIDTH}, depth={DEPTH}) (4 GiB, "
         "about 10 minutes), epcli writing shards of at most 256MB",
     )
+    parser.add_argument("--verify", action="store_true", help="instead: measure epcli verify (see the docstring)")
+    parser.add_argument("--layers", type=int, default=LAYERS, help="with --verify: number of EP layers")
+    parser.add_argument("--width", type=int, default=WIDTH, help="with --verify: their width")
+    parser.add_argument("--before", type=Path, help="with --verify: a checkout whose epcli runs the same commands")
     args = parser.parse_args()
     print(machine_summary())
     with tempfile.TemporaryDirectory() as temp:
@@ -177,6 +217,9 @@ def main() -> None:
         _, floor = run([sys.executable, "-c", "import torch"])
         print(f"floor: python -c 'import torch' peak RSS {floor / 2**20:.0f} MiB")
         print(f"targets: epcli/bare wall time <= {TIME_TARGET}x; peak RSS <= {RSS_TARGET}x input file size")
+        if args.verify:
+            measure_verify(directory, args.layers, args.width, floor, args.before)
+            return
         if args.multi_gb:
             paths = build(directory, MULTI_LAYERS, MULTI_WIDTH, (".safetensors",))
             met = measure(directory, paths[".safetensors"], MULTI_LAYERS, MULTI_WIDTH, 1, floor,

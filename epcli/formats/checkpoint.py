@@ -430,6 +430,50 @@ def load_checkpoint(
     )
 
 
+def read_model(
+    opened: CheckpointFile, model_factory: ModelFactory | None = None, *, dtype: torch.dtype | None = None
+) -> nn.Module | None:
+    """The model of an opened checkpoint (eval mode; None without an architecture or factory), its floating
+    tensors cast to ``dtype``: the only copy of the data, for a caller that owns it (``epcli verify``).
+
+    Unlike :func:`load_checkpoint` no state dict is kept beside the model, and the file is read about
+    :data:`_READ_GROUP_BYTES` at a time, each tensor checked finite as stored and then cast, so the peak is
+    the model in ``dtype`` (plus one group), not the file twice.
+    """
+    with _naming(opened.path):
+        built = _skeleton(opened, opened.meta_state(), model_factory)
+    if built is None:
+        return None
+    state: dict[str, Tensor] = {}
+    for keys in _byte_groups(opened.tensors, _READ_GROUP_BYTES):
+        for key, tensor in opened.read(keys).items():
+            state[key] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+    with _naming(opened.path):
+        model = _fill(*built, state, copy=False)
+        del state
+        if opened.architecture is not None and model_factory is None:
+            check_forward(model, opened.inputs, built[1])
+    return model.to(dtype=dtype) if dtype is not None else model  # buffers the file does not hold
+
+
+_READ_GROUP_BYTES = 64 * 2**20
+""":func:`read_model` reads the file in groups of tensors of about this many bytes."""
+
+
+def _byte_groups(tensors: Mapping[str, TensorInfo], limit: int) -> Iterator[list[str]]:
+    """Keys in file order, in runs of about ``limit`` bytes (a larger tensor alone)."""
+    group: list[str] = []
+    size = 0
+    for key, info in tensors.items():
+        if group and size + info.nbytes > limit:
+            yield group
+            group, size = [], 0
+        group.append(key)
+        size += info.nbytes
+    if group:
+        yield group
+
+
 @contextmanager
 def _naming(path: Path) -> Iterator[None]:
     """Errors raised inside start with ``path``; OS errors become :class:`CheckpointError`."""
@@ -563,10 +607,13 @@ def _skeleton(meta: Metadata | CheckpointFile, state: Mapping[str, Tensor], mode
     return model, source
 
 
-def _fill(model: nn.Module, source: str, state: Mapping[str, Tensor]) -> nn.Module:
-    """Load the file's tensors into the model (strictly), which then owns copies of them; eval mode."""
+def _fill(model: nn.Module, source: str, state: Mapping[str, Tensor], *, copy: bool = True) -> nn.Module:
+    """Load the file's tensors into the model (strictly), which then owns copies of them (``copy=False``: the
+    tensors themselves, when nothing else keeps them); eval mode."""
     # assign: parameters take the file's tensors (and dtypes); copies, so the model never aliases .state_dict
-    model.load_state_dict({key: value.clone() for key, value in state.items()}, strict=True, assign=True)
+    model.load_state_dict(
+        {key: value.clone() for key, value in state.items()} if copy else dict(state), strict=True, assign=True
+    )
     left_on_meta = [name for name, t in itertools.chain(model.named_parameters(), model.named_buffers()) if t.is_meta]
     if left_on_meta:
         raise CheckpointError(f"{source} has tensors the file does not store: {left_on_meta[:8]}")

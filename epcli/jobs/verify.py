@@ -7,21 +7,28 @@ import functools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from epcli.convert import collapse_model, collapsed_keys, expanded_eval, expanded_layer, layer_states, plain_model
+from epcli.convert import (
+    collapse_model,
+    collapsed_keys,
+    expanded_eval,
+    expanded_layer,
+    layer_prefix,
+    layer_states,
+)
 from epcli.errors import CheckpointError, ShapeMismatchError, UsageError
-from epcli.formats.checkpoint import Checkpoint, load_checkpoint
+from epcli.formats.checkpoint import Checkpoint, CheckpointFile, open_checkpoint, read_model
 from epcli.formats.onnx_export import OnnxSession
-from epcli.inputs import InputSpec, describe_inputs, tensor_leaves
+from epcli.inputs import InputSpec, describe_inputs, random_inputs, tensor_leaves
 from epcli.jobs.files import file_sha256
 from epcli.jobs.samples import read_samples, sample_batches
 from epcli.jobs.summary import natural_order
 from epcli.layers.base import EPLayer
-from epcli.layers.registry import plain_layer
+from epcli.layers.config import EPConfig
+from epcli.layers.registry import collapsed_has_bias, find_ep_layers, plain_layer
 from epcli.verify import SUPPORTED_DTYPES, Comparison, VerifyReport, VerifySettings, compare, compare_outputs
 
 __all__ = [
@@ -65,11 +72,16 @@ def compare_layer(
 ) -> Comparison:
     """One EP layer's expanded chain (``layer``, already in the comparison dtype and device) against the plain
     layer holding ``weight`` / ``bias``, cast the same way."""
-    plain = plain_layer(layer.config, bias=bias is not None, device="meta")
-    plain.load_state_dict({"weight": weight} if bias is None else {"weight": weight, "bias": bias}, assign=True)
     reference = next(layer.parameters())
-    plain = plain.to(device=reference.device, dtype=reference.dtype)
+    plain = _plain(layer.config, weight, bias).to(device=reference.device, dtype=reference.dtype)
     return compare(path, "layer", label, functools.partial(layer, override=True), plain, input_shape, settings)
+
+
+def _plain(config: EPConfig, weight: Tensor, bias: Tensor | None) -> nn.Module:
+    """The plain layer holding ``weight`` / ``bias`` themselves (no copy)."""
+    plain = plain_layer(config, bias=bias is not None, device="meta")
+    plain.load_state_dict({"weight": weight} if bias is None else {"weight": weight, "bias": bias}, assign=True)
+    return plain
 
 
 def compare_model(
@@ -88,20 +100,90 @@ def compare_model(
     """
     if checkpoint.model is None:
         raise UsageError(f"{checkpoint.path}: no architecture is embedded; name a factory with --model module:function")
-    model = copy.deepcopy(checkpoint.model).to(device=settings.torch_device, dtype=settings.torch_dtype)
-    candidate: Callable[..., Any]
+    return _compare_owned(
+        copy.deepcopy(checkpoint.model),  # the caller's model stays as it is
+        checkpoint.inputs,
+        settings,
+        collapsed_state=collapsed_state,
+        onnx_session=onnx_session,
+        label=label,
+        batches=batches,
+    )
+
+
+def _compare_owned(
+    model: nn.Module,
+    specs: Sequence[InputSpec],
+    settings: VerifySettings,
+    *,
+    collapsed_state: Mapping[str, Tensor] | None,
+    onnx_session: OnnxSession | None,
+    label: str,
+    batches: Sequence[tuple[Tensor, ...]] | None,
+    collapsed_layers: Mapping[str, tuple[Tensor, Tensor | None]] | None = None,
+) -> tuple[Comparison, ...]:
+    """:func:`compare_model` on a model nobody else holds, so only one copy of it ever exists: it is cast in
+    place, and (unless an ONNX session is the candidate) its outputs are taken first, then it is collapsed in
+    place, one EP layer at a time, and run again on the same batches. ``collapsed_layers``: the in-memory
+    collapse of EP layers (by path, in the comparison dtype) already computed from these same parameters."""
+    model = model.to(device=settings.torch_device, dtype=settings.torch_dtype)
+    inputs: Sequence[InputSpec] | Sequence[tuple[Tensor, ...]]
+    if batches is not None:
+        inputs = [_moved(batch, settings) for batch in batches]
+    elif onnx_session is not None:
+        inputs = specs
+    else:  # drawn here, as compare_outputs would, to be run twice
+        inputs = list(
+            random_inputs(
+                specs,
+                settings.samples,
+                settings.batch_size,
+                settings.seed,
+                dtype=settings.torch_dtype,
+                device=settings.torch_device,
+            )
+        )
     if onnx_session is not None:
-        candidate, label = onnx_session, ONNX_LABEL
-    elif collapsed_state is None:
-        candidate = collapse_model(model)
-    else:
+        with expanded_eval(model) as reference:
+            return compare_outputs("<model>", "model", ONNX_LABEL, reference, onnx_session, inputs, settings)
+    with expanded_eval(model) as reference, torch.no_grad():
+        expected = [reference(*batch) for batch in inputs if isinstance(batch, tuple)]
+    candidate = _collapsed_in_place(model, collapsed_state, collapsed_layers or {}, settings)
+    outputs = iter(expected)
+    return compare_outputs("<model>", "model", label, lambda *batch: next(outputs), candidate, inputs, settings)
+
+
+def _collapsed_in_place(
+    model: nn.Module,
+    collapsed_state: Mapping[str, Tensor] | None,
+    collapsed_layers: Mapping[str, tuple[Tensor, Tensor | None]],
+    settings: VerifySettings,
+) -> nn.Module:
+    """``model`` with each EP layer replaced by its plain layer, in place, each EP layer dropped as it goes (the
+    model itself when it is one): collapsed in memory (or taken from ``collapsed_layers``), or holding
+    ``collapsed_state`` (loaded strictly, as is)."""
+    layers = find_ep_layers(model)
+    plain: dict[int, nn.Module] = {}
+    while layers:
+        path, layer = layers.popitem()
+        if id(layer) not in plain:  # a layer used at several paths is collapsed once
+            if collapsed_state is None and path in collapsed_layers:
+                plain[id(layer)] = _plain(layer.config, *collapsed_layers[path])
+            elif collapsed_state is None:
+                plain[id(layer)] = collapse_model(layer)
+            else:
+                plain[id(layer)] = plain_layer(layer.config, bias=collapsed_has_bias(layer.config), device="meta")
+        if not path:
+            model = plain[id(layer)]
+        else:
+            model.set_submodule(path, plain[id(layer)])
+        del layer
+    if collapsed_state is not None:
         try:  # the given tensors as they are: collapsing the model again would be wasted work
-            candidate = plain_model(model, collapsed_state).to(device=settings.torch_device, dtype=settings.torch_dtype)
+            model.load_state_dict(collapsed_state, strict=True, assign=True)
         except RuntimeError as e:
             raise CheckpointError(f"the collapsed tensors do not fit the collapsed architecture: {e}") from e
-    inputs = checkpoint.inputs if batches is None else [_moved(batch, settings) for batch in batches]
-    with expanded_eval(model) as reference:
-        return compare_outputs("<model>", "model", label, reference, candidate, inputs, settings)
+    return model.to(device=settings.torch_device, dtype=settings.torch_dtype).eval()
 
 
 def _moved(batch: tuple[Tensor, ...], settings: VerifySettings) -> tuple[Tensor, ...]:
@@ -110,6 +192,19 @@ def _moved(batch: tuple[Tensor, ...], settings: VerifySettings) -> tuple[Tensor,
         t.to(device=settings.torch_device, dtype=settings.torch_dtype if t.is_floating_point() else t.dtype)
         for t in batch
     )
+
+
+@dataclass(frozen=True)
+class _Subject:
+    """What verification reads of an expanded checkpoint, loaded or opened: each EP layer's own tensors (keys
+    relative to the layer) one at a time, and the whole model as a copy the check owns (cast in place)."""
+
+    ep_layers: Mapping[str, EPConfig]
+    layer_input_shapes: Mapping[str, tuple[int, ...]]
+    inputs: Sequence[InputSpec]
+    stored: Sequence[Tensor]  # every tensor (meta ones do), for the stored dtypes
+    layer_state: Callable[[str], Mapping[str, Tensor]]
+    owned_model: Callable[[torch.dtype], nn.Module] | None
 
 
 def verify_checkpoint(
@@ -131,39 +226,90 @@ def verify_checkpoint(
     loaded strictly into the collapsed architecture. Default tolerances allow for
     the checkpoint's stored dtype (``VerifySettings.model_dtype``).
     """
+    states = layer_states(checkpoint.state_dict, checkpoint.ep_layers)
+    model = checkpoint.model
+    subject = _Subject(
+        checkpoint.ep_layers,
+        checkpoint.layer_input_shapes,
+        checkpoint.inputs,
+        list(checkpoint.state_dict.values()),
+        states.__getitem__,
+        None if model is None else lambda dtype: copy.deepcopy(model),  # the caller's model stays as it is
+    )
+    return _verify(subject, settings, collapsed_state, onnx_session, label, progress, batches)
+
+
+def _opened_subject(opened: CheckpointFile, owned_model: Callable[[torch.dtype], nn.Module] | None) -> _Subject:
+    """An opened checkpoint, read one EP layer at a time; ``owned_model`` reads its model (after the layers)."""
+    keys = layer_states(opened.meta_state(), opened.ep_layers)
+    prefixes = {path: layer_prefix(path) for path in opened.ep_layers}
+
+    def layer_state(path: str) -> Mapping[str, Tensor]:
+        stored = opened.read(prefixes[path] + key for key in keys[path])
+        return {key[len(prefixes[path]) :]: tensor for key, tensor in stored.items()}
+
+    return _Subject(
+        opened.ep_layers,
+        opened.layer_input_shapes,
+        opened.inputs,
+        list(opened.meta_state().values()),
+        layer_state,
+        owned_model,
+    )
+
+
+def _verify(
+    subject: _Subject,
+    settings: VerifySettings,
+    collapsed_state: Mapping[str, Tensor] | None,
+    onnx_session: OnnxSession | None,
+    label: str,
+    progress: ProgressCallback | None,
+    batches: Sequence[tuple[Tensor, ...]] | None,
+) -> VerifyReport:
+    """:func:`verify_checkpoint` on what ``subject`` reads: one EP layer in memory at a time, then the model."""
     comparisons: list[Comparison] = []
     if settings.model_dtype is None:  # default tolerances follow the stored precision (bfloat16 / float16)
-        settings = settings.for_model(checkpoint.state_dict.values())
-    states = layer_states(checkpoint.state_dict, checkpoint.ep_layers)
-    total = len(checkpoint.ep_layers) + (checkpoint.model is not None)
+        settings = settings.for_model(subject.stored)
+    # the model check would collapse the same parameters again: keep each result, cast as that check casts it
+    keep = collapsed_state is None and onnx_session is None and subject.owned_model is not None
+    kept: dict[str, tuple[Tensor, Tensor | None]] = {}
+    total = len(subject.ep_layers) + (subject.owned_model is not None)
     tick = progress or (lambda done, total, label: None)
-    for path in natural_order(checkpoint.ep_layers):
-        config = checkpoint.ep_layers[path]
+    for path in natural_order(subject.ep_layers):
+        config = subject.ep_layers[path]
         tick(len(comparisons), total, f"checking layer {path}")
-        layer = expanded_layer(config, states[path], dtype=settings.torch_dtype, device=settings.torch_device)
+        layer = expanded_layer(
+            config, subject.layer_state(path), dtype=settings.torch_dtype, device=settings.torch_device
+        )
         if collapsed_state is None:
             collapsed = layer.collapse()
             weight, bias = collapsed.weight, collapsed.bias
+            if keep:
+                kept[path] = (weight.to(settings.torch_dtype), None if bias is None else bias.to(settings.torch_dtype))
         else:
             weight_key, bias_key = collapsed_keys(path)
             weight, bias = collapsed_state[weight_key], collapsed_state.get(bias_key)
         comparisons.append(
-            compare_layer(path, layer, weight, bias, checkpoint.layer_input_shapes[path], settings, label)
+            compare_layer(path, layer, weight, bias, subject.layer_input_shapes[path], settings, label)
         )
-    if checkpoint.model is not None:
+        del layer, weight, bias  # before the next layer is read
+    if subject.owned_model is not None:
         tick(len(comparisons), total, "checking the whole model")
         comparisons.extend(
-            compare_model(
-                checkpoint,
+            _compare_owned(
+                subject.owned_model(settings.torch_dtype),
+                subject.inputs,
                 settings,
                 collapsed_state=collapsed_state,
                 onnx_session=onnx_session,
                 label=label,
                 batches=batches,
+                collapsed_layers=kept,
             )
         )
     tick(total, total, "done")
-    skipped = None if checkpoint.model is not None else NO_ARCHITECTURE
+    skipped = None if subject.owned_model is not None else NO_ARCHITECTURE
     return VerifyReport(settings, settings.tolerance, tuple(comparisons), model_check_skipped=skipped)
 
 
@@ -186,35 +332,58 @@ def verify_files(
     a file of the user's own inputs (:func:`~epcli.jobs.samples.read_samples`), on which the
     whole model is compared instead of random ones. ``model_factory``, ``inputs`` and
     ``state_key`` are as in :func:`~epcli.load_checkpoint`.
+
+    The checkpoint is opened, not loaded: each EP layer is read, checked and dropped in
+    turn, then the model is read once, in the comparison dtype, and collapsed in place
+    after its expanded outputs are taken; so the peak is about the model in that dtype
+    (plus a collapsed artifact's tensors) and one layer's float64 collapse.
     """
-    checkpoint = load_checkpoint(checkpoint_path, model_factory=model_factory, inputs=inputs, state_key=state_key)
+    checkpoint = open_checkpoint(checkpoint_path, model_factory=model_factory, inputs=inputs, state_key=state_key)
     if checkpoint.kind != "expanded":
         raise UsageError(
             f"{checkpoint_path}: this is a collapsed checkpoint; pass the expanded checkpoint first and the "
             "collapsed file as the second argument (epcli verify EXPANDED [ARTIFACT])"
         )
+    has_model = checkpoint.architecture is not None or model_factory is not None
     batches = None
     if samples_path is not None:
-        if checkpoint.model is None:
+        if not has_model:
             raise UsageError(f"{checkpoint_path}: {NO_ARCHITECTURE}, so --inputs cannot be run through the model")
         samples = read_samples(samples_path, checkpoint.inputs)
         batches = sample_batches(samples, settings.batch_size)
         settings = replace(settings, samples=samples[0].shape[0])
+    if not has_model:  # the tensors no check reads are still checked finite, as loading the whole file did
+        owned = layer_states(checkpoint.meta_state(), checkpoint.ep_layers)
+        in_layers = {layer_prefix(path) + key for path, state in owned.items() for key in state}
+        checkpoint.read(key for key in checkpoint.tensors if key not in in_layers)
+
+    def owned_model(dtype: torch.dtype) -> nn.Module:  # read after the layers, the only copy, in the check's dtype
+        model = read_model(checkpoint, model_factory, dtype=dtype)
+        assert model is not None  # has_model
+        return model
+
     notes = list(checkpoint.notes)
     if artifact_path is None:
-        report = verify_checkpoint(checkpoint, settings, progress=progress, batches=batches)
+        report = _verify(
+            _opened_subject(checkpoint, owned_model if has_model else None),
+            settings, None, None, IN_MEMORY, progress, batches,
+        )
         return VerifyResult(checkpoint_path, None, replace(report, notes=(*notes, *report.notes)))
     if artifact_path.suffix == ".onnx":
-        if checkpoint.model is None:
+        if not has_model:
             raise UsageError(
                 f"{checkpoint_path}: no architecture is embedded, so the ONNX model cannot be compared; "
                 "name a factory with --model module:function"
             )
+        model = owned_model(settings.torch_dtype)  # read first: its forward checks the ONNX file's output
         session = OnnxSession(artifact_path, timeout=timeout, expected_inputs=len(checkpoint.inputs))
         stale, stale_note = _stale_artifact(checkpoint, artifact_path, session.metadata)  # epcli's own export
         try:
-            settings = _onnx_settings(session, checkpoint, artifact_path, settings)
-            report = verify_checkpoint(checkpoint, settings, onnx_session=session, progress=progress, batches=batches)
+            settings = _onnx_settings(session, model, checkpoint, artifact_path, settings)
+            report = _verify(
+                _opened_subject(checkpoint, lambda dtype: model),
+                settings, None, session, IN_MEMORY, progress, batches,
+            )
         except ShapeMismatchError as e:  # an output whose sizes the file leaves open
             raise CheckpointError(
                 f"{artifact_path}: the ONNX file does not match {checkpoint_path}: {e}"
@@ -226,7 +395,7 @@ def verify_files(
             raise CheckpointError(f"{e}; {stale_note}") from e
         noted = replace(report, notes=(*report.notes, stale_note)) if stale_note else report
         return VerifyResult(checkpoint_path, artifact_path, noted, artifact_stale=stale)
-    artifact = load_checkpoint(artifact_path)
+    artifact = open_checkpoint(artifact_path)
     if artifact.kind != "collapsed":
         raise UsageError(
             f"{artifact_path}: expected a collapsed checkpoint (from epcli collapse), found an expanded one"
@@ -239,23 +408,20 @@ def verify_files(
         )
     if stale_note:
         notes.append(stale_note)
-    precision = _artifact_precision(checkpoint, artifact, settings)
+    collapsed_state = artifact.read(artifact.tensors)  # a collapsed file: about one matrix per EP layer
+    precision = _artifact_precision(checkpoint, artifact.path, collapsed_state, settings)
     if precision is not None:
         notes.append(precision)
-    report = verify_checkpoint(
-        checkpoint,
-        settings,
-        collapsed_state=artifact.state_dict,
-        label=artifact_path.name,
-        progress=progress,
-        batches=batches,
+    report = _verify(
+        _opened_subject(checkpoint, owned_model if has_model else None),
+        settings, collapsed_state, None, artifact_path.name, progress, batches,
     )
     return VerifyResult(
         checkpoint_path, artifact_path, replace(report, notes=(*report.notes, *notes)), artifact_stale=stale
     )
 
 
-def _stale_artifact(checkpoint: Checkpoint, artifact_path: Path, provenance: object) -> tuple[bool | None, str | None]:
+def _stale_artifact(checkpoint: CheckpointFile, artifact_path: Path, provenance: object) -> tuple[bool | None, str | None]:
     """Whether the artifact was collapsed from another file (None: its ``provenance`` records no source sha256),
     and a sentence saying so. ``provenance``: a collapsed file's metadata entry, or an ONNX file's metadata_props."""
     if not isinstance(provenance, Mapping) or not isinstance(provenance.get("source_sha256"), str):
@@ -275,10 +441,12 @@ def _stale_artifact(checkpoint: Checkpoint, artifact_path: Path, provenance: obj
     )
 
 
-def _artifact_precision(checkpoint: Checkpoint, artifact: Checkpoint, settings: VerifySettings) -> str | None:
+def _artifact_precision(
+    checkpoint: CheckpointFile, artifact_path: Path, collapsed_state: Mapping[str, Tensor], settings: VerifySettings
+) -> str | None:
     """A float64 check of float32 weights measures float32 rounding: refuse at float64's default tolerances,
     say so when the tolerances were given."""
-    weights = [artifact.state_dict[collapsed_keys(path)[0]] for path in checkpoint.ep_layers]
+    weights = [collapsed_state[collapsed_keys(path)[0]] for path in checkpoint.ep_layers]
     coarse = sorted(
         {
             str(w.dtype).removeprefix("torch.")
@@ -291,16 +459,16 @@ def _artifact_precision(checkpoint: Checkpoint, artifact: Checkpoint, settings: 
     stored = "/".join(coarse)
     if settings.atol is None and settings.rtol is None and coarse[0] in SUPPORTED_DTYPES:
         raise UsageError(
-            f"{artifact.path}: stores its collapsed weights in {stored}, so a {settings.dtype} comparison is "
+            f"{artifact_path}: stores its collapsed weights in {stored}, so a {settings.dtype} comparison is "
             f"bounded by {stored} precision and cannot meet the {settings.dtype} default tolerances; run with "
             f"--dtype {coarse[0]}, "
             f"or give --atol/--rtol to compare in {settings.dtype} at {stored} precision"
         )
-    return f"{artifact.path} stores {stored} weights: the {settings.dtype} comparison is bounded by {stored} precision"
+    return f"{artifact_path} stores {stored} weights: the {settings.dtype} comparison is bounded by {stored} precision"
 
 
 def _onnx_settings(
-    session: OnnxSession, checkpoint: Checkpoint, artifact_path: Path, settings: VerifySettings
+    session: OnnxSession, model: nn.Module, checkpoint: CheckpointFile, artifact_path: Path, settings: VerifySettings
 ) -> VerifySettings:
     """Check the ONNX model's input and output against the checkpoint before anything runs; a static batch sets
     the batch size."""
@@ -336,10 +504,9 @@ def _onnx_settings(
         raise CheckpointError(
             f"{artifact_path}: the ONNX model's input has a static batch size of {batch}; it takes no data"
         )
-    assert checkpoint.model is not None
-    model_dtype = next((p.dtype for p in checkpoint.model.parameters()), torch.float32)
+    model_dtype = next((p.dtype for p in model.parameters()), torch.float32)
     with torch.no_grad():
-        leaves = tensor_leaves(checkpoint.model(*(spec.example(1, dtype=model_dtype) for spec in specs)))
+        leaves = tensor_leaves(model(*(spec.example(1, dtype=model_dtype) for spec in specs)))
     if len(leaves) != len(session.output_shapes):
         raise CheckpointError(
             f"{artifact_path}: the ONNX model has {len(session.output_shapes)} output(s), but {checkpoint.path}'s "

@@ -319,3 +319,44 @@ def test_custom_model_collapsed_artifact_with_factory(custom_model, invoke, json
 
     assert run.returncode == 0, run.describe()
     assert [c["name"] for c in json_doc(run.stdout)["comparisons"]] == ["body", "<model>"]
+
+
+# ---- the whole-model check collapses a model it owns, in place ---------------------------------------------------
+def test_a_root_ep_layer_is_checked_as_the_whole_model(tmp_path, invoke, json_doc):
+    """The model is the EP layer itself: the in-place collapse replaces the whole model (path '')."""
+    import torch
+
+    torch.manual_seed(0)
+    source = tmp_path / "root.safetensors"
+    epcli.save_checkpoint(epcli.EPLinear(6, 4, depth=3), source, input_shape=(6,))
+    assert invoke("collapse", source).returncode == 0
+    artifact = tmp_path / "root.collapsed.safetensors"
+    tampered = tmp_path / "root.tampered.safetensors"
+    _tamper_safetensors(artifact, tampered, "weight")
+
+    runs = {name: invoke("verify", source, *extra, "--json") for name, extra in
+            {"in memory": [], "artifact": [artifact], "tampered": [tampered]}.items()}
+
+    for name, run in runs.items():
+        assert run.returncode == (1 if name == "tampered" else 0), run.describe()
+        document = json_doc(run.stdout)
+        assert [(c["name"], c["passed"]) for c in document["comparisons"]] == [
+            ("", name != "tampered"), ("<model>", name != "tampered")
+        ]
+
+
+def test_compare_model_leaves_the_callers_model_as_it_was(artifacts):
+    import torch
+
+    from epcli.jobs.verify import compare_model
+    from epcli.verify import VerifySettings
+
+    checkpoint = epcli.load_checkpoint(artifacts.sources["digits_mlp"])
+    before = {key: value.clone() for key, value in checkpoint.model.state_dict().items()}
+
+    (comparison,) = compare_model(checkpoint, VerifySettings(samples=4, dtype="float64"))
+
+    assert comparison.passed and comparison.max_abs_error < 1e-10
+    after = checkpoint.model.state_dict()
+    assert set(after) == set(before)  # still expanded: no EP layer was swapped for its plain layer
+    assert all(after[key].dtype == value.dtype and torch.equal(after[key], value) for key, value in before.items())
