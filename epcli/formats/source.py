@@ -8,8 +8,8 @@ every tensor's shape and dtype, and :meth:`TensorSource.read` for the data of
 chosen tensors. Reading a few tensors costs their size, not the checkpoint's:
 
 * ``.safetensors`` and sharded safetensors: plain reads of those tensors' bytes;
-* ``.pt``: the tensors are copied out of a memory map of the file, which is
-  dropped after every sixteenth of the file read, so few file pages stay resident;
+* ``.pt``: the tensors are copied out of a memory map of the file, whose pages are
+  given back as they are copied (see :class:`_PtReader`), so few file pages stay resident;
 * DCP: ``torch.distributed.checkpoint.load`` of those tensors (:mod:`epcli.formats.dcp`).
 
 A directory is a Hugging Face folder (``model.safetensors`` or its sharded
@@ -28,6 +28,7 @@ from torch import Tensor
 
 from epcli.errors import CheckpointError
 from epcli.formats.dcp import DCP_METADATA, is_dcp, read_dcp_listing, read_dcp_tensors
+from epcli.formats.mapped_pages import release_pages
 from epcli.formats.safetensors_io import (
     METADATA_KEY,
     SafetensorsHeader,
@@ -245,12 +246,15 @@ def _open_dcp(path: Path) -> TensorSource:
 
 
 class _PtReader:
-    """Reads from a memory map of a ``.pt`` file, dropped and mapped again as reading goes on.
+    """Reads from a memory map of a ``.pt`` file, giving back the pages it copied out of as it goes.
 
     Pages of a mapping that have been read stay resident (and count in the process's
-    memory) until it is dropped, while mapping again costs an unpickling of the whole
-    key list (about 80 us per tensor). Dropping it after every sixteenth of the file
-    (at least 16 MiB) bounds both: resident pages to that much, re-mappings to about 16.
+    memory) until they are released. On Linux those of every read are released at once
+    (:func:`~epcli.formats.mapped_pages.release_pages`), so one mapping serves the whole
+    file. Elsewhere the mapping is dropped and mapped again after every sixteenth of the
+    file (at least 16 MiB): mapping again costs a check and an unpickling of the whole
+    key list (about 80 us per tensor), so this bounds both, resident pages to that much,
+    re-mappings to about 16.
     """
 
     def __init__(self, path: Path, total_bytes: int, mapped: dict[str, Tensor], state_key: str | None) -> None:
@@ -268,6 +272,8 @@ class _PtReader:
         if missing:
             raise CheckpointError(f"tensors {missing[:8]} are gone: the file changed while epcli read it")
         out = {key: _copy(mapped[key], dtype) for key in keys}  # one copy out of the mapping, cast on the way
+        if release_pages(self._path, (mapped[key] for key in keys)):
+            return out
         self._read_since_mapped += sum(mapped[key].nbytes for key in keys)
         if self._read_since_mapped >= self._remap_after:
             self._mapped = None  # its resident pages go with it

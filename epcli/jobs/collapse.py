@@ -338,16 +338,16 @@ def _collapse_layer(
     path = step.layer or ""
     config = opened.ep_layers[path]
     prefix = layer_prefix(path)
-    stored = opened.read(step.keys)
+    # read straight into the check's dtype (float64, exact for every stored float): the collapse, which works in
+    # float64, and the check then share this one copy, instead of casting each chain layer and then the whole layer
+    stored = opened.read(step.keys, dtype=settings.torch_dtype)
     layer_state = {key[len(prefix) :]: tensor for key, tensor in stored.items()}
     del stored
     layer = expanded_layer(config, layer_state, device=device, prefix=prefix)
     del layer_state
     weight_key, bias_key = collapsed_keys(path)
-    # the collapse casts one chain layer at a time; only then is the whole layer cast for the check
     where = f"{opened.path}: layer {path or '<model>'!r}"
     weight, bias = collapsed_tensors(layer.collapse(), collapsed_dtype(path, opened.tensors), where=where)
-    layer = layer.to(dtype=settings.torch_dtype)
     input_shape = opened.layer_input_shapes[path]
     comparison = compare_layer(path, layer, weight, bias, input_shape, settings)
     out = {weight_key: weight} if bias is None else {weight_key: weight, bias_key: bias}

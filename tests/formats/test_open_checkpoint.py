@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import struct
+import sys
 import zipfile
 from pathlib import Path
 
@@ -18,7 +19,9 @@ from torch import nn
 
 import epcli
 from epcli import CheckpointError, EpcliError, ShapeMismatchError
+from epcli.formats import source
 from epcli.formats.checkpoint import CheckpointFile, load_checkpoint, open_checkpoint
+from epcli.formats.mapped_pages import release_pages
 from epcli.formats.safetensors_io import read_header
 from epcli.formats.sharded import read_index
 from epcli.formats.writer import CheckpointWriter
@@ -309,9 +312,15 @@ def test_read_casts_floating_tensors_only(tmp_path: Path, make_model, form: str,
         assert state[key].dtype == wanted.dtype and torch.equal(state[key], wanted), key
 
 
-def test_pt_reads_past_the_remap_size_stay_exact(tmp_path: Path):
-    """A ``.pt`` source drops and re-maps its memory map after each 16 MiB read: reads on either side
-    of a re-mapping, in any order, give exactly what ``torch.load`` gives."""
+@pytest.mark.parametrize("pages", ["released", "remapped"])
+def test_pt_reads_past_the_remap_size_stay_exact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pages: str):
+    """A ``.pt`` source gives back the mapped pages of every read (Linux), or else drops and re-maps its memory
+    map after each 16 MiB read: reads of released pages, or on either side of a re-mapping, in any order, give
+    exactly what ``torch.load`` gives."""
+    if pages == "remapped":
+        monkeypatch.setattr(source, "release_pages", lambda path, tensors: False)
+    elif not sys.platform.startswith("linux"):
+        pytest.skip("pages are released in place on Linux only")
     torch.manual_seed(3)
     model = nn.Sequential(epcli.EPLinear(1024, 1024, depth=5), nn.ReLU(), epcli.EPLinear(1024, 8, depth=2))
     path = epcli.save_checkpoint(model, tmp_path / "big.pt", input_shape=(1024,))
@@ -321,3 +330,26 @@ def test_pt_reads_past_the_remap_size_stay_exact(tmp_path: Path):
     keys = list(opened.tensors)
     for key in [*keys, *reversed(keys)]:  # more than twice the remap size, in both directions
         assert torch.equal(opened.read([key])[key], reference[key]), key
+
+
+def _rss_file_kib() -> int:
+    """This process's resident pages of file mappings (Linux)."""
+    line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("RssFile:"))
+    return int(line.split()[1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pages are released in place on Linux only")
+def test_release_pages_gives_back_a_mapping_and_never_touches_other_memory(tmp_path: Path):
+    path = tmp_path / "t.pt"
+    torch.save({"t": torch.arange(2**21, dtype=torch.float32)}, path)  # 8 MiB
+    mapped = torch.load(path, weights_only=True, mmap=True)["t"]
+    assert float(mapped.sum()) == float(sum(range(2**21)))  # every page read: resident
+    before = _rss_file_kib()
+
+    assert release_pages(path, [mapped])
+
+    assert before - _rss_file_kib() >= 7 * 1024  # about 8 MiB of file pages given back
+    assert torch.equal(mapped, torch.arange(2**21, dtype=torch.float32))  # read again from the file
+    own = torch.arange(2**21, dtype=torch.float32)  # anonymous memory: MADV_DONTNEED would zero it
+    assert not release_pages(path, [own])
+    assert torch.equal(own, torch.arange(2**21, dtype=torch.float32))

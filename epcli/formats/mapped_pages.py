@@ -1,0 +1,65 @@
+"""Giving back the resident pages of a memory-mapped file once tensors have been copied out of them.
+
+Pages of a file mapping that have been read stay resident, and count in the process's
+memory, until they are unmapped. On Linux, ``madvise(MADV_DONTNEED)`` on a range of a
+file mapping drops those pages from the process (a later access reads them again
+from the page cache), without unmapping anything: far cheaper than dropping the
+mapping and loading the ``.pt`` again. The range is released only when it lies wholly
+inside a mapping of that very file (same device and inode, per ``/proc/self/maps``),
+so anonymous memory, whose pages ``MADV_DONTNEED`` would zero, is never touched.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+
+from torch import Tensor
+
+__all__ = ["release_pages"]
+
+_MADV_DONTNEED = 4  # Linux
+_MAPS = Path("/proc/self/maps")
+
+
+def release_pages(path: Path, tensors: Iterable[Tensor]) -> bool:
+    """Drop the resident pages under ``tensors`` (views of a mapping of ``path``) from this process.
+
+    False, having released none or only some, where that cannot be done (not Linux, no
+    ``/proc``, a tensor outside any mapping of the file, ``madvise`` refused): callers then
+    bound the resident pages another way.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        spans = _file_mappings(os.stat(path))
+    except OSError:
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    page = mmap.PAGESIZE
+    for tensor in tensors:
+        start = tensor.untyped_storage().data_ptr() + int(tensor.storage_offset()) * tensor.element_size()
+        end = start + int(tensor.nbytes)
+        span = next(((low, high) for low, high in spans if low <= start and end <= high), None)
+        if span is None:
+            return False
+        low, high = start - start % page, min(span[1], -(-end // page) * page)  # pages it touches, in the mapping
+        if high > low and libc.madvise(ctypes.c_void_p(low), ctypes.c_size_t(high - low), _MADV_DONTNEED) != 0:
+            return False
+    return True
+
+
+def _file_mappings(stat: os.stat_result) -> list[tuple[int, int]]:
+    """Address ranges of this process's mappings of the file ``stat`` describes."""
+    device = f"{os.major(stat.st_dev):02x}:{os.minor(stat.st_dev):02x}"
+    spans: list[tuple[int, int]] = []
+    for line in _MAPS.read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) >= 5 and fields[3] == device and fields[4] == str(stat.st_ino):
+            low, high = fields[0].split("-")
+            spans.append((int(low, 16), int(high, 16)))
+    return spans
