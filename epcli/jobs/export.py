@@ -126,19 +126,19 @@ def export_file(
         ).output
     if onnx_path is not None:
         make_parent(onnx_path)
-    checkpoint = load_checkpoint(source, model_factory=model_factory, inputs=inputs, state_key=state_key)
     onnx = None
     # the ONNX files are staged, and committed only once the safetensors output is written too: a failed or
     # interrupted run leaves neither (the safetensors output is committed by its own writer, last)
     with StagedFiles(overwrite=force) as staged:
-        if onnx_path is not None:
+        if onnx_path is not None:  # only the ONNX needs the whole model in memory
+            checkpoint = load_checkpoint(source, model_factory=model_factory, inputs=inputs, state_key=state_key)
             plan = _OnnxPlan(onnx_path, opset, static_batch, force, external_data, external_threshold, opened.files)
             onnx = _export_onnx(checkpoint, plan, settings, staged, progress)
+            del checkpoint
             if not onnx.written:
                 return ExportResult(source, onnx, None)
         collapsed = None
-        if safetensors_path is not None:  # read again from the file, one layer at a time, as epcli collapse does
-            del checkpoint  # the collapse streams; the whole model is not needed any more
+        if safetensors_path is not None:  # from the file, one layer at a time, as epcli collapse does
             collapsed = collapse_file(
                 source,
                 safetensors_path,
