@@ -127,7 +127,7 @@ def collapsed_dtype(path: str, state: Mapping[str, Any]) -> torch.dtype:
 
 
 def collapsed_tensors(affine: Affine, dtype: torch.dtype, *, where: str = "") -> tuple[Tensor, Tensor | None]:
-    """Weight and bias of a float64 collapse as fresh contiguous CPU tensors in ``dtype``.
+    """Weight and bias of a collapse (float64 but for analysis) as fresh contiguous CPU tensors in ``dtype``.
 
     Always copies: the collapse may hand back an input tensor as is (a lone float64 bias).
     A value that does not fit ``dtype`` raises :class:`CheckpointError` starting with ``where``
@@ -140,8 +140,8 @@ def collapsed_tensors(affine: Affine, dtype: torch.dtype, *, where: str = "") ->
             largest = float(exact.abs().max())
             raise CheckpointError(
                 f"{where + ': ' if where else ''}the collapsed {name} overflows {dtype} (largest |value| {largest:.3g} in "
-                "float64); a batch-norm whose running_var + eps is near 0 scales by 1/sqrt(var + eps): fix those "
-                "statistics (or bn_eps), or keep the model in float64"
+                f"{str(exact.dtype).removeprefix('torch.')}); a batch-norm whose running_var + eps is near 0 scales "
+                "by 1/sqrt(var + eps): fix those statistics (or bn_eps), or keep the model in float64"
             )
     return weight, bias
 

@@ -49,7 +49,8 @@ def inspect_command(
         typer.Option(
             "--exact",
             help="Exact (float64 SVD) spectra for every layer; by default layers whose smaller side is over "
-            "512 get them from the float64 Gram matrix (marked ~), which is much faster.",
+            "512 get them from the Gram matrix, collapse included, in float32 (float64 for float64 weights; "
+            "marked ~): no slower than collapse, accurate to about 1e-4 of the largest singular value.",
         ),
     ] = False,
     force: ForceOption = False,
@@ -116,7 +117,7 @@ def inspect_command(
     approximate = any(layer.spectrum.approximate for layer in result.layers)
     render.table(
         "EP layers (parameters expanded -> collapsed; effective and numerical rank of the collapsed weight"
-        + ("; ~: approximate, from the float64 Gram matrix; --exact for exact)" if approximate else ")"),
+        + ("; ~: approximate, from the Gram matrix; --exact for exact)" if approximate else ")"),
         ["layer", "EP layer", "chain", "params", "erank", "rank"],
         rows,
     )
@@ -149,6 +150,7 @@ def _payload(result: Any) -> dict[str, Any]:
                 "effective_rank": layer.spectrum.effective_rank,
                 "rank": layer.spectrum.rank,
                 "spectrum_method": layer.spectrum.method,
+                "spectrum_dtype": layer.spectrum.dtype,
                 "ranks_approximate": layer.spectrum.approximate,
                 "singular_values": list(layer.spectrum.singular_values),
             }

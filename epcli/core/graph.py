@@ -45,15 +45,15 @@ class ChainLayer:
     norm: BatchNormFold | None = None
 
 
-def _as_float64(layer: ChainLayer) -> ChainLayer:
-    """The layer's tensors in float64; no copy when they already are (see :func:`_unaliased`).
+def _cast(layer: ChainLayer, dtype: torch.dtype) -> ChainLayer:
+    """The layer's tensors in ``dtype``; no copy when they already are (see :func:`_unaliased`).
 
     Autograd history is kept, so a collapse run with grad enabled is differentiable;
     callers that want plain tensors run it under ``torch.no_grad()``.
     """
 
     def cast(t: Tensor | None) -> Tensor | None:
-        return None if t is None else t.to(torch.float64)
+        return None if t is None else t.to(dtype)
 
     norm = layer.norm
     if norm is not None:
@@ -86,18 +86,19 @@ def collapse_chain(
     skips: Mapping[SkipEdge, ChainLayer | None],
     *,
     unalias: bool = True,
+    dtype: torch.dtype = torch.float64,
 ) -> Affine:
-    """Collapse an EP chain to one affine map, in float64.
+    """Collapse an EP chain to one affine map, in float64 (``dtype``: see :meth:`EPLayer.collapse`).
 
     ``layers[j]`` maps node j to node j + 1; ``skips`` maps each skip edge to its
     learnable projection, or None for an identity skip. Nodes are dropped once no
     later skip reads them, so memory stays at the few nodes still needed. Each
-    layer is cast to float64 only when its turn comes, and float64 tensors are
-    not copied at all, so at most one layer's float64 copy exists beside the nodes.
+    layer is cast to ``dtype`` only when its turn comes, and tensors already in it are
+    not copied at all, so at most one layer's cast copy exists beside the nodes.
     ``unalias=False`` skips the copy of results that alias an input (it reads storage
     pointers, which traced tensors do not have); for results used once inside a forward.
     """
-    projections = {edge: None if p is None else _as_float64(p) for edge, p in skips.items()}
+    projections = {edge: None if p is None else _cast(p, dtype) for edge, p in skips.items()}
     incoming: dict[int, list[tuple[int, ChainLayer | None]]] = {}
     last_read: dict[int, int] = {}
     for (source, destination), projection in projections.items():
@@ -106,11 +107,11 @@ def collapse_chain(
 
     # the input node is the identity map: never multiplied by, built only when an identity skip reads it
     reads_input = any(source == 0 and projection is None for (source, _), projection in projections.items())
-    first = _as_float64(layers[0])
+    first = _cast(layers[0], dtype)
     nodes: dict[int, Affine] = {0: algebra.identity(in_features, first.weight)} if reads_input else {}
     current = Affine(first.weight, first.bias)  # layer 0 composed with the identity
     for j, stored in enumerate(layers):
-        layer = first if j == 0 else _as_float64(stored)
+        layer = first if j == 0 else _cast(stored, dtype)
         if j > 0:
             current = algebra.compose(layer.weight, layer.bias, current)
         if layer.norm is not None:

@@ -2,8 +2,8 @@
 
 Streams like ``epcli collapse``: the file is opened without reading its tensors, then each
 EP layer is read, collapsed in float64 and analysed before the next one is read, so peak
-memory is about one layer. Large layers get approximate spectra (see
-:func:`epcli.jobs.summary.spectrum`) unless ``exact`` is asked for.
+memory is about one layer. Large layers get approximate spectra, collapse included in float32
+(see :func:`epcli.jobs.summary.spectrum_method`), unless ``exact`` is asked for.
 """
 
 from __future__ import annotations
@@ -29,9 +29,10 @@ from epcli.formats.atomic import atomic_write
 from epcli.formats.checkpoint import CheckpointFile, open_checkpoint
 from epcli.inputs import InputSpec
 from epcli.jobs.files import check_output
-from epcli.jobs.summary import LayerSummary, Spectrum, natural_order, spectrum, summarize_layer
+from epcli.jobs.summary import LayerSummary, Spectrum, natural_order, spectrum, spectrum_method, summarize_layer
 from epcli.jobs.verify import ProgressCallback
 from epcli.layers import EPConfig
+from epcli.layers.registry import expected_state
 
 __all__ = ["LayerInspection", "InspectResult", "inspect_file"]
 
@@ -83,7 +84,7 @@ def inspect_file(
             progress(done, len(paths), f"collapsing and analysing layer {layer_path}")
         config = opened.ep_layers[layer_path]
         summary = summarize_layer(layer_path, config, opened.layer_input_shapes[layer_path])
-        weight = _collapsed_weight(opened, layer_path, config, owned.get(layer_path, ()))
+        weight = _collapsed_weight(opened, layer_path, config, owned.get(layer_path, ()), exact=exact or None)
         layers.append(LayerInspection(summary, spectrum(weight, exact=exact or None)))
         del weight
     result = InspectResult(
@@ -101,18 +102,23 @@ def inspect_file(
     return result
 
 
-def _collapsed_weight(opened: CheckpointFile, path: str, config: EPConfig, keys: tuple[str, ...]) -> Tensor:
+def _collapsed_weight(
+    opened: CheckpointFile, path: str, config: EPConfig, keys: tuple[str, ...], *, exact: bool | None
+) -> Tensor:
     """The layer's collapsed weight as it is (or would be) stored: read from a collapsed file, or read and
-    collapsed (float64, cast to the stored dtype) from an expanded one, whose ``keys`` are the layer's."""
+    collapsed from an expanded one, whose ``keys`` are the layer's, then cast to the stored dtype. The collapse
+    runs in the working dtype of the layer's spectrum method: float64, or float32 for an approximate spectrum."""
     weight_key = collapsed_keys(path)[0]
     if opened.kind == "collapsed":
         return opened.read([weight_key])[weight_key]
+    stored = collapsed_dtype(path, opened.tensors)
+    _, work = spectrum_method(expected_state(config, collapsed=True)["weight"].shape, stored, exact)
     prefix = layer_prefix(path)
     layer_state = {key[len(prefix) :]: tensor for key, tensor in opened.read(keys).items()}
     layer = expanded_layer(config, layer_state, prefix=prefix)
     del layer_state
     where = f"{opened.path}: layer {path or '<model>'!r}"
-    weight, _ = collapsed_tensors(layer.collapse(), collapsed_dtype(path, opened.tensors), where=where)
+    weight, _ = collapsed_tensors(layer.collapse(dtype=work), stored, where=where)
     return weight
 
 

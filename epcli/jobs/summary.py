@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +21,7 @@ __all__ = [
     "Spectrum",
     "natural_order",
     "spectrum",
+    "spectrum_method",
     "summarize_layer",
 ]
 
@@ -68,32 +69,46 @@ def summarize_layer(path: str, config: EPConfig, input_shape: tuple[int, ...]) -
 EXACT_SPECTRUM_MAX_SIDE = 512
 """Largest smaller side of a collapsed weight whose singular values are computed exactly (a float64 SVD).
 
-Measured on 2 cores: at 512 the SVD takes a fraction of a second; at 1024 a few seconds and at 2048
-about 20 s, several times the layer's collapse, while the Gram matrix's eigenvalues (below) take a
-fraction of that and are accurate to about 1e-8 of the largest singular value (float32 singular values,
-the other cheap method measured, were slower at 2048 and only accurate to about 1e-6).
+Measured on 2 cores: at 512 the SVD takes a fraction of a second; at 2048 about 20 s, several times the
+layer's collapse. Larger layers get the eigenvalues of their Gram matrix, collapse and all computed in float32
+(float64 for a float64 weight): at 4096 that is about half the float64 collapse alone, which is what lets
+``epcli inspect`` run no slower than ``epcli collapse`` of the same file.
 """
 
 SPECTRUM_METHODS = {
-    "svd": "exact: singular values by a float64 SVD",
-    "gram": "approximate: square roots of the eigenvalues of the float64 Gram matrix W W^T",
+    "svd": "exact: singular values by a float64 SVD of the collapsed weight",
+    "gram": "approximate: square roots of the eigenvalues of the Gram matrix W W^T, computed with the collapse "
+    "in float32 (float64 for a float64 weight)",
 }
+
+
+def spectrum_method(shape: Sequence[int], dtype: torch.dtype, exact: bool | None = None) -> tuple[str, torch.dtype]:
+    """The method (a key of :data:`SPECTRUM_METHODS`) and working dtype for the spectrum of a collapsed weight of
+    this shape and stored ``dtype``: exact when ``exact`` or, by default, when its smaller side is at most
+    :data:`EXACT_SPECTRUM_MAX_SIDE`. The working dtype is also the one to collapse the layer in."""
+    rows, cols = shape[0], math.prod(shape[1:])
+    if exact or (exact is None and min(rows, cols) <= EXACT_SPECTRUM_MAX_SIDE):
+        return "svd", torch.float64
+    return "gram", torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @dataclass(frozen=True)
 class Spectrum:
-    """Singular values of a collapsed weight (as ``[out, in * K * K]``) and its effective rank.
+    """Singular values of a collapsed weight (as ``[out, in * K * K]``), its effective and numerical rank.
 
-    Effective rank is ``exp(H(p))`` with ``p = s / sum(s)`` (Roy & Vetterli, 2007): the
-    quantity the low-rank simplicity bias is about. ``method`` is a key of
-    :data:`SPECTRUM_METHODS`; with ``"gram"`` the singular values are accurate to about
-    ``sqrt(n * eps) * s_max`` (float64 eps), so the numerical rank counts only values above that.
+    Effective rank is ``exp(H(p))`` with ``p = s / sum(s)`` (Roy & Vetterli, 2007): the quantity the low-rank
+    simplicity bias is about. The numerical rank counts singular values above ``max(shape) * eps * s_max``, with
+    ``eps`` that of float32 (float64 for a float64 weight): what ``torch.linalg.matrix_rank`` gives for the
+    stored weight. ``method`` is a key of :data:`SPECTRUM_METHODS`; with ``"gram"`` the values are accurate to
+    about ``sqrt(eps) * s_max`` of the working dtype at worst (3e-4 in float32, 1e-8 in float64; values in the
+    rounding noise are reported as 0, see :func:`spectrum`), so values near the threshold can be miscounted.
     """
 
     singular_values: tuple[float, ...]
     effective_rank: float
-    rank: int  # numerical rank: singular values above the method's resolution (see spectrum)
+    rank: int
     method: str
+    dtype: str  # the working dtype of the method
 
     @property
     def approximate(self) -> bool:
@@ -101,31 +116,34 @@ class Spectrum:
 
 
 def spectrum(weight: Tensor, *, exact: bool | None = None) -> Spectrum:
-    """The spectrum of ``weight``: exact (float64 SVD) when ``exact`` or, by default, when its smaller side is at
-    most :data:`EXACT_SPECTRUM_MAX_SIDE`; otherwise from the eigenvalues of its float64 Gram matrix.
+    """The spectrum of ``weight`` (as stored) by :func:`spectrum_method`.
 
-    Numerical rank thresholds follow each method's precision: ``max(shape) * eps * s_max`` for the SVD, and
-    ``sqrt(max(shape) * eps) * s_max`` for the Gram matrix (its eigenvalues, the squared singular values,
-    are accurate to ``max(shape) * eps * s_max**2``).
+    With the Gram matrix, whose eigenvalues are the squared singular values, rounding turns the zero eigenvalues
+    of a rank-deficient weight into noise of either sign, about ``sqrt(eps) * s_max`` after the square root
+    (3e-4 in float32): far above the rank threshold, and enough to inflate the effective rank of a low-rank
+    layer several times. The most negative eigenvalue is pure rounding (the Gram matrix is positive
+    semi-definite), so singular values up to twice its square root are reported as 0.
     """
-    matrix = weight.detach().to(torch.float64).reshape(weight.shape[0], -1)  # [out, in(*K*K)]
+    method, work = spectrum_method(weight.shape, weight.dtype, exact)
+    matrix = weight.detach().to(work).reshape(weight.shape[0], -1)  # [out, in(*K*K)]
     rows, cols = matrix.shape
-    eps = torch.finfo(torch.float64).eps
-    if exact or (exact is None and min(rows, cols) <= EXACT_SPECTRUM_MAX_SIDE):
-        method, values = "svd", torch.linalg.svdvals(matrix)
-        resolution = max(rows, cols) * eps
+    threshold = max(rows, cols) * torch.finfo(torch.float64 if weight.dtype == torch.float64 else torch.float32).eps
+    if method == "svd":
+        values = torch.linalg.svdvals(matrix)
     else:
-        method = "gram"
         gram = matrix @ matrix.T if rows <= cols else matrix.T @ matrix  # [k, k], k = min(rows, cols)
         del matrix
-        # ascending eigenvalues -> descending singular values; rounding can make the smallest slightly negative
-        values = torch.linalg.eigvalsh(gram).flip(0).clamp_(min=0).sqrt_()
-        resolution = math.sqrt(max(rows, cols) * eps)
+        eigenvalues = torch.linalg.eigvalsh(gram).to(torch.float64).flip(0)  # descending
+        noise = 2 * math.sqrt(max(0.0, -float(eigenvalues[-1])))
+        values = eigenvalues.clamp_(min=0).sqrt_()
+        values[values <= noise] = 0
+    values = values.to(torch.float64)
+    singular_values, working = tuple(values.tolist()), str(work).removeprefix("torch.")
     total = float(values.sum())
     if total == 0:
-        return Spectrum(tuple(values.tolist()), 0.0, 0, method)
+        return Spectrum(singular_values, 0.0, 0, method, working)
     p = values / total
     p = p[p > 0]
     entropy = float(-(p * p.log()).sum())
-    threshold = resolution * float(values[0])
-    return Spectrum(tuple(values.tolist()), math.exp(entropy), int((values > threshold).sum()), method)
+    rank = int((values > threshold * float(values[0])).sum())
+    return Spectrum(singular_values, math.exp(entropy), rank, method, working)

@@ -180,9 +180,10 @@ def _known_spectrum(rows: int, cols: int, values: list[float]):
 
 
 @pytest.mark.parametrize("shape", [(40, 70), (70, 40)])
-def test_gram_spectrum_is_close_and_its_rank_follows_its_precision(shape):
-    """The Gram method resolves singular values down to ~sqrt(n * eps) * s_max (1.3e-7 here), the SVD to
-    ~n * eps * s_max: a value of 1e-10 * s_max counts for the exact rank only."""
+def test_float64_gram_spectrum_is_close_and_its_rank_ignores_its_rounding_noise(shape):
+    """A float64 weight's Gram matrix resolves singular values down to ~1e-8 * s_max; the SVD to ~n * eps * s_max:
+    a value of 1e-10 * s_max counts for the exact rank only (the zeros' eigenvalues are rounding noise of either
+    sign, and the Gram rank threshold follows it)."""
     from epcli.jobs.summary import spectrum
 
     values = [10.0, 7.0, 3.0, 1.0, 0.5, 1e-3, 1e-10]
@@ -193,6 +194,7 @@ def test_gram_spectrum_is_close_and_its_rank_follows_its_precision(shape):
     assert (exact.method, exact.approximate, approximate.method, approximate.approximate) == (
         "svd", False, "gram", True
     )
+    assert (exact.dtype, approximate.dtype) == ("float64", "float64")
     expected = values + [0.0] * (min(shape) - len(values))
     np.testing.assert_allclose(exact.singular_values, expected, rtol=0, atol=1e-13 * values[0])
     np.testing.assert_allclose(approximate.singular_values, expected, rtol=0, atol=1e-7 * values[0])
@@ -200,6 +202,28 @@ def test_gram_spectrum_is_close_and_its_rank_follows_its_precision(shape):
     reference = _erank(weight)
     assert exact.effective_rank == pytest.approx(reference, rel=1e-12)
     assert approximate.effective_rank == pytest.approx(reference, rel=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(60, 90), (90, 60), (600, 530)])
+def test_float32_gram_spectrum_is_close_and_its_rank_is_the_stored_weights(shape):
+    """A float32 weight's approximate spectrum is computed in float32: values within 1e-4 of s_max, and the
+    rank torch.linalg.matrix_rank gives for the stored weight (n * eps32 * s_max), although the zero singular
+    values come out of the float32 Gram matrix as noise far above that threshold."""
+    import torch
+
+    from epcli.jobs.summary import spectrum
+
+    values = [10.0, 7.0, 3.0, 1.0, 0.5, 0.1, 0.03]  # a clear gap to zero: every method counts the same rank
+    weight = _known_spectrum(*shape, values).to(torch.float32)
+
+    exact, approximate = spectrum(weight, exact=True), spectrum(weight, exact=False)
+
+    assert (approximate.method, approximate.dtype, exact.method, exact.dtype) == ("gram", "float32", "svd", "float64")
+    reference = np.linalg.svd(weight.double().numpy(), compute_uv=False)
+    np.testing.assert_allclose(exact.singular_values, reference, rtol=0, atol=1e-12 * values[0])
+    np.testing.assert_allclose(approximate.singular_values, reference, rtol=0, atol=1e-4 * values[0])
+    assert exact.rank == approximate.rank == int(torch.linalg.matrix_rank(weight)) == len(values)
+    assert approximate.effective_rank == pytest.approx(_erank(weight), rel=1e-4)
 
 
 def test_spectrum_method_follows_size_unless_exact_is_asked_for(monkeypatch):
@@ -212,6 +236,31 @@ def test_spectrum_method_follows_size_unless_exact_is_asked_for(monkeypatch):
     monkeypatch.setattr(summary, "EXACT_SPECTRUM_MAX_SIDE", 2)
     assert summary.spectrum(weight).method == "gram"
     assert summary.spectrum(weight, exact=True).method == "svd"
+
+
+def test_a_large_low_rank_layer_gets_its_rank_and_effective_rank_from_the_float32_gram(tmp_path, invoke, json_doc):
+    """A 530 x 520 EP layer whose collapse has rank 12: the default (float32 collapse and Gram matrix) reports
+    rank 12 and the exact effective rank, although its 508 zero singular values come out of float32 as noise
+    that would otherwise count and inflate the effective rank."""
+    import torch
+
+    torch.manual_seed(0)
+    layer = epcli.EPLinear(520, 530, depth=3, bias=False)
+    with torch.no_grad():
+        layer.layer_dict["0"][0].weight[12:] = 0  # the first map keeps 12 directions: the chain has rank 12
+    path = tmp_path / "low_rank.safetensors"
+    epcli.save_checkpoint(torch.nn.Sequential(layer), path, input_shape=(520,))
+
+    default, exact = invoke("inspect", path, "--json"), invoke("inspect", path, "--json", "--exact")
+
+    assert default.returncode == 0 and exact.returncode == 0, default.describe() + exact.describe()
+    (approximate,), (reference,) = json_doc(default.stdout)["layers"], json_doc(exact.stdout)["layers"]
+    assert (approximate["spectrum_method"], approximate["spectrum_dtype"]) == ("gram", "float32")
+    assert (reference["spectrum_method"], reference["spectrum_dtype"]) == ("svd", "float64")
+    assert approximate["rank"] == reference["rank"] == 12
+    assert approximate["effective_rank"] == pytest.approx(reference["effective_rank"], rel=1e-4)
+    top = reference["singular_values"][0]
+    np.testing.assert_allclose(approximate["singular_values"], reference["singular_values"], rtol=0, atol=1e-4 * top)
 
 
 def test_approximate_ranks_are_marked_in_the_table_and_json(artifacts, invoke, json_doc, flat, monkeypatch):

@@ -120,6 +120,23 @@ def test_collapse_is_float64_and_matches_the_cached_weight() -> None:
     assert torch.equal(affine.bias.to(torch.float32), layer.bias)
 
 
+@pytest.mark.parametrize("family", ["linear", "conv", "grouped 1-d"])
+def test_float32_collapse_is_close_to_the_float64_one(family: str, randomise_batch_norm: RandomiseBatchNorm) -> None:
+    """``collapse(dtype=torch.float32)`` (inspect's approximate spectra) runs every step in float32, batch-norm
+    folds and skips included, and lands within float32 rounding of the exact collapse."""
+    if family == "grouped 1-d":
+        layer: EPLayer = EPConv1d(4, 8, 3, groups=2, dilation=2, batch_norm=True, residual=True, residual_mode="learn")
+    else:
+        layer = LAYERS[family]()
+    randomise_batch_norm(layer)
+    exact, approximate = layer.collapse(), layer.collapse(dtype=torch.float32)
+    assert exact.bias is not None and approximate.bias is not None
+    assert (approximate.weight.dtype, approximate.bias.dtype) == (torch.float32, torch.float32)
+    assert not torch.equal(approximate.weight, exact.weight.to(torch.float32))  # computed in float32, not cast
+    for got, want in ((approximate.weight, exact.weight), (approximate.bias, exact.bias)):
+        assert float((got.double() - want).abs().max() / want.abs().max()) < 1e-5
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("name", list(LAYERS))
 def test_weight_and_bias_follow_layer_dtype(name: str, dtype: torch.dtype) -> None:
