@@ -23,9 +23,11 @@ Run from the repository root: ``python benchmarks/large_collapse.py`` (about 2-3
 
 ``--verify [--width W] [--before CHECKOUT]`` measures ``epcli verify`` instead (issue 12): on a checkpoint of
 ``LAYERS x EPLinear(W, W, depth=4)`` (.safetensors; ``--layers``, default 16 x 1024 = 256 MiB, 4 x 4096 = 1 GiB),
-one fresh process each of ``epcli collapse``, ``epcli verify CKPT`` (collapsed in memory) and ``epcli verify CKPT
-COLLAPSED``, with this epcli and, with ``--before``, with the epcli package found in CHECKOUT (run with
-``PYTHONPATH=CHECKOUT``). Target: verify's peak RSS above the ``import torch`` floor <= 1.0x the input.
+one fresh process each of ``epcli collapse``, ``epcli verify CKPT`` (collapsed in memory), ``epcli verify CKPT
+COLLAPSED`` and ``epcli export CKPT --onnx OUT.onnx`` (validated in onnxruntime), with this epcli and, with
+``--before``, with the epcli package found in CHECKOUT (run with ``PYTHONPATH=CHECKOUT``). Target: the peak RSS of
+verify and export --onnx above the ``import torch`` floor <= 1.0x the input; wall times are printed as multiples of
+collapse's in the same checkout.
 """
 
 from __future__ import annotations
@@ -184,19 +186,22 @@ def measure_verify(directory: Path, layers: int, width: int, floor: int, before:
         "collapse": ["-m", "epcli", "collapse", str(source), "-o", str(collapsed), "--force"],
         "verify": ["-m", "epcli", "verify", str(source)],
         "verify COLLAPSED": ["-m", "epcli", "verify", str(source), str(collapsed)],
+        "export --onnx": ["-m", "epcli", "export", str(source), "--onnx", str(directory / "out.onnx"), "--force"],
     }
     print(f"\nverify: input {size / 2**20:.0f} MiB ({layers} x EPLinear({width}, {width}, depth={DEPTH})); "
           f"floor {floor / 2**20:.0f} MiB")
     checkouts = {"this epcli": os.environ.get("PYTHONPATH", "")} | ({f"epcli at {before}": str(before)} if before else {})
     for label, pythonpath in checkouts.items():
+        collapse_seconds = 0.0
         for name, args in commands.items():
             # exit code 1: a comparison failed (float32 at its default tolerances); the run is measured all the same
             seconds, peak = run(["env", f"PYTHONPATH={pythonpath}", sys.executable, *args], accepted="0,1")
+            collapse_seconds = collapse_seconds or seconds
             above = (peak - floor) / size
             met = "met" if above <= VERIFY_RSS_TARGET else "NOT met"
             target = "" if name == "collapse" else f" (target <= {VERIFY_RSS_TARGET}x: {met})"
-            print(f"  {label:24s} {name:17s} {seconds:7.2f} s; peak RSS {peak / 2**20:6.0f} MiB = {peak / size:.2f}x "
-                  f"input; above the torch floor {above:.2f}x{target}")
+            print(f"  {label:24s} {name:17s} {seconds:7.2f} s = {seconds / collapse_seconds:.2f}x collapse; peak RSS "
+                  f"{peak / 2**20:6.0f} MiB = {peak / size:.2f}x input; above the torch floor {above:.2f}x{target}")
 
 
 def main() -> None:

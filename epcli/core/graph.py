@@ -107,12 +107,12 @@ def collapse_chain(
 
     # the input node is the identity map: never multiplied by, built only when an identity skip reads it
     reads_input = any(source == 0 and projection is None for (source, _), projection in projections.items())
-    first = _cast(layers[0], dtype)
-    nodes: dict[int, Affine] = {0: algebra.identity(in_features, first.weight)} if reads_input else {}
-    current = Affine(first.weight, first.bias)  # layer 0 composed with the identity
+    layer = _cast(layers[0], dtype)
+    nodes: dict[int, Affine] = {0: algebra.identity(in_features, layer.weight)} if reads_input else {}
+    current = Affine(layer.weight, layer.bias)  # layer 0 composed with the identity
     for j, stored in enumerate(layers):
-        layer = first if j == 0 else _cast(stored, dtype)
-        if j > 0:
+        if j > 0:  # the previous layer's cast copy goes here: three matrices at a time, not four
+            layer = _cast(stored, dtype)
             current = algebra.compose(layer.weight, layer.bias, current)
         if layer.norm is not None:
             current = current.scaled(layer.norm.scale, layer.norm.shift)

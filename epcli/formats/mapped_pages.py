@@ -7,6 +7,9 @@ from the page cache), without unmapping anything: far cheaper than dropping the
 mapping and loading the ``.pt`` again. The range is released only when it lies wholly
 inside a mapping of that very file (same device and inode, per ``/proc/self/maps``),
 so anonymous memory, whose pages ``MADV_DONTNEED`` would zero, is never touched.
+
+:func:`trim_heap` gives back what the C allocator keeps after frees: glibc serves blocks
+below its (adaptive, up to 32 MiB) mmap threshold from its heap and keeps them once freed.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from pathlib import Path
 
 from torch import Tensor
 
-__all__ = ["release_pages"]
+__all__ = ["release_pages", "trim_heap"]
 
 _MADV_DONTNEED = 4  # Linux
 _MAPS = Path("/proc/self/maps")
@@ -63,3 +66,18 @@ def _file_mappings(stat: os.stat_result) -> list[tuple[int, int]]:
             low, high = fields[0].split("-")
             spans.append((int(low, 16), int(high, 16)))
     return spans
+
+
+def trim_heap() -> None:
+    """Return the free pages of glibc's heap to the system (``malloc_trim``); elsewhere, nothing.
+
+    Call it between phases whose buffers differ in size: the next phase's large blocks are
+    mapped afresh and would not reuse the pages the last one freed, so both would count.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except AttributeError:  # not glibc (musl)
+        return
+    trim(0)

@@ -51,6 +51,7 @@ __all__ = [
     "external_data_path",
     "initializer_nbytes",
     "onnx_op_types",
+    "parse_onnx",
     "save_external",
     "serialize_onnx",
     "set_onnx_metadata",
@@ -95,9 +96,9 @@ def export_onnx_bytes(
     ``inputs`` (one spec per model input; its first shape is ``input_shape``) gives one ONNX
     input per spec, named ``input`` or ``input_0``, ``input_1``, ...; integer inputs keep their dtype.
     """
-    proto = build_onnx(model, input_shape, opset=opset, dynamic_batch=dynamic_batch, inputs=inputs)
-    check_onnx(proto)
-    return serialize_onnx(proto)
+    data = serialize_onnx(build_onnx(model, input_shape, opset=opset, dynamic_batch=dynamic_batch, inputs=inputs))
+    check_onnx(data)
+    return data
 
 
 def build_onnx(
@@ -119,8 +120,9 @@ def build_onnx(
     return proto
 
 
-def check_onnx(proto: onnx.ModelProto | Path) -> None:
-    """``onnx.checker`` (full check), in memory or, for a model with external data, on its path."""
+def check_onnx(proto: onnx.ModelProto | bytes | Path) -> None:
+    """``onnx.checker`` (full check), in memory or, for a model with external data, on its path. Given the
+    serialised bytes, the checker does not serialise the model again (a copy of every weight)."""
     import onnx
 
     try:
@@ -134,6 +136,14 @@ def serialize_onnx(proto: onnx.ModelProto) -> bytes:
     """Deterministic bytes: the same model gives the same file."""
     data: bytes = proto.SerializeToString(deterministic=True)
     return data
+
+
+def parse_onnx(data: bytes) -> onnx.ModelProto:
+    """The model :func:`serialize_onnx` gave ``data`` for (serialising it again gives the same bytes)."""
+    import onnx
+
+    proto: onnx.ModelProto = onnx.ModelProto.FromString(data)
+    return proto
 
 
 def initializer_nbytes(proto: onnx.ModelProto) -> int:

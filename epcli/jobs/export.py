@@ -23,10 +23,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from epcli.convert import collapse_model
+import torch
+
+from epcli.convert import collapsed_dtype
 from epcli.errors import UsageError
 from epcli.formats.atomic import StagedFiles
-from epcli.formats.checkpoint import Checkpoint, CheckpointFile, collapsed_layout, load_checkpoint, open_checkpoint
+from epcli.formats.checkpoint import CheckpointFile, collapsed_layout, open_checkpoint, read_model
+from epcli.formats.mapped_pages import trim_heap
 from epcli.formats.onnx_export import (
     DEFAULT_OPSET,
     EXTERNAL_DATA_THRESHOLD,
@@ -35,6 +38,7 @@ from epcli.formats.onnx_export import (
     check_onnx,
     external_data_path,
     initializer_nbytes,
+    parse_onnx,
     save_external,
     serialize_onnx,
     set_onnx_metadata,
@@ -44,8 +48,8 @@ from epcli.formats.sharded import is_index, sharded_base
 from epcli.inputs import InputSpec
 from epcli.jobs.collapse import CollapseResult, collapse_file, plan_output, provenance
 from epcli.jobs.files import check_name, check_targets, file_sha256, make_parent
-from epcli.jobs.verify import ONNX_LABEL, ProgressCallback, compare_model, verify_checkpoint
-from epcli.verify import Comparison, VerifyReport, VerifySettings, compare_outputs
+from epcli.jobs.verify import ONNX_LABEL, ProgressCallback, collapse_in_place, expanded_outputs, layer_reader
+from epcli.verify import Comparison, VerifyReport, VerifySettings
 
 __all__ = ["ExportResult", "OnnxExportResult", "export_file"]
 
@@ -131,10 +135,8 @@ def export_file(
     # interrupted run leaves neither (the safetensors output is committed by its own writer, last)
     with StagedFiles(overwrite=force) as staged:
         if onnx_path is not None:  # only the ONNX needs the whole model in memory
-            checkpoint = load_checkpoint(source, model_factory=model_factory, inputs=inputs, state_key=state_key)
             plan = _OnnxPlan(onnx_path, opset, static_batch, force, external_data, external_threshold, opened.files)
-            onnx = _export_onnx(checkpoint, plan, settings, staged, progress)
-            del checkpoint
+            onnx = _export_onnx(opened, model_factory, plan, settings, staged, progress)
             if not onnx.written:
                 return ExportResult(source, onnx, None)
         collapsed = None
@@ -173,31 +175,53 @@ class _OnnxPlan:
 
 
 def _export_onnx(
-    checkpoint: Checkpoint,
+    opened: CheckpointFile,
+    model_factory: str | None,
     plan: _OnnxPlan,
     settings: VerifySettings,
     staged: StagedFiles,
     progress: ProgressCallback | None,
 ) -> OnnxExportResult:
-    """Collapse, export, check with onnx.checker, compare in onnxruntime against torch, then stage the files
-    in ``staged`` (the caller commits them)."""
-    if checkpoint.model is None:
+    """Read the model once (float32), take its expanded outputs, check each EP layer while collapsing the model
+    in place (:func:`~epcli.jobs.verify.collapse_in_place`), export, check with onnx.checker, compare in
+    onnxruntime against those outputs, then stage the files in ``staged`` (the caller commits them).
+
+    So the expanded model is never held beside a copy of itself, nor beside the ONNX weights.
+    """
+    model = read_model(opened, model_factory, dtype=torch.float32)
+    if model is None:
         raise UsageError(
-            f"{checkpoint.path}: no architecture is embedded, so there is no whole model to export; "
+            f"{opened.path}: no architecture is embedded, so there is no whole model to export; "
             "name a factory with --model module:function"
         )
     output = plan.output
     if plan.static_batch:
         settings = replace(settings, batch_size=1)
-    model = checkpoint.model if checkpoint.kind == "collapsed" else collapse_model(checkpoint.model)
+    if settings.model_dtype is None:  # default tolerances follow the stored precision (bfloat16 / float16)
+        settings = settings.for_model(opened.meta_state().values())
+    layers: tuple[Comparison, ...] = ()
+    if opened.kind == "expanded":
+        stored = opened.meta_state()
+        model, expected, layers = collapse_in_place(
+            model,
+            opened.inputs,
+            layer_reader(opened),
+            settings,
+            layer_input_shapes=opened.layer_input_shapes,
+            rounded_to={path: collapsed_dtype(path, stored) for path in opened.ep_layers},  # as collapse writes it
+            progress=progress,
+        )
+    else:
+        expected = expanded_outputs(model, opened.inputs, settings)
     proto = build_onnx(
-        model.float(),
-        checkpoint.input_shape,
+        model,
+        opened.input_shape,
         opset=plan.opset,
         dynamic_batch=not plan.static_batch,
-        inputs=checkpoint.inputs,
+        inputs=opened.inputs,
     )
     del model  # the proto holds the weights now
+    trim_heap()  # the collapse's and the model's freed blocks: serialising maps its own
     op_types = tuple(node.op_type for node in proto.graph.node)
     external = plan.external_data or initializer_nbytes(proto) > plan.external_threshold
     data_path = external_data_path(output)
@@ -208,14 +232,22 @@ def _export_onnx(
         scratch = staged.scratch(output)
         source = temp = scratch / output.name
         save_external(proto, temp)
-    else:
-        check_onnx(proto)
+    else:  # only the bytes are kept while onnxruntime loads its own copy; the proto is parsed from them again
         source = serialize_onnx(proto)
-    report = _validate(checkpoint, source, settings, progress)
-    del source
+        del proto
+        check_onnx(source)  # the bytes: checking a proto would serialise it again
+    if progress is not None:
+        progress(len(layers), len(layers) + 1, "checking the whole model in onnxruntime")
+    trim_heap()  # what the checker parsed and freed: onnxruntime maps its own
+    session = OnnxSession(source, expected_inputs=len(opened.inputs))
+    report = VerifyReport(settings, settings.tolerance, (*layers, *expected.compare(session, ONNX_LABEL, settings)))
+    del session
     files: tuple[Path, ...] = ()
     if report.passed:
-        set_onnx_metadata(proto, _metadata(checkpoint, plan.sources, report))
+        if isinstance(source, bytes):
+            proto = parse_onnx(source)
+        del source
+        set_onnx_metadata(proto, _metadata(opened, plan.sources, report))
         if external:
             write_onnx(proto, temp)
             staged.add(data_path, scratch / data_path.name)  # the data first: the model is what readers open
@@ -238,38 +270,13 @@ def _export_onnx(
     )
 
 
-def _validate(
-    checkpoint: Checkpoint, onnx_model: bytes | Path, settings: VerifySettings, progress: ProgressCallback | None
-) -> VerifyReport:
-    """Every EP layer against its collapse, then the whole model in onnxruntime against torch.
-
-    onnxruntime loads the model only after the per-layer checks, so its copy of the
-    weights and a layer's float64 collapse are not held at the same time.
-    """
-    comparisons: tuple[Comparison, ...] = ()
-    if checkpoint.kind == "expanded":
-        layers = verify_checkpoint(replace(checkpoint, model=None), settings, progress=progress)
-        settings, comparisons = layers.settings, layers.comparisons
-    else:
-        settings = settings.for_model(checkpoint.state_dict.values())
-    if progress is not None:
-        progress(len(comparisons), len(comparisons) + 1, "checking the whole model in onnxruntime")
-    session = OnnxSession(onnx_model, expected_inputs=len(checkpoint.inputs))
-    if checkpoint.kind == "expanded":
-        model = compare_model(checkpoint, settings, onnx_session=session)
-    else:
-        assert checkpoint.model is not None
-        model = compare_outputs("<model>", "model", ONNX_LABEL, checkpoint.model, session, checkpoint.inputs, settings)
-    return VerifyReport(settings, settings.tolerance, (*comparisons, *model))
-
-
-def _metadata(checkpoint: Checkpoint, sources: Sequence[Path], report: VerifyReport) -> dict[str, str]:
+def _metadata(opened: CheckpointFile, sources: Sequence[Path], report: VerifyReport) -> dict[str, str]:
     """The collapsed safetensors provenance (strings as they are, other values as JSON) and the validation result."""
     hashes = {path.name: file_sha256(path) for path in sources}
     layer_errors = {c.name: c.max_abs_error for c in report.comparisons if c.scope == "layer"}
     model_errors = [c.max_abs_error for c in report.comparisons if c.scope == "model"]
     record = provenance(
-        checkpoint.path, hashes, report.settings, layer_errors, max(model_errors) if model_errors else None
+        opened.path, hashes, report.settings, layer_errors, max(model_errors) if model_errors else None
     )
     record["validation"] = {
         "passed": report.passed,

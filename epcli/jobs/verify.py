@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import functools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -12,7 +12,6 @@ import torch
 from torch import Tensor, nn
 
 from epcli.convert import (
-    collapse_model,
     collapsed_keys,
     expanded_eval,
     expanded_layer,
@@ -35,8 +34,12 @@ __all__ = [
     "DEFAULT_ONNX_TIMEOUT",
     "ProgressCallback",
     "VerifyResult",
+    "ExpandedOutputs",
+    "collapse_in_place",
     "compare_layer",
     "compare_model",
+    "expanded_outputs",
+    "layer_reader",
     "verify_checkpoint",
     "verify_files",
 ]
@@ -100,40 +103,44 @@ def compare_model(
     """
     if checkpoint.model is None:
         raise UsageError(f"{checkpoint.path}: no architecture is embedded; name a factory with --model module:function")
-    return _compare_owned(
-        copy.deepcopy(checkpoint.model),  # the caller's model stays as it is
-        checkpoint.inputs,
-        settings,
-        collapsed_state=collapsed_state,
-        onnx_session=onnx_session,
-        label=label,
-        batches=batches,
+    model = copy.deepcopy(checkpoint.model)  # the caller's model stays as it is
+    if onnx_session is not None:
+        return expanded_outputs(model, checkpoint.inputs, settings, batches).compare(onnx_session, ONNX_LABEL, settings)
+    states = layer_states(checkpoint.state_dict, checkpoint.ep_layers)
+    collapsed, expected, _ = collapse_in_place(
+        model, checkpoint.inputs, states.__getitem__, settings, collapsed_state=collapsed_state, batches=batches
     )
+    return expected.compare(collapsed, label, settings)
 
 
-def _compare_owned(
+@dataclass(frozen=True)
+class ExpandedOutputs:
+    """The expanded model's outputs on the comparison's batches, taken before the model is collapsed in place:
+    what a candidate (the collapsed model, an ONNX session) is compared against once the expanded model is gone."""
+
+    batches: Sequence[tuple[Tensor, ...]]
+    outputs: Sequence[object]
+
+    def compare(self, candidate: Callable[..., object], label: str, settings: VerifySettings) -> tuple[Comparison, ...]:
+        outputs = iter(self.outputs)
+        return compare_outputs(
+            "<model>", "model", label, lambda *batch: next(outputs), candidate, self.batches, settings
+        )
+
+
+def expanded_outputs(
     model: nn.Module,
     specs: Sequence[InputSpec],
     settings: VerifySettings,
-    *,
-    collapsed_state: Mapping[str, Tensor] | None,
-    onnx_session: OnnxSession | None,
-    label: str,
-    batches: Sequence[tuple[Tensor, ...]] | None,
-    collapsed_layers: Mapping[str, tuple[Tensor, Tensor | None]] | None = None,
-) -> tuple[Comparison, ...]:
-    """:func:`compare_model` on a model nobody else holds, so only one copy of it ever exists: it is cast in
-    place, and (unless an ONNX session is the candidate) its outputs are taken first, then it is collapsed in
-    place, one EP layer at a time, and run again on the same batches. ``collapsed_layers``: the in-memory
-    collapse of EP layers (by path, in the comparison dtype) already computed from these same parameters."""
-    model = model.to(device=settings.torch_device, dtype=settings.torch_dtype)
-    inputs: Sequence[InputSpec] | Sequence[tuple[Tensor, ...]]
+    batches: Sequence[tuple[Tensor, ...]] | None = None,
+) -> ExpandedOutputs:
+    """``model`` (one nobody else holds: cast in place, left in eval mode) run expanded on ``batches`` (the
+    user's samples), or on seeded batches drawn from ``specs`` as :func:`~epcli.verify.compare_outputs` draws them."""
+    model.to(device=settings.torch_device, dtype=settings.torch_dtype).eval()
     if batches is not None:
-        inputs = [_moved(batch, settings) for batch in batches]
-    elif onnx_session is not None:
-        inputs = specs
-    else:  # drawn here, as compare_outputs would, to be run twice
-        inputs = list(
+        drawn = [_moved(batch, settings) for batch in batches]
+    else:
+        drawn = list(
             random_inputs(
                 specs,
                 settings.samples,
@@ -143,47 +150,117 @@ def _compare_owned(
                 device=settings.torch_device,
             )
         )
-    if onnx_session is not None:
-        with expanded_eval(model) as reference:
-            return compare_outputs("<model>", "model", ONNX_LABEL, reference, onnx_session, inputs, settings)
     with expanded_eval(model) as reference, torch.no_grad():
-        expected = [reference(*batch) for batch in inputs if isinstance(batch, tuple)]
-    candidate = _collapsed_in_place(model, collapsed_state, collapsed_layers or {}, settings)
-    outputs = iter(expected)
-    return compare_outputs("<model>", "model", label, lambda *batch: next(outputs), candidate, inputs, settings)
+        return ExpandedOutputs(drawn, [reference(*batch) for batch in drawn])
 
 
-def _collapsed_in_place(
+def collapse_in_place(
     model: nn.Module,
-    collapsed_state: Mapping[str, Tensor] | None,
-    collapsed_layers: Mapping[str, tuple[Tensor, Tensor | None]],
+    specs: Sequence[InputSpec],
+    layer_state: Callable[[str], Mapping[str, Tensor]],
     settings: VerifySettings,
-) -> nn.Module:
-    """``model`` with each EP layer replaced by its plain layer, in place, each EP layer dropped as it goes (the
-    model itself when it is one): collapsed in memory (or taken from ``collapsed_layers``), or holding
-    ``collapsed_state`` (loaded strictly, as is)."""
-    layers = find_ep_layers(model)
+    *,
+    layer_input_shapes: Mapping[str, tuple[int, ...]] | None = None,
+    collapsed_state: Mapping[str, Tensor] | None = None,
+    rounded_to: Mapping[str, torch.dtype] | None = None,
+    batches: Sequence[tuple[Tensor, ...]] | None = None,
+    label: str = IN_MEMORY,
+    progress: ProgressCallback | None = None,
+) -> tuple[nn.Module, ExpandedOutputs, tuple[Comparison, ...]]:
+    """The outputs of ``model`` (see :func:`expanded_outputs`), then the model with each EP layer replaced by its
+    plain layer, in place: only one copy of the model ever exists.
+
+    Once the outputs are taken every EP layer is dropped, and each is built again from its own tensors
+    (``layer_state(path)``, keys relative to the layer: e.g. read from the file), cast to the comparison dtype,
+    collapsed and put back as its plain layer; so the peak is the model, or the model without its EP layers
+    and one layer with its float64 collapse, whichever is more. With ``layer_input_shapes`` each EP layer is
+    also checked alone against its plain layer. The plain layer holds the float64 collapse cast to the
+    comparison dtype (with ``rounded_to``, the dtype each layer is stored in, through that dtype first, as
+    :func:`collapse_model` of the stored model rounds it), or ``collapsed_state``'s tensors, loaded strictly as
+    they are. Returns the collapsed model (in the comparison dtype, eval mode), the expanded outputs and the
+    per-layer comparisons.
+    """
+    expected = expanded_outputs(model, specs, settings, batches)
+    found = find_ep_layers(model)
+    if layer_input_shapes is not None and set(layer_input_shapes) != set(found):
+        raise CheckpointError(
+            f"the model's EP layers {natural_order(found)} are not the checkpoint's "
+            f"{natural_order(layer_input_shapes)}"
+        )
+    configs = {path: layer.config for path, layer in found.items()}
+    owners = {path: id(layer) for path, layer in found.items()}  # a layer used at several paths stays one layer
+    del found
+    for path in configs:  # the expanded parameters are not needed any more
+        model = _put(model, path, nn.Identity())
+    comparisons: list[Comparison] = []
     plain: dict[int, nn.Module] = {}
-    while layers:
-        path, layer = layers.popitem()
-        if id(layer) not in plain:  # a layer used at several paths is collapsed once
-            if collapsed_state is None and path in collapsed_layers:
-                plain[id(layer)] = _plain(layer.config, *collapsed_layers[path])
-            elif collapsed_state is None:
-                plain[id(layer)] = collapse_model(layer)
-            else:
-                plain[id(layer)] = plain_layer(layer.config, bias=collapsed_has_bias(layer.config), device="meta")
-        if not path:
-            model = plain[id(layer)]
-        else:
-            model.set_submodule(path, plain[id(layer)])
-        del layer
+    for path in natural_order(configs):
+        if progress is not None and layer_input_shapes is not None:
+            progress(len(comparisons), len(layer_input_shapes) + 1, f"checking layer {path}")
+        if layer_input_shapes is not None or owners[path] not in plain:
+            shape = None if layer_input_shapes is None else layer_input_shapes[path]
+            comparison, installed = _layer(
+                path, configs[path], layer_state, settings, input_shape=shape, collapsed_state=collapsed_state,
+                rounded_to=rounded_to, label=label,
+            )
+            comparisons.extend([] if comparison is None else [comparison])
+            plain.setdefault(owners[path], installed)
+            del installed  # before the next layer is read
+        model = _put(model, path, plain[owners[path]])
     if collapsed_state is not None:
         try:  # the given tensors as they are: collapsing the model again would be wasted work
             model.load_state_dict(collapsed_state, strict=True, assign=True)
         except RuntimeError as e:
             raise CheckpointError(f"the collapsed tensors do not fit the collapsed architecture: {e}") from e
-    return model.to(device=settings.torch_device, dtype=settings.torch_dtype).eval()
+    collapsed = model.to(device=settings.torch_device, dtype=settings.torch_dtype).eval()
+    return collapsed, expected, tuple(comparisons)
+
+
+def _put(model: nn.Module, path: str, module: nn.Module) -> nn.Module:
+    """``model`` with ``module`` at ``path`` (the root: ``module`` itself)."""
+    if not path:
+        return module
+    model.set_submodule(path, module)
+    return model
+
+
+def _layer(
+    path: str,
+    config: EPConfig,
+    layer_state: Callable[[str], Mapping[str, Tensor]],
+    settings: VerifySettings,
+    *,
+    input_shape: tuple[int, ...] | None,
+    collapsed_state: Mapping[str, Tensor] | None,
+    rounded_to: Mapping[str, torch.dtype] | None,
+    label: str,
+) -> tuple[Comparison | None, nn.Module]:
+    """The EP layer at ``path``, built from its own tensors in the comparison dtype: checked alone against its plain
+    layer (given ``input_shape``), and the plain layer that takes its place: the one checked, or the same collapse
+    rounded to its stored dtype first, or an empty one on the meta device that ``collapsed_state`` fills."""
+    layer = expanded_layer(config, layer_state(path), dtype=settings.torch_dtype, device=settings.torch_device)
+
+    def cast(module: nn.Module) -> nn.Module:
+        return module.to(device=settings.torch_device, dtype=settings.torch_dtype)
+
+    checked: nn.Module
+    installed: nn.Module
+    if collapsed_state is not None:
+        weight_key, bias_key = collapsed_keys(path)
+        checked = cast(_plain(config, collapsed_state[weight_key], collapsed_state.get(bias_key)))
+        installed = plain_layer(config, bias=collapsed_has_bias(config), device="meta")
+    else:
+        affine = layer.collapse()
+        checked = installed = cast(_plain(config, affine.weight, affine.bias))
+        stored = settings.torch_dtype if rounded_to is None else rounded_to[path]
+        if stored != settings.torch_dtype:
+            bias = None if affine.bias is None else affine.bias.to(stored)
+            installed = cast(_plain(config, affine.weight.to(stored), bias))
+        del affine
+    if input_shape is None:
+        return None, installed
+    expanded = functools.partial(layer, override=True)
+    return compare(path, "layer", label, expanded, checked, input_shape, settings), installed
 
 
 def _moved(batch: tuple[Tensor, ...], settings: VerifySettings) -> tuple[Tensor, ...]:
@@ -197,7 +274,7 @@ def _moved(batch: tuple[Tensor, ...], settings: VerifySettings) -> tuple[Tensor,
 @dataclass(frozen=True)
 class _Subject:
     """What verification reads of an expanded checkpoint, loaded or opened: each EP layer's own tensors (keys
-    relative to the layer) one at a time, and the whole model as a copy the check owns (cast in place)."""
+    relative to the layer) one at a time when there is no model, else the model as a copy the check owns."""
 
     ep_layers: Mapping[str, EPConfig]
     layer_input_shapes: Mapping[str, tuple[int, ...]]
@@ -236,11 +313,12 @@ def verify_checkpoint(
         states.__getitem__,
         None if model is None else lambda dtype: copy.deepcopy(model),  # the caller's model stays as it is
     )
-    return _verify(subject, settings, collapsed_state, onnx_session, label, progress, batches)
+    session = None if onnx_session is None else lambda: onnx_session
+    return _verify(subject, settings, collapsed_state, session, label, progress, batches)
 
 
-def _opened_subject(opened: CheckpointFile, owned_model: Callable[[torch.dtype], nn.Module] | None) -> _Subject:
-    """An opened checkpoint, read one EP layer at a time; ``owned_model`` reads its model (after the layers)."""
+def layer_reader(opened: CheckpointFile) -> Callable[[str], Mapping[str, Tensor]]:
+    """Reads the tensors of the EP layer at a path from the file (keys relative to the layer), as stored."""
     keys = layer_states(opened.meta_state(), opened.ep_layers)
     prefixes = {path: layer_prefix(path) for path in opened.ep_layers}
 
@@ -248,12 +326,17 @@ def _opened_subject(opened: CheckpointFile, owned_model: Callable[[torch.dtype],
         stored = opened.read(prefixes[path] + key for key in keys[path])
         return {key[len(prefixes[path]) :]: tensor for key, tensor in stored.items()}
 
+    return layer_state
+
+
+def _opened_subject(opened: CheckpointFile, owned_model: Callable[[torch.dtype], nn.Module] | None) -> _Subject:
+    """An opened checkpoint: its EP layers read one at a time, and ``owned_model`` (which reads its model)."""
     return _Subject(
         opened.ep_layers,
         opened.layer_input_shapes,
         opened.inputs,
         list(opened.meta_state().values()),
-        layer_state,
+        layer_reader(opened),
         owned_model,
     )
 
@@ -262,55 +345,51 @@ def _verify(
     subject: _Subject,
     settings: VerifySettings,
     collapsed_state: Mapping[str, Tensor] | None,
-    onnx_session: OnnxSession | None,
+    onnx_session: Callable[[], Callable[..., object]] | None,
     label: str,
     progress: ProgressCallback | None,
     batches: Sequence[tuple[Tensor, ...]] | None,
 ) -> VerifyReport:
-    """:func:`verify_checkpoint` on what ``subject`` reads: one EP layer in memory at a time, then the model."""
-    comparisons: list[Comparison] = []
+    """:func:`verify_checkpoint` on what ``subject`` reads: the model once, each EP layer checked and collapsed in
+    it in turn (:func:`collapse_in_place`), then the whole model; without a model, one EP layer at a time.
+    ``onnx_session`` is opened after the layers, so its weights and the expanded model are not held together."""
     if settings.model_dtype is None:  # default tolerances follow the stored precision (bfloat16 / float16)
         settings = settings.for_model(subject.stored)
-    # the model check would collapse the same parameters again: keep each result, cast as that check casts it
-    keep = collapsed_state is None and onnx_session is None and subject.owned_model is not None
-    kept: dict[str, tuple[Tensor, Tensor | None]] = {}
     total = len(subject.ep_layers) + (subject.owned_model is not None)
     tick = progress or (lambda done, total, label: None)
-    for path in natural_order(subject.ep_layers):
-        config = subject.ep_layers[path]
-        tick(len(comparisons), total, f"checking layer {path}")
-        layer = expanded_layer(
-            config, subject.layer_state(path), dtype=settings.torch_dtype, device=settings.torch_device
-        )
-        if collapsed_state is None:
-            collapsed = layer.collapse()
-            weight, bias = collapsed.weight, collapsed.bias
-            if keep:
-                kept[path] = (weight.to(settings.torch_dtype), None if bias is None else bias.to(settings.torch_dtype))
-        else:
-            weight_key, bias_key = collapsed_keys(path)
-            weight, bias = collapsed_state[weight_key], collapsed_state.get(bias_key)
-        comparisons.append(
-            compare_layer(path, layer, weight, bias, subject.layer_input_shapes[path], settings, label)
-        )
-        del layer, weight, bias  # before the next layer is read
-    if subject.owned_model is not None:
-        tick(len(comparisons), total, "checking the whole model")
-        comparisons.extend(
-            _compare_owned(
-                subject.owned_model(settings.torch_dtype),
-                subject.inputs,
-                settings,
-                collapsed_state=collapsed_state,
-                onnx_session=onnx_session,
+    if subject.owned_model is None:
+        comparisons: list[Comparison] = []
+        for path in natural_order(subject.ep_layers):
+            tick(len(comparisons), total, f"checking layer {path}")
+            comparison, _ = _layer(
+                path, subject.ep_layers[path], subject.layer_state, settings,
+                input_shape=subject.layer_input_shapes[path], collapsed_state=collapsed_state, rounded_to=None,
                 label=label,
-                batches=batches,
-                collapsed_layers=kept,
             )
-        )
+            assert comparison is not None  # an input shape was given
+            comparisons.append(comparison)
+        tick(total, total, "done")
+        return VerifyReport(settings, settings.tolerance, tuple(comparisons), model_check_skipped=NO_ARCHITECTURE)
+    tick(0, total, "running the expanded model")
+    collapsed, expected, layers = collapse_in_place(
+        subject.owned_model(settings.torch_dtype),
+        subject.inputs,
+        subject.layer_state,
+        settings,
+        layer_input_shapes=subject.layer_input_shapes,
+        collapsed_state=collapsed_state,
+        batches=batches,
+        label=label,
+        progress=progress,
+    )
+    tick(len(layers), total, "checking the whole model")
+    if onnx_session is not None:
+        del collapsed
+        model = expected.compare(onnx_session(), ONNX_LABEL, settings)
+    else:
+        model = expected.compare(collapsed, label, settings)
     tick(total, total, "done")
-    skipped = None if subject.owned_model is not None else NO_ARCHITECTURE
-    return VerifyReport(settings, settings.tolerance, tuple(comparisons), model_check_skipped=skipped)
+    return VerifyReport(settings, settings.tolerance, (*layers, *model))
 
 
 def verify_files(
@@ -333,10 +412,11 @@ def verify_files(
     whole model is compared instead of random ones. ``model_factory``, ``inputs`` and
     ``state_key`` are as in :func:`~epcli.load_checkpoint`.
 
-    The checkpoint is opened, not loaded: each EP layer is read, checked and dropped in
-    turn, then the model is read once, in the comparison dtype, and collapsed in place
-    after its expanded outputs are taken; so the peak is about the model in that dtype
-    (plus a collapsed artifact's tensors) and one layer's float64 collapse.
+    The checkpoint is opened, not loaded. With a model (embedded, or ``model_factory``) it is
+    read once, in the comparison dtype; its expanded outputs are taken, then each EP layer is
+    checked alone and replaced by its plain layer in place (an artifact's tensors are read a
+    layer at a time), so the peak is about the model in that dtype and one layer's float64
+    collapse. Without one, each EP layer is read, checked and dropped in turn.
     """
     checkpoint = open_checkpoint(checkpoint_path, model_factory=model_factory, inputs=inputs, state_key=state_key)
     if checkpoint.kind != "expanded":
@@ -376,12 +456,19 @@ def verify_files(
                 "name a factory with --model module:function"
             )
         model = owned_model(settings.torch_dtype)  # read first: its forward checks the ONNX file's output
-        session = OnnxSession(artifact_path, timeout=timeout, expected_inputs=len(checkpoint.inputs))
-        stale, stale_note = _stale_artifact(checkpoint, artifact_path, session.metadata)  # epcli's own export
+
+        def session() -> OnnxSession:
+            return OnnxSession(artifact_path, timeout=timeout, expected_inputs=len(checkpoint.inputs))
+
+        first = session()
+        stale, stale_note = _stale_artifact(checkpoint, artifact_path, first.metadata)  # epcli's own export
         try:
-            settings = _onnx_settings(session, model, checkpoint, artifact_path, settings)
+            settings = _onnx_settings(first, model, checkpoint, artifact_path, settings)
+            del first  # opened again after the layers: its weights are not held beside the expanded model
+            handed = [model]  # the check owns the only reference, and drops each EP layer as it goes
+            del model
             report = _verify(
-                _opened_subject(checkpoint, lambda dtype: model),
+                _opened_subject(checkpoint, lambda dtype: handed.pop()),
                 settings, None, session, IN_MEMORY, progress, batches,
             )
         except ShapeMismatchError as e:  # an output whose sizes the file leaves open
@@ -408,8 +495,8 @@ def verify_files(
         )
     if stale_note:
         notes.append(stale_note)
-    collapsed_state = artifact.read(artifact.tensors)  # a collapsed file: about one matrix per EP layer
-    precision = _artifact_precision(checkpoint, artifact.path, collapsed_state, settings)
+    collapsed_state = _ArtifactState(artifact)  # read a layer at a time: not held beside the expanded model
+    precision = _artifact_precision(checkpoint, artifact.path, artifact.meta_state(), settings)
     if precision is not None:
         notes.append(precision)
     report = _verify(
@@ -419,6 +506,24 @@ def verify_files(
     return VerifyResult(
         checkpoint_path, artifact_path, replace(report, notes=(*report.notes, *notes)), artifact_stale=stale
     )
+
+
+class _ArtifactState(Mapping[str, Tensor]):
+    """A collapsed file's tensors, each read from the file when it is looked up."""
+
+    def __init__(self, artifact: CheckpointFile) -> None:
+        self._artifact = artifact
+
+    def __getitem__(self, key: str) -> Tensor:
+        if key not in self._artifact.tensors:
+            raise KeyError(key)
+        return self._artifact.read([key])[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._artifact.tensors)
+
+    def __len__(self) -> int:
+        return len(self._artifact.tensors)
 
 
 def _stale_artifact(checkpoint: CheckpointFile, artifact_path: Path, provenance: object) -> tuple[bool | None, str | None]:
@@ -505,7 +610,7 @@ def _onnx_settings(
             f"{artifact_path}: the ONNX model's input has a static batch size of {batch}; it takes no data"
         )
     model_dtype = next((p.dtype for p in model.parameters()), torch.float32)
-    with torch.no_grad():
+    with expanded_eval(model), torch.no_grad():  # the chains: a collapse would be cached in each EP layer
         leaves = tensor_leaves(model(*(spec.example(1, dtype=model_dtype) for spec in specs)))
     if len(leaves) != len(session.output_shapes):
         raise CheckpointError(
