@@ -9,6 +9,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from onnx import numpy_helper
 
 import epcli
 
@@ -238,3 +239,27 @@ def test_a_failure_while_writing_safetensors_leaves_no_onnx_either(samples, tmp_
         export_job.export_file(samples.mlp, onnx_path=onnx_path, safetensors_path=safetensors_path,
                                settings=VerifySettings())
     assert sorted(p.name for p in out.iterdir()) == []
+
+
+def test_onnx_of_a_bfloat16_checkpoint_holds_its_layers_as_collapse_stores_them(tmp_path):
+    """The checks run in float32, but the exported weights are those of the model collapsed in its own dtype
+    (rounded to bfloat16 once, then float32), as ``epcli collapse`` writes them; not the float32 collapse."""
+    from torch import nn
+
+    from epcli.convert import collapse_model
+    from epcli.jobs.export import export_file
+    from epcli.verify import VerifySettings
+
+    torch.manual_seed(0)
+    model = nn.Sequential(epcli.EPLinear(8, 6, depth=3), nn.ReLU(), nn.Linear(6, 2)).to(torch.bfloat16).eval()
+    source = epcli.save_checkpoint(model, tmp_path / "m.safetensors", input_shape=(8,))
+
+    result = export_file(source, onnx_path=tmp_path / "m.onnx", safetensors_path=None, settings=VerifySettings())
+
+    assert result.passed
+    (exported,) = [
+        numpy_helper.to_array(i) for i in onnx.load(str(tmp_path / "m.onnx")).graph.initializer if tuple(i.dims) == (6, 8)
+    ]
+    stored = epcli.load_checkpoint(source).model
+    assert np.array_equal(exported, collapse_model(stored)[0].weight.detach().float().numpy())
+    assert not np.array_equal(exported, collapse_model(stored.float())[0].weight.detach().numpy())

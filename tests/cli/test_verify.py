@@ -360,3 +360,134 @@ def test_compare_model_leaves_the_callers_model_as_it_was(artifacts):
     after = checkpoint.model.state_dict()
     assert set(after) == set(before)  # still expanded: no EP layer was swapped for its plain layer
     assert all(after[key].dtype == value.dtype and torch.equal(after[key], value) for key, value in before.items())
+
+
+# ---- the whole-model number, against an independent reference ----------------------------------------------------
+TWO_PATHS_MODULE = '''
+"""One EP layer reached at two paths (a.0 and b.0), under two parents."""
+import torch
+from torch import nn
+
+from epcli import EPLinear
+
+
+class TwoPaths(nn.Module):
+    def __init__(self):
+        super().__init__()
+        shared = EPLinear(5, 5, depth=3, batch_norm=True)
+        self.a = nn.Sequential(shared, nn.ReLU())
+        self.b = nn.Sequential(shared)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.head(self.b(self.a(x)))
+
+
+def build():
+    return TwoPaths()
+'''
+
+
+def _reference_model_error(checkpoint, dtype, batches=None, samples=64, batch_size=32):
+    """max |collapsed - expanded| over the whole model, computed without epcli.jobs.verify: ``load_checkpoint``'s
+    model cast to ``dtype`` and run expanded, against ``collapse_model`` of it, on verify's inputs (seeded draws
+    from the checkpoint's specs, or ``batches``)."""
+    import torch
+
+    from epcli.convert import collapse_model, expanded_eval
+    from epcli.inputs import random_inputs
+
+    model = checkpoint.model.to(getattr(torch, dtype))
+    collapsed = collapse_model(model)
+    if batches is None:
+        batches = random_inputs(checkpoint.inputs, samples, batch_size, 0, dtype=getattr(torch, dtype))
+    worst = 0.0
+    with torch.no_grad(), expanded_eval(model):
+        for batch in batches:
+            batch = tuple(t.to(getattr(torch, dtype)) for t in batch)
+            worst = max(worst, float((collapsed(*batch).double() - model(*batch).double()).abs().max()))
+    return worst
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_the_model_error_is_the_expanded_model_against_its_collapse(dtype, artifacts, invoke, json_doc):
+    """The reported number is exactly the independent one, and not 0: comparing the collapse with itself (or the
+    expanded model with itself) would report 0."""
+    source = artifacts.sources["digits_cnn"]
+
+    run = invoke("verify", source, "--dtype", dtype, "--json")
+
+    assert run.returncode == 0, run.describe()
+    (model,) = [c for c in json_doc(run.stdout)["comparisons"] if c["scope"] == "model"]
+    expected = _reference_model_error(epcli.load_checkpoint(source), dtype)
+    assert model["max_abs_error"] == expected > 0
+
+
+def test_a_layer_at_two_paths_from_a_factory(tmp_path, monkeypatch, invoke, json_doc):
+    """Checked at each path, collapsed once (the plain layer is shared as the EP layer was); in memory, against a
+    collapsed file and exported, the whole model matches the independent reference."""
+    import torch
+
+    name = f"epcli_two_paths_{abs(hash(str(tmp_path))) % 10**8}"
+    (tmp_path / f"{name}.py").write_text(TWO_PATHS_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    factory = f"{name}:build"
+    torch.manual_seed(3)
+    model = __import__(name).build()
+    with torch.no_grad():
+        model(torch.randn(32, 5))  # batch-norm statistics, in training mode
+    source = epcli.save_checkpoint(model.eval(), tmp_path / "two.safetensors", input_shape=(5,))
+    artifact = tmp_path / "two.collapsed.safetensors"
+    assert invoke("collapse", source, "--model", factory, "-o", artifact).returncode == 0
+    reference = _reference_model_error(epcli.load_checkpoint(source, model_factory=factory), "float32")
+
+    runs = {
+        "in memory": invoke("verify", source, "--model", factory, "--json"),
+        "artifact": invoke("verify", source, artifact, "--model", factory, "--json"),
+        "export": invoke("export", source, "--model", factory, "--onnx", tmp_path / "two.onnx", "--json"),
+    }
+
+    for label, run in runs.items():
+        assert run.returncode == 0, (label, run.describe())
+        document = json_doc(run.stdout)
+        comparisons = (document["onnx"] if label == "export" else document)["comparisons"]
+        assert [c["name"] for c in comparisons] == ["a.0", "b.0", "<model>"], label
+        assert comparisons[0]["max_abs_error"] == comparisons[1]["max_abs_error"], label
+        if label != "export":  # onnxruntime rounds on its own
+            assert comparisons[2]["max_abs_error"] == reference > 0, label
+    assert len(onnx.load(str(tmp_path / "two.onnx")).graph.initializer) == 4  # one weight and bias per plain layer
+
+
+def test_user_samples_are_what_the_model_is_compared_on(custom_model, tmp_path, invoke, json_doc):
+    import torch
+
+    from epcli.jobs.samples import read_samples, sample_batches
+
+    path = tmp_path / "samples.safetensors"
+    save_file({"x": torch.randn(10, 6, generator=torch.Generator().manual_seed(5))}, str(path))
+    checkpoint = epcli.load_checkpoint(custom_model.path, model_factory=custom_model.factory)
+    batches = sample_batches(read_samples(path, checkpoint.inputs), 4)
+
+    run = invoke("verify", custom_model.path, "--model", custom_model.factory, "--inputs", path, "--batch-size", 4,
+                 "--json")
+
+    assert run.returncode == 0, run.describe()
+    model = json_doc(run.stdout)["comparisons"][-1]
+    assert model["name"] == "<model>" and json_doc(run.stdout)["samples"] == 10
+    assert model["max_abs_error"] == _reference_model_error(checkpoint, "float32", batches) > 0
+
+
+def test_an_artifact_whose_plain_tensors_differ_fails_the_model_check_only(custom_model, invoke, json_doc):
+    """The whole model runs the artifact's own tensors, not only its collapsed layers: a changed head (no EP layer)
+    passes every layer check and fails the model."""
+    artifact = custom_model.dir / "custom.collapsed.safetensors"
+    tampered = custom_model.dir / "custom.tampered.safetensors"
+    assert invoke("collapse", custom_model.path).returncode == 0
+    _tamper_safetensors(artifact, tampered, "head.weight")
+
+    run = invoke("verify", custom_model.path, tampered, "--model", custom_model.factory, "--json")
+
+    assert run.returncode == 1, run.describe()
+    assert [(c["name"], c["passed"]) for c in json_doc(run.stdout)["comparisons"]] == [
+        ("body", True), ("<model>", False)
+    ]
