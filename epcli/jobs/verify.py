@@ -189,9 +189,12 @@ def collapse_in_place(
         )
     configs = {path: layer.config for path, layer in found.items()}
     owners = {path: id(layer) for path, layer in found.items()}  # a layer used at several paths stays one layer
+    # every place an EP layer sits, with repeats under one parent (which find_ep_layers lists once)
+    places = [(name, id(module)) for name, module in model.named_modules(remove_duplicate=False)
+              if id(module) in owners.values()]
     del found
-    for path in configs:  # the expanded parameters are not needed any more
-        model = _put(model, path, nn.Identity())
+    for name, _ in places:  # the expanded parameters are not needed any more
+        model = _put(model, name, nn.Identity())
     comparisons: list[Comparison] = []
     plain: dict[int, nn.Module] = {}
     for path in natural_order(configs):
@@ -206,7 +209,8 @@ def collapse_in_place(
             comparisons.extend([] if comparison is None else [comparison])
             plain.setdefault(owners[path], installed)
             del installed  # before the next layer is read
-        model = _put(model, path, plain[owners[path]])
+    for name, owner in places:
+        model = _put(model, name, plain[owner])
     if collapsed_state is not None:
         try:  # the given tensors as they are: collapsing the model again would be wasted work
             model.load_state_dict(collapsed_state, strict=True, assign=True)

@@ -491,3 +491,29 @@ def test_an_artifact_whose_plain_tensors_differ_fails_the_model_check_only(custo
     assert [(c["name"], c["passed"]) for c in json_doc(run.stdout)["comparisons"]] == [
         ("body", True), ("<model>", False)
     ]
+
+
+def test_a_layer_repeated_under_one_parent_is_replaced_everywhere():
+    """``Sequential(layer, ReLU, layer)``: find_ep_layers lists the layer once (at '0'), but the collapsed model has
+    the one plain layer at both places, and no EP layer (nor its expanded parameters) is left behind."""
+    import torch
+    from torch import nn
+
+    from epcli.convert import expanded_eval, layer_states
+    from epcli.inputs import InputSpec
+    from epcli.jobs.verify import collapse_in_place
+    from epcli.verify import VerifySettings
+
+    torch.manual_seed(0)
+    layer = epcli.EPLinear(5, 5, depth=3)
+    model = nn.Sequential(layer, nn.ReLU(), layer).eval()
+    states = layer_states(model.state_dict(), ["0"])
+    x = torch.randn(7, 5)
+    with torch.no_grad(), expanded_eval(model):
+        expanded = model(x)
+
+    collapsed, _, _ = collapse_in_place(model, [InputSpec((5,))], states.__getitem__, VerifySettings(dtype="float64"))
+
+    assert type(collapsed[0]) is nn.Linear and collapsed[2] is collapsed[0]
+    assert not any(isinstance(m, epcli.EPLinear) for m in collapsed.modules())
+    torch.testing.assert_close(collapsed(x.double()).float(), expanded, atol=1e-6, rtol=1e-6)
