@@ -33,7 +33,6 @@ collapse's in the same checkout.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import subprocess
 import sys
@@ -124,10 +123,12 @@ def build(directory: Path, layers: int, width: int, suffixes: tuple[str, ...]) -
     return {suffix: directory / f"big{suffix}" for suffix in suffixes}
 
 
-def run(command: list[str], accepted: str = "0") -> tuple[float, int]:
+def run(command: list[str], accepted: str = "0", cwd: Path | None = None) -> tuple[float, int]:
     """Wall seconds and peak RSS (bytes) of one fresh subprocess, forked from a small wrapper; ``accepted``: the
-    exit codes that count as a run (comma-separated)."""
-    done = subprocess.run([sys.executable, "-c", WRAPPER, accepted, *command], capture_output=True, text=True)
+    exit codes that count as a run (comma-separated); ``cwd``: where it runs."""
+    done = subprocess.run(
+        [sys.executable, "-c", WRAPPER, accepted, *command], capture_output=True, text=True, cwd=cwd
+    )
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed ({done.returncode}):\n{done.stderr}")
     elapsed, peak = done.stdout.split()
@@ -190,12 +191,17 @@ def measure_verify(directory: Path, layers: int, width: int, floor: int, before:
     }
     print(f"\nverify: input {size / 2**20:.0f} MiB ({layers} x EPLinear({width}, {width}, depth={DEPTH})); "
           f"floor {floor / 2**20:.0f} MiB")
-    checkouts = {"this epcli": os.environ.get("PYTHONPATH", "")} | ({f"epcli at {before}": str(before)} if before else {})
+    # run in the temp dir: ``python -m`` puts the working directory first on sys.path, ahead of PYTHONPATH, so run
+    # from a checkout it would import that checkout's epcli whatever PYTHONPATH says
+    here = Path(__file__).resolve().parent.parent
+    checkouts = {"this epcli": str(here)} | ({f"epcli at {before}": str(before.resolve())} if before else {})
     for label, pythonpath in checkouts.items():
         collapse_seconds = 0.0
         for name, args in commands.items():
             # exit code 1: a comparison failed (float32 at its default tolerances); the run is measured all the same
-            seconds, peak = run(["env", f"PYTHONPATH={pythonpath}", sys.executable, *args], accepted="0,1")
+            seconds, peak = run(
+                ["env", f"PYTHONPATH={pythonpath}", sys.executable, *args], accepted="0,1", cwd=directory
+            )
             collapse_seconds = collapse_seconds or seconds
             above = (peak - floor) / size
             met = "met" if above <= VERIFY_RSS_TARGET else "NOT met"
