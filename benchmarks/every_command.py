@@ -30,7 +30,7 @@ from pathlib import Path
 
 from _timing import machine_summary
 from inspect_and_save import SAVE
-from large_collapse import BARE, DEPTH, MULTI_LAYERS, MULTI_WIDTH, build, run
+from large_collapse import BARE, DEPTH, MULTI_LAYERS, MULTI_WIDTH, build, cache_bytecode, run
 
 TARGETS = {"inspect": 1.0, "verify": 1.0, "verify COLLAPSED": 1.0, "export --onnx": 1.0}
 
@@ -43,6 +43,8 @@ def main() -> None:
     print(machine_summary())
     with tempfile.TemporaryDirectory() as temp:
         directory = Path(temp)
+        cache_bytecode(directory)  # as an installed epcli runs (see large_collapse.py)
+        run([sys.executable, "-c", "import torch"])  # fills that cache
         source = build(directory, args.layers, args.width, (".safetensors",))[".safetensors"]
         size = source.stat().st_size
         collapsed, onnx = directory / "collapsed.safetensors", directory / "model.onnx"

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 
 from epcli.core.affine import Affine
+from epcli.core.finite import all_finite
 from epcli.errors import CheckpointError, ConfigError
 from epcli.layers.base import EPLayer
 from epcli.layers.config import EPConfig
@@ -136,7 +137,7 @@ def collapsed_tensors(affine: Affine, dtype: torch.dtype, *, where: str = "") ->
     weight = _fresh(affine.weight, dtype)
     bias = None if affine.bias is None else _fresh(affine.bias, dtype)
     for name, tensor, exact in (("weight", weight, affine.weight), ("bias", bias, affine.bias)):
-        if tensor is not None and exact is not None and not bool(torch.isfinite(tensor).all()):
+        if tensor is not None and exact is not None and not all_finite(tensor):
             largest = float(exact.abs().max())
             raise CheckpointError(
                 f"{where + ': ' if where else ''}the collapsed {name} overflows {dtype} (largest |value| {largest:.3g} in "

@@ -44,9 +44,10 @@ from epcli.formats.sharded import is_index, sharded_base
 from epcli.formats.source import TensorInfo
 from epcli.formats.writer import CheckpointWriter, output_files, stale_files
 from epcli.inputs import InputSpec
-from epcli.jobs.files import check_name, check_targets, file_sha256, make_parent
+from epcli.jobs.files import check_name, check_targets, file_sha256, make_parent, prefetch_sha256
 from epcli.jobs.summary import LayerSummary, natural_order, summarize_layer
 from epcli.jobs.verify import ProgressCallback, compare_layer, compare_model
+from epcli.layers.config import EPConfig
 from epcli.verify import VerifySettings
 
 __all__ = [
@@ -216,8 +217,7 @@ def collapse_file(
     opened, output, layout, shard_limit = plan.opened, plan.output, plan.layout, plan.max_shard_bytes
     skipped = _model_check_skipped(opened, model_check, model_factory)
     settings = replace(ERROR_SETTINGS, device=device)
-    hashes = {path.name: file_sha256(path) for path in opened.files}  # also brings the file into the page cache
-    first = opened.files[0].name  # the file itself, an index, a folder's model.safetensors, a DCP's .metadata
+    prefetch_sha256(opened.files)  # hashed while the layers are collapsed; waited for before the commit
     with CheckpointWriter(output, layout, max_shard_bytes=shard_limit, remove_stale=True, overwrite=force) as writer:
         layers, kept = _collapse_into(writer, opened, torch_device, settings, keep=skipped is None, progress=progress)
         model_error = None
@@ -227,9 +227,11 @@ def collapse_file(
             checkpoint = load_checkpoint(source, model_factory=model_factory, inputs=inputs, state_key=state_key)
             model_error = max(c.max_abs_error for c in compare_model(checkpoint, settings, collapsed_state=kept))
         layer_errors = {layer.summary.path: layer.max_abs_error for layer in layers}
+        hashes = {path.name: file_sha256(path) for path in opened.files}
         written = writer.commit(
             collapsed_metadata(opened, provenance(source, hashes, settings, layer_errors, model_error))
         )
+    first = opened.files[0].name  # the file itself, an index, a folder's model.safetensors, a DCP's .metadata
     return CollapseResult(
         source, written, writer.files, hashes[first], _in_natural_order(layers), model_error, skipped, opened.notes
     )
@@ -298,6 +300,7 @@ def _collapse_into(
     """Read, collapse, check and hand over one step at a time; ``keep`` also returns the collapsed state."""
     kept: dict[str, Tensor] = {}
     layers: list[LayerCollapse] = []
+    summaries: dict[tuple[EPConfig, tuple[int, ...]], LayerSummary] = {}
     total = len(opened.ep_layers) + keep
     for group in _read_groups(collapse_steps(opened.tensors, opened.ep_layers), opened.tensors):
         if group[0].layer is None:
@@ -306,7 +309,7 @@ def _collapse_into(
             path = group[0].layer
             if progress is not None:
                 progress(len(layers), total, f"collapsing layer {path}")
-            out, entry = _collapse_layer(opened, group[0], device, settings)
+            out, entry = _collapse_layer(opened, group[0], device, settings, summaries)
             layers.append(entry)
         for key, tensor in out.items():
             writer.add(key, tensor)
@@ -332,9 +335,16 @@ def _read_groups(steps: list[CollapseStep], infos: Mapping[str, TensorInfo]) -> 
 
 
 def _collapse_layer(
-    opened: CheckpointFile, step: CollapseStep, device: torch.device, settings: VerifySettings
+    opened: CheckpointFile,
+    step: CollapseStep,
+    device: torch.device,
+    settings: VerifySettings,
+    summaries: dict[tuple[EPConfig, tuple[int, ...]], LayerSummary],
 ) -> tuple[dict[str, Tensor], LayerCollapse]:
-    """One EP layer: read it, collapse it in float64, measure the written (cast) weights against its chain."""
+    """One EP layer: read it, collapse it in float64, measure the written (cast) weights against its chain.
+
+    ``summaries`` keeps the summary of each (config, input shape) seen: a model's layers often share one, and
+    counting its parameters builds the layer (on the meta device) each time."""
     path = step.layer or ""
     config = opened.ep_layers[path]
     prefix = layer_prefix(path)
@@ -351,5 +361,9 @@ def _collapse_layer(
     input_shape = opened.layer_input_shapes[path]
     comparison = compare_layer(path, layer, weight, bias, input_shape, settings)
     out = {weight_key: weight} if bias is None else {weight_key: weight, bias_key: bias}
-    summary = summarize_layer(path, config, input_shape)
+    known = summaries.get((config, input_shape))
+    if known is None:
+        summary = summaries[config, input_shape] = summarize_layer(path, config, input_shape)
+    else:
+        summary = replace(known, path=path, config=config)
     return out, LayerCollapse(summary, comparison.max_abs_error, comparison.max_rel_error)

@@ -9,16 +9,69 @@ overwritten, an existing file only with ``force``; missing parent directories ar
 from __future__ import annotations
 
 import hashlib
+import os
 import tempfile
+import threading
 from collections.abc import Iterable
+from concurrent.futures import Future
 from pathlib import Path
+from stat import S_ISREG
 
 from epcli.errors import UsageError
 
-__all__ = ["check_name", "check_output", "check_targets", "file_sha256", "make_parent"]
+__all__ = ["check_name", "check_output", "check_targets", "file_sha256", "make_parent", "prefetch_sha256"]
+
+_Identity = tuple[int, int, int, int, int]
+_prefetched: dict[Path, tuple[_Identity, Future[str]]] = {}
 
 
 def file_sha256(path: Path) -> str:
+    """The file's sha256; taken from :func:`prefetch_sha256` when that hashed this very file (unchanged since)."""
+    entry = _prefetched.pop(path.resolve(), None)
+    if entry is not None:
+        identity, digest = entry
+        if digest.exception() is None and _identity(path) == identity:  # waits for the thread
+            return digest.result()
+    return _sha256(path)  # again after a failure, which then raises where callers expect it
+
+
+def prefetch_sha256(paths: Iterable[Path]) -> None:
+    """Start hashing these regular files in a background thread; :func:`file_sha256` then waits for the result.
+
+    Reading and hashing release the GIL, so the hash costs next to nothing while the
+    caller imports torch or reads and collapses layers. The thread is a daemon: a run
+    that fails early exits without waiting for it. A file whose size, times or inode
+    differ by the time its hash is asked for is hashed again.
+    """
+    for path in paths:
+        key = path.resolve()
+        identity = _identity(path)
+        if identity is None or (key in _prefetched and _prefetched[key][0] == identity):
+            continue
+        digest: Future[str] = Future()
+        _prefetched[key] = (identity, digest)
+        threading.Thread(target=_hash_into, args=(path, digest), name="epcli-sha256", daemon=True).start()
+
+
+def _identity(path: Path) -> _Identity | None:
+    """What changes when a file is replaced or written to; None for anything but a regular file."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    if not S_ISREG(stat.st_mode):
+        return None
+    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns
+
+
+def _hash_into(path: Path, digest: Future[str]) -> None:
+    try:
+        digest.set_result(_sha256(path))
+    except OSError as e:
+        digest.set_exception(e)
+
+
+def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
