@@ -9,7 +9,8 @@ memory is about one layer. Large layers get approximate spectra, collapse includ
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,12 +80,17 @@ def inspect_file(
     steps = collapse_steps(opened.tensors, opened.ep_layers) if opened.kind == "expanded" else []
     owned = {step.layer: step.keys for step in steps if step.layer is not None}
     layers = []
-    for done, layer_path in enumerate(paths):
+    keys = {
+        layer_path: (collapsed_keys(layer_path)[0],) if opened.kind == "collapsed" else owned.get(layer_path, ())
+        for layer_path in paths
+    }
+    for done, (layer_path, stored) in enumerate(zip(paths, _read_ahead(opened, [keys[p] for p in paths]))):
         if progress is not None:
             progress(done, len(paths), f"collapsing and analysing layer {layer_path}")
         config = opened.ep_layers[layer_path]
         summary = summarize_layer(layer_path, config, opened.layer_input_shapes[layer_path])
-        weight = _collapsed_weight(opened, layer_path, config, owned.get(layer_path, ()), exact=exact or None)
+        weight = _collapsed_weight(opened, layer_path, config, stored, exact=exact or None)
+        del stored
         layers.append(LayerInspection(summary, spectrum(weight, exact=exact or None)))
         del weight
     result = InspectResult(
@@ -102,23 +108,38 @@ def inspect_file(
     return result
 
 
+def _read_ahead(opened: CheckpointFile, groups: Sequence[tuple[str, ...]]) -> Iterator[dict[str, Tensor]]:
+    """The tensors of each group of keys in turn, the next group read in a background thread while the caller
+    works on this one (file reads release the GIL), so reading hides behind the spectra; at most two groups are
+    held at once. Read errors are raised here, in order."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="epcli-read") as reader:
+        pending = [reader.submit(opened.read, group) for group in groups[:1]]
+        for index in range(len(groups)):
+            tensors = pending.pop().result()
+            if index + 1 < len(groups):
+                pending.append(reader.submit(opened.read, groups[index + 1]))
+            yield tensors
+            del tensors
+
+
 def _collapsed_weight(
-    opened: CheckpointFile, path: str, config: EPConfig, keys: tuple[str, ...], *, exact: bool | None
+    opened: CheckpointFile, path: str, config: EPConfig, stored: dict[str, Tensor], *, exact: bool | None
 ) -> Tensor:
-    """The layer's collapsed weight as it is (or would be) stored: read from a collapsed file, or read and
-    collapsed from an expanded one, whose ``keys`` are the layer's, then cast to the stored dtype. The collapse
-    runs in the working dtype of the layer's spectrum method: float64, or float32 for an approximate spectrum."""
+    """The layer's collapsed weight as it is (or would be) stored: ``stored`` holds its tensors as read, the
+    collapsed weight itself from a collapsed file, or the layer's own tensors from an expanded one, which are
+    collapsed and cast to the stored dtype. The collapse runs in the working dtype of the layer's spectrum
+    method: float64, or float32 for an approximate spectrum."""
     weight_key = collapsed_keys(path)[0]
     if opened.kind == "collapsed":
-        return opened.read([weight_key])[weight_key]
-    stored = collapsed_dtype(path, opened.tensors)
-    _, work = spectrum_method(expected_state(config, collapsed=True)["weight"].shape, stored, exact)
+        return stored.pop(weight_key)
+    dtype = collapsed_dtype(path, opened.tensors)
+    _, work = spectrum_method(expected_state(config, collapsed=True)["weight"].shape, dtype, exact)
     prefix = layer_prefix(path)
-    layer_state = {key[len(prefix) :]: tensor for key, tensor in opened.read(keys).items()}
+    layer_state = {key[len(prefix) :]: stored.pop(key) for key in list(stored)}
     layer = expanded_layer(config, layer_state, prefix=prefix)
     del layer_state
     where = f"{opened.path}: layer {path or '<model>'!r}"
-    weight, _ = collapsed_tensors(layer.collapse(dtype=work), stored, where=where)
+    weight, _ = collapsed_tensors(layer.collapse(dtype=work), dtype, where=where)
     return weight
 
 
