@@ -32,7 +32,8 @@ from _timing import machine_summary
 from inspect_and_save import SAVE
 from large_collapse import BARE, DEPTH, MULTI_LAYERS, MULTI_WIDTH, build, cache_bytecode, run
 
-TARGETS = {"inspect": 1.0, "verify": 1.0, "verify COLLAPSED": 1.0, "export --onnx": 1.0}
+MEMORY_TARGETS = {"verify": 1.0, "verify COLLAPSED": 1.0, "export --onnx": 1.0}  # x input, above the floor
+TIME_TARGETS = {"inspect": 1.0}  # x collapse's wall time
 
 
 def main() -> None:
@@ -72,10 +73,13 @@ def main() -> None:
         print("| command | wall | vs collapse | peak RSS | above the torch floor | target |")
         print("| --- | --- | --- | --- | --- | --- |")
         for name, (seconds, peak) in results.items():
-            above = (peak - floor) / size
-            target = TARGETS.get(name)
-            verdict = "" if target is None else f"<= {target}x: {'met' if above <= target else 'NOT met'}"
-            print(f"| `{name}` | {seconds:.1f} s | {seconds / collapse_seconds:.2f}x | {peak / 2**20:,.0f} MiB | "
+            above, ratio = (peak - floor) / size, seconds / collapse_seconds
+            verdict = ""
+            if name in MEMORY_TARGETS:
+                verdict = f"memory <= {MEMORY_TARGETS[name]}x: {'met' if above <= MEMORY_TARGETS[name] else 'NOT met'}"
+            if name in TIME_TARGETS:
+                verdict = f"time <= {TIME_TARGETS[name]}x collapse: {'met' if ratio <= TIME_TARGETS[name] else 'NOT met'}"
+            print(f"| `{name}` | {seconds:.1f} s | {ratio:.2f}x | {peak / 2**20:,.0f} MiB | "
                   f"{max(0, peak - floor) / 2**20:,.0f} MiB = {above:.2f}x | {verdict} |")
         report = directory / "save.json"
         seconds, peak = run([sys.executable, str(directory / "save.py"), str(args.layers), str(args.width),
@@ -84,7 +88,7 @@ def main() -> None:
         model = saved["model_bytes"]
         print(f"| `save_checkpoint` (.safetensors) | {seconds:.1f} s (model built in the same process) | | "
               f"{peak / 2**20:,.0f} MiB | {(peak - saved['before']) / 2**20:,.0f} MiB above the RSS before the call = "
-              f"{(peak - saved['before']) / model:.2f}x the model | <= 0.5x: "
+              f"{(peak - saved['before']) / model:.2f}x the model | memory <= 0.5x: "
               f"{'met' if peak - saved['before'] <= 0.5 * model else 'NOT met'} |")
 
 

@@ -15,7 +15,7 @@ and .pt) in a temp dir, then runs, interleaved (A B, B A, ...) in fresh subproce
 Peak RSS of each subprocess comes from ``os.wait4`` in a tiny wrapper process (Linux keeps
 the pre-exec RSS of a forked parent in the child's ``ru_maxrss``, so the measured process must
 be forked from a small one, and this script never imports torch itself); the floor is
-``python -c "import torch"``. Targets: B/A wall time <= 1.5, peak RSS <= 0.5 x input size.
+``python -c "import torch"``. Targets: B/A wall time <= 1.3 (issue 12; it was 1.5), peak RSS <= 0.5 x input size.
 ``import torch`` alone takes about 0.85 x of this input, so the memory target is read as
 "peak RSS above the import-torch floor <= 0.5 x input" (both are printed).
 Run from the repository root: ``python benchmarks/large_collapse.py`` (about 2-3 minutes; ``--rounds N``
@@ -52,7 +52,7 @@ from _timing import machine_summary
 LAYERS, WIDTH, DEPTH = 16, 1024, 4
 MULTI_LAYERS, MULTI_WIDTH = 64, 2048
 ROUNDS = 3
-TIME_TARGET, RSS_TARGET = 1.5, 0.5
+TIME_TARGET, RSS_TARGET = 1.3, 0.5
 
 BARE = textwrap.dedent(
     """
