@@ -17,7 +17,7 @@ inspect no slower than collapse, collapse within 1.3x of the bare script (that o
 ``large_collapse.py``), save at most 0.5x the model.
 
 Run from the repository root: ``python benchmarks/every_command.py`` (4 GiB: about 15 minutes on 2 cores and
-a peak of about 2x the input for verify; ``--layers 16`` for a 1 GiB rehearsal).
+a peak of about 1.0x the input above the floor for verify; ``--layers 16`` for a 1 GiB rehearsal).
 """
 
 from __future__ import annotations

@@ -50,7 +50,7 @@ def inspect_command(
             "--exact",
             help="Exact (float64 SVD) spectra for every layer; by default layers whose smaller side is over "
             "512 get them from the Gram matrix, collapse included, in float32 (float64 for float64 weights; "
-            "marked ~): no slower than collapse, accurate to about 1e-4 of the largest singular value.",
+            "marked ~): no slower than collapse, accurate to about 3e-4 of the largest singular value at worst.",
         ),
     ] = False,
     force: ForceOption = False,
