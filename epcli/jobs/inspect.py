@@ -80,11 +80,8 @@ def inspect_file(
     steps = collapse_steps(opened.tensors, opened.ep_layers) if opened.kind == "expanded" else []
     owned = {step.layer: step.keys for step in steps if step.layer is not None}
     layers = []
-    keys = {
-        layer_path: (collapsed_keys(layer_path)[0],) if opened.kind == "collapsed" else owned.get(layer_path, ())
-        for layer_path in paths
-    }
-    for done, (layer_path, stored) in enumerate(zip(paths, _read_ahead(opened, [keys[p] for p in paths]))):
+    keys = [(collapsed_keys(p)[0],) if opened.kind == "collapsed" else owned.get(p, ()) for p in paths]
+    for done, (layer_path, stored) in enumerate(zip(paths, _read_ahead(opened, keys))):
         if progress is not None:
             progress(done, len(paths), f"collapsing and analysing layer {layer_path}")
         config = opened.ep_layers[layer_path]

@@ -89,7 +89,12 @@ def spectrum_method(shape: Sequence[int], dtype: torch.dtype, exact: bool | None
     rows, cols = shape[0], math.prod(shape[1:])
     if exact or (exact is None and min(rows, cols) <= EXACT_SPECTRUM_MAX_SIDE):
         return "svd", torch.float64
-    return "gram", torch.float64 if dtype == torch.float64 else torch.float32
+    return "gram", _precision(dtype)
+
+
+def _precision(dtype: torch.dtype) -> torch.dtype:
+    """The precision a stored weight is analysed at: float64 for a float64 weight, float32 for any narrower one."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @dataclass(frozen=True)
@@ -127,7 +132,7 @@ def spectrum(weight: Tensor, *, exact: bool | None = None) -> Spectrum:
     method, work = spectrum_method(weight.shape, weight.dtype, exact)
     matrix = weight.detach().to(work).reshape(weight.shape[0], -1)  # [out, in(*K*K)]
     rows, cols = matrix.shape
-    threshold = max(rows, cols) * torch.finfo(torch.float64 if weight.dtype == torch.float64 else torch.float32).eps
+    threshold = max(rows, cols) * torch.finfo(_precision(weight.dtype)).eps
     if method == "svd":
         values = torch.linalg.svdvals(matrix)
     else:
