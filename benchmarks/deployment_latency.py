@@ -52,8 +52,8 @@ from torch import nn
 
 from epcli import EPConv2d, EPLinear, collapse_model, overparameterize
 from epcli.convert import expanded_eval
-from epcli.formats.onnx_export import INPUT_NAME, export_onnx_bytes
 from epcli.layers import EPLayer
+from epcli.onnx.export import INPUT_NAME, export_onnx_bytes
 
 THREADS = 2
 ROUNDS = 40

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from epcli._version import __version__
 from epcli.errors import (
     CheckpointError,
     ConfigError,
@@ -22,6 +23,13 @@ from epcli.errors import (
 )
 
 if TYPE_CHECKING:  # explicit re-exports for type checkers; at run time __getattr__ imports them
+    from epcli.checkpoint.checkpoint import Checkpoint as Checkpoint
+    from epcli.checkpoint.checkpoint import CheckpointFile as CheckpointFile
+    from epcli.checkpoint.checkpoint import load_checkpoint as load_checkpoint
+    from epcli.checkpoint.checkpoint import open_checkpoint as open_checkpoint
+    from epcli.checkpoint.checkpoint import save_checkpoint as save_checkpoint
+    from epcli.checkpoint.checkpoint import save_collapsed_checkpoint as save_collapsed_checkpoint
+    from epcli.checkpoint.inputs import InputSpec as InputSpec
     from epcli.convert import ConversionPlan as ConversionPlan
     from epcli.convert import collapse_layer as collapse_layer
     from epcli.convert import collapse_model as collapse_model
@@ -29,13 +37,6 @@ if TYPE_CHECKING:  # explicit re-exports for type checkers; at run time __getatt
     from epcli.convert import overparameterize as overparameterize
     from epcli.convert import plan_overparameterize as plan_overparameterize
     from epcli.convert import unwrap_model as unwrap_model
-    from epcli.formats.checkpoint import Checkpoint as Checkpoint
-    from epcli.formats.checkpoint import CheckpointFile as CheckpointFile
-    from epcli.formats.checkpoint import load_checkpoint as load_checkpoint
-    from epcli.formats.checkpoint import open_checkpoint as open_checkpoint
-    from epcli.formats.checkpoint import save_checkpoint as save_checkpoint
-    from epcli.formats.checkpoint import save_collapsed_checkpoint as save_collapsed_checkpoint
-    from epcli.inputs import InputSpec as InputSpec
     from epcli.layers import EPConfig as EPConfig
     from epcli.layers import EPConv as EPConv
     from epcli.layers import EPConv1d as EPConv1d
@@ -48,8 +49,6 @@ if TYPE_CHECKING:  # explicit re-exports for type checkers; at run time __getatt
     from epcli.layers import EPLayer as EPLayer
     from epcli.layers import EPLinear as EPLinear
     from epcli.layers import EPLinearConfig as EPLinearConfig
-
-__version__ = "0.1.0"
 
 _LAZY = {
     "EPConfig": "epcli.layers",
@@ -71,13 +70,13 @@ _LAZY = {
     "plan_overparameterize": "epcli.convert",
     "ConversionPlan": "epcli.convert",
     "unwrap_model": "epcli.convert",
-    "Checkpoint": "epcli.formats.checkpoint",
-    "CheckpointFile": "epcli.formats.checkpoint",
-    "load_checkpoint": "epcli.formats.checkpoint",
-    "open_checkpoint": "epcli.formats.checkpoint",
-    "save_checkpoint": "epcli.formats.checkpoint",
-    "save_collapsed_checkpoint": "epcli.formats.checkpoint",
-    "InputSpec": "epcli.inputs",
+    "Checkpoint": "epcli.checkpoint.checkpoint",
+    "CheckpointFile": "epcli.checkpoint.checkpoint",
+    "load_checkpoint": "epcli.checkpoint.checkpoint",
+    "open_checkpoint": "epcli.checkpoint.checkpoint",
+    "save_checkpoint": "epcli.checkpoint.checkpoint",
+    "save_collapsed_checkpoint": "epcli.checkpoint.checkpoint",
+    "InputSpec": "epcli.checkpoint.inputs",
 }
 
 __all__ = [

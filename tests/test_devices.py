@@ -10,7 +10,7 @@ import epcli
 from epcli.cli.app import app
 from epcli.devices import resolve_device
 from epcli.errors import UsageError
-from epcli.verify import VerifySettings
+from epcli.verification.compare import VerifySettings
 
 NO_CUDA = not torch.cuda.is_available()
 

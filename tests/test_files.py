@@ -1,4 +1,4 @@
-"""File hashes of epcli.jobs.files: a hash started early in a background thread is the file's, and is used only
+"""File hashes of epcli.storage.paths: a hash started early in a background thread is the file's, and is used only
 while the file is unchanged."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from epcli.jobs import files
+from epcli.storage import paths as files
 
 
 def _sha256(path: Path) -> str:

@@ -1,4 +1,4 @@
-"""Input specs (epcli.inputs): parsing, validation, seeded inputs, output leaves; files with several inputs and
+"""Input specs (epcli.checkpoint.inputs): parsing, validation, seeded inputs, output leaves; files with several inputs and
 tuple / dict / dataclass outputs round-trip and verify leaf by leaf."""
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from safetensors import safe_open
 from torch import Tensor, nn
 
 from epcli import CheckpointError, ConfigError, EpcliError, EPLinear, InputSpec, load_checkpoint, save_checkpoint
+from epcli.checkpoint.inputs import parse_input, random_inputs, tensor_leaves
 from epcli.convert import collapse_state_dict
-from epcli.inputs import parse_input, random_inputs, tensor_leaves
 from epcli.jobs.verify import verify_checkpoint
-from epcli.verify import VerifySettings, random_batches
+from epcli.verification.compare import VerifySettings, random_batches
 
 
 @pytest.mark.parametrize(
@@ -183,7 +183,7 @@ def test_bad_inputs_in_a_file_are_refused(two_heads: nn.Module, tmp_path: Path, 
 def test_samples_that_do_not_fit_the_specs_are_named(tmp_path: Path, tensors: dict[str, Tensor], match: str):
     from safetensors.torch import save_file
 
-    from epcli.jobs.samples import read_samples
+    from epcli.verification.samples import read_samples
 
     path = tmp_path / "samples.safetensors"
     save_file(tensors, str(path))
@@ -194,7 +194,7 @@ def test_samples_that_do_not_fit_the_specs_are_named(tmp_path: Path, tensors: di
 def test_samples_from_npz_and_pt_are_read_in_order(tmp_path: Path):
     import numpy as np
 
-    from epcli.jobs.samples import read_samples
+    from epcli.verification.samples import read_samples
 
     ids, x = torch.randint(0, 11, (3, 5)), torch.randn(3, 4)
     np.savez(tmp_path / "s.npz", ids.numpy(), x.numpy())  # arr_0, arr_1

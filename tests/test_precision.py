@@ -19,7 +19,7 @@ from torch import nn
 from epcli import collapse_model, load_checkpoint, overparameterize, save_checkpoint
 from epcli.jobs.collapse import collapse_file
 from epcli.jobs.verify import verify_checkpoint, verify_files
-from epcli.verify import DEFAULT_TOLERANCES, STORAGE_TOLERANCES, Tolerance, VerifySettings
+from epcli.verification.compare import DEFAULT_TOLERANCES, STORAGE_TOLERANCES, Tolerance, VerifySettings
 
 
 def test_model_dtype_loosens_only_the_defaults():

@@ -93,7 +93,7 @@ app.command("inspect", cls=_Command, no_args_is_help=True)(inspect.inspect_comma
 
 def _print_version(value: bool) -> None:
     if value:
-        from epcli import __version__
+        from epcli._version import __version__
 
         typer.echo(__version__)
         raise typer.Exit(0)

@@ -90,7 +90,7 @@ def collapse_command(
     Reads .pt, .safetensors and sharded safetensors (give the .safetensors.index.json); with --model and
     --input-shape/--input also checkpoints epcli did not write (README: "Checkpoints epcli did not write").
     """
-    from epcli.jobs.files import prefetch_sha256
+    from epcli.storage.paths import prefetch_sha256
 
     prefetch_sha256((checkpoint,))  # the source is hashed while torch is imported (a directory is hashed later)
     from epcli.jobs.collapse import collapse_file

@@ -84,9 +84,9 @@ def export_command(
     `epcli verify`) before it is written; on a mismatch nothing is written and the exit code is 1. A model
     over 2 GiB is written as OUT.onnx plus OUT.onnx.data (keep them together). The ONNX metadata records the
     source's sha256, the epcli version and the errors measured."""
-    from epcli.formats.onnx_export import EXTERNAL_DATA_THRESHOLD
     from epcli.jobs.export import export_file
-    from epcli.verify import VerifySettings
+    from epcli.onnx.export import EXTERNAL_DATA_THRESHOLD
+    from epcli.verification.compare import VerifySettings
 
     settings = VerifySettings(samples=samples, seed=seed, dtype="float32", atol=atol, rtol=rtol)
     with render.progress() as progress:

@@ -14,7 +14,7 @@ import typer
 from epcli.errors import UsageError
 
 if TYPE_CHECKING:
-    from epcli.inputs import InputSpec
+    from epcli.checkpoint.inputs import InputSpec
 
 __all__ = [
     "parse_size",
@@ -215,7 +215,7 @@ class Dtype(str, Enum):
 
 def parse_inputs(input_shape: str | None, inputs: list[str] | None) -> list[InputSpec] | None:
     """The input specs given by --input-shape or --input (not both); None when neither was given."""
-    from epcli.inputs import parse_input
+    from epcli.checkpoint.inputs import parse_input
 
     if input_shape is not None and inputs:
         raise UsageError("give the model's input either with --input-shape (one float input) or with --input, not both")

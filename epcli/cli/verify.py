@@ -30,11 +30,11 @@ from epcli.cli.options import (
 )
 
 if TYPE_CHECKING:
-    from epcli.verify import VerifyReport
+    from epcli.verification.compare import VerifyReport
 
 __all__ = ["verify_command", "report_payload", "render_report"]
 
-# Defaults are repeated here (not imported) so --help needs no torch; tests pin them to epcli.verify.
+# Defaults are repeated here (not imported) so --help needs no torch; tests pin them to epcli.verification.compare.
 HELP = """Compare the expanded model with its collapsed form on seeded random inputs.
 
 ARTIFACT is a collapsed .safetensors/.pt (from epcli collapse) or an .onnx file (run in
@@ -98,7 +98,7 @@ def verify_command(
     quiet: QuietOption = False,
 ) -> None:
     from epcli.jobs.verify import verify_files
-    from epcli.verify import VerifySettings
+    from epcli.verification.compare import VerifySettings
 
     settings = VerifySettings(
         samples=samples, batch_size=batch_size, seed=seed, dtype=dtype.value, atol=atol, rtol=rtol, device=device

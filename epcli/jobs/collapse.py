@@ -21,7 +21,15 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from epcli import __version__
+from epcli._version import __version__
+from epcli.checkpoint.checkpoint import (
+    CheckpointFile,
+    collapsed_layout,
+    collapsed_metadata,
+    load_checkpoint,
+    open_checkpoint,
+)
+from epcli.checkpoint.inputs import InputSpec
 from epcli.convert import (
     CollapseStep,
     collapse_steps,
@@ -33,22 +41,14 @@ from epcli.convert import (
 )
 from epcli.devices import resolve_device
 from epcli.errors import UsageError
-from epcli.formats.checkpoint import (
-    CheckpointFile,
-    collapsed_layout,
-    collapsed_metadata,
-    load_checkpoint,
-    open_checkpoint,
-)
-from epcli.formats.sharded import is_index, sharded_base
-from epcli.formats.source import TensorInfo
-from epcli.formats.writer import CheckpointWriter, output_files, stale_files
-from epcli.inputs import InputSpec
-from epcli.jobs.files import check_name, check_targets, file_sha256, make_parent, prefetch_sha256
-from epcli.jobs.summary import LayerSummary, natural_order, summarize_layer
 from epcli.jobs.verify import ProgressCallback, compare_layer, compare_model
 from epcli.layers.config import EPConfig
-from epcli.verify import VerifySettings
+from epcli.layers.summary import LayerSummary, natural_order, summarize_layer
+from epcli.storage.paths import check_name, check_targets, file_sha256, make_parent, prefetch_sha256
+from epcli.storage.sharded import is_index, sharded_base
+from epcli.storage.source import TensorInfo
+from epcli.storage.writer import CheckpointWriter, output_files, stale_files
+from epcli.verification.compare import VerifySettings
 
 __all__ = [
     "DEFAULT_MAX_SHARD_BYTES",

@@ -25,12 +25,13 @@ from pathlib import Path
 
 import torch
 
+from epcli.checkpoint.checkpoint import CheckpointFile, collapsed_layout, open_checkpoint, read_model
+from epcli.checkpoint.inputs import InputSpec
 from epcli.convert import collapsed_dtype
 from epcli.errors import UsageError
-from epcli.formats.atomic import StagedFiles
-from epcli.formats.checkpoint import CheckpointFile, collapsed_layout, open_checkpoint, read_model
-from epcli.formats.mapped_pages import trim_heap
-from epcli.formats.onnx_export import (
+from epcli.jobs.collapse import CollapseResult, collapse_file, plan_output, provenance
+from epcli.jobs.verify import ONNX_LABEL, ProgressCallback, collapse_in_place, expanded_outputs, layer_reader
+from epcli.onnx.export import (
     DEFAULT_OPSET,
     EXTERNAL_DATA_THRESHOLD,
     OnnxSession,
@@ -44,12 +45,11 @@ from epcli.formats.onnx_export import (
     set_onnx_metadata,
     write_onnx,
 )
-from epcli.formats.sharded import is_index, sharded_base
-from epcli.inputs import InputSpec
-from epcli.jobs.collapse import CollapseResult, collapse_file, plan_output, provenance
-from epcli.jobs.files import check_name, check_targets, file_sha256, make_parent
-from epcli.jobs.verify import ONNX_LABEL, ProgressCallback, collapse_in_place, expanded_outputs, layer_reader
-from epcli.verify import Comparison, VerifyReport, VerifySettings
+from epcli.storage.atomic import StagedFiles
+from epcli.storage.mapped_pages import trim_heap
+from epcli.storage.paths import check_name, check_targets, file_sha256, make_parent
+from epcli.storage.sharded import is_index, sharded_base
+from epcli.verification.compare import Comparison, VerifyReport, VerifySettings
 
 __all__ = ["ExportResult", "OnnxExportResult", "export_file"]
 

@@ -3,7 +3,7 @@
 Streams like ``epcli collapse``: the file is opened without reading its tensors, then each
 EP layer is read, collapsed in float64 and analysed before the next one is read, so peak
 memory is about one layer. Large layers get approximate spectra, collapse included in float32
-(see :func:`epcli.jobs.summary.spectrum_method`), unless ``exact`` is asked for.
+(see :func:`epcli.core.spectrum.spectrum_method`), unless ``exact`` is asked for.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from typing import Any
 
 from torch import Tensor
 
+from epcli.checkpoint.checkpoint import CheckpointFile, open_checkpoint
+from epcli.checkpoint.inputs import InputSpec
 from epcli.convert import (
     collapse_steps,
     collapsed_dtype,
@@ -25,15 +27,14 @@ from epcli.convert import (
     expanded_layer,
     layer_prefix,
 )
+from epcli.core.spectrum import Spectrum, spectrum, spectrum_method
 from epcli.errors import UsageError
-from epcli.formats.atomic import atomic_write
-from epcli.formats.checkpoint import CheckpointFile, open_checkpoint
-from epcli.inputs import InputSpec
-from epcli.jobs.files import check_output
-from epcli.jobs.summary import LayerSummary, Spectrum, natural_order, spectrum, spectrum_method, summarize_layer
 from epcli.jobs.verify import ProgressCallback
 from epcli.layers import EPConfig
 from epcli.layers.registry import expected_state
+from epcli.layers.summary import LayerSummary, natural_order, summarize_layer
+from epcli.storage.atomic import atomic_write
+from epcli.storage.paths import check_output
 
 __all__ = ["LayerInspection", "InspectResult", "inspect_file"]
 

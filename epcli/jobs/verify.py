@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from epcli.checkpoint.checkpoint import Checkpoint, CheckpointFile, open_checkpoint, read_model
+from epcli.checkpoint.inputs import InputSpec, describe_inputs, random_inputs, tensor_leaves
 from epcli.convert import (
     collapsed_keys,
     expanded_eval,
@@ -19,16 +21,14 @@ from epcli.convert import (
     layer_states,
 )
 from epcli.errors import CheckpointError, ShapeMismatchError, UsageError
-from epcli.formats.checkpoint import Checkpoint, CheckpointFile, open_checkpoint, read_model
-from epcli.formats.onnx_export import OnnxSession
-from epcli.inputs import InputSpec, describe_inputs, random_inputs, tensor_leaves
-from epcli.jobs.files import file_sha256
-from epcli.jobs.samples import read_samples, sample_batches
-from epcli.jobs.summary import natural_order
 from epcli.layers.base import EPLayer
 from epcli.layers.config import EPConfig
 from epcli.layers.registry import collapsed_has_bias, find_ep_layers, plain_layer
-from epcli.verify import SUPPORTED_DTYPES, Comparison, VerifyReport, VerifySettings, compare, compare_outputs
+from epcli.layers.summary import natural_order
+from epcli.onnx.export import OnnxSession
+from epcli.storage.paths import file_sha256
+from epcli.verification.compare import SUPPORTED_DTYPES, Comparison, VerifyReport, VerifySettings, compare, compare_outputs
+from epcli.verification.samples import read_samples, sample_batches
 
 __all__ = [
     "DEFAULT_ONNX_TIMEOUT",
@@ -135,7 +135,8 @@ def expanded_outputs(
     batches: Sequence[tuple[Tensor, ...]] | None = None,
 ) -> ExpandedOutputs:
     """``model`` (one nobody else holds: cast in place, left in eval mode) run expanded on ``batches`` (the
-    user's samples), or on seeded batches drawn from ``specs`` as :func:`~epcli.verify.compare_outputs` draws them."""
+    user's samples), or on seeded batches drawn from ``specs`` as
+    :func:`~epcli.verification.compare.compare_outputs` draws them."""
     model.to(device=settings.torch_device, dtype=settings.torch_dtype).eval()
     if batches is not None:
         drawn = [_moved(batch, settings) for batch in batches]
@@ -412,7 +413,7 @@ def verify_files(
 
     An ONNX artifact is checked against the checkpoint's input (rank, static sizes) before
     it runs, and each of its runs is bounded by ``timeout`` seconds. ``samples_path`` is
-    a file of the user's own inputs (:func:`~epcli.jobs.samples.read_samples`), on which the
+    a file of the user's own inputs (:func:`~epcli.verification.samples.read_samples`), on which the
     whole model is compared instead of random ones. ``model_factory``, ``inputs`` and
     ``state_key`` are as in :func:`~epcli.load_checkpoint`.
 

@@ -227,7 +227,7 @@ def test_custom_model_needs_a_factory_to_export(custom_model, invoke, flat, json
 def test_a_failure_while_writing_safetensors_leaves_no_onnx_either(samples, tmp_path, monkeypatch, failure):
     """Both outputs or neither: the validated ONNX is staged until the collapsed safetensors is written."""
     import epcli.jobs.export as export_job
-    from epcli.verify import VerifySettings
+    from epcli.verification.compare import VerifySettings
 
     def broken(*args, **kwargs):
         raise failure("stopped while writing the safetensors output")
@@ -248,7 +248,7 @@ def test_onnx_of_a_bfloat16_checkpoint_holds_its_layers_as_collapse_stores_them(
 
     from epcli.convert import collapse_model
     from epcli.jobs.export import export_file
-    from epcli.verify import VerifySettings
+    from epcli.verification.compare import VerifySettings
 
     torch.manual_seed(0)
     model = nn.Sequential(epcli.EPLinear(8, 6, depth=3), nn.ReLU(), nn.Linear(6, 2)).to(torch.bfloat16).eval()

@@ -184,7 +184,7 @@ def test_float64_gram_spectrum_is_close_and_its_rank_ignores_its_rounding_noise(
     """A float64 weight's Gram matrix resolves singular values down to ~1e-8 * s_max; the SVD to ~n * eps * s_max:
     a value of 1e-10 * s_max counts for the exact rank only (the zeros' eigenvalues are rounding noise of either
     sign, and the Gram rank threshold follows it)."""
-    from epcli.jobs.summary import spectrum
+    from epcli.core.spectrum import spectrum
 
     values = [10.0, 7.0, 3.0, 1.0, 0.5, 1e-3, 1e-10]
     weight = _known_spectrum(*shape, values)
@@ -211,7 +211,7 @@ def test_float32_gram_spectrum_is_close_and_its_rank_is_the_stored_weights(shape
     values come out of the float32 Gram matrix as noise far above that threshold."""
     import torch
 
-    from epcli.jobs.summary import spectrum
+    from epcli.core.spectrum import spectrum
 
     values = [10.0, 7.0, 3.0, 1.0, 0.5, 0.1, 0.03]  # a clear gap to zero: every method counts the same rank
     weight = _known_spectrum(*shape, values).to(torch.float32)
@@ -229,13 +229,13 @@ def test_float32_gram_spectrum_is_close_and_its_rank_is_the_stored_weights(shape
 def test_spectrum_method_follows_size_unless_exact_is_asked_for(monkeypatch):
     import torch
 
-    from epcli.jobs import summary
+    from epcli.core import spectrum as spectra
 
     weight = torch.randn(3, 5, 2, generator=torch.Generator().manual_seed(1))  # a conv weight: [out, in * k]
-    assert summary.spectrum(weight).method == "svd"
-    monkeypatch.setattr(summary, "EXACT_SPECTRUM_MAX_SIDE", 2)
-    assert summary.spectrum(weight).method == "gram"
-    assert summary.spectrum(weight, exact=True).method == "svd"
+    assert spectra.spectrum(weight).method == "svd"
+    monkeypatch.setattr(spectra, "EXACT_SPECTRUM_MAX_SIDE", 2)
+    assert spectra.spectrum(weight).method == "gram"
+    assert spectra.spectrum(weight, exact=True).method == "svd"
 
 
 def test_a_large_low_rank_layer_gets_its_rank_and_effective_rank_from_the_float32_gram(tmp_path, invoke, json_doc):
@@ -266,9 +266,9 @@ def test_a_large_low_rank_layer_gets_its_rank_and_effective_rank_from_the_float3
 def test_approximate_ranks_are_marked_in_the_table_and_json(artifacts, invoke, json_doc, flat, monkeypatch):
     """Layers over the exact-spectrum size (lowered here so the samples' layers are over it) are marked ``~``
     and say so in the JSON; ``--exact`` gives exact spectra for them."""
-    from epcli.jobs import summary
+    from epcli.core import spectrum as spectra
 
-    monkeypatch.setattr(summary, "EXACT_SPECTRUM_MAX_SIDE", 1)
+    monkeypatch.setattr(spectra, "EXACT_SPECTRUM_MAX_SIDE", 1)
     path = artifacts.sources["digits_cnn"]
 
     approximate, exact = invoke("inspect", path, "--json"), invoke("inspect", path, "--json", "--exact")
@@ -289,8 +289,8 @@ def test_approximate_ranks_are_marked_in_the_table_and_json(artifacts, invoke, j
 @pytest.mark.parametrize("which", ["digits_mlp", "digits_cnn.collapsed"])
 def test_inspect_reads_one_ep_layer_at_a_time(which, artifacts, monkeypatch):
     """Streaming: every read holds the tensors of at most one EP layer, and tensors of no other module."""
+    from epcli.checkpoint.checkpoint import CheckpointFile
     from epcli.convert import layer_states
-    from epcli.formats.checkpoint import CheckpointFile
     from epcli.jobs.inspect import inspect_file
 
     stem = which.split(".")[0]

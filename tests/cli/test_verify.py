@@ -13,7 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import epcli
-from epcli.verify import DEFAULT_TOLERANCES
+from epcli.verification.compare import DEFAULT_TOLERANCES
 
 REQUIRED_TOP_KEYS = {"schema_version", "command", "passed", "comparisons"}
 REQUIRED_COMPARISON_KEYS = {
@@ -349,7 +349,7 @@ def test_compare_model_leaves_the_callers_model_as_it_was(artifacts):
     import torch
 
     from epcli.jobs.verify import compare_model
-    from epcli.verify import VerifySettings
+    from epcli.verification.compare import VerifySettings
 
     checkpoint = epcli.load_checkpoint(artifacts.sources["digits_mlp"])
     before = {key: value.clone() for key, value in checkpoint.model.state_dict().items()}
@@ -394,8 +394,8 @@ def _reference_model_error(checkpoint, dtype, batches=None, samples=64, batch_si
     from the checkpoint's specs, or ``batches``)."""
     import torch
 
+    from epcli.checkpoint.inputs import random_inputs
     from epcli.convert import collapse_model, expanded_eval
-    from epcli.inputs import random_inputs
 
     model = checkpoint.model.to(getattr(torch, dtype))
     collapsed = collapse_model(model)
@@ -461,7 +461,7 @@ def test_a_layer_at_two_paths_from_a_factory(tmp_path, monkeypatch, invoke, json
 def test_user_samples_are_what_the_model_is_compared_on(custom_model, tmp_path, invoke, json_doc):
     import torch
 
-    from epcli.jobs.samples import read_samples, sample_batches
+    from epcli.verification.samples import read_samples, sample_batches
 
     path = tmp_path / "samples.safetensors"
     save_file({"x": torch.randn(10, 6, generator=torch.Generator().manual_seed(5))}, str(path))
@@ -499,10 +499,10 @@ def test_a_layer_repeated_under_one_parent_is_replaced_everywhere():
     import torch
     from torch import nn
 
+    from epcli.checkpoint.inputs import InputSpec
     from epcli.convert import expanded_eval, layer_states
-    from epcli.inputs import InputSpec
     from epcli.jobs.verify import collapse_in_place
-    from epcli.verify import VerifySettings
+    from epcli.verification.compare import VerifySettings
 
     torch.manual_seed(0)
     layer = epcli.EPLinear(5, 5, depth=3)

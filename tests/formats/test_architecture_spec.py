@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from epcli import CheckpointError, ConfigError, EPConv1d, EPConv2d, EPConv3d, EPLinear, InputSpec
-from epcli.formats.architecture import (
+from epcli.checkpoint.architecture import (
     SUPPORTED_TYPES,
     build_architecture,
     check_forward,
@@ -18,7 +18,7 @@ from epcli.formats.architecture import (
     describe_architecture,
     ep_nodes,
 )
-from epcli.formats.limits import MAX_NESTING
+from epcli.limits import MAX_NESTING
 
 
 def _every_type() -> nn.Module:

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from epcli.errors import CheckpointError, UnsafeCheckpointError
-from epcli.formats.dcp import DCP_METADATA, read_dcp_listing, read_dcp_tensors
+from epcli.storage.dcp import DCP_METADATA, read_dcp_listing, read_dcp_tensors
 
 
 @pytest.fixture()
@@ -50,7 +50,7 @@ def test_a_metadata_pickle_that_would_run_code_is_refused(dcp_dir: Path):
 
 
 def test_a_data_file_outside_the_directory_is_refused(dcp_dir: Path):
-    from epcli.formats.dcp import _read_metadata
+    from epcli.storage.dcp import _read_metadata
 
     metadata = _read_metadata(dcp_dir)
     for info in metadata.storage_data.values():

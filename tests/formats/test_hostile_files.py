@@ -24,9 +24,10 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 import epcli
-from epcli import CheckpointError, ConfigError, EpcliError
-from epcli.formats import architecture, limits, safetensors_io
+from epcli import CheckpointError, ConfigError, EpcliError, limits
+from epcli.checkpoint import architecture
 from epcli.jobs.collapse import collapse_file
+from epcli.storage import safetensors_io
 
 ESC = "\x1b[2J\x1b]0;owned\x07"
 
@@ -322,7 +323,7 @@ def test_float8_weights_are_checked_for_finiteness(tmp_path: Path, make_model, r
 _CHILD = r"""
 import json, resource, sys, time
 import epcli
-import epcli.formats.checkpoint  # imports torch: not part of any case's time
+import epcli.checkpoint.checkpoint  # imports torch: not part of any case's time
 for path in sys.argv[1:]:
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
@@ -388,7 +389,7 @@ def test_former_blow_ups_fail_fast_in_bounded_memory(tmp_path: Path, make_model,
 
 def test_the_pickle_scan_is_bounded_without_the_child(tmp_path: Path):
     """Tuple keys and big nested tuples are refused by the scan alone (unpickling would take 2**40 steps)."""
-    from epcli.formats.pt_archive import scan_pickle
+    from epcli.storage.pt_archive import scan_pickle
 
     with pytest.raises(CheckpointError, match="uses a tuple as a dict key"):
         scan_pickle(_nested_tuple_pickle(5, as_key=True))

@@ -23,10 +23,10 @@ from torch import nn
 
 import epcli
 from epcli import CheckpointError, EPLinear
-from epcli.formats.atomic import StagedFiles, atomic_write, remove_leftovers, temp_name
-from epcli.formats.source import TensorInfo
-from epcli.formats.writer import CheckpointWriter
 from epcli.jobs.collapse import collapse_file
+from epcli.storage.atomic import StagedFiles, atomic_write, remove_leftovers, temp_name
+from epcli.storage.source import TensorInfo
+from epcli.storage.writer import CheckpointWriter
 
 TEMP = re.compile(r"\..+\.epcli-(\d+)-[0-9a-f]{8}\.tmp")
 

@@ -8,15 +8,14 @@ from typing import Any
 
 import pytest
 
-from epcli import CheckpointError, ConfigError
-from epcli.formats import limits
-from epcli.formats.limits import (
+from epcli import CheckpointError, ConfigError, limits
+from epcli.checkpoint.metadata import dump_metadata
+from epcli.limits import (
     check_config_numbers,
     check_sample_shape,
     check_tensor_shape,
     loads_json,
 )
-from epcli.formats.metadata import dump_metadata
 from epcli.text import MAX_QUOTED_CHARS, quote
 
 

@@ -13,7 +13,7 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
-from epcli.formats.onnx_export import build_onnx, initializer_nbytes, save_external, set_onnx_metadata
+from epcli.onnx.export import build_onnx, initializer_nbytes, save_external, set_onnx_metadata
 
 
 @pytest.fixture

@@ -14,8 +14,8 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from epcli.formats.onnx_export import export_onnx_bytes, onnx_op_types
-from epcli.formats.onnx_graph import emit_onnx
+from epcli.onnx.export import export_onnx_bytes, onnx_op_types
+from epcli.onnx.graph import emit_onnx
 
 
 def _randomised(model: nn.Module) -> nn.Module:

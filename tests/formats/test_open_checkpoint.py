@@ -19,12 +19,12 @@ from torch import nn
 
 import epcli
 from epcli import CheckpointError, EpcliError, ShapeMismatchError
-from epcli.formats import source
-from epcli.formats.checkpoint import CheckpointFile, load_checkpoint, open_checkpoint
-from epcli.formats.mapped_pages import release_pages
-from epcli.formats.safetensors_io import read_header
-from epcli.formats.sharded import read_index
-from epcli.formats.writer import CheckpointWriter
+from epcli.checkpoint.checkpoint import CheckpointFile, load_checkpoint, open_checkpoint
+from epcli.storage import source
+from epcli.storage.mapped_pages import release_pages
+from epcli.storage.safetensors_io import read_header
+from epcli.storage.sharded import read_index
+from epcli.storage.writer import CheckpointWriter
 
 FORMATS = [".pt", ".safetensors", "sharded"]
 INPUT_SHAPE = (8,)

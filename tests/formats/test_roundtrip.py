@@ -15,8 +15,8 @@ from torch import nn
 
 import epcli
 from epcli import CheckpointError, ConfigError, EPConv2dConfig, EPLinearConfig, ShapeMismatchError
-from epcli.formats.architecture import describe_architecture
-from epcli.formats.atomic import atomic_write
+from epcli.checkpoint.architecture import describe_architecture
+from epcli.storage.atomic import atomic_write
 
 FORMATS = [".pt", ".safetensors"]
 DTYPES = [torch.float32, torch.float64]

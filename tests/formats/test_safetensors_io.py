@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from epcli.errors import CheckpointError
-from epcli.formats.safetensors_io import (
+from epcli.storage.safetensors_io import (
     MAX_HEADER_BYTES,
     METADATA_KEY,
     SafetensorsSpool,
@@ -345,7 +345,7 @@ BAD_HEADERS: dict[str, tuple[Any, bytes, str]] = {
     ),
 }
 STRICTER_HEADERS: dict[str, tuple[Any, bytes, str]] = {
-    # files the library reads but epcli refuses on purpose: ambiguous, or beyond epcli.formats.limits
+    # files the library reads but epcli refuses on purpose: ambiguous, or beyond epcli.limits
     "a tensor twice (the library keeps the last)": (
         b'{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}',
         EIGHT, r"repeats the key 'a'",

@@ -22,8 +22,8 @@ from torch import nn
 
 import epcli
 from epcli import CheckpointError
-from epcli.formats.checkpoint import load_checkpoint, open_checkpoint
-from epcli.formats.sharded import (
+from epcli.checkpoint.checkpoint import load_checkpoint, open_checkpoint
+from epcli.storage.sharded import (
     SHARD_OF_KEY,
     index_path,
     is_index,
@@ -33,8 +33,8 @@ from epcli.formats.sharded import (
     shard_paths,
     sharded_base,
 )
-from epcli.formats.source import TensorInfo
-from epcli.formats.writer import CheckpointWriter, output_files, stale_files
+from epcli.storage.source import TensorInfo
+from epcli.storage.writer import CheckpointWriter, output_files, stale_files
 
 INPUT_SHAPE = (8,)
 

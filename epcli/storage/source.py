@@ -10,7 +10,7 @@ chosen tensors. Reading a few tensors costs their size, not the checkpoint's:
 * ``.safetensors`` and sharded safetensors: plain reads of those tensors' bytes;
 * ``.pt``: the tensors are copied out of a memory map of the file, whose pages are
   given back as they are copied (see :class:`_PtReader`), so few file pages stay resident;
-* DCP: ``torch.distributed.checkpoint.load`` of those tensors (:mod:`epcli.formats.dcp`).
+* DCP: ``torch.distributed.checkpoint.load`` of those tensors (:mod:`epcli.storage.dcp`).
 
 A directory is a Hugging Face folder (``model.safetensors`` or its sharded
 ``model.safetensors.index.json``) or a DCP directory (it holds ``.metadata``).
@@ -28,16 +28,16 @@ from torch import Tensor
 
 from epcli.core.finite import all_finite, flat_chunks
 from epcli.errors import CheckpointError
-from epcli.formats.dcp import DCP_METADATA, is_dcp, read_dcp_listing, read_dcp_tensors
-from epcli.formats.mapped_pages import release_pages
-from epcli.formats.safetensors_io import (
+from epcli.storage.dcp import DCP_METADATA, is_dcp, read_dcp_listing, read_dcp_tensors
+from epcli.storage.mapped_pages import release_pages
+from epcli.storage.safetensors_io import (
     METADATA_KEY,
     SafetensorsHeader,
     read_header,
     read_tensors,
 )
-from epcli.formats.sharded import INDEX_SUFFIX, SHARD_OF_KEY, is_index, read_index
-from epcli.formats.torch_io import read_pt
+from epcli.storage.sharded import INDEX_SUFFIX, SHARD_OF_KEY, is_index, read_index
+from epcli.storage.torch_io import read_pt
 from epcli.text import quote
 
 __all__ = ["HF_FILES", "SUFFIXES", "TensorInfo", "TensorSource", "check_finite", "open_source", "renamed"]
@@ -251,7 +251,7 @@ class _PtReader:
 
     Pages of a mapping that have been read stay resident (and count in the process's
     memory) until they are released. On Linux those of every read are released at once
-    (:func:`~epcli.formats.mapped_pages.release_pages`), so one mapping serves the whole
+    (:func:`~epcli.storage.mapped_pages.release_pages`), so one mapping serves the whole
     file. Elsewhere the mapping is dropped and mapped again after every sixteenth of the
     file (at least 16 MiB): mapping again costs a check and an unpickling of the whole
     key list (about 80 us per tensor), so this bounds both, resident pages to that much,

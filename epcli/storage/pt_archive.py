@@ -29,7 +29,7 @@ from typing import Any, cast
 import torch
 
 from epcli.errors import CheckpointError
-from epcli.formats.limits import (
+from epcli.limits import (
     MAX_PICKLE_BYTES,
     MAX_PICKLE_TUPLE,
     MAX_TENSORS,

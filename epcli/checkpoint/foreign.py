@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from epcli.formats.source import TensorSource, renamed
+from epcli.storage.source import TensorSource, renamed
 from epcli.text import quote
 
 __all__ = ["WRAPPER_PREFIXES", "match_keys"]

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from epcli.errors import CheckpointError, EpcliError
-from epcli.formats.limits import MAX_INDEX_BYTES, MAX_TENSORS, check_count, loads_json
-from epcli.formats.safetensors_io import METADATA_KEY, SafetensorsHeader, read_header
+from epcli.limits import MAX_INDEX_BYTES, MAX_TENSORS, check_count, loads_json
+from epcli.storage.safetensors_io import METADATA_KEY, SafetensorsHeader, read_header
 from epcli.text import quote
 
 __all__ = [

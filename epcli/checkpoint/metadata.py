@@ -20,10 +20,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor
 
+from epcli._version import __version__
+from epcli.checkpoint.inputs import MAX_INPUTS, InputSpec, sample_shape
 from epcli.errors import CheckpointError, ConfigError
-from epcli.formats.limits import (
+from epcli.layers.config import CONFIG_VERSION, EPConfig
+from epcli.layers.registry import class_name, config_from_dict
+from epcli.limits import (
     MAX_EP_LAYERS,
     MAX_FEATURES,
     MAX_METADATA_CHARS,
@@ -33,9 +36,7 @@ from epcli.formats.limits import (
     is_int,
     loads_json,
 )
-from epcli.inputs import MAX_INPUTS, InputSpec, sample_shape
-from epcli.layers.config import CONFIG_VERSION, EPConfig
-from epcli.layers.registry import class_name, config_from_dict
+from epcli.storage.raw import FOREIGN_HINT, SAVE_HINT, RawCheckpoint, missing_metadata
 from epcli.text import quote
 
 __all__ = [
@@ -63,35 +64,12 @@ so an older epcli refuses them by version instead of misreading them; all other 
 READABLE_FORMAT_VERSIONS = (1, 2)
 READABLE_CONFIG_VERSIONS = (CONFIG_VERSION,)
 KINDS = ("expanded", "collapsed")
-SAVE_HINT = "use epcli.save_checkpoint(model, path, input_shape=...) to write a checkpoint with epcli metadata"
-FOREIGN_HINT = (
-    "to read a checkpoint epcli did not write, name the model's factory with --model module:function and its "
-    "input with --input-shape (one float input) or --input"
-)
-
 _KEYS = frozenset(
     {"format", "format_version", "config_version", "kind", "epcli_version", "torch_version", "input_shape",
      "ep_layers", "architecture", "provenance"}
 )
 _INPUTS_KEY = "inputs"
 _LAYER_KEYS = frozenset({"class", "config", "input_shape"})
-
-
-@dataclass(frozen=True)
-class RawCheckpoint:
-    """What a file holds before validation: the metadata JSON string (None: not an epcli file) and the tensors.
-
-    ``found`` says what a file without metadata holds (for messages), e.g. "a plain state_dict of 10 tensors".
-    """
-
-    metadata: str | None
-    tensors: dict[str, Tensor]
-    found: str = ""
-
-
-def missing_metadata(found: str) -> CheckpointError:
-    """The error for a file that is readable but was not written by epcli."""
-    return CheckpointError(f"has no epcli metadata ({found}); {FOREIGN_HINT}; or {SAVE_HINT}")
 
 
 @dataclass(frozen=True)
@@ -119,7 +97,6 @@ def build_metadata(
     provenance: Mapping[str, Any],
 ) -> dict[str, Any]:
     """The metadata document; ``inputs`` (and format_version 2) only unless the model takes one float32 input."""
-    import epcli  # at call time: epcli/__init__ imports this module before it defines __version__
 
     plain = len(inputs) == 1 and inputs[0] == InputSpec(inputs[0].shape)
     document: dict[str, Any] = {
@@ -127,7 +104,7 @@ def build_metadata(
         "format_version": FORMAT_VERSION if plain else INPUTS_FORMAT_VERSION,
         "config_version": CONFIG_VERSION,
         "kind": kind,
-        "epcli_version": epcli.__version__,
+        "epcli_version": __version__,
         "torch_version": str(torch.__version__),
         "input_shape": list(inputs[0].shape),
         "ep_layers": {
@@ -191,10 +168,8 @@ def parse_metadata(text: str) -> Metadata:
         )
     version = document.get("format_version")
     if not is_int(version) or version not in READABLE_FORMAT_VERSIONS:
-        import epcli
-
         raise CheckpointError(
-            f"format_version {quote(version)} is not supported: epcli {epcli.__version__} reads format_version "
+            f"format_version {quote(version)} is not supported: epcli {__version__} reads format_version "
             f"{', '.join(map(str, READABLE_FORMAT_VERSIONS))}; upgrade epcli to read newer files"
         )
     keys = _KEYS | {_INPUTS_KEY} if version == INPUTS_FORMAT_VERSION else _KEYS
@@ -263,7 +238,7 @@ def _parse_layers(layers: Any) -> tuple[dict[str, EPConfig], dict[str, tuple[int
 
 
 def checked_config(kind: Any, data: Any, where: str) -> EPConfig:
-    """A config read from a file: its numbers within :mod:`~epcli.formats.limits` first, then validated.
+    """A config read from a file: its numbers within :mod:`~epcli.limits` first, then validated.
 
     The bounds apply to the raw dict (every field, known or added later) and to the
     derived sizes (the hidden width ``int(out * width)``); errors are
@@ -280,6 +255,6 @@ def checked_config(kind: Any, data: Any, where: str) -> EPConfig:
     if widest > MAX_FEATURES:
         raise ConfigError(
             f"{where}: its nodes are up to {widest} features wide (hidden size int(out * width)), over epcli's limit "
-            f"of {MAX_FEATURES} (a guard against hostile files; see epcli.formats.limits)"
+            f"of {MAX_FEATURES} (a guard against hostile files; see epcli.limits)"
         )
     return config

@@ -31,9 +31,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from epcli.checkpoint.inputs import InputSpec, describe_inputs
 from epcli.errors import CheckpointError, ExportError
-from epcli.formats.onnx_graph import INPUT_NAME, OUTPUT_NAME, emit_onnx
-from epcli.inputs import InputSpec, describe_inputs
+from epcli.onnx.graph import INPUT_NAME, OUTPUT_NAME, emit_onnx
 
 if TYPE_CHECKING:
     import onnx
@@ -328,7 +328,7 @@ class OnnxSession:
 
     def __call__(self, *batches: Tensor) -> Tensor | tuple[Tensor, ...]:
         """The model's output: one tensor, or a tuple of them in the order of the graph's outputs (which is
-        how the exporter flattened a tuple / dict output: :func:`epcli.inputs.tensor_leaves` order)."""
+        how the exporter flattened a tuple / dict output: :func:`epcli.checkpoint.inputs.tensor_leaves` order)."""
         import onnxruntime as ort
 
         arrays = {

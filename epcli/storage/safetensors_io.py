@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from epcli.errors import CheckpointError
-from epcli.formats.limits import (
+from epcli.limits import (
     MAX_HEADER_BYTES,
     MAX_METADATA_CHARS,
     MAX_TENSORS,

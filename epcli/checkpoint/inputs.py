@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from epcli.errors import ConfigError
-from epcli.formats.limits import MAX_RANK, check_count, check_sample_shape, is_int
+from epcli.limits import MAX_RANK, check_count, check_sample_shape, is_int
 from epcli.text import quote
 
 __all__ = [
@@ -60,7 +60,7 @@ _BOUND = 2.0**53
 def sample_shape(value: Any, what: str = "input_shape") -> tuple[int, ...]:
     """A per-sample shape (no batch dim): a non-empty sequence of ints >= 1 (an int means a 1-D shape).
 
-    At most :data:`~epcli.formats.limits.MAX_SAMPLE_ELEMENTS` elements, so a shape of
+    At most :data:`~epcli.limits.MAX_SAMPLE_ELEMENTS` elements, so a shape of
     ``2**70`` from a file is refused before any input is made for it.
     """
     items = [value] if is_int(value) else value

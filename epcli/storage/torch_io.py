@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from epcli.errors import CheckpointError, UnsafeCheckpointError
-from epcli.formats.limits import (
+from epcli.limits import (
     MAX_METADATA_CHARS,
     MAX_TENSORS,
     MAX_TIED_EXPANSION,
@@ -34,8 +34,8 @@ from epcli.formats.limits import (
     check_name,
     check_tensor_shape,
 )
-from epcli.formats.metadata import RawCheckpoint, missing_metadata
-from epcli.formats.pt_archive import check_archive
+from epcli.storage.pt_archive import check_archive
+from epcli.storage.raw import RawCheckpoint, missing_metadata
 from epcli.text import quote
 
 __all__ = ["METADATA_KEY", "MIN_TORCH", "STATE_KEY", "read_pt", "write_pt"]
@@ -76,7 +76,7 @@ def read_pt(path: Path, state_key: str | None = None) -> RawCheckpoint:
     The tensors are views of the memory-mapped file: nothing is read until they
     are used, and the mapping ends when the last of them is dropped. Before
     ``torch.load`` the archive's records and pickle are checked
-    (:func:`~epcli.formats.pt_archive.check_archive`); after it, every tensor is
+    (:func:`~epcli.storage.pt_archive.check_archive`); after it, every tensor is
     checked to be dense and inside its own bytes of its storage.
 
     A file epcli did not write gives ``metadata=None``: a plain state dict, or with
@@ -189,7 +189,7 @@ def _check_layout(state: Mapping[str, Tensor], what: str = repr(STATE_KEY)) -> N
     epcli writes nothing else, and a strided or overlapping view makes more data
     than the file holds: a 2.5 KB file with a stride-0 tensor is a 256 MB tensor.
     Tied tensors (the same bytes under two keys) are accepted, up to
-    :data:`~epcli.formats.limits.MAX_TIED_EXPANSION` times the storage bytes in all.
+    :data:`~epcli.limits.MAX_TIED_EXPANSION` times the storage bytes in all.
     """
     spans: list[tuple[int, int, int, str]] = []  # (storage, first byte, end byte, key)
     storages: dict[int, int] = {}  # storage -> its bytes

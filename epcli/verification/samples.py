@@ -20,12 +20,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from epcli.checkpoint.inputs import InputSpec
 from epcli.errors import CheckpointError, EpcliError, UsageError
-from epcli.formats.limits import MAX_TENSORS, check_count, check_tensor_shape
-from epcli.formats.safetensors_io import read_header, read_tensors
-from epcli.formats.source import check_finite
-from epcli.formats.torch_io import read_pt
-from epcli.inputs import InputSpec
+from epcli.limits import MAX_TENSORS, check_count, check_tensor_shape
+from epcli.storage.safetensors_io import read_header, read_tensors
+from epcli.storage.source import check_finite
+from epcli.storage.torch_io import read_pt
 from epcli.text import quote
 
 __all__ = ["SAMPLE_SUFFIXES", "read_samples", "sample_batches"]

@@ -1,7 +1,7 @@
 """Self-describing checkpoints: save, validate and load, with no user code and no code from the file.
 
 A checkpoint is the model's state dict plus epcli metadata (see
-:mod:`epcli.formats.metadata`): every EP layer's config and input shape, and
+:mod:`epcli.checkpoint.metadata`): every EP layer's config and input shape, and
 the architecture whenever it is built only from supported modules, so
 ``load_checkpoint`` can rebuild the model in a fresh process. Loading checks
 everything before it builds anything real: tensors are compared with layers
@@ -21,6 +21,24 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from epcli.checkpoint.architecture import (
+    build_architecture,
+    check_forward,
+    collapsed_architecture,
+    describe_architecture,
+    ep_nodes,
+)
+from epcli.checkpoint.factory import ModelFactory, build_from_factory
+from epcli.checkpoint.foreign import match_keys
+from epcli.checkpoint.inputs import InputSpec, describe_inputs, input_specs
+from epcli.checkpoint.metadata import (
+    Metadata,
+    build_metadata,
+    checked_config,
+    dump_metadata,
+    missing_metadata,
+    parse_metadata,
+)
 from epcli.convert import (
     collapse_model,
     collapse_state_dict,
@@ -32,33 +50,6 @@ from epcli.convert import (
     unwrap_model,
 )
 from epcli.errors import CheckpointError, ConfigError, EpcliError, ShapeMismatchError, UsageError
-from epcli.formats.architecture import (
-    build_architecture,
-    check_forward,
-    collapsed_architecture,
-    describe_architecture,
-    ep_nodes,
-)
-from epcli.formats.factory import ModelFactory, build_from_factory
-from epcli.formats.foreign import match_keys
-from epcli.formats.limits import check_sample_shape
-from epcli.formats.metadata import (
-    Metadata,
-    build_metadata,
-    checked_config,
-    dump_metadata,
-    missing_metadata,
-    parse_metadata,
-)
-from epcli.formats.source import (
-    SUFFIXES,
-    TensorInfo,
-    TensorSource,
-    check_finite,
-    open_source,
-)
-from epcli.formats.writer import CheckpointWriter
-from epcli.inputs import InputSpec, describe_inputs, input_specs
 from epcli.layers.config import EPConfig
 from epcli.layers.registry import (
     check_state,
@@ -67,6 +58,15 @@ from epcli.layers.registry import (
     find_ep_layers,
     output_shape,
 )
+from epcli.limits import check_sample_shape
+from epcli.storage.source import (
+    SUFFIXES,
+    TensorInfo,
+    TensorSource,
+    check_finite,
+    open_source,
+)
+from epcli.storage.writer import CheckpointWriter
 from epcli.text import quote
 
 __all__ = [

@@ -23,9 +23,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from epcli.checkpoint.inputs import InputSpec, describe_inputs
+from epcli.checkpoint.metadata import checked_config
 from epcli.convert import expanded_eval
 from epcli.errors import CheckpointError, ConfigError, EpcliError
-from epcli.formats.limits import (
+from epcli.layers.base import EPLayer
+from epcli.layers.registry import REGISTRY, class_name, collapsed_has_bias, plain_layer
+from epcli.limits import (
     MAX_ARCHITECTURE_NODES,
     MAX_CONFIG_REAL,
     MAX_FEATURES,
@@ -36,10 +40,6 @@ from epcli.formats.limits import (
     check_count,
     check_sample_shape,
 )
-from epcli.formats.metadata import checked_config
-from epcli.inputs import InputSpec, describe_inputs
-from epcli.layers.base import EPLayer
-from epcli.layers.registry import REGISTRY, class_name, collapsed_has_bias, plain_layer
 from epcli.text import quote
 
 __all__ = [
@@ -67,7 +67,7 @@ def _is_int(value: Any) -> bool:
 
 
 def _int(minimum: int, maximum: int = MAX_FEATURES) -> Check:
-    """An int in ``[minimum, maximum]``; the maximum comes from :mod:`epcli.formats.limits`."""
+    """An int in ``[minimum, maximum]``; the maximum comes from :mod:`epcli.limits`."""
     def check(value: Any) -> int:
         if not _is_int(value) or not minimum <= value <= maximum:
             raise _Invalid(f"an int in [{minimum}, {maximum}]")
@@ -378,8 +378,8 @@ def build_architecture(spec: Any, *, device: torch.device | str | None = None) -
 
     Errors are :class:`CheckpointError` (or :class:`ConfigError` for an EP layer
     config) naming the node by its module path. At most
-    :data:`~epcli.formats.limits.MAX_ARCHITECTURE_NODES` nodes, nested at most
-    :data:`~epcli.formats.limits.MAX_NESTING` deep.
+    :data:`~epcli.limits.MAX_ARCHITECTURE_NODES` nodes, nested at most
+    :data:`~epcli.limits.MAX_NESTING` deep.
     """
     with torch.device(device) if device is not None else nullcontext():
         return _build(spec, "", 0, [0])
@@ -450,7 +450,7 @@ def check_forward(model: nn.Module, inputs: Sequence[InputSpec], source: str) ->
     """Run ``model`` on a batch of zero samples of its ``inputs``: every shape is checked, nothing is computed.
 
     Refuses a model whose forward fails on its own input shape, and any module whose
-    output has more than :data:`~epcli.formats.limits.MAX_SAMPLE_ELEMENTS` elements per
+    output has more than :data:`~epcli.limits.MAX_SAMPLE_ELEMENTS` elements per
     sample (an ``AdaptiveAvgPool2d(10**6)``), naming the module. An empty batch
     allocates no activations on any device, and (unlike the meta device, whose first
     use imports seconds of torch) runs the ordinary kernels. EP layers run their

@@ -100,7 +100,7 @@ MAX_WINDOW = 256
 MAX_CONFIG_REAL = 2**20
 MAX_SAMPLE_ELEMENTS = 2**26
 
-_HINT = "a guard against hostile files; see epcli.formats.limits"
+_HINT = "a guard against hostile files; see epcli.limits"
 _WINDOW_WORDS = ("kernel", "padding", "stride", "dilation")
 _CONFIG_ITEMS = 4 * MAX_EP_DEPTH
 """Numbers and strings in one config dict, all lists included: bounds the cost of any message quoting it."""

@@ -7,7 +7,7 @@ run code from the file, so :class:`_SafeReader` reads it with an unpickler that
 builds only DCP's own metadata classes, torch dtypes and sizes. The listing
 (every tensor's key, shape and dtype) comes from that metadata alone; tensors
 are read on demand, each through ``torch.load(weights_only=True)`` as DCP does.
-Every claim of the metadata is checked against :mod:`~epcli.formats.limits`, and
+Every claim of the metadata is checked against :mod:`~epcli.limits`, and
 every data file it names must be a plain file name inside the directory.
 """
 
@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from epcli.errors import CheckpointError, UnsafeCheckpointError
-from epcli.formats.limits import MAX_PICKLE_BYTES, MAX_TENSORS, check_count, check_name, check_tensor_shape
+from epcli.limits import MAX_PICKLE_BYTES, MAX_TENSORS, check_count, check_name, check_tensor_shape
 from epcli.text import quote
 
 __all__ = ["DCP_METADATA", "is_dcp", "read_dcp_listing", "read_dcp_tensors"]

@@ -8,7 +8,7 @@ therefore takes tensors as they come and keeps none of them in memory for
 tensor is the whole of its own CPU storage).
 
 Above ``max_shard_bytes`` of tensor data a ``.safetensors`` output becomes shards
-plus an index (see :mod:`epcli.formats.sharded`). On commit every file is
+plus an index (see :mod:`epcli.storage.sharded`). On commit every file is
 renamed into place, the index last. Files of an earlier output at the same name
 that the new one does not overwrite (its old shards, or the single file a set of
 shards replaces) are removed when asked (``remove_stale``), so no stale half of an
@@ -26,9 +26,9 @@ from types import TracebackType
 from torch import Tensor
 
 from epcli.errors import CheckpointError
-from epcli.formats.atomic import StagedFiles, remove_leftovers
-from epcli.formats.safetensors_io import METADATA_KEY, SafetensorsSpool
-from epcli.formats.sharded import (
+from epcli.storage.atomic import StagedFiles, remove_leftovers
+from epcli.storage.safetensors_io import METADATA_KEY, SafetensorsSpool
+from epcli.storage.sharded import (
     index_document,
     index_path,
     listed_shards,
@@ -37,8 +37,8 @@ from epcli.formats.sharded import (
     shard_metadata,
     shard_paths,
 )
-from epcli.formats.source import TensorInfo, check_finite
-from epcli.formats.torch_io import write_pt
+from epcli.storage.source import TensorInfo, check_finite
+from epcli.storage.torch_io import write_pt
 
 __all__ = ["WRITABLE_SUFFIXES", "CheckpointWriter", "output_files", "stale_files"]
 
@@ -81,7 +81,7 @@ class CheckpointWriter:
     also removes :func:`stale_files` (callers check first that none is precious,
     e.g. an input); without it they are left as they are. With ``overwrite=False``
     the commit never replaces an existing file, even one created after the caller
-    checked (see :mod:`epcli.formats.atomic`). Tensors must be finite.
+    checked (see :mod:`epcli.storage.atomic`). Tensors must be finite.
     """
 
     def __init__(

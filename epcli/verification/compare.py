@@ -15,9 +15,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from epcli.checkpoint.inputs import InputSpec, random_inputs, tensor_leaves
 from epcli.devices import resolve_device
 from epcli.errors import ShapeMismatchError, UsageError
-from epcli.inputs import InputSpec, random_inputs, tensor_leaves
 
 __all__ = [
     "DEFAULT_TOLERANCES",

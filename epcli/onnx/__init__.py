@@ -1,0 +1,1 @@
+"""ONNX: the graph emitter for embedded architectures, the tracer fallback, and artifact sessions."""
