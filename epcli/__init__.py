@@ -23,13 +23,13 @@ from epcli.errors import (
 )
 
 if TYPE_CHECKING:  # explicit re-exports for type checkers; at run time __getattr__ imports them
-    from epcli.checkpoint.checkpoint import Checkpoint as Checkpoint
-    from epcli.checkpoint.checkpoint import CheckpointFile as CheckpointFile
-    from epcli.checkpoint.checkpoint import load_checkpoint as load_checkpoint
-    from epcli.checkpoint.checkpoint import open_checkpoint as open_checkpoint
-    from epcli.checkpoint.checkpoint import save_checkpoint as save_checkpoint
-    from epcli.checkpoint.checkpoint import save_collapsed_checkpoint as save_collapsed_checkpoint
     from epcli.checkpoint.inputs import InputSpec as InputSpec
+    from epcli.checkpoint.load import load_checkpoint as load_checkpoint
+    from epcli.checkpoint.load import open_checkpoint as open_checkpoint
+    from epcli.checkpoint.opened import Checkpoint as Checkpoint
+    from epcli.checkpoint.opened import CheckpointFile as CheckpointFile
+    from epcli.checkpoint.save import save_checkpoint as save_checkpoint
+    from epcli.checkpoint.save import save_collapsed_checkpoint as save_collapsed_checkpoint
     from epcli.convert import ConversionPlan as ConversionPlan
     from epcli.convert import collapse_layer as collapse_layer
     from epcli.convert import collapse_model as collapse_model
@@ -70,12 +70,12 @@ _LAZY = {
     "plan_overparameterize": "epcli.convert",
     "ConversionPlan": "epcli.convert",
     "unwrap_model": "epcli.convert",
-    "Checkpoint": "epcli.checkpoint.checkpoint",
-    "CheckpointFile": "epcli.checkpoint.checkpoint",
-    "load_checkpoint": "epcli.checkpoint.checkpoint",
-    "open_checkpoint": "epcli.checkpoint.checkpoint",
-    "save_checkpoint": "epcli.checkpoint.checkpoint",
-    "save_collapsed_checkpoint": "epcli.checkpoint.checkpoint",
+    "Checkpoint": "epcli.checkpoint.opened",
+    "CheckpointFile": "epcli.checkpoint.opened",
+    "load_checkpoint": "epcli.checkpoint.load",
+    "open_checkpoint": "epcli.checkpoint.load",
+    "save_checkpoint": "epcli.checkpoint.save",
+    "save_collapsed_checkpoint": "epcli.checkpoint.save",
     "InputSpec": "epcli.checkpoint.inputs",
 }
 

@@ -15,8 +15,8 @@ from torch import Tensor, nn
 from epcli import CheckpointError, ConfigError, EpcliError, EPLinear, InputSpec, load_checkpoint, save_checkpoint
 from epcli.checkpoint.inputs import parse_input, random_inputs, tensor_leaves
 from epcli.convert import collapse_state_dict
-from epcli.jobs.verify import verify_checkpoint
 from epcli.verification.compare import VerifySettings, random_batches
+from epcli.verification.model_check import verify_checkpoint
 
 
 @pytest.mark.parametrize(

@@ -18,8 +18,9 @@ from torch import nn
 
 from epcli import collapse_model, load_checkpoint, overparameterize, save_checkpoint
 from epcli.jobs.collapse import collapse_file
-from epcli.jobs.verify import verify_checkpoint, verify_files
+from epcli.jobs.verify import verify_files
 from epcli.verification.compare import DEFAULT_TOLERANCES, STORAGE_TOLERANCES, Tolerance, VerifySettings
+from epcli.verification.model_check import verify_checkpoint
 
 
 def test_model_dtype_loosens_only_the_defaults():

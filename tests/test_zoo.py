@@ -24,8 +24,8 @@ from torch import Tensor, nn
 
 from epcli import EPLayer, InputSpec, collapse_model, load_checkpoint, overparameterize, save_checkpoint
 from epcli.convert import expanded_eval, plan_overparameterize
-from epcli.jobs.verify import verify_checkpoint
 from epcli.verification.compare import VerifySettings
+from epcli.verification.model_check import verify_checkpoint
 
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4}
 """dtype -> rtol, and atol as a fraction of the largest |expected| output."""

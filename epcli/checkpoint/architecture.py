@@ -11,21 +11,18 @@ the node at fault.
 
 from __future__ import annotations
 
-import itertools
 import math
 import numbers
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from epcli.checkpoint.inputs import InputSpec, describe_inputs
 from epcli.checkpoint.metadata import checked_config
-from epcli.convert import expanded_eval
 from epcli.errors import CheckpointError, ConfigError, EpcliError
 from epcli.layers.base import EPLayer
 from epcli.layers.registry import REGISTRY, class_name, collapsed_has_bias, plain_layer
@@ -38,14 +35,13 @@ from epcli.limits import (
     MAX_RANK,
     MAX_WINDOW,
     check_count,
-    check_sample_shape,
 )
 from epcli.text import quote
 
 __all__ = [
     "SUPPORTED_TYPES",
     "build_architecture",
-    "check_forward",
+    "node_name",
     "collapsed_architecture",
     "describe_architecture",
     "ep_nodes",
@@ -385,7 +381,7 @@ def build_architecture(spec: Any, *, device: torch.device | str | None = None) -
         return _build(spec, "", 0, [0])
 
 
-def _node_name(path: str) -> str:
+def node_name(path: str) -> str:
     return f"architecture node {quote(path or '<model>')}"
 
 
@@ -395,7 +391,7 @@ def _require_keys(node: Mapping[str, Any], keys: set[str], where: str) -> None:
 
 
 def _build(node: Any, path: str, depth: int, count: list[int]) -> nn.Module:
-    where = _node_name(path)
+    where = node_name(path)
     if depth > MAX_NESTING:
         raise CheckpointError(f"{where}: nested deeper than {MAX_NESTING} levels")
     count[0] += 1
@@ -421,7 +417,7 @@ _RESERVED = frozenset(dir(nn.Sequential())) | frozenset(vars(nn.Sequential()))
 
 
 def _build_sequential(node: Mapping[str, Any], path: str, depth: int, count: list[int]) -> nn.Module:
-    where = _node_name(path)
+    where = node_name(path)
     _require_keys(node, {"type", "children"}, where)
     children = node["children"]
     if not isinstance(children, list):
@@ -444,50 +440,6 @@ def _build_sequential(node: Mapping[str, Any], path: str, depth: int, count: lis
             raise CheckpointError(f"{where}: child {index} repeats the name {quote(name)}")
         sequential.add_module(name, _build(child["module"], f"{path}.{name}" if path else name, depth + 1, count))
     return sequential
-
-
-def check_forward(model: nn.Module, inputs: Sequence[InputSpec], source: str) -> None:
-    """Run ``model`` on a batch of zero samples of its ``inputs``: every shape is checked, nothing is computed.
-
-    Refuses a model whose forward fails on its own input shape, and any module whose
-    output has more than :data:`~epcli.limits.MAX_SAMPLE_ELEMENTS` elements per
-    sample (an ``AdaptiveAvgPool2d(10**6)``), naming the module. An empty batch
-    allocates no activations on any device, and (unlike the meta device, whose first
-    use imports seconds of torch) runs the ordinary kernels. EP layers run their
-    expanded chains, so no collapse is computed.
-    """
-    def bound(path: str) -> Callable[[nn.Module, Any, Any], None]:
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
-            if isinstance(output, Tensor):
-                check_sample_shape(output.shape[1:], f"the output of {_node_name(path)} ({type(module).__name__})")
-
-        return hook
-
-    floats = [t for t in itertools.chain(model.parameters(), model.buffers()) if t.is_floating_point()]
-    if any(t.dtype.itemsize == 1 for t in floats):
-        return  # float8: torch has no CPU kernels to run it with; the file is read, not run
-    reference = floats[0] if floats else None
-    batch = [
-        spec.example(
-            0,
-            dtype=reference.dtype if reference is not None else torch.get_default_dtype(),
-            device=reference.device if reference is not None else None,
-        )
-        for spec in inputs
-    ]
-    handles = [module.register_forward_hook(bound(path)) for path, module in model.named_modules()]
-    try:
-        with torch.no_grad(), expanded_eval(model):  # the chains, not a collapse: an empty batch costs nothing
-            model(*batch)
-    except ConfigError as e:
-        raise CheckpointError(f"{source}: {e}") from None
-    except Exception as e:  # torch raises many types for a shape that does not fit
-        raise CheckpointError(
-            f"{source} fails on its own {describe_inputs(inputs, ' ')}: {quote(f'{type(e).__name__}: {e}', 300)}"
-        ) from None
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def ep_nodes(spec: Any) -> dict[str, tuple[str, Any]]:
@@ -534,6 +486,6 @@ def _collapse_node(node: Spec, path: str) -> Spec:
             ],
         }
     if kind in REGISTRY:
-        config = checked_config(kind, node["config"], _node_name(path))
+        config = checked_config(kind, node["config"], node_name(path))
         return _describe(plain_layer(config, bias=collapsed_has_bias(config), device="meta"), depth=0)
     return node

@@ -22,14 +22,10 @@ import torch
 from torch import Tensor
 
 from epcli._version import __version__
-from epcli.checkpoint.checkpoint import (
-    CheckpointFile,
-    collapsed_layout,
-    collapsed_metadata,
-    load_checkpoint,
-    open_checkpoint,
-)
 from epcli.checkpoint.inputs import InputSpec
+from epcli.checkpoint.load import load_checkpoint, open_checkpoint
+from epcli.checkpoint.opened import CheckpointFile
+from epcli.checkpoint.save import collapsed_layout, collapsed_metadata
 from epcli.convert import (
     CollapseStep,
     collapse_steps,
@@ -41,14 +37,15 @@ from epcli.convert import (
 )
 from epcli.devices import resolve_device
 from epcli.errors import UsageError
-from epcli.jobs.verify import ProgressCallback, compare_layer, compare_model
 from epcli.layers.config import EPConfig
 from epcli.layers.summary import LayerSummary, natural_order, summarize_layer
+from epcli.progress import ProgressCallback
 from epcli.storage.paths import check_name, check_targets, file_sha256, make_parent, prefetch_sha256
 from epcli.storage.sharded import is_index, sharded_base
 from epcli.storage.source import TensorInfo
 from epcli.storage.writer import CheckpointWriter, output_files, stale_files
 from epcli.verification.compare import VerifySettings
+from epcli.verification.model_check import compare_layer, compare_model
 
 __all__ = [
     "DEFAULT_MAX_SHARD_BYTES",

@@ -25,12 +25,13 @@ from pathlib import Path
 
 import torch
 
-from epcli.checkpoint.checkpoint import CheckpointFile, collapsed_layout, open_checkpoint, read_model
 from epcli.checkpoint.inputs import InputSpec
+from epcli.checkpoint.load import open_checkpoint, read_model
+from epcli.checkpoint.opened import CheckpointFile
+from epcli.checkpoint.save import collapsed_layout
 from epcli.convert import collapsed_dtype
 from epcli.errors import UsageError
 from epcli.jobs.collapse import CollapseResult, collapse_file, plan_output, provenance
-from epcli.jobs.verify import ONNX_LABEL, ProgressCallback, collapse_in_place, expanded_outputs, layer_reader
 from epcli.onnx.export import (
     DEFAULT_OPSET,
     EXTERNAL_DATA_THRESHOLD,
@@ -45,11 +46,13 @@ from epcli.onnx.export import (
     set_onnx_metadata,
     write_onnx,
 )
+from epcli.progress import ProgressCallback
 from epcli.storage.atomic import StagedFiles
 from epcli.storage.mapped_pages import trim_heap
 from epcli.storage.paths import check_name, check_targets, file_sha256, make_parent
 from epcli.storage.sharded import is_index, sharded_base
 from epcli.verification.compare import Comparison, VerifyReport, VerifySettings
+from epcli.verification.model_check import ONNX_LABEL, collapse_in_place, expanded_outputs, layer_reader
 
 __all__ = ["ExportResult", "OnnxExportResult", "export_file"]
 
@@ -183,7 +186,7 @@ def _export_onnx(
     progress: ProgressCallback | None,
 ) -> OnnxExportResult:
     """Read the model once (float32), take its expanded outputs, check each EP layer while collapsing the model
-    in place (:func:`~epcli.jobs.verify.collapse_in_place`), export, check with onnx.checker, compare in
+    in place (:func:`~epcli.verification.model_check.collapse_in_place`), export, check with onnx.checker, compare in
     onnxruntime against those outputs, then stage the files in ``staged`` (the caller commits them).
 
     So the expanded model is never held beside a copy of itself, nor beside the ONNX weights.

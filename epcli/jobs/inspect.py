@@ -17,8 +17,9 @@ from typing import Any
 
 from torch import Tensor
 
-from epcli.checkpoint.checkpoint import CheckpointFile, open_checkpoint
 from epcli.checkpoint.inputs import InputSpec
+from epcli.checkpoint.load import open_checkpoint
+from epcli.checkpoint.opened import CheckpointFile
 from epcli.convert import (
     collapse_steps,
     collapsed_dtype,
@@ -29,10 +30,10 @@ from epcli.convert import (
 )
 from epcli.core.spectrum import Spectrum, spectrum, spectrum_method
 from epcli.errors import UsageError
-from epcli.jobs.verify import ProgressCallback
 from epcli.layers import EPConfig
 from epcli.layers.registry import expected_state
 from epcli.layers.summary import LayerSummary, natural_order, summarize_layer
+from epcli.progress import ProgressCallback
 from epcli.storage.atomic import atomic_write
 from epcli.storage.paths import check_output
 

@@ -2,54 +2,38 @@
 
 from __future__ import annotations
 
-import copy
-import functools
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from epcli.checkpoint.checkpoint import Checkpoint, CheckpointFile, open_checkpoint, read_model
-from epcli.checkpoint.inputs import InputSpec, describe_inputs, random_inputs, tensor_leaves
+from epcli.checkpoint.inputs import InputSpec, describe_inputs, tensor_leaves
+from epcli.checkpoint.load import open_checkpoint, read_model
+from epcli.checkpoint.opened import CheckpointFile
 from epcli.convert import (
     collapsed_keys,
     expanded_eval,
-    expanded_layer,
     layer_prefix,
     layer_states,
 )
 from epcli.errors import CheckpointError, ShapeMismatchError, UsageError
-from epcli.layers.base import EPLayer
-from epcli.layers.config import EPConfig
-from epcli.layers.registry import collapsed_has_bias, find_ep_layers, plain_layer
 from epcli.layers.summary import natural_order
 from epcli.onnx.export import OnnxSession
+from epcli.progress import ProgressCallback
 from epcli.storage.paths import file_sha256
-from epcli.verification.compare import SUPPORTED_DTYPES, Comparison, VerifyReport, VerifySettings, compare, compare_outputs
+from epcli.verification.compare import SUPPORTED_DTYPES, VerifyReport, VerifySettings
+from epcli.verification.model_check import (
+    IN_MEMORY,
+    NO_ARCHITECTURE,
+    check_subject,
+    opened_subject,
+)
 from epcli.verification.samples import read_samples, sample_batches
 
-__all__ = [
-    "DEFAULT_ONNX_TIMEOUT",
-    "ProgressCallback",
-    "VerifyResult",
-    "ExpandedOutputs",
-    "collapse_in_place",
-    "compare_layer",
-    "compare_model",
-    "expanded_outputs",
-    "layer_reader",
-    "verify_checkpoint",
-    "verify_files",
-]
+__all__ = ["DEFAULT_ONNX_TIMEOUT", "ProgressCallback", "VerifyResult", "verify_files"]
 
-ProgressCallback = Callable[[int, int, str], None]
-"""``report(done, total, label)``: lets a caller draw progress; library code itself never prints."""
-
-IN_MEMORY = "collapsed in memory"
-ONNX_LABEL = "onnxruntime"
-NO_ARCHITECTURE = "no architecture is embedded and no --model factory was named"
 DEFAULT_ONNX_TIMEOUT = 60.0
 """Seconds one onnxruntime run (one batch) of an ONNX artifact may take: the file is untrusted input."""
 
@@ -62,339 +46,6 @@ class VerifyResult:
     artifact_stale: bool | None = (
         None  # from the artifact's recorded source sha256; None: nothing recorded / no artifact
     )
-
-
-def compare_layer(
-    path: str,
-    layer: EPLayer,
-    weight: Tensor,
-    bias: Tensor | None,
-    input_shape: tuple[int, ...],
-    settings: VerifySettings,
-    label: str = IN_MEMORY,
-) -> Comparison:
-    """One EP layer's expanded chain (``layer``, already in the comparison dtype and device) against the plain
-    layer holding ``weight`` / ``bias``, cast the same way."""
-    reference = next(layer.parameters())
-    plain = _plain(layer.config, weight, bias).to(device=reference.device, dtype=reference.dtype)
-    return compare(path, "layer", label, functools.partial(layer, override=True), plain, input_shape, settings)
-
-
-def _plain(config: EPConfig, weight: Tensor, bias: Tensor | None) -> nn.Module:
-    """The plain layer holding ``weight`` / ``bias`` themselves (no copy)."""
-    plain = plain_layer(config, bias=bias is not None, device="meta")
-    plain.load_state_dict({"weight": weight} if bias is None else {"weight": weight, "bias": bias}, assign=True)
-    return plain
-
-
-def compare_model(
-    checkpoint: Checkpoint,
-    settings: VerifySettings,
-    *,
-    collapsed_state: Mapping[str, Tensor] | None = None,
-    onnx_session: OnnxSession | None = None,
-    label: str = IN_MEMORY,
-    batches: Sequence[tuple[Tensor, ...]] | None = None,
-) -> tuple[Comparison, ...]:
-    """The whole expanded model against its collapse: in memory, the given collapsed tensors, or an ONNX session.
-
-    Inputs are drawn from the checkpoint's input specs, or are ``batches`` (the user's
-    samples, one tensor per model input); one comparison per tensor of the output.
-    """
-    if checkpoint.model is None:
-        raise UsageError(f"{checkpoint.path}: no architecture is embedded; name a factory with --model module:function")
-    model = copy.deepcopy(checkpoint.model)  # the caller's model stays as it is
-    if onnx_session is not None:
-        return expanded_outputs(model, checkpoint.inputs, settings, batches).compare(onnx_session, ONNX_LABEL, settings)
-    states = layer_states(checkpoint.state_dict, checkpoint.ep_layers)
-    collapsed, expected, _ = collapse_in_place(
-        model, checkpoint.inputs, states.__getitem__, settings, collapsed_state=collapsed_state, batches=batches
-    )
-    return expected.compare(collapsed, label, settings)
-
-
-@dataclass(frozen=True)
-class ExpandedOutputs:
-    """The expanded model's outputs on the comparison's batches, taken before the model is collapsed in place:
-    what a candidate (the collapsed model, an ONNX session) is compared against once the expanded model is gone."""
-
-    batches: Sequence[tuple[Tensor, ...]]
-    outputs: Sequence[object]
-
-    def compare(self, candidate: Callable[..., object], label: str, settings: VerifySettings) -> tuple[Comparison, ...]:
-        outputs = iter(self.outputs)
-        return compare_outputs(
-            "<model>", "model", label, lambda *batch: next(outputs), candidate, self.batches, settings
-        )
-
-
-def expanded_outputs(
-    model: nn.Module,
-    specs: Sequence[InputSpec],
-    settings: VerifySettings,
-    batches: Sequence[tuple[Tensor, ...]] | None = None,
-) -> ExpandedOutputs:
-    """``model`` (one nobody else holds: cast in place, left in eval mode) run expanded on ``batches`` (the
-    user's samples), or on seeded batches drawn from ``specs`` as
-    :func:`~epcli.verification.compare.compare_outputs` draws them."""
-    model.to(device=settings.torch_device, dtype=settings.torch_dtype).eval()
-    if batches is not None:
-        drawn = [_moved(batch, settings) for batch in batches]
-    else:
-        drawn = list(
-            random_inputs(
-                specs,
-                settings.samples,
-                settings.batch_size,
-                settings.seed,
-                dtype=settings.torch_dtype,
-                device=settings.torch_device,
-            )
-        )
-    with expanded_eval(model) as reference, torch.no_grad():
-        return ExpandedOutputs(drawn, [reference(*batch) for batch in drawn])
-
-
-def collapse_in_place(
-    model: nn.Module,
-    specs: Sequence[InputSpec],
-    layer_state: Callable[[str], Mapping[str, Tensor]],
-    settings: VerifySettings,
-    *,
-    layer_input_shapes: Mapping[str, tuple[int, ...]] | None = None,
-    collapsed_state: Mapping[str, Tensor] | None = None,
-    rounded_to: Mapping[str, torch.dtype] | None = None,
-    batches: Sequence[tuple[Tensor, ...]] | None = None,
-    label: str = IN_MEMORY,
-    progress: ProgressCallback | None = None,
-) -> tuple[nn.Module, ExpandedOutputs, tuple[Comparison, ...]]:
-    """The outputs of ``model`` (see :func:`expanded_outputs`), then the model with each EP layer replaced by its
-    plain layer, in place: only one copy of the model ever exists.
-
-    Once the outputs are taken every EP layer is dropped, and each is built again from its own tensors
-    (``layer_state(path)``, keys relative to the layer: e.g. read from the file), cast to the comparison dtype,
-    collapsed and put back as its plain layer; so the peak is the model, or the model without its EP layers
-    and one layer with its float64 collapse, whichever is more. With ``layer_input_shapes`` each EP layer is
-    also checked alone against its plain layer. The plain layer holds the float64 collapse cast to the
-    comparison dtype (with ``rounded_to``, the dtype each layer is stored in, through that dtype first, as
-    :func:`collapse_model` of the stored model rounds it), or ``collapsed_state``'s tensors, loaded strictly as
-    they are. Returns the collapsed model (in the comparison dtype, eval mode), the expanded outputs and the
-    per-layer comparisons.
-    """
-    expected = expanded_outputs(model, specs, settings, batches)
-    found = find_ep_layers(model)
-    if layer_input_shapes is not None and set(layer_input_shapes) != set(found):
-        raise CheckpointError(
-            f"the model's EP layers {natural_order(found)} are not the checkpoint's "
-            f"{natural_order(layer_input_shapes)}"
-        )
-    configs = {path: layer.config for path, layer in found.items()}
-    owners = {path: id(layer) for path, layer in found.items()}  # a layer used at several paths stays one layer
-    # every place an EP layer sits, with repeats under one parent (which find_ep_layers lists once)
-    places = [(name, id(module)) for name, module in model.named_modules(remove_duplicate=False)
-              if id(module) in owners.values()]
-    del found
-    for name, _ in places:  # the expanded parameters are not needed any more
-        model = _put(model, name, nn.Identity())
-    comparisons: list[Comparison] = []
-    plain: dict[int, nn.Module] = {}
-    for path in natural_order(configs):
-        if progress is not None and layer_input_shapes is not None:
-            progress(len(comparisons), len(layer_input_shapes) + 1, f"checking layer {path}")
-        if layer_input_shapes is not None or owners[path] not in plain:
-            shape = None if layer_input_shapes is None else layer_input_shapes[path]
-            comparison, installed = _layer(
-                path, configs[path], layer_state, settings, input_shape=shape, collapsed_state=collapsed_state,
-                rounded_to=rounded_to, label=label,
-            )
-            comparisons.extend([] if comparison is None else [comparison])
-            plain.setdefault(owners[path], installed)
-            del installed  # before the next layer is read
-    for name, owner in places:
-        model = _put(model, name, plain[owner])
-    if collapsed_state is not None:
-        try:  # the given tensors as they are: collapsing the model again would be wasted work
-            model.load_state_dict(collapsed_state, strict=True, assign=True)
-        except RuntimeError as e:
-            raise CheckpointError(f"the collapsed tensors do not fit the collapsed architecture: {e}") from e
-    collapsed = model.to(device=settings.torch_device, dtype=settings.torch_dtype).eval()
-    return collapsed, expected, tuple(comparisons)
-
-
-def _put(model: nn.Module, path: str, module: nn.Module) -> nn.Module:
-    """``model`` with ``module`` at ``path`` (the root: ``module`` itself)."""
-    if not path:
-        return module
-    model.set_submodule(path, module)
-    return model
-
-
-def _layer(
-    path: str,
-    config: EPConfig,
-    layer_state: Callable[[str], Mapping[str, Tensor]],
-    settings: VerifySettings,
-    *,
-    input_shape: tuple[int, ...] | None,
-    collapsed_state: Mapping[str, Tensor] | None,
-    rounded_to: Mapping[str, torch.dtype] | None,
-    label: str,
-) -> tuple[Comparison | None, nn.Module]:
-    """The EP layer at ``path``, built from its own tensors in the comparison dtype: checked alone against its plain
-    layer (given ``input_shape``), and the plain layer that takes its place: the one checked, or the same collapse
-    rounded to its stored dtype first, or an empty one on the meta device that ``collapsed_state`` fills."""
-    layer = expanded_layer(config, layer_state(path), dtype=settings.torch_dtype, device=settings.torch_device)
-
-    def cast(module: nn.Module) -> nn.Module:
-        return module.to(device=settings.torch_device, dtype=settings.torch_dtype)
-
-    checked: nn.Module
-    installed: nn.Module
-    if collapsed_state is not None:
-        weight_key, bias_key = collapsed_keys(path)
-        checked = cast(_plain(config, collapsed_state[weight_key], collapsed_state.get(bias_key)))
-        installed = plain_layer(config, bias=collapsed_has_bias(config), device="meta")
-    else:
-        affine = layer.collapse()
-        checked = installed = cast(_plain(config, affine.weight, affine.bias))
-        stored = settings.torch_dtype if rounded_to is None else rounded_to[path]
-        if stored != settings.torch_dtype:
-            bias = None if affine.bias is None else affine.bias.to(stored)
-            installed = cast(_plain(config, affine.weight.to(stored), bias))
-        del affine
-    if input_shape is None:
-        return None, installed
-    expanded = functools.partial(layer, override=True)
-    return compare(path, "layer", label, expanded, checked, input_shape, settings), installed
-
-
-def _moved(batch: tuple[Tensor, ...], settings: VerifySettings) -> tuple[Tensor, ...]:
-    """A user's batch on the comparison's device, floating tensors in its dtype."""
-    return tuple(
-        t.to(device=settings.torch_device, dtype=settings.torch_dtype if t.is_floating_point() else t.dtype)
-        for t in batch
-    )
-
-
-@dataclass(frozen=True)
-class _Subject:
-    """What verification reads of an expanded checkpoint, loaded or opened: each EP layer's own tensors (keys
-    relative to the layer) one at a time when there is no model, else the model as a copy the check owns."""
-
-    ep_layers: Mapping[str, EPConfig]
-    layer_input_shapes: Mapping[str, tuple[int, ...]]
-    inputs: Sequence[InputSpec]
-    stored: Sequence[Tensor]  # every tensor (meta ones do), for the stored dtypes
-    layer_state: Callable[[str], Mapping[str, Tensor]]
-    owned_model: Callable[[torch.dtype], nn.Module] | None
-
-
-def verify_checkpoint(
-    checkpoint: Checkpoint,
-    settings: VerifySettings,
-    *,
-    collapsed_state: Mapping[str, Tensor] | None = None,
-    onnx_session: OnnxSession | None = None,
-    label: str = IN_MEMORY,
-    progress: ProgressCallback | None = None,
-    batches: Sequence[tuple[Tensor, ...]] | None = None,
-) -> VerifyReport:
-    """Every EP layer alone, then the whole model when its architecture is known.
-
-    Without ``collapsed_state`` the candidates are collapsed in memory from the
-    parameters cast to the comparison dtype (the collapse itself runs in float64),
-    so a float64 check measures the collapse, not the storage dtype. With it, the
-    given tensors (e.g. a collapsed file's) are what is judged, layer by layer and
-    loaded strictly into the collapsed architecture. Default tolerances allow for
-    the checkpoint's stored dtype (``VerifySettings.model_dtype``).
-    """
-    states = layer_states(checkpoint.state_dict, checkpoint.ep_layers)
-    model = checkpoint.model
-    subject = _Subject(
-        checkpoint.ep_layers,
-        checkpoint.layer_input_shapes,
-        checkpoint.inputs,
-        list(checkpoint.state_dict.values()),
-        states.__getitem__,
-        None if model is None else lambda dtype: copy.deepcopy(model),  # the caller's model stays as it is
-    )
-    session = None if onnx_session is None else lambda: onnx_session
-    return _verify(subject, settings, collapsed_state, session, label, progress, batches)
-
-
-def layer_reader(opened: CheckpointFile) -> Callable[[str], Mapping[str, Tensor]]:
-    """Reads the tensors of the EP layer at a path from the file (keys relative to the layer), as stored."""
-    keys = layer_states(opened.meta_state(), opened.ep_layers)
-    prefixes = {path: layer_prefix(path) for path in opened.ep_layers}
-
-    def layer_state(path: str) -> Mapping[str, Tensor]:
-        stored = opened.read(prefixes[path] + key for key in keys[path])
-        return {key[len(prefixes[path]) :]: tensor for key, tensor in stored.items()}
-
-    return layer_state
-
-
-def _opened_subject(opened: CheckpointFile, owned_model: Callable[[torch.dtype], nn.Module] | None) -> _Subject:
-    """An opened checkpoint: its EP layers read one at a time, and ``owned_model`` (which reads its model)."""
-    return _Subject(
-        opened.ep_layers,
-        opened.layer_input_shapes,
-        opened.inputs,
-        list(opened.meta_state().values()),
-        layer_reader(opened),
-        owned_model,
-    )
-
-
-def _verify(
-    subject: _Subject,
-    settings: VerifySettings,
-    collapsed_state: Mapping[str, Tensor] | None,
-    onnx_session: Callable[[], Callable[..., object]] | None,
-    label: str,
-    progress: ProgressCallback | None,
-    batches: Sequence[tuple[Tensor, ...]] | None,
-) -> VerifyReport:
-    """:func:`verify_checkpoint` on what ``subject`` reads: the model once, each EP layer checked and collapsed in
-    it in turn (:func:`collapse_in_place`), then the whole model; without a model, one EP layer at a time.
-    ``onnx_session`` is opened after the layers, so its weights and the expanded model are not held together."""
-    if settings.model_dtype is None:  # default tolerances follow the stored precision (bfloat16 / float16)
-        settings = settings.for_model(subject.stored)
-    total = len(subject.ep_layers) + (subject.owned_model is not None)
-    tick = progress or (lambda done, total, label: None)
-    if subject.owned_model is None:
-        comparisons: list[Comparison] = []
-        for path in natural_order(subject.ep_layers):
-            tick(len(comparisons), total, f"checking layer {path}")
-            comparison, _ = _layer(
-                path, subject.ep_layers[path], subject.layer_state, settings,
-                input_shape=subject.layer_input_shapes[path], collapsed_state=collapsed_state, rounded_to=None,
-                label=label,
-            )
-            assert comparison is not None  # an input shape was given
-            comparisons.append(comparison)
-        tick(total, total, "done")
-        return VerifyReport(settings, settings.tolerance, tuple(comparisons), model_check_skipped=NO_ARCHITECTURE)
-    tick(0, total, "running the expanded model")
-    collapsed, expected, layers = collapse_in_place(
-        subject.owned_model(settings.torch_dtype),
-        subject.inputs,
-        subject.layer_state,
-        settings,
-        layer_input_shapes=subject.layer_input_shapes,
-        collapsed_state=collapsed_state,
-        batches=batches,
-        label=label,
-        progress=progress,
-    )
-    tick(len(layers), total, "checking the whole model")
-    if onnx_session is not None:
-        del collapsed
-        model = expected.compare(onnx_session(), ONNX_LABEL, settings)
-    else:
-        model = expected.compare(collapsed, label, settings)
-    tick(total, total, "done")
-    return VerifyReport(settings, settings.tolerance, (*layers, *model))
 
 
 def verify_files(
@@ -449,8 +100,8 @@ def verify_files(
 
     notes = list(checkpoint.notes)
     if artifact_path is None:
-        report = _verify(
-            _opened_subject(checkpoint, owned_model if has_model else None),
+        report = check_subject(
+            opened_subject(checkpoint, owned_model if has_model else None),
             settings, None, None, IN_MEMORY, progress, batches,
         )
         return VerifyResult(checkpoint_path, None, replace(report, notes=(*notes, *report.notes)))
@@ -472,8 +123,8 @@ def verify_files(
             del first  # opened again after the layers: its weights are not held beside the expanded model
             handed = [model]  # the check owns the only reference, and drops each EP layer as it goes
             del model
-            report = _verify(
-                _opened_subject(checkpoint, lambda dtype: handed.pop()),
+            report = check_subject(
+                opened_subject(checkpoint, lambda dtype: handed.pop()),
                 settings, None, session, IN_MEMORY, progress, batches,
             )
         except ShapeMismatchError as e:  # an output whose sizes the file leaves open
@@ -504,8 +155,8 @@ def verify_files(
     precision = _artifact_precision(checkpoint, artifact.path, artifact.meta_state(), settings)
     if precision is not None:
         notes.append(precision)
-    report = _verify(
-        _opened_subject(checkpoint, owned_model if has_model else None),
+    report = check_subject(
+        opened_subject(checkpoint, owned_model if has_model else None),
         settings, collapsed_state, None, artifact_path.name, progress, batches,
     )
     return VerifyResult(

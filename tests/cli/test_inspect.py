@@ -289,7 +289,7 @@ def test_approximate_ranks_are_marked_in_the_table_and_json(artifacts, invoke, j
 @pytest.mark.parametrize("which", ["digits_mlp", "digits_cnn.collapsed"])
 def test_inspect_reads_one_ep_layer_at_a_time(which, artifacts, monkeypatch):
     """Streaming: every read holds the tensors of at most one EP layer, and tensors of no other module."""
-    from epcli.checkpoint.checkpoint import CheckpointFile
+    from epcli.checkpoint.opened import CheckpointFile
     from epcli.convert import layer_states
     from epcli.jobs.inspect import inspect_file
 

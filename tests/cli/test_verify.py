@@ -348,8 +348,8 @@ def test_a_root_ep_layer_is_checked_as_the_whole_model(tmp_path, invoke, json_do
 def test_compare_model_leaves_the_callers_model_as_it_was(artifacts):
     import torch
 
-    from epcli.jobs.verify import compare_model
     from epcli.verification.compare import VerifySettings
+    from epcli.verification.model_check import compare_model
 
     checkpoint = epcli.load_checkpoint(artifacts.sources["digits_mlp"])
     before = {key: value.clone() for key, value in checkpoint.model.state_dict().items()}
@@ -501,8 +501,8 @@ def test_a_layer_repeated_under_one_parent_is_replaced_everywhere():
 
     from epcli.checkpoint.inputs import InputSpec
     from epcli.convert import expanded_eval, layer_states
-    from epcli.jobs.verify import collapse_in_place
     from epcli.verification.compare import VerifySettings
+    from epcli.verification.model_check import collapse_in_place
 
     torch.manual_seed(0)
     layer = epcli.EPLinear(5, 5, depth=3)

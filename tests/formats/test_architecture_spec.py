@@ -13,11 +13,11 @@ from epcli import CheckpointError, ConfigError, EPConv1d, EPConv2d, EPConv3d, EP
 from epcli.checkpoint.architecture import (
     SUPPORTED_TYPES,
     build_architecture,
-    check_forward,
     collapsed_architecture,
     describe_architecture,
     ep_nodes,
 )
+from epcli.checkpoint.forward import check_forward
 from epcli.limits import MAX_NESTING
 
 

@@ -19,7 +19,8 @@ from torch import nn
 
 import epcli
 from epcli import CheckpointError, EpcliError, ShapeMismatchError
-from epcli.checkpoint.checkpoint import CheckpointFile, load_checkpoint, open_checkpoint
+from epcli.checkpoint.load import load_checkpoint, open_checkpoint
+from epcli.checkpoint.opened import CheckpointFile
 from epcli.storage import source
 from epcli.storage.mapped_pages import release_pages
 from epcli.storage.safetensors_io import read_header

@@ -22,7 +22,7 @@ from torch import nn
 
 import epcli
 from epcli import CheckpointError
-from epcli.checkpoint.checkpoint import load_checkpoint, open_checkpoint
+from epcli.checkpoint.load import load_checkpoint, open_checkpoint
 from epcli.storage.sharded import (
     SHARD_OF_KEY,
     index_path,

@@ -1,20 +1,16 @@
-"""Self-describing checkpoints: save, validate and load, with no user code and no code from the file.
+"""Opening and loading checkpoints, with no user code (but a factory the user names) and no code from the file.
 
-A checkpoint is the model's state dict plus epcli metadata (see
-:mod:`epcli.checkpoint.metadata`): every EP layer's config and input shape, and
-the architecture whenever it is built only from supported modules, so
-``load_checkpoint`` can rebuild the model in a fresh process. Loading checks
-everything before it builds anything real: tensors are compared with layers
-built on the meta device, so a hostile config cannot make it allocate memory.
+Opening checks everything before anything real is built: tensors are compared with layers built on the meta
+device, so a hostile config cannot make it allocate memory; tensor data stays in the file until read.
 """
 
 from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -23,33 +19,25 @@ from torch import Tensor, nn
 
 from epcli.checkpoint.architecture import (
     build_architecture,
-    check_forward,
-    collapsed_architecture,
-    describe_architecture,
     ep_nodes,
 )
 from epcli.checkpoint.factory import ModelFactory, build_from_factory
 from epcli.checkpoint.foreign import match_keys
+from epcli.checkpoint.forward import check_forward, layer_input_shapes
 from epcli.checkpoint.inputs import InputSpec, describe_inputs, input_specs
 from epcli.checkpoint.metadata import (
     Metadata,
-    build_metadata,
     checked_config,
-    dump_metadata,
     missing_metadata,
     parse_metadata,
 )
+from epcli.checkpoint.opened import Checkpoint, CheckpointFile
 from epcli.convert import (
     collapse_model,
-    collapse_state_dict,
-    collapse_steps,
-    collapsed_dtype,
-    expanded_eval,
     layer_prefix,
     layer_states,
-    unwrap_model,
 )
-from epcli.errors import CheckpointError, ConfigError, EpcliError, ShapeMismatchError, UsageError
+from epcli.errors import CheckpointError, EpcliError, ShapeMismatchError, UsageError
 from epcli.layers.config import EPConfig
 from epcli.layers.registry import (
     check_state,
@@ -63,302 +51,13 @@ from epcli.storage.source import (
     SUFFIXES,
     TensorInfo,
     TensorSource,
-    check_finite,
     open_source,
 )
-from epcli.storage.writer import CheckpointWriter
 from epcli.text import quote
 
-__all__ = [
-    "SUFFIXES",
-    "Checkpoint",
-    "CheckpointFile",
-    "collapsed_layout",
-    "load_checkpoint",
-    "open_checkpoint",
-    "save_checkpoint",
-    "save_collapsed_checkpoint",
-]
+__all__ = ["SUFFIXES", "load_checkpoint", "open_checkpoint", "read_model"]
 
 
-@dataclass(frozen=True)
-class CheckpointFile:
-    """An opened, checked checkpoint whose tensors stay in the file until :meth:`read`.
-
-    Everything here was checked without reading tensor data: the metadata, each
-    EP layer's tensors against its config, and the embedded architecture against
-    the keys and shapes (on the meta device). ``files`` lists every file of the
-    checkpoint (an index and its shards, or the one file); ``tensors`` lists
-    keys in state-dict order. ``inputs`` are the model's input specs
-    (``input_shape`` is the first one's shape).
-    """
-
-    path: Path
-    kind: str
-    ep_layers: dict[str, EPConfig]
-    layer_input_shapes: dict[str, tuple[int, ...]]
-    input_shape: tuple[int, ...]
-    inputs: tuple[InputSpec, ...]
-    architecture: dict[str, Any] | None
-    metadata: dict[str, Any]
-    source: TensorSource
-    notes: tuple[str, ...] = ()
-    """What was reconciled between a foreign file and the model (a stripped prefix, tied weights)."""
-
-    @property
-    def foreign(self) -> bool:
-        """Whether the file was written by another tool (its EP configs come from the user's factory)."""
-        return self.source.metadata is None
-
-    @property
-    def tensors(self) -> Mapping[str, TensorInfo]:
-        return self.source.tensors
-
-    @property
-    def files(self) -> tuple[Path, ...]:
-        return self.source.files
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of tensor data in the file(s)."""
-        return self.source.nbytes
-
-    def meta_state(self) -> dict[str, Tensor]:
-        """Meta tensors with every key, shape and dtype: a state dict that takes no memory."""
-        return {key: info.meta() for key, info in self.tensors.items()}
-
-    def read(self, keys: Iterable[str], *, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
-        """Fresh CPU tensors for ``keys`` (floating ones cast to ``dtype`` when given), each checked to be finite.
-
-        Errors start with the path.
-        """
-        try:
-            state = self.source.read(keys, dtype=dtype)
-            check_finite(state, "the file")
-        except EpcliError as e:
-            raise type(e)(f"{self.path}: {e}") from e
-        except OSError as e:
-            raise CheckpointError(f"{self.path}: cannot be read ({e.strerror or e})") from e
-        return state
-
-
-@dataclass(frozen=True)
-class Checkpoint:
-    """A loaded, validated checkpoint.
-
-    ``model`` is the rebuilt module in eval mode (None when the file has no
-    architecture and no factory was given); for a collapsed file it is the plain
-    model, and ``ep_layers`` still lists the configs of the collapsed layers.
-    ``layer_input_shapes`` holds each EP layer's per-sample input shape, ``inputs``
-    the model's input specs (``input_shape`` is the first one's shape).
-    """
-
-    path: Path
-    kind: str
-    model: nn.Module | None
-    state_dict: dict[str, Tensor]
-    ep_layers: dict[str, EPConfig]
-    layer_input_shapes: dict[str, tuple[int, ...]]
-    input_shape: tuple[int, ...]
-    inputs: tuple[InputSpec, ...]
-    architecture: dict[str, Any] | None
-    metadata: dict[str, Any]
-    notes: tuple[str, ...] = ()
-    files: tuple[Path, ...] = ()
-    """Every file read: the one file, an index and its shards, a folder's or DCP directory's files (first: the
-    one that identifies it, whose sha256 provenance records)."""
-
-
-# ---- saving ----------------------------------------------------------------------------------
-def save_checkpoint(
-    model: nn.Module,
-    path: str | os.PathLike[str],
-    *,
-    input_shape: Any = None,
-    inputs: Sequence[InputSpec] | None = None,
-) -> Path:
-    """Write ``model`` as an expanded-form checkpoint (``.pt`` or ``.safetensors``, by suffix); returns the path.
-
-    ``input_shape`` is the shape of one float32 sample without the batch dimension,
-    e.g. ``(64,)`` or ``(1, 8, 8)``; ``inputs`` instead gives one
-    :class:`~epcli.InputSpec` per model input, e.g. token ids
-    ``inputs=[InputSpec((16,), torch.int64, 0, vocab_size)]``. One forward pass on
-    inputs of those specs records each EP layer's input shape, and later checks
-    draw their inputs from them. The write is atomic, and identical models give
-    byte-identical files. A wrapped model (DDP, ``torch.compile``, FSDP1/FSDP2) is
-    saved as its full, unwrapped model (:func:`epcli.convert.unwrap_model`; for FSDP
-    a collective, so call it on every rank).
-    """
-    if not isinstance(model, nn.Module):
-        what = "a state_dict" if isinstance(model, Mapping) else f"a {type(model).__name__}"
-        raise UsageError(
-            f"save_checkpoint takes the model (an nn.Module), got {what}; pass the model itself "
-            "(epcli records its architecture and EP layer configs, which a state_dict does not hold)"
-        )
-    path = Path(path)
-    model = unwrap_model(model)
-    specs = input_specs(input_shape, inputs)
-    layers = find_ep_layers(model)
-    layer_shapes = _layer_input_shapes(model, specs)
-    # the model's own tensors, not copies: the writer streams them to the file one at a time
-    state = _tensors_only(model.state_dict())
-    check_finite(state, "the model")
-    document = build_metadata(
-        kind="expanded",
-        inputs=specs,
-        ep_layers={p: layer.config for p, layer in layers.items()},
-        layer_input_shapes=layer_shapes,
-        architecture=describe_architecture(model),
-        provenance={},
-    )
-    return _write(path, dump_metadata(document), state)
-
-
-def save_collapsed_checkpoint(
-    checkpoint: Checkpoint,
-    path: str | os.PathLike[str],
-    *,
-    provenance: Mapping[str, Any] | None = None,
-    collapsed_state: Mapping[str, Tensor] | None = None,
-) -> Path:
-    """Write the collapsed form of an expanded checkpoint: ``<path>.weight`` / ``<path>.bias`` per EP layer.
-
-    The metadata keeps the EP configs and input shapes (so tools know which
-    tensors were EP layers), the collapsed architecture when the source had one,
-    and ``provenance`` (free-form JSON, e.g. the source's sha256 and per-layer errors).
-    ``collapsed_state`` is the result of ``collapse_state_dict`` when the caller
-    already has it (e.g. to measure errors first); it is checked against the
-    configs, not recomputed. Large checkpoints are better collapsed from the file,
-    one layer at a time: ``epcli collapse`` (:func:`epcli.jobs.collapse.collapse_file`).
-    """
-    path = Path(path)
-    if checkpoint.kind != "expanded":
-        raise CheckpointError(
-            f"{checkpoint.path} is already collapsed; collapse the expanded checkpoint it was made from"
-        )
-    layout = collapsed_layout(checkpoint.state_dict, checkpoint.ep_layers)
-    if collapsed_state is None:
-        state = collapse_state_dict(checkpoint.state_dict, checkpoint.ep_layers)
-    else:
-        try:
-            check_state(layout, collapsed_state)
-        except (CheckpointError, ShapeMismatchError) as e:
-            raise type(e)(f"collapsed_state does not fit {checkpoint.path}: {e}") from e
-        state = _detached(collapsed_state)
-        check_finite(state, "collapsed_state")
-    return _write(path, collapsed_metadata(checkpoint, provenance or {}), {key: state[key] for key in layout})
-
-
-def collapsed_layout(state: Mapping[str, Tensor], ep_layers: Mapping[str, EPConfig]) -> dict[str, Tensor]:
-    """Meta tensors with the keys (in output order), shapes and dtypes of the collapsed state dict.
-
-    ``state`` may itself hold meta tensors (e.g. :meth:`CheckpointFile.meta_state`).
-    A collapsed layer keeps the dtype of its first stored weight.
-    """
-    layout: dict[str, Tensor] = {}
-    for step in collapse_steps(state, ep_layers):
-        if step.layer is None:
-            key = step.keys[0]
-            layout[key] = torch.empty(state[key].shape, dtype=state[key].dtype, device="meta")
-            continue
-        prefix = layer_prefix(step.layer)
-        dtype = collapsed_dtype(step.layer, state)
-        for key, value in expected_state(ep_layers[step.layer], collapsed=True).items():
-            layout[prefix + key] = value.to(dtype)
-    return layout
-
-
-def collapsed_metadata(checkpoint: Checkpoint | CheckpointFile, provenance: Mapping[str, Any]) -> str:
-    """The metadata (JSON text) of the collapsed form of ``checkpoint``."""
-    architecture = None if checkpoint.architecture is None else collapsed_architecture(checkpoint.architecture)
-    document = build_metadata(
-        kind="collapsed",
-        inputs=checkpoint.inputs,
-        ep_layers=checkpoint.ep_layers,
-        layer_input_shapes=checkpoint.layer_input_shapes,
-        architecture=architecture,
-        provenance=dict(provenance),
-    )
-    return dump_metadata(document)
-
-
-def _write(path: Path, metadata: str, state: Mapping[str, Tensor]) -> Path:
-    layout = {key: TensorInfo(tuple(value.shape), value.dtype) for key, value in state.items()}
-    with CheckpointWriter(path, layout) as writer:
-        for key, value in state.items():
-            writer.add(key, value)
-        return writer.commit(metadata)
-
-
-def _tensors_only(state: Mapping[str, Any]) -> dict[str, Tensor]:
-    """``state`` itself (no copies), checked to hold only tensors."""
-    for key, value in state.items():
-        if not isinstance(value, Tensor):
-            raise CheckpointError(
-                f"state_dict entry {key!r} is a {type(value).__name__}; epcli checkpoints hold tensors only"
-            )
-    return dict(state)
-
-
-def _detached(state: Mapping[str, Any]) -> dict[str, Tensor]:
-    """Contiguous CPU copies that share no storage (safetensors refuses shared or strided tensors)."""
-    return {
-        key: value.detach().cpu().clone(memory_format=torch.contiguous_format)
-        for key, value in _tensors_only(state).items()
-    }
-
-
-def _layer_input_shapes(model: nn.Module, specs: Sequence[InputSpec]) -> dict[str, tuple[int, ...]]:
-    """Per-sample input shape of each EP layer, from one forward pass of ``model`` itself on constant inputs.
-
-    No copy of the model: it runs in eval mode with its EP layers' expanded chains (no collapse is
-    computed or cached) under ``no_grad``, so no parameter, buffer or batch-norm statistic changes;
-    training flags and ``collapse_on_eval`` are restored afterwards (:func:`expanded_eval`).
-    """
-    layers = find_ep_layers(model)
-    seen: dict[str, tuple[int, ...]] = {}
-
-    def recorder(path: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
-        def record(module: nn.Module, args: tuple[Any, ...]) -> None:
-            if path not in seen and args and isinstance(args[0], Tensor):
-                seen[path] = tuple(args[0].shape[1:])  # [batch, *sample] -> sample
-
-        return record
-
-    handles = [layer.register_forward_pre_hook(recorder(path)) for path, layer in layers.items()]
-    reference = next((t for t in itertools.chain(model.parameters(), model.buffers()) if t.is_floating_point()), None)
-    batch = [
-        spec.example(
-            2,
-            dtype=reference.dtype if reference is not None else torch.get_default_dtype(),
-            device=reference.device if reference is not None else None,
-        )
-        for spec in specs
-    ]
-    given = describe_inputs(specs)
-    try:
-        with expanded_eval(model), torch.no_grad():
-            model(*batch)
-    except Exception as e:  # the user's forward may fail in any way on a wrong shape
-        shapes = ", ".join(f"{list(t.shape)} {str(t.dtype).removeprefix('torch.')}" for t in batch)
-        raise ConfigError(
-            f"the model's forward fails on a batch of shape {shapes} ({given}): "
-            f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}; pass the shape of one "
-            "sample without the batch dimension (token ids and other non-float inputs: inputs=[InputSpec(...)])"
-        ) from e
-    finally:
-        for handle in handles:
-            handle.remove()
-    unused = [path for path in layers if path not in seen]
-    if unused:
-        raise ConfigError(
-            f"EP layers {unused} were not called by the forward pass on {given}; "
-            "epcli needs every EP layer's input shape"
-        )
-    return seen
-
-
-# ---- loading ---------------------------------------------------------------------------------
 def open_checkpoint(
     path: str | os.PathLike[str],
     *,
@@ -542,7 +241,7 @@ def _open_foreign(
         path=path,
         kind="expanded",
         ep_layers={p: layer.config for p, layer in layers.items()},
-        layer_input_shapes=_layer_input_shapes(model, specs),
+        layer_input_shapes=layer_input_shapes(model, specs),
         input_shape=specs[0].shape,
         inputs=specs,
         architecture=None,

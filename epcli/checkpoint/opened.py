@@ -1,0 +1,110 @@
+"""An opened checkpoint (tensors still in the file) and a loaded one (tensors and model in memory)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from epcli.checkpoint.inputs import InputSpec
+from epcli.errors import CheckpointError, EpcliError
+from epcli.layers.config import EPConfig
+from epcli.storage.source import (
+    TensorInfo,
+    TensorSource,
+    check_finite,
+)
+
+__all__ = ["Checkpoint", "CheckpointFile"]
+
+
+@dataclass(frozen=True)
+class CheckpointFile:
+    """An opened, checked checkpoint whose tensors stay in the file until :meth:`read`.
+
+    Everything here was checked without reading tensor data: the metadata, each
+    EP layer's tensors against its config, and the embedded architecture against
+    the keys and shapes (on the meta device). ``files`` lists every file of the
+    checkpoint (an index and its shards, or the one file); ``tensors`` lists
+    keys in state-dict order. ``inputs`` are the model's input specs
+    (``input_shape`` is the first one's shape).
+    """
+
+    path: Path
+    kind: str
+    ep_layers: dict[str, EPConfig]
+    layer_input_shapes: dict[str, tuple[int, ...]]
+    input_shape: tuple[int, ...]
+    inputs: tuple[InputSpec, ...]
+    architecture: dict[str, Any] | None
+    metadata: dict[str, Any]
+    source: TensorSource
+    notes: tuple[str, ...] = ()
+    """What was reconciled between a foreign file and the model (a stripped prefix, tied weights)."""
+
+    @property
+    def foreign(self) -> bool:
+        """Whether the file was written by another tool (its EP configs come from the user's factory)."""
+        return self.source.metadata is None
+
+    @property
+    def tensors(self) -> Mapping[str, TensorInfo]:
+        return self.source.tensors
+
+    @property
+    def files(self) -> tuple[Path, ...]:
+        return self.source.files
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of tensor data in the file(s)."""
+        return self.source.nbytes
+
+    def meta_state(self) -> dict[str, Tensor]:
+        """Meta tensors with every key, shape and dtype: a state dict that takes no memory."""
+        return {key: info.meta() for key, info in self.tensors.items()}
+
+    def read(self, keys: Iterable[str], *, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+        """Fresh CPU tensors for ``keys`` (floating ones cast to ``dtype`` when given), each checked to be finite.
+
+        Errors start with the path.
+        """
+        try:
+            state = self.source.read(keys, dtype=dtype)
+            check_finite(state, "the file")
+        except EpcliError as e:
+            raise type(e)(f"{self.path}: {e}") from e
+        except OSError as e:
+            raise CheckpointError(f"{self.path}: cannot be read ({e.strerror or e})") from e
+        return state
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A loaded, validated checkpoint.
+
+    ``model`` is the rebuilt module in eval mode (None when the file has no
+    architecture and no factory was given); for a collapsed file it is the plain
+    model, and ``ep_layers`` still lists the configs of the collapsed layers.
+    ``layer_input_shapes`` holds each EP layer's per-sample input shape, ``inputs``
+    the model's input specs (``input_shape`` is the first one's shape).
+    """
+
+    path: Path
+    kind: str
+    model: nn.Module | None
+    state_dict: dict[str, Tensor]
+    ep_layers: dict[str, EPConfig]
+    layer_input_shapes: dict[str, tuple[int, ...]]
+    input_shape: tuple[int, ...]
+    inputs: tuple[InputSpec, ...]
+    architecture: dict[str, Any] | None
+    metadata: dict[str, Any]
+    notes: tuple[str, ...] = ()
+    files: tuple[Path, ...] = ()
+    """Every file read: the one file, an index and its shards, a folder's or DCP directory's files (first: the
+    one that identifies it, whose sha256 provenance records)."""
