@@ -1,7 +1,7 @@
 """An interrupted command still gives ``--json`` readers one document: Ctrl-C exits 130, SIGTERM 143.
 
 In-process (the job function is replaced by one that is interrupted); the real
-SIGTERM of a running ``epcli collapse --json`` is in tests/formats/test_interrupted_writes.py.
+SIGTERM of a running ``epcli collapse --json`` is in tests/storage/test_interrupted_writes.py.
 """
 
 from __future__ import annotations
