@@ -12,7 +12,7 @@ dir, then runs each command once in a fresh process forked from a small wrapper 
 
 Each command's peak RSS is printed above the ``import torch`` floor as a multiple of the input, and its wall time
 as a multiple of ``epcli collapse``'s (the commands run in the listed order, once, so on a loaded machine read the
-time ratios as rough). Issue 12's targets: verify / export / inspect at most 1.0x the input above the floor,
+time ratios as rough). Targets: verify / export / inspect at most 1.0x the input above the floor,
 inspect no slower than collapse, collapse within 1.3x of the bare script (that one is measured in rounds by
 ``large_collapse.py``), save at most 0.5x the model.
 

@@ -12,7 +12,7 @@ interleaved round by round, medians reported, on both bundled samples:
   onnx.checker, the same per-layer and whole-model comparisons (the model through onnxruntime), write;
 * ``python -c "import torch"`` as the floor both pay.
 
-Target (issue 12): export at most 1.5x collapse. Before the direct emitter the export took 3-4x
+Target: export at most 1.5x collapse. Through torch.onnx alone the export takes 3-4x
 collapse, nearly all of it torch.onnx's own start-up (importing dynamo and onnxscript, building its
 op registry from source, decompositions).
 """

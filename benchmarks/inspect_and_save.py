@@ -5,7 +5,7 @@ Every candidate is a fresh subprocess forked from a small wrapper that reads its
 
 1. On a checkpoint of ``LAYERS x EPLinear(WIDTH, WIDTH, depth=4)`` (.safetensors), interleaved rounds of
    ``epcli collapse CKPT -o OUT --force`` and ``epcli inspect CKPT`` (and, with ``--exact``,
-   ``epcli inspect CKPT --exact``): median wall time and peak RSS of each. Targets (issue 12): inspect
+   ``epcli inspect CKPT --exact``): median wall time and peak RSS of each. Targets: inspect
    no slower than collapse, memory bounded like collapse.
 2. ``save_checkpoint`` of the same model to .safetensors and .pt: peak RSS of the child minus its RSS
    right before the call (measured inside the child), as a multiple of the model's tensor bytes. With
@@ -13,7 +13,7 @@ Every candidate is a fresh subprocess forked from a small wrapper that reads its
    that epcli too, side by side. Target: at most 0.5x the model.
 
 Run from the repository root: ``python benchmarks/inspect_and_save.py`` (4 x 2048, 256 MiB: a few minutes
-on 2 cores); ``--width 4096`` for the 1 GiB checkpoint of the issue.
+on 2 cores); ``--width 4096`` for a 1 GiB checkpoint.
 """
 
 from __future__ import annotations

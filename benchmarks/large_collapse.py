@@ -15,7 +15,7 @@ and .pt) in a temp dir, then runs, interleaved (A B, B A, ...) in fresh subproce
 Peak RSS of each subprocess comes from ``os.wait4`` in a tiny wrapper process (Linux keeps
 the pre-exec RSS of a forked parent in the child's ``ru_maxrss``, so the measured process must
 be forked from a small one, and this script never imports torch itself); the floor is
-``python -c "import torch"``. Targets: B/A wall time <= 1.3 (issue 12; it was 1.5), peak RSS <= 0.5 x input size.
+``python -c "import torch"``. Targets: B/A wall time <= 1.3, peak RSS <= 0.5 x input size.
 ``import torch`` alone takes about 0.85 x of this input, so the memory target is read as
 "peak RSS above the import-torch floor <= 0.5 x input" (both are printed).
 Run from the repository root: ``python benchmarks/large_collapse.py`` (about 2-3 minutes; ``--rounds N``
@@ -27,7 +27,7 @@ command runs once untimed before the rounds (default mode): an installed epcli, 
 install time, but a checkout run where ``PYTHONDONTWRITEBYTECODE`` is set (some sandboxes) would compile
 every epcli module again on every run (about 0.1 s) and charge that to epcli.
 
-``--verify [--width W] [--before CHECKOUT]`` measures ``epcli verify`` instead (issue 12): on a checkpoint of
+``--verify [--width W] [--before CHECKOUT]`` measures ``epcli verify`` instead: on a checkpoint of
 ``LAYERS x EPLinear(W, W, depth=4)`` (.safetensors; ``--layers``, default 16 x 1024 = 256 MiB, 4 x 4096 = 1 GiB),
 one fresh process each of ``epcli collapse``, ``epcli verify CKPT`` (collapsed in memory), ``epcli verify CKPT
 COLLAPSED`` and ``epcli export CKPT --onnx OUT.onnx`` (validated in onnxruntime), with this epcli and, with

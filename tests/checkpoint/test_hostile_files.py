@@ -1,7 +1,7 @@
 """A generated corpus of hostile files: each is refused fast, in bounded memory, by a typed error naming file and field.
 
-One test per case found by the adversarial campaign of issue 11. The files are made
-here (no stored binaries); cases that used to blow up (minutes, gigabytes) run in one
+One test per case found by an adversarial campaign against the readers. The files are made
+here (no stored binaries); cases that could blow up (minutes, gigabytes) run in one
 child process with a timeout and report their time and peak memory.
 """
 

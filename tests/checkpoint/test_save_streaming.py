@@ -53,7 +53,7 @@ def test_the_shape_probe_changes_nothing_in_the_model(tmp_path: Path, suffix: st
 
 
 def test_a_model_that_cannot_be_deep_copied_is_saved(tmp_path: Path):
-    """No copy of the model is made (a lock cannot be deep-copied; the probe used to copy the model)."""
+    """No copy of the model is made (a lock cannot be deep-copied, so a copy would fail)."""
     model = _model().eval()
     model.lock = threading.Lock()
 

@@ -26,7 +26,7 @@ MISSING_MODULE = "epcli_cli_no_such_module_for_tests:build"
 # ---- bad inputs ------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def bad(tmp_path_factory) -> SimpleNamespace:
-    """One file per kind of bad input (the format issue's list), plus a good checkpoint and a collapsed one."""
+    """One file per kind of bad input (every kind the readers refuse), plus a good checkpoint and a collapsed one."""
     d = tmp_path_factory.mktemp("bad_inputs")
     repo_samples = Path(__file__).resolve().parents[2] / "sample_checkpoints"
     good = d / "digits_mlp.pt"
@@ -377,7 +377,7 @@ def test_no_color_is_respected_on_a_terminal(terminal_runs):
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs a pseudo-terminal")
 def test_long_work_shows_progress_on_a_terminal(terminal_runs):
-    """The issue: "Progress bars on long work" (on a terminal; never in pipes or CI logs).
+    """Progress bars on long work: on a terminal, never in pipes or CI logs.
 
     A rich progress display on a terminal hides the cursor when it starts and erases its line when it ends
     (cursor control sequences), which a plain table never emits, however short the work: a verify of 32

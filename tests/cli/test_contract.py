@@ -1,4 +1,4 @@
-"""The CLI contract a CI step relies on (issue 11): outputs, messages, order, and what verify says it checked.
+"""The CLI contract a CI step relies on: outputs, messages, order, and what verify says it checked.
 
 In-process runs (``invoke``) where the behaviour does not depend on the process; the
 stdout/stderr split, exit codes and environment are checked with subprocesses in

@@ -132,7 +132,7 @@ def test_plot_needs_a_png_path(samples, invoke, flat):
 
 
 def test_existing_plot_is_not_overwritten_without_force(samples, invoke, flat):
-    """CI-grade rule of the issue: an existing output is not overwritten without --force.
+    """CI-grade rule: an existing output is not overwritten without --force.
 
     BUG (at the time of writing): ``inspect --plot`` has no --force and silently replaces the file.
     """

@@ -1,7 +1,7 @@
 """Collapsed eval forward == expanded forward over the grid of layer structures.
 
 Each grid point is its own item. Whether a structure is valid is decided here from the
-issue's rule (node sizes in, hidden..., out; identity skips need equal sizes), so both the
+original code's rule (node sizes in, hidden..., out; identity skips need equal sizes), so both the
 accepted and the rejected sets are checked against the layers' own validation.
 
 By default a 3-way covering subset runs (every combination of three axis values that any
@@ -55,7 +55,7 @@ def _hash(text: str) -> int:
 
 
 def expected_skips(depth: int, intervals: Intervals) -> set[tuple[int, int]]:
-    """The issue's rule: for each interval n (-1 = depth) a skip m - n -> m for m = n, 2n, ... <= depth."""
+    """The original code's rule: for each interval n (-1 = depth) a skip m - n -> m for m = n, 2n, ... <= depth."""
     steps = {depth if n == -1 else n for n in (intervals if isinstance(intervals, list) else [intervals])}
     return {(m - n, m) for n in steps for m in range(n, depth + 1, n)}
 
@@ -175,7 +175,7 @@ class ConvCase(Case):
 
     @property
     def kernel_list(self) -> list[int]:
-        """Per-layer kernel sizes, from the issue's rule (an int k means [k] + [1] * (depth - 1))."""
+        """Per-layer kernel sizes, from the original code's rule (an int k means [k] + [1] * (depth - 1))."""
         return [self.kernels] + [1] * (self.depth - 1) if isinstance(self.kernels, int) else self.kernels
 
     @property
@@ -219,7 +219,7 @@ def _grid(cases: Sequence[Case], valid: bool) -> pytest.MarkDecorator:
 
 
 def check_structure(layer: EPLayer, case: Case) -> None:
-    """The modules the issue describes: one block per layer with an optional norm, one projection per learnable skip."""
+    """The modules the original code builds: one block per layer with an optional norm, one projection per learnable skip."""
     nodes, batch_norm = case.nodes, case.structure.batch_norm
     assert len(layer.layer_dict) == case.depth
     for j, block in enumerate(layer.layer_dict.values()):

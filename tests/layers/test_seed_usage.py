@@ -1,4 +1,4 @@
-"""The usage example from the issue runs verbatim (only the imports added) and train == eval outputs."""
+"""The original research code's usage example runs verbatim (only the imports added) and train == eval outputs."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from torch import Tensor
 from epcli import EPConv2d, EPLinear
 
 
-def test_issue_example_runs_and_eval_matches_train(assert_scaled_close: Callable[[Tensor, Tensor], None]) -> None:
+def test_original_usage_example_runs_and_eval_matches_train(assert_scaled_close: Callable[[Tensor, Tensor], None]) -> None:
     layer = EPLinear(4, 8, width=1, depth=4); x = torch.randn(1, 4)  # noqa: E702
     layer.train(); y1 = layer(x); layer.eval(); y2 = layer(x); print(layer.weight, layer.bias)  # noqa: E702
     assert_scaled_close(y2, y1)

@@ -1,0 +1,134 @@
+"""Real model code end to end: transformers / diffusers models and a nanoGPT-style GPT through every step.
+
+Per model: ``overparameterize`` -> two AdamW steps -> ``save_checkpoint(inputs=...)`` -> ``epcli inspect /
+collapse / verify / verify ARTIFACT / export --onnx / verify OUT.onnx`` with ``--model`` -> the collapsed
+file loaded with ``strict=True`` into the *original* class and compared with the expanded model -> the
+Hugging Face folder route (``save_pretrained``, then ``epcli verify DIR/``). A few models run by default;
+``--exhaustive`` runs the whole zoo.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import epcli
+from epcli.checkpoint.inputs import tensor_leaves
+
+pytest.importorskip("transformers")
+pytest.importorskip("diffusers")
+
+HERE = Path(__file__).resolve().parent
+DEFAULT = ("nanogpt", "bert", "gpt2")
+"""The models of the default run (fast, and between them: a print in __init__, a (logits, None) output, a
+ModelOutput with one tensor, transformers' Conv1D, tied embeddings); every other one runs with --exhaustive."""
+FLOAT32_TOLERANCE = 1e-4  # scale-relative: max |deployed - expanded| <= 1e-4 * max |expanded|
+
+
+def _zoo() -> Any:
+    import zoo_models
+
+    return zoo_models
+
+
+@pytest.fixture
+def zoo(monkeypatch: pytest.MonkeyPatch) -> Any:
+    monkeypatch.syspath_prepend(str(HERE))
+    return _zoo()
+
+
+def _names() -> list[Any]:
+    import sys
+
+    sys.path.insert(0, str(HERE))
+    try:
+        names = list(_zoo().ZOO)
+    finally:
+        sys.path.remove(str(HERE))
+    return [name if name in DEFAULT else pytest.param(name, marks=pytest.mark.slow) for name in names]
+
+
+def _cli(*args: Any) -> tuple[int, Any, str]:
+    """``epcli ARGS --json`` in-process: exit code, the one JSON document on stdout, stderr."""
+    from typer.testing import CliRunner
+
+    from epcli.cli.app import app
+
+    result = CliRunner().invoke(app, [str(a) for a in (*args, "--json")])
+    try:
+        document = json.loads(result.stdout)
+    except json.JSONDecodeError as e:
+        raise AssertionError(f"stdout of epcli {args} is not one JSON document: {result.stdout[:300]!r}") from e
+    return result.exit_code, document, result.stderr
+
+
+def _trained(zoo: Any, name: str) -> torch.nn.Module:
+    model = zoo.expanded(name).train()
+    inputs = zoo.ZOO[name].inputs
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for step in range(2):
+        torch.manual_seed(step)
+        leaves = tensor_leaves(model(*(spec.example(2) for spec in inputs)))
+        sum(t.float().square().mean() for _, t in leaves if t.is_floating_point()).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model.eval()
+
+
+def _outputs(model: torch.nn.Module, batch: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    with torch.no_grad():
+        return dict(tensor_leaves(model(*batch)))
+
+
+@pytest.mark.parametrize("name", _names())
+def test_every_step_on_a_real_model(zoo: Any, name: str, tmp_path: Path):
+    entry = zoo.ZOO[name]
+    model = _trained(zoo, name)
+    checkpoint = epcli.save_checkpoint(model, tmp_path / "ck.safetensors", inputs=list(entry.inputs))
+    factory = ("--model", f"zoo_models:ep_{name}")
+
+    code, doc, err = _cli("inspect", checkpoint, *factory)
+    assert code == 0, err
+    code, doc, err = _cli("collapse", checkpoint, "-o", tmp_path / "c.safetensors", *factory)
+    assert code == 0, err
+    for artifact in ((), (tmp_path / "c.safetensors",)):
+        code, doc, err = _cli("verify", checkpoint, *artifact, *factory)
+        assert (code, doc["passed"], doc["model_check_skipped"]) == (0, True, None), err
+
+    code, doc, err = _cli("export", checkpoint, "--onnx", tmp_path / "m.onnx", *factory)
+    if entry.onnx is None:
+        assert code == 0, err
+        code, doc, err = _cli("verify", checkpoint, tmp_path / "m.onnx", *factory)
+        assert (code, doc["passed"]) == (0, True), err
+    else:
+        assert code == 2 and "cannot trace" in doc["error"]["message"], (entry.onnx, doc)
+
+    # the deployment: the collapsed file in the class the user started from, strictly
+    deployed = entry.plain()
+    deployed.load_state_dict(load_file(tmp_path / "c.safetensors"), strict=True)
+    torch.manual_seed(7)
+    batch = [spec.example(3) for spec in entry.inputs]
+    with epcli.convert.expanded_eval(model):
+        expected = _outputs(model, batch)
+    got = _outputs(deployed.eval(), batch)
+    assert set(got) == set(expected)
+    for path, reference in expected.items():
+        scale = float(reference.abs().max()) or 1.0
+        torch.testing.assert_close(got[path], reference, rtol=0, atol=FLOAT32_TOLERANCE * scale, msg=path)
+
+
+@pytest.mark.parametrize("name", [n for n in ("bert", "gpt2", "llama", "vit") if n in DEFAULT] + [
+    pytest.param(n, marks=pytest.mark.slow) for n in ("bert", "gpt2", "llama", "vit") if n not in DEFAULT
+])
+def test_a_hugging_face_folder_verifies_with_the_users_factory(zoo: Any, name: str, tmp_path: Path):
+    """``save_pretrained`` of the EP model (transformers' own layout and key names), then ``epcli verify DIR/``."""
+    model = _trained(zoo, name)
+    model.save_pretrained(tmp_path / "hf")
+    specs = [a for spec in zoo.ZOO[name].inputs for a in ("--input", str(spec))]
+    code, doc, err = _cli("verify", f"{tmp_path / 'hf'}/", "--model", f"zoo_models:ep_{name}", *specs)
+    assert (code, doc["passed"], doc["model_check_skipped"]) == (0, True, None), err
