@@ -52,7 +52,7 @@ SUPPORTED_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 STORAGE_TOLERANCES: dict[str, Tolerance] = {
     # 8 machine epsilons (bfloat16 eps 2**-7, float16 eps 2**-10): a collapsed weight stored in the dtype is
     # rounded once (relative error <= eps / 2), and an output sums many such products; measured worst errors
-    # are 0.15-2.2 eps (test zoo; a 4-layer CNN), 3.6x or more below these (README, "Precision ...")
+    # are 0.15-2.2 eps (test zoo; a 4-layer CNN), 3.6x or more below these (docs/benchmarks.md, "Precision")
     "bfloat16": Tolerance(atol=2.0**-4, rtol=2.0**-4),
     "float16": Tolerance(atol=2.0**-7, rtol=2.0**-7),
 }
