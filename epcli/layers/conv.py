@@ -81,6 +81,7 @@ class EPConv(EPLayer):
         negative_slope: float = 0.0,
         bn_eps: float = 1e-5,
         bn_momentum: float | None = 0.1,
+        replaced_bias: bool | None = None,
     ) -> None:
         if not hasattr(type(self), "_config_class"):
             raise TypeError("EPConv is the shared implementation: build EPConv1d, EPConv2d or EPConv3d")
@@ -104,6 +105,7 @@ class EPConv(EPLayer):
             negative_slope=negative_slope,
             bn_eps=bn_eps,
             bn_momentum=bn_momentum,
+            replaced_bias=replaced_bias,
         )
         super().__init__(config)
 
@@ -132,17 +134,26 @@ class EPConv(EPLayer):
         """Effective (collapsed) kernel size per spatial dim."""
         return self._config.kernel_size
 
+    # ``nn.ConvNd``'s attributes, with its types (a tuple per spatial dim), so model code reading them works unchanged
     @property
-    def padding(self) -> PerDim:
-        return self._config.padding
+    def padding(self) -> tuple[int, ...]:
+        return self._config.per_dim(self._config.padding)
 
     @property
-    def stride(self) -> PerDim:
-        return self._config.stride
+    def stride(self) -> tuple[int, ...]:
+        return self._config.per_dim(self._config.stride)
 
     @property
-    def dilation(self) -> PerDim:
-        return self._config.dilation
+    def dilation(self) -> tuple[int, ...]:
+        return self._config.per_dim(self._config.dilation)
+
+    @property
+    def output_padding(self) -> tuple[int, ...]:
+        return (0,) * self._config.ndim
+
+    @property
+    def transposed(self) -> bool:
+        return False
 
     @property
     def groups(self) -> int:

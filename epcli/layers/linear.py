@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from epcli.core import LINEAR
+from epcli.core import LINEAR, Affine
 from epcli.layers.base import EPLayer
 from epcli.layers.config import EPLinearConfig
 
@@ -50,6 +50,8 @@ class EPLinear(EPLayer):
         negative_slope: float = 0.0,
         bn_eps: float = 1e-5,
         bn_momentum: float | None = 0.1,
+        weight_layout: str = "out_in",
+        replaced_bias: bool | None = None,
     ) -> None:
         config = EPLinearConfig(
             in_features=in_features,
@@ -65,6 +67,8 @@ class EPLinear(EPLayer):
             negative_slope=negative_slope,
             bn_eps=bn_eps,
             bn_momentum=bn_momentum,
+            weight_layout=weight_layout,
+            replaced_bias=replaced_bias,
         )
         super().__init__(config)
 
@@ -79,6 +83,27 @@ class EPLinear(EPLayer):
     @property
     def hidden_features(self) -> int:
         return self._config.hidden_dim
+
+    @property
+    def nf(self) -> int:
+        """Output features under ``Conv1D``'s name, for model code written against it (``weight_layout="in_out"`` only)."""
+        return self._conv1d_size(self._config.out_features, "nf")
+
+    @property
+    def nx(self) -> int:
+        """Input features under ``Conv1D``'s name (``weight_layout="in_out"`` only)."""
+        return self._conv1d_size(self._config.in_features, "nx")
+
+    def _conv1d_size(self, size: int, name: str) -> int:
+        if self._config.weight_layout != "in_out":
+            raise AttributeError(f"'EPLinear' has {name!r} only with weight_layout='in_out' (as transformers' Conv1D)")
+        return size
+
+    def _deployed(self, affine: Affine) -> Affine:
+        """``Conv1D`` stores ``[in, out]``: the transpose of the ``[out, in]`` the algebra composes."""
+        if self._config.weight_layout == "out_in":
+            return affine
+        return Affine(affine.weight.t().contiguous(), affine.bias)
 
     def _make_layer(self, index: int, in_dim: int, out_dim: int) -> nn.Module:
         return nn.Linear(in_dim, out_dim, bias=self._config.bias)
@@ -102,7 +127,7 @@ class EPLinear(EPLayer):
         return source
 
     def _collapsed_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        return F.linear(x, weight, bias)
+        return F.linear(x, weight if self._config.weight_layout == "out_in" else weight.t(), bias)
 
     def extra_repr(self) -> str:
         c = self._config
@@ -110,4 +135,5 @@ class EPLinear(EPLayer):
             f"in_features={c.in_features}, out_features={c.out_features}, width={c.width}, depth={c.depth}, "
             f"bias={c.bias}, batch_norm={c.batch_norm}, residual={c.residual}, "
             f"residual_intervals={list(c.residual_intervals)}, residual_mode={c.residual_mode!r}"
+            + ("" if c.weight_layout == "out_in" else f", weight_layout={c.weight_layout!r}")
         )
