@@ -242,8 +242,8 @@ def _plan(
         config = None if reason is not None else _ep_config(path, module, depth, width, ep_kwargs)
         if config is not None and config.deploy_changes and not selection.allow_new_bias:
             reason = (
-                f"converting it changes the deployed architecture ({'; '.join(config.deploy_changes)}), so the "
-                "collapse would not load into the original class; pass allow_new_bias=True to convert it anyway"
+                f"converting it changes the deployed architecture: the collapse {'; '.join(config.deploy_changes)}, "
+                "so the original class cannot load it; pass allow_new_bias=True to convert it anyway"
             )
         if reason is not None or config is None:
             conversions.append(Conversion(path, kind, count, reason=reason))
@@ -261,11 +261,14 @@ def _not_convertible(module: nn.Module) -> str | None:
     if isinstance(module, EPLayer):
         return "already an EP layer"
     if parametrize.is_parametrized(module):
-        names = ", ".join(sorted(_parametrizations(module).keys()))
+        names = ", ".join(
+            f"{name} ({', '.join(type(p).__name__ for p in chain.children())})"
+            for name, chain in _parametrizations(module).items()
+        )
         return (
-            f"{names} is parametrized (e.g. weight norm): its state dict holds the parametrization's tensors, which "
-            "a collapsed weight cannot be written back into; torch.nn.utils.parametrize.remove_parametrizations("
-            "module, name) first makes it a plain layer"
+            f"parametrized {names}: its state dict holds the parametrization's tensors, which a collapsed weight "
+            "cannot be written back into; torch.nn.utils.parametrize.remove_parametrizations(module, name) first "
+            "makes it a plain layer"
         )
     if _convertible(type(module)):
         return None

@@ -138,8 +138,8 @@ class EPConfig:
             return ()
         if self.collapsed_bias:
             source = "batch-norm's shift" if self.batch_norm and not self.bias else "the EP layer's biases"
-            return (f"adds a bias (the replaced layer had none): {source} folds into it",)
-        return ("has no bias (the replaced layer had one)",)
+            return (f"adds a bias the replaced layer did not have ({source} folds into it)",)
+        return ("drops the bias the replaced layer had",)
 
     # ---- validation ----------------------------------------------------------
     def _fail(self, argument: str, value: Any, requirement: str) -> ConfigError:
