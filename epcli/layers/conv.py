@@ -53,6 +53,12 @@ class EPConv(EPLayer):
     is the layer input), strided like the layer it lands on. A learnable skip applies a
     grouped 1x1 convolution (with that stride) to the same centred window. Both keep
     the layer a convolution, so the collapse is exact for every input size.
+
+    ``kernel_size``, ``stride``, ``padding``, ``dilation``, ``output_padding``, ``groups``,
+    ``padding_mode``, ``transposed``, ``weight`` and ``bias`` are those of that plain
+    layer, with its types (tuples per spatial dim), so model code reading them works
+    unchanged. ``replaced_bias`` records the bias of the layer this one replaced (see
+    :attr:`EPConfig.deploy_changes`).
     """
 
     _config_class: ClassVar[type[EPConvConfig]]

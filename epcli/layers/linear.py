@@ -24,6 +24,11 @@ class EPLinear(EPLayer):
     ``F.linear``; ``layer(x, override=True)`` forces the expanded chain. Inputs
     may have any leading dimensions, ``(*, in_features)``.
 
+    ``weight_layout="in_out"`` collapses to transformers' ``Conv1D`` (GPT-2) instead:
+    ``weight`` is ``[in, out]`` and ``nf`` / ``nx`` exist, so it replaces one in model
+    code and its collapse loads into the original class. ``replaced_bias`` records the
+    bias of the layer this one replaced (see :attr:`EPConfig.deploy_changes`).
+
     Example::
 
         >>> layer = EPLinear(32, 64, depth=4, residual=True, residual_mode="learn").eval()
@@ -87,16 +92,17 @@ class EPLinear(EPLayer):
     @property
     def nf(self) -> int:
         """Output features under ``Conv1D``'s name, for model code written against it (``weight_layout="in_out"`` only)."""
-        return self._conv1d_size(self._config.out_features, "nf")
+        return self._conv1d_size(self._config.out_features)
 
     @property
     def nx(self) -> int:
         """Input features under ``Conv1D``'s name (``weight_layout="in_out"`` only)."""
-        return self._conv1d_size(self._config.in_features, "nx")
+        return self._conv1d_size(self._config.in_features)
 
-    def _conv1d_size(self, size: int, name: str) -> int:
+    def _conv1d_size(self, size: int) -> int:
+        """``size``, or AttributeError when the layer stands for an ``nn.Linear`` (``hasattr`` is False, as there)."""
         if self._config.weight_layout != "in_out":
-            raise AttributeError(f"'EPLinear' has {name!r} only with weight_layout='in_out' (as transformers' Conv1D)")
+            raise AttributeError
         return size
 
     def _deployed(self, affine: Affine) -> Affine:

@@ -24,6 +24,7 @@ LAYERS: dict[str, Any] = {
     "linear": lambda: EPLinear(5, 7),
     "linear-no-bias": lambda: EPLinear(5, 7, bias=False, depth=3),
     "linear-bn-no-bias": lambda: EPLinear(5, 7, bias=False, batch_norm=True),
+    "linear-in-out": lambda: EPLinear(5, 7, weight_layout="in_out", residual=True, residual_mode="learn"),
     "conv1d": lambda: EPConv1d(4, 6, 3, padding=1, stride=2),
     "conv1d-dilated-grouped": lambda: EPConv1d(4, 6, [3, 3], padding=2, dilation=2, groups=2, bias=False),
     "conv2d": lambda: EPConv2d(3, 4, 3, 1, 2),
