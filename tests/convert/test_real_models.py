@@ -11,6 +11,7 @@ through the chain and the attention).
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -92,6 +93,27 @@ def test_gpt2_trains_and_its_collapse_loads_strictly_into_gpt2(dtype: torch.dtyp
         _close(collapsed(tokens).logits, expected, dtype)
         _close(fresh.eval()(tokens).logits, expected, dtype)
         _close(ep.eval()(tokens).logits, expected, dtype)  # the EP model's own collapsed eval forward
+
+
+def test_gpt2_file_collapses_without_user_code_into_conv1d_layout(tmp_path: Path) -> None:
+    """The config records the layout, so collapsing the file (no model code) writes what GPT-2 loads strictly."""
+    from safetensors.torch import load_file
+
+    from epcli.checkpoint.inputs import InputSpec
+    from epcli.checkpoint.save import save_checkpoint
+    from epcli.jobs.collapse import collapse_file
+
+    torch.manual_seed(0)
+    config = _gpt2_config()
+    ep = overparameterize(transformers.GPT2LMHeadModel(config), depth=2, batch_norm=True).eval()
+    source = save_checkpoint(ep, tmp_path / "gpt2.safetensors", inputs=[InputSpec((8,), torch.int64, 0, 64)])
+    result = collapse_file(source, tmp_path / "plain.safetensors")
+    assert len(result.layers) == 4 and all(layer.max_rel_error < 1e-6 for layer in result.layers)
+    fresh = transformers.GPT2LMHeadModel(config)
+    fresh.load_state_dict(load_file(tmp_path / "plain.safetensors"), strict=True)
+    tokens = torch.randint(0, config.vocab_size, (2, 8))
+    with torch.no_grad(), expanded_eval(ep):
+        _close(fresh.eval()(tokens).logits, ep(tokens).logits, torch.float32)
 
 
 # ---- Llama: bias-free projections under batch_norm ------------------------------------------------------------
