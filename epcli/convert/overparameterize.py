@@ -383,7 +383,7 @@ def _ep_config(path: str, module: nn.Module, depth: int, width: float, ep_kwargs
     config: EPConfig
     try:
         if isinstance(module, _ConvNd):
-            config = _conv_config(where, module, depth, width, had_bias, ep_kwargs)
+            config = _conv_config(module, depth, width, had_bias, ep_kwargs)
         elif isinstance(module, nn.Linear):
             config = EPLinearConfig(
                 in_features=module.in_features, out_features=module.out_features, width=width, depth=depth,
@@ -401,9 +401,7 @@ def _ep_config(path: str, module: nn.Module, depth: int, width: float, ep_kwargs
     return config if config.deploy_changes else dataclasses.replace(config, replaced_bias=None)
 
 
-def _conv_config(
-    where: str, conv: _ConvNd, depth: int, width: float, had_bias: bool, ep_kwargs: Mapping[str, Any]
-) -> EPConvConfig:
+def _conv_config(conv: _ConvNd, depth: int, width: float, had_bias: bool, ep_kwargs: Mapping[str, Any]) -> EPConvConfig:
     """The EP convolution's config with ``conv``'s sizes, stride, padding (and mode), dilation, groups and bias.
 
     ``kernel_sizes = [k] + [1] * (depth - 1)`` (k per dim, rectangular as it is), so the collapsed kernel is k.

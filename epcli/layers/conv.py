@@ -140,7 +140,6 @@ class EPConv(EPLayer):
         """Effective (collapsed) kernel size per spatial dim."""
         return self._config.kernel_size
 
-    # ``nn.ConvNd``'s attributes, with its types (a tuple per spatial dim), so model code reading them works unchanged
     @property
     def padding(self) -> tuple[int, ...]:
         return self._config.per_dim(self._config.padding)
