@@ -471,6 +471,8 @@ def test_a_module_used_twice_is_converted_once():
         (dict(types=[nn.Embedding]), "types ['Embedding'] cannot be converted"),
         (dict(min_params=-1), "min_params must be an int >= 0"),
         (dict(include=[3]), "include must be glob patterns"),
+        (dict(allow_new_bias=1), "allow_new_bias must be True or False"),
+        (dict(weight_layout="in_out"), "unknown options ['weight_layout']"),  # set from the replaced module only
     ],
 )
 def test_overparameterize_refuses_bad_selections(options: dict[str, Any], phrase: str):
