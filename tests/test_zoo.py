@@ -219,10 +219,11 @@ class Case:
 
 
 CASES: dict[str, Case] = {
-    # the stem and classifier stay plain, as people commonly keep them
+    # the stem and classifier stay plain, as people commonly keep them; their convs are bias-free, so the
+    # collapse gains a bias (batch-norm's shift): the zoo rebuilds them from its own factory, which allows it
     "resnet": Case(ResNet, (3, 6, 6), dict(exclude=["conv1", "fc"], batch_norm=True, residual=True,
-                                           residual_mode="learn"), ep_layers=5),
-    "mobilenet": Case(MobileNet, (3, 6, 6), dict(include=["blocks"], batch_norm=True), ep_layers=6),
+                                           residual_mode="learn", allow_new_bias=True), ep_layers=5),
+    "mobilenet": Case(MobileNet, (3, 6, 6), dict(include=["blocks"], batch_norm=True, allow_new_bias=True), ep_layers=6),
     "shufflenet": Case(ShuffleNet, (3, 6, 6), dict(include=["units"], residual=True, residual_intervals=-1),
                        ep_layers=6),
     "audio": Case(AudioNet, (2, 32), dict(batch_norm=True), ep_layers=8),

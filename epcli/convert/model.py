@@ -9,7 +9,6 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from epcli.convert.unwrap import unwrap_model
@@ -34,7 +33,8 @@ def replaced_copy(model: nn.Module, replacements: Mapping[int, nn.Module]) -> nn
 
 
 def collapse_model(model: nn.Module) -> nn.Module:
-    """A new plain model: each EP layer replaced by ``nn.Linear`` / ``nn.Conv2d`` with its collapsed weights.
+    """A new plain model: each EP layer replaced by ``nn.Linear`` / ``nn.ConvNd`` (or the transformers ``Conv1D`` it
+    replaced) with its collapsed weights.
 
     The input model is left untouched; dtype and device of each layer are kept;
     the result is in eval mode. A wrapped model (DDP, ``torch.compile``, FSDP)
@@ -70,10 +70,8 @@ def _plain_from(layer: EPLayer) -> nn.Module:
     reference = next(layer.parameters())  # layer_dict.0.0.weight: the layer's dtype and device
     affine = layer.collapse()  # float64, pure: does not touch the layer
     plain = plain_layer(layer.config, bias=affine.bias is not None, device=reference.device, dtype=reference.dtype)
-    with torch.no_grad():
-        plain.weight.copy_(affine.weight)
-        if affine.bias is not None and plain.bias is not None:
-            plain.bias.copy_(affine.bias)
+    state = {"weight": affine.weight} if affine.bias is None else {"weight": affine.weight, "bias": affine.bias}
+    plain.load_state_dict(state, strict=True)  # copies, cast to the plain layer's dtype
     return plain
 
 

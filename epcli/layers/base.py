@@ -167,6 +167,11 @@ class EPLayer(nn.Module):
     def negative_slope(self) -> float:
         return self._config.negative_slope
 
+    @property
+    def deploy_changes(self) -> tuple[str, ...]:
+        """How the collapsed layer differs from the plain layer this one replaced (see :attr:`EPConfig.deploy_changes`)."""
+        return self._config.deploy_changes
+
     # ---- initialisation ---------------------------------------------------------
     _init_fan_mode: Literal["fan_in", "fan_out"] = "fan_in"
 
@@ -237,6 +242,9 @@ class EPLayer(nn.Module):
     def collapse(self, *, dtype: torch.dtype = torch.float64) -> Affine:
         """The exact collapsed map in float64 (no caching; see ``weight`` / ``bias`` for the cached cast).
 
+        The weight is laid out as the plain layer it collapses to stores it (``[in, out]`` for an
+        ``EPLinear`` with ``weight_layout="in_out"``), so it loads into that layer as is.
+
         ``dtype=torch.float32`` computes it in float32 instead: not exact, for analyses that need no more (the
         approximate spectra of ``epcli inspect``), at about half the time and memory.
         """
@@ -253,7 +261,13 @@ class EPLayer(nn.Module):
         for edge in self._config.skips:
             projection = projections.get(self.skip_key(edge))
             skips[edge] = None if projection is None else ChainLayer(projection.weight, projection.bias)
-        return collapse_chain(self._algebra, self._config.in_dim, layers, skips, unalias=unalias, dtype=dtype)
+        return self._deployed(
+            collapse_chain(self._algebra, self._config.in_dim, layers, skips, unalias=unalias, dtype=dtype)
+        )
+
+    def _deployed(self, affine: Affine) -> Affine:
+        """The collapse in the layout of the plain layer it collapses to (the algebra's own layout unless overridden)."""
+        return affine
 
     def _cast(self, affine: Affine) -> tuple[Tensor, Tensor | None]:
         """The float64 collapse in the layer's dtype (that of its first weight)."""

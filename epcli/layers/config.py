@@ -22,6 +22,7 @@ from epcli.errors import ConfigError
 __all__ = [
     "CONFIG_VERSION",
     "RESIDUAL_MODES",
+    "WEIGHT_LAYOUTS",
     "EPConfig",
     "EPConv1dConfig",
     "EPConv2dConfig",
@@ -38,6 +39,7 @@ A new optional field whose default keeps the old meaning (``groups``, ``dilation
 """
 
 RESIDUAL_MODES = ("none", "learn")
+WEIGHT_LAYOUTS = ("out_in", "in_out")
 
 
 def _describe(value: Any) -> str:
@@ -84,6 +86,10 @@ class EPConfig:
     negative_slope: float = 0.0
     bn_eps: float = 1e-5
     bn_momentum: float | None = 0.1
+    replaced_bias: bool | None = None
+    """Whether the plain layer this one replaced had a bias, recorded only where the collapse differs from it
+    (``overparameterize(..., allow_new_bias=True)``); None: the collapsed layer is the replaced one's architecture,
+    or nothing was replaced."""
 
     # ---- derived structure -------------------------------------------------
     @property
@@ -116,6 +122,25 @@ class EPConfig:
     def learnable_skips(self) -> bool:
         return self.residual and self.residual_mode == "learn"
 
+    @property
+    def collapsed_bias(self) -> bool:
+        """Whether the collapsed layer has a bias: a layer or projection bias, or a batch-norm shift, contributes one."""
+        return self.bias or self.batch_norm
+
+    @property
+    def deploy_changes(self) -> tuple[str, ...]:
+        """How the collapsed layer's architecture differs from the plain layer this one replaced (empty: none).
+
+        A plain model holding the collapse needs these changes to load it strictly; its original class does not
+        have them (``from_pretrained`` drops an unexpected bias, and the deployed model is silently wrong).
+        """
+        if self.replaced_bias is None or self.replaced_bias == self.collapsed_bias:
+            return ()
+        if self.collapsed_bias:
+            source = "batch-norm's shift" if self.batch_norm and not self.bias else "the EP layer's biases"
+            return (f"adds a bias the replaced layer did not have ({source} folds into it)",)
+        return ("drops the bias the replaced layer had",)
+
     # ---- validation ----------------------------------------------------------
     def _fail(self, argument: str, value: Any, requirement: str) -> ConfigError:
         return ConfigError(f"{self.layer_type}: {argument} must be {requirement}, got {_describe(value)}")
@@ -127,6 +152,10 @@ class EPConfig:
         object.__setattr__(self, argument, int(value))  # NumPy ints -> int, for JSON metadata
 
     def __post_init__(self) -> None:
+        if self.replaced_bias is not None and not isinstance(self.replaced_bias, (bool, np.bool_)):
+            raise self._fail("replaced_bias", self.replaced_bias, "None, True or False")
+        if self.replaced_bias is not None:
+            object.__setattr__(self, "replaced_bias", bool(self.replaced_bias))
         object.__setattr__(self, "residual_intervals", _as_tuple(self.residual_intervals))
         for flag in ("bias", "batch_norm", "residual", "collapse_on_eval"):
             if not isinstance(getattr(self, flag), (bool, np.bool_)):
@@ -170,7 +199,7 @@ class EPConfig:
                     )
 
     # ---- serialisation -------------------------------------------------------
-    _WRITTEN_IF_SET: ClassVar[frozenset[str]] = frozenset()
+    _WRITTEN_IF_SET: ClassVar[frozenset[str]] = frozenset({"replaced_bias"})
     """Fields added within a config version: written only when not at their default, so a config
     an older epcli could read is written byte for byte as that epcli wrote it (and it can read it)."""
 
@@ -206,14 +235,24 @@ class EPLinearConfig(EPConfig):
     """Configuration of :class:`epcli.EPLinear`."""
 
     layer_type: ClassVar[str] = "EPLinear"
+    _WRITTEN_IF_SET: ClassVar[frozenset[str]] = EPConfig._WRITTEN_IF_SET | {"weight_layout"}
 
     in_features: int
     out_features: int
+    weight_layout: str = "out_in"
+    """How the collapsed weight is stored: ``"out_in"`` as ``nn.Linear``, ``"in_out"`` as transformers' ``Conv1D``
+    (GPT-2), so the collapse of a replaced ``Conv1D`` loads into its original class."""
 
     def __post_init__(self) -> None:
         self._require_int("in_features", 1)
         self._require_int("out_features", 1)
+        if self.weight_layout not in WEIGHT_LAYOUTS:
+            raise self._fail("weight_layout", self.weight_layout, "'out_in' (nn.Linear) or 'in_out' (transformers' Conv1D)")
         super().__post_init__()
+        if self.weight_layout == "in_out" and not self.collapsed_bias:
+            raise self._fail(
+                "bias", self.bias, "True (or batch_norm=True) with weight_layout='in_out': a Conv1D always has a bias"
+            )
 
     @property
     def in_dim(self) -> int:
@@ -247,7 +286,7 @@ class EPConvConfig(EPConfig):
 
     layer_type: ClassVar[str] = "EPConv"
     ndim: ClassVar[int] = 0
-    _WRITTEN_IF_SET: ClassVar[frozenset[str]] = frozenset({"dilation", "groups", "padding_mode"})
+    _WRITTEN_IF_SET: ClassVar[frozenset[str]] = EPConfig._WRITTEN_IF_SET | {"dilation", "groups", "padding_mode"}
 
     in_channels: int
     out_channels: int

@@ -53,6 +53,12 @@ class EPConv(EPLayer):
     is the layer input), strided like the layer it lands on. A learnable skip applies a
     grouped 1x1 convolution (with that stride) to the same centred window. Both keep
     the layer a convolution, so the collapse is exact for every input size.
+
+    ``kernel_size``, ``stride``, ``padding``, ``dilation``, ``output_padding``, ``groups``,
+    ``padding_mode``, ``transposed``, ``weight`` and ``bias`` are those of that plain
+    layer, with its types (tuples per spatial dim), so model code reading them works
+    unchanged. ``replaced_bias`` records the bias of the layer this one replaced (see
+    :attr:`EPConfig.deploy_changes`).
     """
 
     _config_class: ClassVar[type[EPConvConfig]]
@@ -81,6 +87,7 @@ class EPConv(EPLayer):
         negative_slope: float = 0.0,
         bn_eps: float = 1e-5,
         bn_momentum: float | None = 0.1,
+        replaced_bias: bool | None = None,
     ) -> None:
         if not hasattr(type(self), "_config_class"):
             raise TypeError("EPConv is the shared implementation: build EPConv1d, EPConv2d or EPConv3d")
@@ -104,6 +111,7 @@ class EPConv(EPLayer):
             negative_slope=negative_slope,
             bn_eps=bn_eps,
             bn_momentum=bn_momentum,
+            replaced_bias=replaced_bias,
         )
         super().__init__(config)
 
@@ -133,16 +141,24 @@ class EPConv(EPLayer):
         return self._config.kernel_size
 
     @property
-    def padding(self) -> PerDim:
-        return self._config.padding
+    def padding(self) -> tuple[int, ...]:
+        return self._config.per_dim(self._config.padding)
 
     @property
-    def stride(self) -> PerDim:
-        return self._config.stride
+    def stride(self) -> tuple[int, ...]:
+        return self._config.per_dim(self._config.stride)
 
     @property
-    def dilation(self) -> PerDim:
-        return self._config.dilation
+    def dilation(self) -> tuple[int, ...]:
+        return self._config.per_dim(self._config.dilation)
+
+    @property
+    def output_padding(self) -> tuple[int, ...]:
+        return (0,) * self._config.ndim
+
+    @property
+    def transposed(self) -> bool:
+        return False
 
     @property
     def groups(self) -> int:

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from epcli.core import LINEAR
+from epcli.core import LINEAR, Affine
 from epcli.layers.base import EPLayer
 from epcli.layers.config import EPLinearConfig
 
@@ -23,6 +23,11 @@ class EPLinear(EPLayer):
     ``residual_mode="learn"``). ``eval()`` switches to the exact collapsed
     ``F.linear``; ``layer(x, override=True)`` forces the expanded chain. Inputs
     may have any leading dimensions, ``(*, in_features)``.
+
+    ``weight_layout="in_out"`` collapses to transformers' ``Conv1D`` (GPT-2) instead:
+    ``weight`` is ``[in, out]`` and ``nf`` / ``nx`` exist, so it replaces one in model
+    code and its collapse loads into the original class. ``replaced_bias`` records the
+    bias of the layer this one replaced (see :attr:`EPConfig.deploy_changes`).
 
     Example::
 
@@ -50,6 +55,8 @@ class EPLinear(EPLayer):
         negative_slope: float = 0.0,
         bn_eps: float = 1e-5,
         bn_momentum: float | None = 0.1,
+        weight_layout: str = "out_in",
+        replaced_bias: bool | None = None,
     ) -> None:
         config = EPLinearConfig(
             in_features=in_features,
@@ -65,6 +72,8 @@ class EPLinear(EPLayer):
             negative_slope=negative_slope,
             bn_eps=bn_eps,
             bn_momentum=bn_momentum,
+            weight_layout=weight_layout,
+            replaced_bias=replaced_bias,
         )
         super().__init__(config)
 
@@ -79,6 +88,28 @@ class EPLinear(EPLayer):
     @property
     def hidden_features(self) -> int:
         return self._config.hidden_dim
+
+    @property
+    def nf(self) -> int:
+        """Output features under ``Conv1D``'s name, for model code written against it (``weight_layout="in_out"`` only)."""
+        return self._conv1d_size(self._config.out_features)
+
+    @property
+    def nx(self) -> int:
+        """Input features under ``Conv1D``'s name (``weight_layout="in_out"`` only)."""
+        return self._conv1d_size(self._config.in_features)
+
+    def _conv1d_size(self, size: int) -> int:
+        """``size``, or AttributeError when the layer stands for an ``nn.Linear`` (``hasattr`` is False, as there)."""
+        if self._config.weight_layout != "in_out":
+            raise AttributeError
+        return size
+
+    def _deployed(self, affine: Affine) -> Affine:
+        """``Conv1D`` stores ``[in, out]``: the transpose of the ``[out, in]`` the algebra composes."""
+        if self._config.weight_layout == "out_in":
+            return affine
+        return Affine(affine.weight.t().contiguous(), affine.bias)
 
     def _make_layer(self, index: int, in_dim: int, out_dim: int) -> nn.Module:
         return nn.Linear(in_dim, out_dim, bias=self._config.bias)
@@ -102,7 +133,7 @@ class EPLinear(EPLayer):
         return source
 
     def _collapsed_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        return F.linear(x, weight, bias)
+        return F.linear(x, weight if self._config.weight_layout == "out_in" else weight.t(), bias)
 
     def extra_repr(self) -> str:
         c = self._config
@@ -110,4 +141,5 @@ class EPLinear(EPLayer):
             f"in_features={c.in_features}, out_features={c.out_features}, width={c.width}, depth={c.depth}, "
             f"bias={c.bias}, batch_norm={c.batch_norm}, residual={c.residual}, "
             f"residual_intervals={list(c.residual_intervals)}, residual_mode={c.residual_mode!r}"
+            + ("" if c.weight_layout == "out_in" else f", weight_layout={c.weight_layout!r}")
         )

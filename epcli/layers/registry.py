@@ -17,7 +17,6 @@ from typing import Any, NamedTuple, cast
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.conv import _ConvNd
 
 from epcli.errors import CheckpointError, ConfigError, ShapeMismatchError
 from epcli.layers.base import EPLayer
@@ -44,6 +43,7 @@ __all__ = [
     "config_from_dict",
     "expected_state",
     "find_ep_layers",
+    "is_transformers_conv1d",
     "layer_class",
     "lookup",
     "output_shape",
@@ -71,12 +71,33 @@ REGISTRY: Mapping[str, LayerEntry] = MappingProxyType(
 """Class name -> (layer class, config class)."""
 
 
-PlainLayer = nn.Linear | _ConvNd
+PlainLayer = nn.Module
+"""``nn.Linear``, ``nn.Conv1d/2d/3d``, or transformers' ``Conv1D`` (an ``EPLinear`` with ``weight_layout="in_out"``)."""
 
 
 def _plain_linear(config: EPConfig, bias: bool) -> PlainLayer:
     c = cast(EPLinearConfig, config)  # the registry key guarantees the type
+    if c.weight_layout == "in_out":
+        return _transformers_conv1d(c)
     return nn.Linear(c.in_features, c.out_features, bias=bias)
+
+
+def _transformers_conv1d(config: EPLinearConfig) -> PlainLayer:
+    """transformers' ``Conv1D(nf=out, nx=in)``, imported only here: epcli does not depend on transformers."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError as e:
+        raise ConfigError(
+            "an EPLinear with weight_layout='in_out' collapses to transformers' Conv1D, and transformers is not "
+            "installed: pip install transformers"
+        ) from e
+    module: PlainLayer = Conv1D(config.out_features, config.in_features)  # type: ignore[no-untyped-call]
+    return module
+
+
+def is_transformers_conv1d(cls: type) -> bool:
+    """Whether ``cls`` is exactly transformers' ``Conv1D`` (GPT-2's linear layer), without importing transformers."""
+    return cls.__name__ == "Conv1D" and cls.__module__ == "transformers.pytorch_utils"
 
 
 def _plain_conv(config: EPConfig, bias: bool) -> PlainLayer:
@@ -148,8 +169,8 @@ def _on(device: torch.device | str | None) -> AbstractContextManager[Any]:
 
 
 def collapsed_has_bias(config: EPConfig) -> bool:
-    """Whether the collapsed layer has a bias: a layer or projection bias, or a batch-norm shift, contributes one."""
-    return config.bias or config.batch_norm
+    """Whether the collapsed layer has a bias (see :attr:`EPConfig.collapsed_bias`)."""
+    return config.collapsed_bias
 
 
 def plain_layer(
@@ -159,7 +180,8 @@ def plain_layer(
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
 ) -> PlainLayer:
-    """The ``nn.Linear`` / ``nn.Conv1d/2d/3d`` a user would write for the collapsed layer (fresh weights)."""
+    """The ``nn.Linear`` / ``nn.Conv1d/2d/3d`` (or ``Conv1D``, see :class:`EPLinearConfig`) a user would write for
+    the collapsed layer (fresh weights)."""
     make = _PLAIN[class_name(config)]
     with _on(device):
         module = make(config, bias)

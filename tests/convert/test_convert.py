@@ -271,16 +271,16 @@ def test_overparameterize_structure(dtype: torch.dtype):
     model = _plain().to(dtype)
     before = _snapshot(model)
 
-    ep = overparameterize(model, depth=3, width=2, batch_norm=True)
+    ep = overparameterize(model, depth=3, width=2, batch_norm=True, allow_new_bias=True)  # bias-free layers gain one
 
     _assert_same(before, _snapshot(model))
     assert all(type(m) in (nn.Conv2d, nn.Linear) for m in (model[0], model[2], model[7][0]))
     first, even, same, valid = ep[0], ep[2], ep[3], ep[4]
     assert isinstance(first, EPConv2d) and isinstance(ep[7][0], EPLinear) and isinstance(ep[7][2], EPLinear)
     geometry = (first.in_channels, first.out_channels, first.kernel_sizes, first.stride, first.padding)
-    assert geometry == (3, 4, [3, 1, 1], 2, 1)
-    assert (even.kernel_sizes, even.padding, even.config.bias) == ([4, 1, 1], 2, False)
-    assert (same.padding, valid.padding, valid.kernel_sizes) == (1, 0, [1, 1, 1])
+    assert geometry == (3, 4, [3, 1, 1], (2, 2), (1, 1))
+    assert (even.kernel_sizes, even.padding, even.config.bias) == ([4, 1, 1], (2, 2), False)
+    assert (same.padding, valid.padding, valid.kernel_sizes) == ((1, 1), (0, 0), [1, 1, 1])
     assert ep[7][0].config.bias is False and ep[7][2].config.bias is True
     assert all(layer.depth == 3 and layer.width == 2 and layer.config.batch_norm
                for layer in ep.modules() if isinstance(layer, EPLayer))
@@ -427,8 +427,9 @@ def test_overparameterize_selects_by_path_type_and_size(options: dict[str, Any],
 
 def test_plan_counts_parameters_before_and_after():
     model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Conv2d(2, 3, 3, bias=False))
-    plan = plan_overparameterize(model, depth=3, width=2, batch_norm=True)
+    plan = plan_overparameterize(model, depth=3, width=2, batch_norm=True, allow_new_bias=True)
     linear, conv = plan.replaced
+    assert plan.changed == (conv,) and "adds a bias" in conv.changes[0]  # batch-norm's shift on a bias-free conv
     assert (linear.path, linear.kind, linear.params_before) == ("0", "Linear", 4 * 6 + 6)
     # hidden width 12: 4->12->12->6 with biases, and a batch-norm (gamma, beta) after each layer
     assert linear.params_after == (4 * 12 + 12) + (12 * 12 + 12) + (12 * 6 + 6) + 2 * (12 + 12 + 6)
@@ -453,7 +454,8 @@ def test_tied_weights_are_kept_and_reported():
     ep = overparameterize(model, depth=2)
     assert type(ep.lm_head) is nn.Linear and ep.lm_head.weight is ep.wte.weight  # still tied in the copy
     assert isinstance(ep.mlp, EPLinear)
-    (kept,) = plan_overparameterize(model).kept
+    embedding, kept = plan_overparameterize(model).kept
+    assert (embedding.path, embedding.reason) == ("wte", "Embedding is not a linear or convolution layer")
     assert kept.path == "lm_head" and "shared with 'wte'" in (kept.reason or "")
 
 
@@ -469,6 +471,8 @@ def test_a_module_used_twice_is_converted_once():
         (dict(types=[nn.Embedding]), "types ['Embedding'] cannot be converted"),
         (dict(min_params=-1), "min_params must be an int >= 0"),
         (dict(include=[3]), "include must be glob patterns"),
+        (dict(allow_new_bias=1), "allow_new_bias must be True or False"),
+        (dict(weight_layout="in_out"), "unknown options ['weight_layout']"),  # set from the replaced module only
     ],
 )
 def test_overparameterize_refuses_bad_selections(options: dict[str, Any], phrase: str):

@@ -55,7 +55,7 @@ def test_every_conv_family_converts_and_collapses_to_the_same_geometry(
     conv: _ConvNd, shape: tuple[int, ...], depth: int, randomise_batch_norm, assert_scaled_close
 ) -> None:
     model = nn.Sequential(conv, nn.ReLU()).double()
-    ep = overparameterize(model, depth=depth, batch_norm=True)
+    ep = overparameterize(model, depth=depth, batch_norm=True, allow_new_bias=True)  # some convs are bias-free
     layer = ep[0]
     family = {nn.Conv1d: EPConv1d, nn.Conv2d: EPConv2d, nn.Conv3d: EPConv3d}[type(conv)]
     assert type(layer) is family and type(model[0]) is type(conv)

@@ -121,7 +121,7 @@ def test_numpy_integers_are_accepted_and_stored_as_python_ints() -> None:
     linear_layer = EPLinear(n(4), n(4), depth=n(3), residual=True, residual_intervals=[n(1), n(-1)])
     conv_layer = EPConv2d(n(2), n(3), n(3), n(1), n(2), depth=n(2))
     listed = EPConv2d(n(2), n(3), list(np.array([5, 3, 1])), np.sum([5, 3, 1]) // 2, depth=n(3))
-    assert (linear_layer.depth, conv_layer.kernel_sizes, conv_layer.stride) == (3, [3, 1], 2)
-    assert (listed.kernel_sizes, listed.padding) == ([5, 3, 1], 4)
+    assert (linear_layer.depth, conv_layer.kernel_sizes, conv_layer.config.stride) == (3, [3, 1], 2)
+    assert (listed.kernel_sizes, listed.config.padding) == ([5, 3, 1], 4)
     for layer in (linear_layer, conv_layer, listed):
         json.dumps(layer.config.to_dict())  # raises TypeError on any NumPy scalar left in the config

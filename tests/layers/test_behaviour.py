@@ -472,7 +472,7 @@ def test_conv_attributes() -> None:
     layer = EPConv2d(2, 4, [5, 3, 1], 3, 2, width=2, depth=3)
     assert (layer.in_channels, layer.out_channels, layer.hidden_channels) == (2, 4, 8)
     assert (layer.kernel_sizes, layer.kernel_size, layer.depth) == ([5, 3, 1], (7, 7), 3)
-    assert (layer.padding, layer.stride) == (3, 2)
+    assert (layer.padding, layer.stride) == ((3, 3), (2, 2))  # per dim, as nn.Conv2d has them
     blocks = [block[0] for block in layer.layer_dict.values()]
     # padding on the first convolution only, stride on the last only
     assert [(b.kernel_size, b.padding, b.stride) for b in blocks] == [

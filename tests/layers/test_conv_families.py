@@ -275,7 +275,7 @@ def test_every_family_keeps_the_positional_api_and_state_layout(ndim: int) -> No
         ((0,) * ndim, (2,) * ndim, (2,) * ndim, 2),
     ]
     assert type(layer.layer_dict["0"][1]).__name__ == f"BatchNorm{ndim}d"
-    assert layer.kernel_size == (5,) * ndim and (layer.hidden_channels, layer.groups, layer.dilation) == (8, 2, 2)
+    assert layer.kernel_size == (5,) * ndim and (layer.hidden_channels, layer.groups, layer.dilation) == (8, 2, (2,) * ndim)
 
 
 def test_rectangular_sizes_per_dim() -> None:

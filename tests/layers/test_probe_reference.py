@@ -89,7 +89,7 @@ def probe_conv(layer: EPConv2d, extra: int) -> tuple[Tensor, Tensor]:
     plus K (plus ``extra``, to vary the size's parity). An impulse at offset (a, b) of that
     window then gives kernel[:, :, a, b] + bias at output (t0, t0).
     """
-    k, stride, padding, channels = layer.kernel_size[0], layer.stride, layer.padding, layer.in_channels
+    k, stride, padding, channels = layer.kernel_size[0], layer.stride[0], layer.padding[0], layer.in_channels
     t0 = math.ceil(padding / stride)
     start = t0 * stride - padding
     size = start + k + extra
