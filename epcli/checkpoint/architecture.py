@@ -355,8 +355,12 @@ def _describe(module: nn.Module, depth: int) -> Spec:
             ],
         }
     if isinstance(module, EPLayer):
+        config = module.config
+        # the collapsed file must rebuild too: a layer whose plain form the spec cannot describe (transformers'
+        # Conv1D) makes the model unsupported
+        _describe(plain_layer(config, bias=collapsed_has_bias(config), device="meta"), depth)
         try:
-            return {"type": class_name(module), "config": module.config.to_dict()}
+            return {"type": class_name(module), "config": config.to_dict()}
         except ConfigError:
             raise _Unsupported from None
     kind = _BY_TYPE.get(type(module))

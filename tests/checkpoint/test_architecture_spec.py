@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from torch import Tensor, nn
 
+import epcli
 from epcli import CheckpointError, ConfigError, EPConv1d, EPConv2d, EPConv3d, EPLinear, InputSpec
 from epcli.checkpoint.architecture import (
     SUPPORTED_TYPES,
@@ -153,9 +155,10 @@ def _with_extra_parameter() -> nn.Module:
         nn.Sequential(nn.MaxPool2d(2, return_indices=True)),
         nn.Sequential(nn.LayerNorm(3)),
         _with_extra_parameter(),
+        nn.Sequential(EPLinear(3, 4, weight_layout="in_out")),  # collapses to transformers' Conv1D
     ],
     ids=["custom-forward", "sequential-subclass", "linear-subclass", "module-list", "return-indices", "layer-norm",
-         "extra-parameter"],
+         "extra-parameter", "collapses-to-conv1d"],
 )
 def test_unsupported_models_have_no_spec(model: nn.Module):
     assert describe_architecture(model) is None
@@ -248,3 +251,18 @@ def test_collapsed_architecture_replaces_ep_layers_by_their_plain_layers():
     conv = rebuilt[3]
     assert (conv.kernel_size, conv.stride, conv.padding) == ((5, 5), (2, 2), (2, 2))
     assert ep_nodes(spec) == {}
+
+
+def test_a_file_whose_collapse_has_no_spec_collapses_layer_by_layer(tmp_path: Path):
+    """A layer that collapses to transformers' Conv1D: no architecture is embedded, and the collapse from the
+    file still writes every layer (in Conv1D's [in, out] layout) and says the whole model was not compared."""
+    pytest.importorskip("transformers")
+    from epcli.jobs.collapse import collapse_file
+
+    model = nn.Sequential(EPLinear(3, 4, weight_layout="in_out", batch_norm=True)).eval()
+    path = epcli.save_checkpoint(model, tmp_path / "m.safetensors", input_shape=(3,))
+    assert epcli.open_checkpoint(path).architecture is None
+    result = collapse_file(path, tmp_path / "c.safetensors")
+    assert result.model_check_skipped
+    state = epcli.open_checkpoint(tmp_path / "c.safetensors").read(["0.weight"])
+    assert state["0.weight"].shape == (3, 4)
