@@ -26,7 +26,7 @@ from epcli.cli.options import (
 )
 
 if TYPE_CHECKING:
-    from epcli.jobs.collapse import CollapseResult
+    from epcli.artifacts.collapsed import CollapseResult
 
 __all__ = ["collapse_command", "collapse_payload", "render_collapse"]
 
