@@ -69,7 +69,9 @@ def open_checkpoint(
 
     Runs every check of :func:`load_checkpoint` that needs no tensor data, on meta
     tensors, so it costs the same for a 10 GB file as for a small one; a named
-    ``model_factory`` is imported, called and checked against the file here too.
+    ``model_factory`` is imported, called (once) and checked against the file here too,
+    and the model it built is kept for the first :func:`read_model` / :func:`read_checkpoint`
+    (:meth:`CheckpointFile.drop_model` frees it when nothing will read the model).
     Reads ``.pt``, ``.safetensors``, sharded safetensors (pass the ``.safetensors.index.json``)
     and, with ``model_factory`` and ``inputs``, checkpoints other tools wrote (see
     :func:`load_checkpoint`). Errors are :class:`EpcliError` whose messages start with the path.
