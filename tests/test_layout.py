@@ -91,6 +91,15 @@ def test_jobs_never_import_each_other(module: str):
     assert not siblings, f"{module} imports the jobs {siblings}: move what they share below the jobs"
 
 
+COMMAND_MODULES = ("epcli.cli.collapse", "epcli.cli.verify", "epcli.cli.export", "epcli.cli.inspect")
+
+
+@pytest.mark.parametrize("module", COMMAND_MODULES)
+def test_commands_never_import_each_other(module: str):
+    siblings = sorted(t for t in _imports(MODULES[module]) if t in COMMAND_MODULES and t != module)
+    assert not siblings, f"{module} imports the commands {siblings}: move what they share to epcli.cli.reports"
+
+
 @pytest.mark.parametrize("module", sorted(MODULES))
 def test_modules_are_short_or_say_why(module: str):
     text = MODULES[module].read_text()
