@@ -74,7 +74,7 @@ __all__ = [
     "MAX_WINDOW",
     "check_config_numbers",
     "check_count",
-    "check_name",
+    "check_name_length",
     "check_sample_shape",
     "check_tensor_shape",
     "loads_json",
@@ -116,13 +116,14 @@ def check_count(count: int, limit: int, what: str) -> None:
         raise CheckpointError(_over(what, count, limit))
 
 
-def check_name(name: str, what: str) -> None:
+def check_name_length(name: str, what: str) -> None:
     if len(name) > MAX_NAME_CHARS:
         raise CheckpointError(f"{what} {quote(name)} is longer than epcli's limit of {MAX_NAME_CHARS} characters")
 
 
 def is_int(value: Any) -> bool:
-    """An integer that is not a bool (JSON and Python both let True pass as 1)."""
+    """A Python or NumPy integer that is not a bool (JSON and Python both let True pass as 1; ``np.sum`` of kernel
+    sizes is common in user code)."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 

@@ -2,8 +2,9 @@
 ``epcli/__init__.py``'s lazy table matches its ``TYPE_CHECKING`` block.
 
 Levels, bottom first: the floor (errors, limits, text, version, devices, progress) and ``core`` (pure math);
-``storage`` (bytes); ``layers``; ``convert``; ``checkpoint`` (the schema); ``onnx``; ``verification``; ``jobs``;
-``cli``. A module may import its own package and anything on a lower level, never a higher one.
+``storage`` (bytes); ``layers``; ``convert``; ``checkpoint`` (the schema); ``onnx``; ``verification``;
+``artifacts`` (what the jobs that write files share); ``jobs`` (which never import each other); ``cli``. A
+module may import its own package and anything on a lower level, never a higher one.
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ LEVELS = {
     "epcli.checkpoint": 4,
     "epcli.onnx": 5,
     "epcli.verification": 6,
-    "epcli.jobs": 7,
-    "epcli.cli": 8,
-    "epcli.__main__": 9,
+    "epcli.artifacts": 7,
+    "epcli.jobs": 8,
+    "epcli.cli": 9,
+    "epcli.__main__": 10,
 }
 MAX_LINES = 500
 LENGTH_REASON = "Longer than 500 lines because"
@@ -81,6 +83,21 @@ def test_imports_run_only_downward(module: str):
         if LEVELS[other] > LEVELS[unit] or (unit == "epcli.core" and other != "epcli.core"):
             upward.append(target)
     assert not upward, f"{module} imports {upward}, which are not below it"
+
+
+@pytest.mark.parametrize("module", sorted(name for name in MODULES if name.startswith("epcli.jobs.")))
+def test_jobs_never_import_each_other(module: str):
+    siblings = sorted(t for t in _imports(MODULES[module]) if t.startswith("epcli.jobs.") and t != module)
+    assert not siblings, f"{module} imports the jobs {siblings}: move what they share below the jobs"
+
+
+COMMAND_MODULES = ("epcli.cli.collapse", "epcli.cli.verify", "epcli.cli.export", "epcli.cli.inspect")
+
+
+@pytest.mark.parametrize("module", COMMAND_MODULES)
+def test_commands_never_import_each_other(module: str):
+    siblings = sorted(t for t in _imports(MODULES[module]) if t in COMMAND_MODULES and t != module)
+    assert not siblings, f"{module} imports the commands {siblings}: move what they share to epcli.cli.reports"
 
 
 @pytest.mark.parametrize("module", sorted(MODULES))

@@ -35,6 +35,7 @@ from epcli.limits import (
     MAX_RANK,
     MAX_WINDOW,
     check_count,
+    is_int,
 )
 from epcli.text import quote
 
@@ -58,14 +59,10 @@ class _Invalid(Exception):
 Check = Callable[[Any], Any]
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
 def _int(minimum: int, maximum: int = MAX_FEATURES) -> Check:
     """An int in ``[minimum, maximum]``; the maximum comes from :mod:`epcli.limits`."""
     def check(value: Any) -> int:
-        if not _is_int(value) or not minimum <= value <= maximum:
+        if not is_int(value) or not minimum <= value <= maximum:
             raise _Invalid(f"an int in [{minimum}, {maximum}]")
         return int(value)
 
@@ -115,10 +112,10 @@ _COUNTS = {1: "one", 2: "two", 3: "three"}
 def _per_dim(ndim: int, minimum: int) -> Check:
     """An int or ``ndim`` ints (one per spatial dim) -> a list of ``ndim`` ints, each at most :data:`MAX_WINDOW`."""
     def check(value: Any) -> list[int]:
-        items = [value] * ndim if _is_int(value) else value
+        items = [value] * ndim if is_int(value) else value
         if (
             not isinstance(items, (list, tuple)) or len(items) != ndim
-            or not all(_is_int(v) and minimum <= v <= MAX_WINDOW for v in items)
+            or not all(is_int(v) and minimum <= v <= MAX_WINDOW for v in items)
         ):
             raise _Invalid(f"an int in [{minimum}, {MAX_WINDOW}] or a list of {_COUNTS[ndim]} such ints")
         return [int(v) for v in items]
@@ -130,7 +127,7 @@ def _int_list(minimum: int) -> Check:
     def check(value: Any) -> list[int]:
         if (
             not isinstance(value, (list, tuple)) or not value or len(value) > MAX_RANK
-            or not all(_is_int(v) and minimum <= v <= MAX_FEATURES for v in value)
+            or not all(is_int(v) and minimum <= v <= MAX_FEATURES for v in value)
         ):
             raise _Invalid(f"a list of 1 to {MAX_RANK} ints in [{minimum}, {MAX_FEATURES}]")
         return [int(v) for v in value]
@@ -154,7 +151,7 @@ def _either(*checks: Check) -> Check:
 def _output_size(ndim: int) -> Check:
     """AdaptiveAvgPool1d/2d/3d: an int, or ``ndim`` entries each an int >= 1 or None (keep that size)."""
     def size(v: Any) -> bool:
-        return _is_int(v) and 1 <= v <= MAX_FEATURES
+        return is_int(v) and 1 <= v <= MAX_FEATURES
 
     def check(value: Any) -> Any:
         if size(value):

@@ -31,7 +31,7 @@ from epcli.checkpoint.metadata import (
     missing_metadata,
     parse_metadata,
 )
-from epcli.checkpoint.opened import Checkpoint, CheckpointFile
+from epcli.checkpoint.opened import BuiltModel, Checkpoint, CheckpointFile
 from epcli.convert import (
     collapse_model,
     layer_prefix,
@@ -55,7 +55,7 @@ from epcli.storage.source import (
 )
 from epcli.text import quote
 
-__all__ = ["SUFFIXES", "load_checkpoint", "open_checkpoint", "read_model"]
+__all__ = ["SUFFIXES", "load_checkpoint", "open_checkpoint", "read_checkpoint", "read_model"]
 
 
 def open_checkpoint(
@@ -69,16 +69,18 @@ def open_checkpoint(
 
     Runs every check of :func:`load_checkpoint` that needs no tensor data, on meta
     tensors, so it costs the same for a 10 GB file as for a small one; a named
-    ``model_factory`` is imported, called and checked against the file here too.
+    ``model_factory`` is imported, called (once) and checked against the file here too,
+    and the model it built is kept for the first :func:`read_model` / :func:`read_checkpoint`
+    (:meth:`CheckpointFile.drop_model` frees it when nothing will read the model).
     Reads ``.pt``, ``.safetensors``, sharded safetensors (pass the ``.safetensors.index.json``)
     and, with ``model_factory`` and ``inputs``, checkpoints other tools wrote (see
     :func:`load_checkpoint`). Errors are :class:`EpcliError` whose messages start with the path.
     """
     path = Path(path)
     with _naming(path):
-        opened = _open(path, model_factory, inputs, state_key)
+        opened, model = _open(path, model_factory, inputs, state_key)
         if opened.architecture is not None or model_factory is not None:
-            _skeleton(opened, opened.meta_state(), model_factory)
+            opened.keep_model(_skeleton(opened, opened.meta_state(), model_factory, model))
         return opened
 
 
@@ -104,17 +106,25 @@ def load_checkpoint(
         ckpt = load_checkpoint("run/checkpoint-1000", model_factory="mymodels:build",
                                inputs=[InputSpec((16,), torch.int64, 0, 50257)])
     """
-    path = Path(path)
-    with _naming(path):
-        opened = _open(path, model_factory, inputs, state_key)
-        built = _skeleton(opened, opened.meta_state(), model_factory)  # all checks before any data is read
+    return read_checkpoint(open_checkpoint(path, model_factory=model_factory, inputs=inputs, state_key=state_key))
+
+
+def read_checkpoint(opened: CheckpointFile) -> Checkpoint:
+    """An opened checkpoint read whole: its tensors, and its model (when it has one) holding copies of them.
+
+    What :func:`load_checkpoint` returns, for a caller that has opened the file already (the model the open
+    built is filled, not built again).
+    """
+    built = _built(opened)
     state = opened.read(opened.tensors)
-    with _naming(path):
-        model = None if built is None else _fill(*built, state)
-        if built is not None and model is not None and opened.architecture is not None and model_factory is None:
-            check_forward(model, opened.inputs, built[1])
+    model = None
+    if built is not None:
+        with _naming(opened.path):
+            model = _fill(*built, state)
+            if opened.architecture is not None and opened.model_factory is None:
+                check_forward(model, opened.inputs, built[1])
     return Checkpoint(
-        path=path,
+        path=opened.path,
         kind=opened.kind,
         model=model,
         state_dict=state,
@@ -129,9 +139,7 @@ def load_checkpoint(
     )
 
 
-def read_model(
-    opened: CheckpointFile, model_factory: ModelFactory | None = None, *, dtype: torch.dtype | None = None
-) -> nn.Module | None:
+def read_model(opened: CheckpointFile, *, dtype: torch.dtype | None = None) -> nn.Module | None:
     """The model of an opened checkpoint (eval mode; None without an architecture or factory), its floating
     tensors cast to ``dtype``: the only copy of the data, for a caller that owns it (``epcli verify``).
 
@@ -139,8 +147,7 @@ def read_model(
     :data:`_READ_GROUP_BYTES` at a time, each tensor checked finite as stored and then cast, so the peak is
     the model in ``dtype`` (plus one group), not the file twice.
     """
-    with _naming(opened.path):
-        built = _skeleton(opened, opened.meta_state(), model_factory)
+    built = _built(opened)
     if built is None:
         return None
     state: dict[str, Tensor] = {}
@@ -150,13 +157,22 @@ def read_model(
     with _naming(opened.path):
         model = _fill(*built, state, copy=False)
         del state
-        if opened.architecture is not None and model_factory is None:
+        if opened.architecture is not None and opened.model_factory is None:
             check_forward(model, opened.inputs, built[1])
     return model.to(dtype=dtype) if dtype is not None else model  # buffers the file does not hold
 
 
 _READ_GROUP_BYTES = 64 * 2**20
 """:func:`read_model` reads the file in groups of tensors of about this many bytes."""
+
+
+def _built(opened: CheckpointFile) -> BuiltModel | None:
+    """The model the open built, or (once that was taken) the same model built and checked again."""
+    built = opened.take_model()
+    if built is not None:
+        return built
+    with _naming(opened.path):
+        return _skeleton(opened, opened.meta_state(), opened.model_factory)
 
 
 def _byte_groups(tensors: Mapping[str, TensorInfo], limit: int) -> Iterator[list[str]]:
@@ -186,7 +202,8 @@ def _naming(path: Path) -> Iterator[None]:
 
 def _open(
     path: Path, model_factory: ModelFactory | None, inputs: Sequence[InputSpec] | None, state_key: str | None
-) -> CheckpointFile:
+) -> tuple[CheckpointFile, nn.Module | None]:
+    """The opened file, and the factory's model when opening a foreign file built it (for :func:`_skeleton`)."""
     if not path.exists():
         raise CheckpointError("no such file; check the path")
     if not path.is_file() and not path.is_dir():
@@ -216,15 +233,17 @@ def _open(
         architecture=meta.architecture,
         metadata=meta.document,
         source=source,
+        model_factory=model_factory,
     )
     _check_ep_tensors(meta, opened.meta_state())
-    return opened
+    return opened, None
 
 
 def _open_foreign(
     path: Path, source: TensorSource, model_factory: ModelFactory | None, inputs: Sequence[InputSpec] | None
-) -> CheckpointFile:
-    """A checkpoint another tool wrote: EP configs and layer input shapes from the factory's model."""
+) -> tuple[CheckpointFile, nn.Module]:
+    """A checkpoint another tool wrote: EP configs and layer input shapes from the factory's model (returned too,
+    so the factory is called once per open)."""
     if model_factory is None:
         raise missing_metadata(source.found)
     if inputs is None:
@@ -248,12 +267,13 @@ def _open_foreign(
         metadata={"source_format": source.form, "found": source.found, "notes": list(notes)},
         source=source,
         notes=notes,
+        model_factory=model_factory,
     )
     try:
         _check_ep_tensors(opened, opened.meta_state())
     except EpcliError as e:
         raise type(e)(f"the model built by factory {_factory_name(model_factory)} does not fit the file: {e}") from e
-    return opened
+    return opened, model
 
 
 def _factory_name(model_factory: ModelFactory) -> str:
@@ -280,15 +300,17 @@ def _check_ep_tensors(meta: Metadata | CheckpointFile, state: Mapping[str, Tenso
             raise type(e)(f"{where}: {e}") from e
 
 
-_Built = tuple[nn.Module, str]
-"""A model whose parameters may still be on the meta device, and how to name it in messages."""
-
-
-def _skeleton(meta: Metadata | CheckpointFile, state: Mapping[str, Tensor], model_factory: ModelFactory | None) -> _Built | None:
-    """The model, from the user's factory or the embedded architecture (on meta), checked against ``state``'s keys and shapes."""
+def _skeleton(
+    meta: Metadata | CheckpointFile,
+    state: Mapping[str, Tensor],
+    model_factory: ModelFactory | None,
+    built: nn.Module | None = None,
+) -> BuiltModel | None:
+    """The model, from the user's factory (``built``: what it returned already) or the embedded architecture (on
+    meta), checked against ``state``'s keys and shapes."""
     expected_layers = {} if meta.kind == "collapsed" else meta.ep_layers
     if model_factory is not None:
-        model = build_from_factory(model_factory)
+        model = built if built is not None else build_from_factory(model_factory)
         source = f"the model built by factory {_factory_name(model_factory)}"
         if meta.kind == "collapsed" and find_ep_layers(model):
             model = collapse_model(model)  # the factory builds the EP model; the file holds its plain form

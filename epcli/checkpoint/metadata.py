@@ -32,7 +32,7 @@ from epcli.limits import (
     MAX_METADATA_CHARS,
     check_config_numbers,
     check_count,
-    check_name,
+    check_name_length,
     is_int,
     loads_json,
 )
@@ -226,7 +226,7 @@ def _parse_layers(layers: Any) -> tuple[dict[str, EPConfig], dict[str, tuple[int
     shapes: dict[str, tuple[int, ...]] = {}
     for path, entry in layers.items():
         where = f"layer {quote(path)}"
-        check_name(path, "ep_layers path")
+        check_name_length(path, "ep_layers path")
         if path and not all(path.split(".")):  # '' is legitimate: the model itself is the EP layer
             raise CheckpointError(f"{where}: not a valid dotted module path")
         if not isinstance(entry, dict) or set(entry) != _LAYER_KEYS:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from epcli.checkpoint.factory import ModelFactory
 from epcli.checkpoint.inputs import InputSpec
 from epcli.errors import CheckpointError, EpcliError
 from epcli.layers.config import EPConfig
@@ -19,7 +20,17 @@ from epcli.storage.source import (
     check_finite,
 )
 
-__all__ = ["Checkpoint", "CheckpointFile"]
+__all__ = ["BuiltModel", "Checkpoint", "CheckpointFile"]
+
+BuiltModel = tuple[nn.Module, str]
+"""A model whose parameters may still be on the meta device (or the factory's own), and how to name it in messages."""
+
+
+class _Kept:
+    """The one model an open built, until a reader takes it."""
+
+    def __init__(self) -> None:
+        self.built: BuiltModel | None = None
 
 
 @dataclass(frozen=True)
@@ -32,6 +43,11 @@ class CheckpointFile:
     checkpoint (an index and its shards, or the one file); ``tensors`` lists
     keys in state-dict order. ``inputs`` are the model's input specs
     (``input_shape`` is the first one's shape).
+
+    The model built to check the file (the user's factory's, or the embedded
+    architecture on meta) is kept for the first reader, so a job that opens the file
+    once calls the factory (and runs its forward) once; ``model_factory`` rebuilds it
+    for any later reader.
     """
 
     path: Path
@@ -45,6 +61,8 @@ class CheckpointFile:
     source: TensorSource
     notes: tuple[str, ...] = ()
     """What was reconciled between a foreign file and the model (a stripped prefix, tied weights)."""
+    model_factory: ModelFactory | None = field(default=None, repr=False, compare=False)
+    _kept: _Kept = field(default_factory=_Kept, init=False, repr=False, compare=False)
 
     @property
     def foreign(self) -> bool:
@@ -63,6 +81,19 @@ class CheckpointFile:
     def nbytes(self) -> int:
         """Bytes of tensor data in the file(s)."""
         return self.source.nbytes
+
+    def keep_model(self, built: BuiltModel | None) -> None:
+        """Keep the model the open built and checked, for :meth:`take_model`."""
+        self._kept.built = built
+
+    def take_model(self) -> BuiltModel | None:
+        """The kept model, once (its reader fills it with the file's tensors); None once taken or dropped."""
+        built, self._kept.built = self._kept.built, None
+        return built
+
+    def drop_model(self) -> None:
+        """Free the kept model, for a job that will not read the model: its memory is the whole model's."""
+        self._kept.built = None
 
     def meta_state(self) -> dict[str, Tensor]:
         """Meta tensors with every key, shape and dtype: a state dict that takes no memory."""

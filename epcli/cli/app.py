@@ -1,7 +1,9 @@
 """The ``epcli`` Typer app: registers one command per module.
 
 Two small Typer subclasses carry the contract that lives outside any command body:
-usage lines that read ``CKPT [ARTIFACT]``, and usage errors that, with ``--json``,
+``--json`` / ``-q``, which belong to the group and are accepted before or after the
+command's name; every command body run under the guard (:mod:`epcli.cli.guard`);
+usage lines that read ``CKPT [ARTIFACT]``; and usage errors that, with ``--json``,
 are also the one JSON document on stdout.
 
 Nothing heavy is imported here or in the command modules at import time: torch,
@@ -17,19 +19,32 @@ from contextlib import contextmanager
 from typing import Any
 
 import typer
-from typer._click.exceptions import UsageError as ClickUsageError
 from typer.core import TyperArgument, TyperCommand, TyperGroup
 
 from epcli.cli import collapse, export, inspect, render, verify
+from epcli.cli.guard import guarded
+from epcli.cli.options import output_mode, output_options
 from epcli.cli.terminate import EXIT_TERMINATED, Terminated, raise_on_signals
 
 __all__ = ["app", "main"]
 
 COMMANDS = ("collapse", "verify", "export", "inspect")
 
+_ClickUsageError: type[Any] = next(cls for cls in typer.BadParameter.__mro__ if cls.__name__ == "UsageError")
+"""click's ``UsageError``, the base of every command-line parsing error. Typer exports only its subclass
+``BadParameter`` (and from some version on vendors click in a private module), so it is found from that."""
+
 
 class _Command(TyperCommand):
-    """A command whose usage line reads ``CKPT [ARTIFACT]`` (Typer writes required arguments as ``{name}``)."""
+    """A command that takes the group's ``--json`` / ``-q`` too, runs its body under the guard, and whose usage
+    line reads ``CKPT [ARTIFACT]`` (Typer writes required arguments as ``{name}``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.params.extend(output_options())
+
+    def invoke(self, ctx: Any) -> Any:
+        return guarded(super().invoke, name=self.name, mode=output_mode(ctx))(ctx)
 
     def collect_usage_pieces(self, ctx: Any) -> list[str]:
         pieces = [self.options_metavar] if self.options_metavar else []
@@ -51,6 +66,10 @@ class _Group(TyperGroup):
 
     _argv: Sequence[str] = ()
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.params.extend(output_options())
+
     def main(self, args: Sequence[str] | None = None, *rest: Any, **kwargs: Any) -> Any:
         self._argv = list(sys.argv[1:] if args is None else args)
         return super().main(args, *rest, **kwargs)
@@ -67,7 +86,7 @@ class _Group(TyperGroup):
     def _usage_errors_as_json(self) -> Iterator[None]:
         try:
             yield
-        except ClickUsageError as error:
+        except _ClickUsageError as error:
             if "--json" in self._argv:
                 command = next((arg for arg in self._argv if arg in COMMANDS), "epcli")
                 message = render.printable(error.format_message())

@@ -8,30 +8,25 @@ from typing import Annotated
 import typer
 
 from epcli.cli import render
-from epcli.cli.collapse import collapse_payload, render_collapse
-from epcli.cli.guard import EXIT_VERIFY_FAILED, guarded
+from epcli.cli.guard import EXIT_VERIFY_FAILED
 from epcli.cli.options import (
+    NO_SOURCE,
     Atol,
     CheckpointArg,
     ForceOption,
-    InputOption,
-    InputShapeOption,
-    JsonOption,
-    ModelOption,
-    QuietOption,
     Rtol,
     Samples,
     Seed,
-    StateKeyOption,
-    parse_inputs,
+    SourceOptions,
+    takes_source,
     whole_number,
 )
-from epcli.cli.verify import render_report, report_payload
+from epcli.cli.reports import collapse_payload, render_collapse, render_report, report_payload
 
 __all__ = ["export_command"]
 
 
-@guarded
+@takes_source
 def export_command(
     checkpoint: CheckpointArg,
     onnx_path: Annotated[
@@ -72,12 +67,7 @@ def export_command(
     atol: Atol = None,
     rtol: Rtol = None,
     force: ForceOption = False,
-    model: ModelOption = None,
-    input_shape: InputShapeOption = None,
-    input_specs: InputOption = None,
-    state_key: StateKeyOption = None,
-    json_output: JsonOption = False,
-    quiet: QuietOption = False,
+    source: SourceOptions = NO_SOURCE,
 ) -> None:
     """Export the collapsed model. The ONNX file holds one Gemm/Conv per EP layer, passes onnx.checker and is
     compared with the expanded torch model in onnxruntime (float32; rule and default tolerances as in
@@ -98,11 +88,11 @@ def export_command(
             opset=opset,
             static_batch=static_batch,
             force=force,
-            model_factory=model,
+            model_factory=source.model,
             external_data=external_data,
             external_threshold=EXTERNAL_DATA_THRESHOLD if external_threshold is None else external_threshold,
-            inputs=parse_inputs(input_shape, input_specs),
-            state_key=state_key,
+            inputs=source.inputs(),
+            state_key=source.state_key,
             progress=progress,
         )
     payload: dict[str, object] = {"checkpoint": str(checkpoint), "passed": result.passed}
@@ -131,7 +121,6 @@ def export_command(
     if result.safetensors is not None:
         render_collapse(result.safetensors)
         payload["safetensors"] = collapse_payload(result.safetensors)
-    if json_output:
-        render.emit_json("export", payload)
+    render.document("export", payload)
     if not result.passed:
         raise typer.Exit(EXIT_VERIFY_FAILED)

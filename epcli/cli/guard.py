@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import typer
 
 from epcli.cli import render
+from epcli.cli.options import OutputMode
 from epcli.cli.terminate import EXIT_TERMINATED, Terminated, signal_received
 from epcli.errors import EpcliError
 
@@ -39,46 +40,43 @@ def _show_traceback_if_debugging() -> None:
         render.plain(traceback.format_exc())
 
 
-def guarded(command: F) -> F:
+def guarded(command: F, *, name: str | None = None, mode: OutputMode | None = None) -> F:
     """Run a command body; map EpcliError (and any other failure) to exit code 2 with a message.
 
-    With ``--json`` the failure is also reported as the one JSON document on stdout,
-    so a CI step that parses stdout always gets a document; so is an interrupt
-    (``Interrupted``, exit 130) or SIGTERM (``Terminated``, exit 143).
+    ``mode`` is the command line's ``--json`` / ``-q`` (:func:`~epcli.cli.options.output_mode`): with ``--json``
+    the failure is also reported as the one JSON document on stdout, so a CI step that parses stdout always gets a
+    document; so is an interrupt (``Interrupted``, exit 130) or SIGTERM (``Terminated``, exit 143). ``name`` names
+    the command in that document (default: the function's name without ``_command``).
     """
-    name = command.__name__.removesuffix("_command")
+    command_name = name or command.__name__.removesuffix("_command")
+    output = mode or OutputMode()
 
-    def fail(message: str, error_type: str, json_output: bool, code: int = EXIT_INPUT_ERROR) -> None:
+    def fail(message: str, error_type: str, code: int = EXIT_INPUT_ERROR) -> None:
         _show_traceback_if_debugging()
         render.error(message)
-        if json_output:
-            render.emit_json(name, {"passed": False, "error": {"type": error_type, "message": message}})
+        if output.json:
+            render.emit_json(command_name, {"passed": False, "error": {"type": error_type, "message": message}})
         raise typer.Exit(code)
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        json_output = bool(kwargs.get("json_output"))
-        render.configure(json_output=json_output, quiet=bool(kwargs.get("quiet")))
+        render.configure(json_output=output.json, quiet=output.quiet)
         try:
             return command(*args, **kwargs)
         except (typer.Exit, typer.Abort):
             raise
         except KeyboardInterrupt:
-            fail("interrupted", "Interrupted", json_output, EXIT_INTERRUPTED)
+            fail("interrupted", "Interrupted", EXIT_INTERRUPTED)
         except Terminated:
-            fail("terminated", "Terminated", json_output, EXIT_TERMINATED)
+            fail("terminated", "Terminated", EXIT_TERMINATED)
         except Exception as e:
             if signal_received() == signal.SIGINT:  # the interrupt was caught and re-raised as something else
-                fail("interrupted", "Interrupted", json_output, EXIT_INTERRUPTED)
+                fail("interrupted", "Interrupted", EXIT_INTERRUPTED)
             if signal_received() == signal.SIGTERM:
-                fail("terminated", "Terminated", json_output, EXIT_TERMINATED)
+                fail("terminated", "Terminated", EXIT_TERMINATED)
             if isinstance(e, EpcliError):
-                fail(str(e), type(e).__name__, json_output)
+                fail(str(e), type(e).__name__)
             # a bug or an error from a user-named model factory
-            fail(
-                f"unexpected {type(e).__name__}: {e} (set EPCLI_DEBUG=1 for the traceback)",
-                type(e).__name__,
-                json_output,
-            )
+            fail(f"unexpected {type(e).__name__}: {e} (set EPCLI_DEBUG=1 for the traceback)", type(e).__name__)
 
     return wrapper  # type: ignore[return-value]

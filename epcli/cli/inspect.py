@@ -8,22 +8,12 @@ from typing import Annotated, Any
 import typer
 
 from epcli.cli import render
-from epcli.cli.guard import guarded
-from epcli.cli.options import (
-    ForceOption,
-    InputOption,
-    InputShapeOption,
-    JsonOption,
-    ModelOption,
-    QuietOption,
-    StateKeyOption,
-    parse_inputs,
-)
+from epcli.cli.options import NO_SOURCE, ForceOption, SourceOptions, takes_source
 
 __all__ = ["inspect_command"]
 
 
-@guarded
+@takes_source
 def inspect_command(
     checkpoint: Annotated[
         Path,
@@ -54,23 +44,18 @@ def inspect_command(
         ),
     ] = False,
     force: ForceOption = False,
-    model: ModelOption = None,
-    input_shape: InputShapeOption = None,
-    input_specs: InputOption = None,
-    state_key: StateKeyOption = None,
-    json_output: JsonOption = False,
-    quiet: QuietOption = False,
+    source: SourceOptions = NO_SOURCE,
 ) -> None:
     """Show what a checkpoint holds. Effective rank = exp(entropy of the normalised singular values)."""
     from epcli.jobs.inspect import inspect_file
 
-    inputs = parse_inputs(input_shape, input_specs)
+    inputs = source.inputs()
     with render.progress() as progress:
         result = inspect_file(
             checkpoint,
-            model_factory=model,
+            model_factory=source.model,
             inputs=inputs,
-            state_key=state_key,
+            state_key=source.state_key,
             plot=plot,
             force=force,
             exact=exact,
@@ -123,8 +108,7 @@ def inspect_command(
     )
     if plot is not None:
         render.success(f"wrote {plot}")
-    if json_output:
-        render.emit_json("inspect", _payload(result))
+    render.document("inspect", _payload(result))
 
 
 def _payload(result: Any) -> dict[str, Any]:

@@ -1,15 +1,27 @@
-"""Options shared by several commands, declared once."""
+"""Options shared by several commands, declared once.
+
+Two groups are more than a shared declaration: ``--json`` / ``-q`` belong to the command group
+(:func:`output_options`, accepted before or after the command's name), and the options that say how
+to read a checkpoint are one :class:`SourceOptions` (:func:`takes_source`).
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
 import math
 import re
+import typing
 from collections.abc import Callable
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
+import typer.main
+from typer.core import TyperOption
 
 from epcli.errors import UsageError
 
@@ -24,22 +36,22 @@ __all__ = [
     "DeviceOption",
     "Dtype",
     "ForceOption",
-    "InputOption",
-    "InputShapeOption",
-    "JsonOption",
-    "ModelOption",
-    "QuietOption",
+    "OutputMode",
     "Rtol",
     "Samples",
-    "StateKeyOption",
-    "parse_inputs",
     "Seed",
+    "NO_SOURCE",
+    "SourceOptions",
     "Timeout",
     "choice",
+    "output_mode",
+    "output_options",
+    "takes_source",
     "whole_number",
 ]
 
 E = TypeVar("E", bound=Enum)
+R = TypeVar("R")
 
 SEED_MAX = 2**64 - 1
 """The largest seed torch's generator takes."""
@@ -213,20 +225,116 @@ class Dtype(str, Enum):
     float64 = "float64"
 
 
-def parse_inputs(input_shape: str | None, inputs: list[str] | None) -> list[InputSpec] | None:
-    """The input specs given by --input-shape or --input (not both); None when neither was given."""
-    from epcli.checkpoint.inputs import parse_input
+@dataclass(frozen=True)
+class OutputMode:
+    """What ``--json`` and ``-q`` asked for, wherever on the command line they were given."""
 
-    if input_shape is not None and inputs:
-        raise UsageError("give the model's input either with --input-shape (one float input) or with --input, not both")
-    if input_shape is not None:
-        if not re.fullmatch(r"\s*\d+(\s*,\s*\d+)*\s*,?\s*", input_shape):
+    json: bool = False
+    quiet: bool = False
+
+
+_OUTPUT_MODE = "epcli.output_mode"
+"""The key of the :class:`OutputMode` in a click context's ``meta`` (shared by the group and its command)."""
+
+
+def output_options() -> list[TyperOption]:
+    """Fresh ``--json`` and ``-q`` options for the group or one command (:mod:`epcli.cli.app` adds them to each).
+
+    Declared once, as Typer declares any option (:data:`JsonOption`, :data:`QuietOption`), so their help reads as
+    before; they are not passed to the command function, but recorded in the context's :class:`OutputMode`.
+    """
+
+    def flags(json_output: JsonOption = False, quiet: QuietOption = False) -> None:
+        """The declarations Typer turns into click options."""
+
+    template = typer.Typer(add_completion=False)
+    template.command()(flags)
+    options = typer.main.get_command(template).params
+    for option, field in zip(options, ("json", "quiet"), strict=True):
+        assert isinstance(option, TyperOption)
+        option.expose_value = False
+        option.callback = functools.partial(_record, field)
+    return typing.cast(list[TyperOption], options)
+
+
+def _record(field: str, ctx: typer.Context, param: object, value: bool) -> bool:
+    if value:
+        ctx.meta[_OUTPUT_MODE] = dataclasses.replace(output_mode(ctx), **{field: True})
+    return value
+
+
+def output_mode(ctx: typer.Context) -> OutputMode:
+    """The group's and the command's ``--json`` / ``-q``, together."""
+    mode = ctx.meta.get(_OUTPUT_MODE, OutputMode())
+    assert isinstance(mode, OutputMode)
+    return mode
+
+
+@dataclass(frozen=True)
+class SourceOptions:
+    """How to read the checkpoint: ``--model``, ``--input-shape``, ``--input``, ``--state-key``.
+
+    A command takes one ``source: SourceOptions`` parameter (see :func:`takes_source`).
+    """
+
+    model: ModelOption = None
+    input_shape: InputShapeOption = None
+    input_specs: InputOption = None
+    state_key: StateKeyOption = None
+
+    def inputs(self) -> list[InputSpec] | None:
+        """The input specs given by --input-shape or --input (not both); None when neither was given."""
+        from epcli.checkpoint.inputs import parse_input
+
+        if self.input_shape is not None and self.input_specs:
             raise UsageError(
-                f"--input-shape {input_shape!r}: give the sizes of one sample, e.g. 3,224,224; for another dtype or a "
-                "value range use --input (e.g. 'int64[16]:0:50257')"
+                "give the model's input either with --input-shape (one float input) or with --input, not both"
             )
-        return [parse_input(input_shape.strip().rstrip(","))]
-    return [parse_input(text) for text in inputs] if inputs else None
+        if self.input_shape is not None:
+            if not re.fullmatch(r"\s*\d+(\s*,\s*\d+)*\s*,?\s*", self.input_shape):
+                raise UsageError(
+                    f"--input-shape {self.input_shape!r}: give the sizes of one sample, e.g. 3,224,224; for another "
+                    "dtype or a value range use --input (e.g. 'int64[16]:0:50257')"
+                )
+            return [parse_input(self.input_shape.strip().rstrip(","))]
+        return [parse_input(text) for text in self.input_specs] if self.input_specs else None
+
+
+NO_SOURCE = SourceOptions()
+"""The default of a command's ``source`` parameter: none given (a file epcli wrote needs none)."""
+
+
+def takes_source(command: Callable[..., R]) -> Callable[..., R]:
+    """Let Typer see the fields of ``command``'s :class:`SourceOptions` parameter as options of their own, in its
+    place (so ``--help`` lists them there), and hand ``command`` the one :class:`SourceOptions` they make."""
+    hints = typing.get_type_hints(command, include_extras=True)
+    declared = typing.get_type_hints(SourceOptions, include_extras=True)
+    options = dataclasses.fields(SourceOptions)
+    names = [option.name for option in options]
+    (name,) = [param for param, hint in hints.items() if hint is SourceOptions]
+    parameters: list[inspect.Parameter] = []
+    for param in inspect.signature(command).parameters.values():
+        if param.name == name:
+            parameters.extend(
+                inspect.Parameter(
+                    option.name,
+                    inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                    default=option.default,
+                    annotation=declared[option.name],
+                )
+                for option in options
+            )
+        else:
+            parameters.append(param.replace(annotation=hints[param.name]))
+
+    @functools.wraps(command)
+    def wrapper(**kwargs: Any) -> R:
+        source = SourceOptions(**{field: kwargs.pop(field) for field in names})
+        return command(**kwargs, **{name: source})
+
+    wrapper.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {param.name: param.annotation for param in parameters}
+    return wrapper
 
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)\s*$", re.IGNORECASE)

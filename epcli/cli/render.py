@@ -30,6 +30,7 @@ from rich.table import Table
 __all__ = [
     "JSON_SCHEMA_VERSION",
     "configure",
+    "document",
     "emit_json",
     "error",
     "info",
@@ -63,13 +64,16 @@ def _console(*, stderr: bool) -> Console:
 
 _messages = _console(stderr=True)
 _report: Console | None = _console(stderr=False)
+_json = False
 
 
 def configure(*, json_output: bool = False, quiet: bool = False) -> None:
-    """Called once per command, before it prints: where the report goes, and the environment's colour rules."""
-    global _messages, _report
+    """Called once per command, before it prints: where the report goes, whether :func:`document` prints, and the
+    environment's colour rules."""
+    global _messages, _report, _json
     _messages = _console(stderr=True)
     _report = None if quiet else _console(stderr=json_output)
+    _json = json_output
 
 
 def _json_safe(value: Any) -> Any:
@@ -88,6 +92,12 @@ def emit_json(command: str, payload: Mapping[str, Any]) -> None:
     document = {"schema_version": JSON_SCHEMA_VERSION, "command": command, **payload}
     sys.stdout.write(json.dumps(_json_safe(document), indent=2, sort_keys=True, allow_nan=False) + "\n")
     sys.stdout.flush()
+
+
+def document(command: str, payload: Mapping[str, Any]) -> None:
+    """The command's JSON document, on stdout when ``--json`` was given (:func:`emit_json`)."""
+    if _json:
+        emit_json(command, payload)
 
 
 def table(

@@ -3,36 +3,30 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated
 
 import typer
 
 from epcli.cli import render
-from epcli.cli.guard import EXIT_VERIFY_FAILED, guarded
+from epcli.cli.guard import EXIT_VERIFY_FAILED
 from epcli.cli.options import (
+    NO_SOURCE,
     Atol,
     BatchSize,
     CheckpointArg,
     DeviceOption,
     Dtype,
-    InputOption,
-    InputShapeOption,
-    JsonOption,
-    ModelOption,
-    QuietOption,
     Rtol,
     Samples,
     Seed,
-    StateKeyOption,
+    SourceOptions,
     Timeout,
     choice,
-    parse_inputs,
+    takes_source,
 )
+from epcli.cli.reports import render_report, report_payload
 
-if TYPE_CHECKING:
-    from epcli.verification.compare import VerifyReport
-
-__all__ = ["verify_command", "report_payload", "render_report"]
+__all__ = ["verify_command"]
 
 # Defaults are repeated here (not imported) so --help needs no torch; tests pin them to epcli.verification.compare.
 HELP = """Compare the expanded model with its collapsed form on seeded random inputs.
@@ -56,7 +50,7 @@ checkpoint before it runs, and each run is stopped after --timeout seconds.
 Exit codes: 0 all passed, 1 a comparison failed, 2 usage or input error."""
 
 
-@guarded
+@takes_source
 def verify_command(
     checkpoint: CheckpointArg,
     artifact: Annotated[
@@ -78,10 +72,7 @@ def verify_command(
         typer.Option("--dtype", metavar="float32|float64", parser=choice(Dtype), help="Precision of the comparison."),
     ] = Dtype.float32,
     device: DeviceOption = "cpu",
-    model: ModelOption = None,
-    input_shape: InputShapeOption = None,
-    input_specs: InputOption = None,
-    state_key: StateKeyOption = None,
+    source: SourceOptions = NO_SOURCE,
     samples_file: Annotated[
         Path | None,
         typer.Option(
@@ -94,8 +85,6 @@ def verify_command(
         ),
     ] = None,
     timeout: Timeout = 60.0,
-    json_output: JsonOption = False,
-    quiet: QuietOption = False,
 ) -> None:
     from epcli.jobs.verify import verify_files
     from epcli.verification.compare import VerifySettings
@@ -108,89 +97,25 @@ def verify_command(
             checkpoint,
             artifact,
             settings,
-            model_factory=model,
-            inputs=parse_inputs(input_shape, input_specs),
-            state_key=state_key,
+            model_factory=source.model,
+            inputs=source.inputs(),
+            state_key=source.state_key,
             samples_path=samples_file,
             timeout=timeout,
             progress=progress,
         )
     render_report(f"Verify {checkpoint.name}", result.report)
-    if json_output:
-        render.emit_json(
-            "verify",
-            {
-                "checkpoint": str(checkpoint),
-                "artifact": None if artifact is None else str(artifact),
-                "artifact_stale": result.artifact_stale,
-                **report_payload(result.report),
-            },
-        )
+    render.document(
+        "verify",
+        {
+            "checkpoint": str(checkpoint),
+            "artifact": None if artifact is None else str(artifact),
+            "artifact_stale": result.artifact_stale,
+            **report_payload(result.report),
+        },
+    )
     if not result.report.passed:
         raise typer.Exit(EXIT_VERIFY_FAILED)
 
 
 verify_command.__doc__ = HELP
-
-
-def report_payload(report: VerifyReport) -> dict[str, Any]:
-    settings = report.settings
-    return {
-        "passed": report.passed,
-        "pass_rule": "|collapsed - expanded| <= atol + rtol * |expanded|",
-        "atol": report.tolerance.atol,
-        "rtol": report.tolerance.rtol,
-        "dtype": settings.dtype,
-        "samples": settings.samples,
-        "batch_size": settings.batch_size,
-        "seed": settings.seed,
-        "model_check_skipped": report.model_check_skipped,
-        "notes": list(report.notes),
-        "comparisons": [
-            {
-                "name": c.name,
-                "scope": c.scope,
-                "candidate": c.candidate,
-                "max_abs_error": c.max_abs_error,
-                "mean_abs_error": c.mean_abs_error,
-                "max_rel_error": c.max_rel_error,
-                "mean_rel_error": c.mean_rel_error,
-                "min_passing_atol": c.min_atol,
-                "passed": c.passed,
-            }
-            for c in report.comparisons
-        ],
-    }
-
-
-def render_report(title: str, report: VerifyReport) -> None:
-    default = report.comparisons[0].candidate if report.comparisons else ""
-    rows = [
-        (
-            c.name if c.candidate == default else f"{c.name} via {c.candidate}",
-            c.max_abs_error,
-            c.mean_abs_error,
-            c.max_rel_error,
-            c.min_atol,
-            c.passed,
-        )
-        for c in report.comparisons
-    ]
-    render.table(
-        f"{title}: expanded vs {default}",
-        ["compared", "max |err|", "mean |err|", "max rel err", "min atol", "pass"],
-        rows,
-    )
-    settings = report.settings
-    rule = (
-        f"|err| <= {report.tolerance.atol:g} + {report.tolerance.rtol:g}*|expanded|, "
-        f"{settings.dtype}, {settings.samples} samples, seed {settings.seed}"
-    )
-    for note in report.notes:
-        render.warning(note)
-    if report.model_check_skipped is not None:
-        render.info(f"whole model: not compared ({report.model_check_skipped}); only the EP layers were checked")
-    if report.passed:
-        render.success(f"all {len(report.comparisons)} comparisons passed ({rule})")
-    else:
-        render.error(f"{len(report.failures)} of {len(report.comparisons)} comparisons failed ({rule})")

@@ -25,13 +25,14 @@ from pathlib import Path
 
 import torch
 
+from epcli.artifacts.collapsed import CollapseResult, OutputPlan, plan_output, write_collapsed
+from epcli.artifacts.provenance import provenance
 from epcli.checkpoint.inputs import InputSpec
 from epcli.checkpoint.load import open_checkpoint, read_model
 from epcli.checkpoint.opened import CheckpointFile
 from epcli.checkpoint.save import collapsed_layout
 from epcli.convert import collapsed_dtype
 from epcli.errors import UsageError
-from epcli.jobs.collapse import CollapseResult, collapse_file, plan_output, provenance
 from epcli.onnx.export import (
     DEFAULT_OPSET,
     EXTERNAL_DATA_THRESHOLD,
@@ -49,7 +50,7 @@ from epcli.onnx.export import (
 from epcli.progress import ProgressCallback
 from epcli.storage.atomic import StagedFiles
 from epcli.storage.mapped_pages import trim_heap
-from epcli.storage.paths import check_name, check_targets, file_sha256, make_parent
+from epcli.storage.paths import check_output_name, check_targets, file_sha256, make_parent
 from epcli.storage.sharded import is_index, sharded_base
 from epcli.verification.compare import Comparison, VerifyReport, VerifySettings
 from epcli.verification.model_check import ONNX_LABEL, collapse_in_place, expanded_outputs, layer_reader
@@ -114,23 +115,17 @@ def export_file(
     opened = open_checkpoint(source, model_factory=model_factory, inputs=inputs, state_key=state_key)
     if onnx_path is not None:  # every output is checked (and its directory made) before any export work
         example = f"{sharded_base(source).stem if is_index(source) else source.stem}.onnx"
-        check_name(onnx_path, (".onnx",), option="--onnx", example=example)
+        check_output_name(onnx_path, (".onnx",), option="--onnx", example=example)
         external_data = external_data or _onnx_nbytes_estimate(opened) > external_threshold
         targets = (onnx_path, external_data_path(onnx_path)) if external_data else (onnx_path,)
         check_targets(targets, opened.files, force)
+    collapse_plan: OutputPlan | None = None
     if safetensors_path is not None:
         if opened.kind != "expanded":
             raise UsageError(f"{source}: already collapsed; --safetensors has nothing to do (use --onnx)")
-        safetensors_path = plan_output(
-            source,
-            safetensors_path,
-            file_format="safetensors",
-            force=force,
-            option="--safetensors",
-            model_factory=model_factory,
-            inputs=inputs,
-            state_key=state_key,
-        ).output
+        collapse_plan = plan_output(
+            opened, safetensors_path, file_format="safetensors", force=force, option="--safetensors"
+        )
     if onnx_path is not None:
         make_parent(onnx_path)
     onnx = None
@@ -139,20 +134,12 @@ def export_file(
     with StagedFiles(overwrite=force) as staged:
         if onnx_path is not None:  # only the ONNX needs the whole model in memory
             plan = _OnnxPlan(onnx_path, opset, static_batch, force, external_data, external_threshold, opened.files)
-            onnx = _export_onnx(opened, model_factory, plan, settings, staged, progress)
+            onnx = _export_onnx(opened, plan, settings, staged, progress)
             if not onnx.written:
                 return ExportResult(source, onnx, None)
         collapsed = None
-        if safetensors_path is not None:  # from the file, one layer at a time, as epcli collapse does
-            collapsed = collapse_file(
-                source,
-                safetensors_path,
-                force=force,
-                model_factory=model_factory,
-                inputs=inputs,
-                state_key=state_key,
-                progress=progress,
-            )
+        if collapse_plan is not None:  # from the file, one layer at a time, as epcli collapse does
+            collapsed = write_collapsed(collapse_plan, progress=progress)
         staged.commit()
     return ExportResult(source, onnx, collapsed)
 
@@ -179,7 +166,6 @@ class _OnnxPlan:
 
 def _export_onnx(
     opened: CheckpointFile,
-    model_factory: str | None,
     plan: _OnnxPlan,
     settings: VerifySettings,
     staged: StagedFiles,
@@ -191,7 +177,7 @@ def _export_onnx(
 
     So the expanded model is never held beside a copy of itself, nor beside the ONNX weights.
     """
-    model = read_model(opened, model_factory, dtype=torch.float32)
+    model = read_model(opened, dtype=torch.float32)
     if model is None:
         raise UsageError(
             f"{opened.path}: no architecture is embedded, so there is no whole model to export; "

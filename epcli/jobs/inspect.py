@@ -76,6 +76,7 @@ def inspect_file(
     """
     # the input first (without its tensors)
     opened = open_checkpoint(path, model_factory=model_factory, inputs=inputs, state_key=state_key)
+    opened.drop_model()  # the layers are read from the file: the model is not needed
     if plot is not None:
         check_output(plot, (".png",), force=force, option="--plot", example="spectra.png")
     paths = natural_order(opened.ep_layers)

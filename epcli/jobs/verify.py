@@ -94,7 +94,7 @@ def verify_files(
         checkpoint.read(key for key in checkpoint.tensors if key not in in_layers)
 
     def owned_model(dtype: torch.dtype) -> nn.Module:  # read after the layers, the only copy, in the check's dtype
-        model = read_model(checkpoint, model_factory, dtype=dtype)
+        model = read_model(checkpoint, dtype=dtype)
         assert model is not None  # has_model
         return model
 

@@ -18,6 +18,7 @@ import numpy as np
 from epcli.core.conv import PADDING_MODES
 from epcli.core.graph import SkipEdge, skip_edges
 from epcli.errors import ConfigError
+from epcli.limits import is_int
 
 __all__ = [
     "CONFIG_VERSION",
@@ -46,17 +47,12 @@ def _describe(value: Any) -> str:
     return f"{value!r} ({type(value).__name__})"
 
 
-def _is_int(value: Any) -> bool:
-    """Python and NumPy integers (``np.sum`` of kernel sizes is common in user code), not bools."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
-
-
 def _as_tuple(value: Any) -> Any:
     """An int or a list of ints -> tuple of Python ints; anything else is left for validation to reject."""
-    if _is_int(value):
+    if is_int(value):
         return (int(value),)
     if isinstance(value, (list, tuple)):
-        return tuple(int(v) if _is_int(v) else v for v in value)
+        return tuple(int(v) if is_int(v) else v for v in value)
     return value
 
 
@@ -147,7 +143,7 @@ class EPConfig:
 
     def _require_int(self, argument: str, minimum: int) -> None:
         value = getattr(self, argument)
-        if not _is_int(value) or value < minimum:
+        if not is_int(value) or value < minimum:
             raise self._fail(argument, value, f"an int >= {minimum}")
         object.__setattr__(self, argument, int(value))  # NumPy ints -> int, for JSON metadata
 
@@ -164,7 +160,7 @@ class EPConfig:
         for number in ("width", "negative_slope", "bn_eps", "bn_momentum"):
             value = getattr(self, number)
             if _is_real(value):  # NumPy scalars -> Python numbers, for JSON metadata
-                object.__setattr__(self, number, int(value) if _is_int(value) else float(value))
+                object.__setattr__(self, number, int(value) if is_int(value) else float(value))
         self._require_int("depth", 1)
         if not _is_real(self.width) or self.width <= 0:
             raise self._fail("width", self.width, "a finite number > 0 (hidden size = int(out * width))")
@@ -174,7 +170,7 @@ class EPConfig:
             )
         intervals = self.residual_intervals
         if not isinstance(intervals, tuple) or not intervals or not all(
-            _is_int(n) and (n >= 1 or n == -1) for n in intervals
+            is_int(n) and (n >= 1 or n == -1) for n in intervals
         ):
             raise self._fail(
                 "residual_intervals", intervals, "an int or a non-empty list of ints, each >= 1 or -1 (= depth)"
@@ -299,10 +295,10 @@ class EPConvConfig(EPConfig):
 
     def _per_dim(self, argument: str, value: Any, minimum: int) -> PerDim:
         """An int, or ``ndim`` ints (any sequence) -> int when all equal, else a tuple; :class:`ConfigError` otherwise."""
-        if _is_int(value) and value >= minimum:
+        if is_int(value) and value >= minimum:
             return int(value)
         if isinstance(value, (list, tuple)) and len(value) == self.ndim and all(
-            _is_int(v) and v >= minimum for v in value
+            is_int(v) and v >= minimum for v in value
         ):
             sizes = tuple(int(v) for v in value)
             return sizes[0] if len(set(sizes)) == 1 else sizes
@@ -314,7 +310,7 @@ class EPConvConfig(EPConfig):
         self._require_int("groups", 1)
         for argument, minimum in (("padding", 0), ("stride", 1), ("dilation", 1)):
             object.__setattr__(self, argument, self._per_dim(argument, getattr(self, argument), minimum))
-        sizes = (self.kernel_sizes,) if _is_int(self.kernel_sizes) else self.kernel_sizes
+        sizes = (self.kernel_sizes,) if is_int(self.kernel_sizes) else self.kernel_sizes
         if not isinstance(sizes, (list, tuple)) or not sizes:
             raise self._fail("kernel_sizes", sizes, "an int or a non-empty list, each entry an int >= 1 or one per dim")
         object.__setattr__(self, "kernel_sizes", tuple(self._per_dim("kernel_sizes", k, 1) for k in sizes))
@@ -346,10 +342,10 @@ class EPConvConfig(EPConfig):
         A list sets the depth (a given depth must agree); an int k with depth d
         means ``[k] + [1] * (d - 1)``; depth defaults to 2, as in the original.
         """
-        if _is_int(kernel_sizes):
+        if is_int(kernel_sizes):
             if depth is None:
                 depth = 2
-            if _is_int(depth) and depth >= 1:
+            if is_int(depth) and depth >= 1:
                 kernel_sizes = (kernel_sizes,) + (1,) * (depth - 1)
         elif isinstance(kernel_sizes, (list, tuple)) and depth is None:
             depth = len(kernel_sizes)

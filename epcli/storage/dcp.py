@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from epcli.errors import CheckpointError, UnsafeCheckpointError
-from epcli.limits import MAX_PICKLE_BYTES, MAX_TENSORS, check_count, check_name, check_tensor_shape
+from epcli.limits import MAX_PICKLE_BYTES, MAX_TENSORS, check_count, check_name_length, check_tensor_shape
 from epcli.text import quote
 
 __all__ = ["DCP_METADATA", "is_dcp", "read_dcp_listing", "read_dcp_tensors"]
@@ -102,7 +102,7 @@ def read_dcp_listing(path: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype
     for key, entry in metadata.state_dict_metadata.items():
         if not isinstance(key, str) or not key:
             raise CheckpointError(f"DCP metadata has a key {quote(key)} that is not a non-empty string")
-        check_name(key, "DCP metadata key")
+        check_name_length(key, "DCP metadata key")
         if not isinstance(entry, TensorStorageMetadata):
             continue  # a step counter, an RNG state: not a tensor of the model
         dtype = entry.properties.dtype

@@ -19,7 +19,7 @@ from stat import S_ISREG
 
 from epcli.errors import UsageError
 
-__all__ = ["check_name", "check_output", "check_targets", "file_sha256", "make_parent", "prefetch_sha256"]
+__all__ = ["check_output_name", "check_output", "check_targets", "file_sha256", "make_parent", "prefetch_sha256"]
 
 _Identity = tuple[int, int, int, int, int]
 _prefetched: dict[Path, tuple[_Identity, Future[str]]] = {}
@@ -81,12 +81,12 @@ def _sha256(path: Path) -> str:
 
 def check_output(path: Path, suffixes: Iterable[str], *, force: bool, option: str, example: str) -> None:
     """One output file of a command: checked, and its directory created; ``example`` is a file name to suggest."""
-    check_name(path, suffixes, option=option, example=example)
+    check_output_name(path, suffixes, option=option, example=example)
     check_targets((path,), (), force)
     make_parent(path)
 
 
-def check_name(path: Path, suffixes: Iterable[str], *, option: str, example: str) -> None:
+def check_output_name(path: Path, suffixes: Iterable[str], *, option: str, example: str) -> None:
     """Not a directory, and a suffix the output format has (``example`` is suggested as the file name)."""
     suffixes = tuple(suffixes)
     if path.is_dir():

@@ -39,7 +39,7 @@ from epcli.limits import (
     MAX_METADATA_CHARS,
     MAX_TENSORS,
     check_count,
-    check_name,
+    check_name_length,
     check_tensor_shape,
     loads_json,
 )
@@ -171,7 +171,7 @@ def _entry(name: str, value: Any) -> TensorEntry:
     where = f"safetensors header entry {quote(name)}"
     if not name:
         raise CheckpointError(f"{where}: a tensor must have a non-empty name")
-    check_name(name, "safetensors header entry")
+    check_name_length(name, "safetensors header entry")
     if not isinstance(value, dict):
         raise CheckpointError(f"{where} must be an object with dtype, shape and data_offsets")
     name_of_dtype = value.get("dtype")

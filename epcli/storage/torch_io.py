@@ -31,7 +31,7 @@ from epcli.limits import (
     MAX_TENSORS,
     MAX_TIED_EXPANSION,
     check_count,
-    check_name,
+    check_name_length,
     check_tensor_shape,
 )
 from epcli.storage.pt_archive import check_archive
@@ -178,7 +178,7 @@ def _checked_state(state: dict[Any, Any], what: str) -> dict[str, Tensor]:
             raise CheckpointError(
                 f"{what} entry {quote(key)} must map a non-empty string to a tensor, got a {type(value).__name__}"
             )
-        check_name(key, f"{what} entry")
+        check_name_length(key, f"{what} entry")
     _check_layout(state, what)
     return {key: value.detach() for key, value in state.items()}
 

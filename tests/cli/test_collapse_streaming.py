@@ -563,15 +563,16 @@ def test_checkpoint_without_architecture(custom_model, invoke, json_doc, flat):
 
 
 def test_model_check_size_threshold(mixed, tmp_path, monkeypatch):
-    from epcli.jobs import collapse as collapse_job
+    from epcli.artifacts import collapsed
+    from epcli.jobs.collapse import collapse_file
 
     nbytes = _tensor_bytes(load_file(str(mixed)))
 
-    monkeypatch.setattr(collapse_job, "MODEL_CHECK_MAX_BYTES", nbytes - 1)
-    over = collapse_job.collapse_file(mixed, tmp_path / "over.safetensors")
-    forced = collapse_job.collapse_file(mixed, tmp_path / "forced.safetensors", model_check=True)
-    monkeypatch.setattr(collapse_job, "MODEL_CHECK_MAX_BYTES", nbytes)
-    at_limit = collapse_job.collapse_file(mixed, tmp_path / "limit.safetensors")
+    monkeypatch.setattr(collapsed, "MODEL_CHECK_MAX_BYTES", nbytes - 1)
+    over = collapse_file(mixed, tmp_path / "over.safetensors")
+    forced = collapse_file(mixed, tmp_path / "forced.safetensors", model_check=True)
+    monkeypatch.setattr(collapsed, "MODEL_CHECK_MAX_BYTES", nbytes)
+    at_limit = collapse_file(mixed, tmp_path / "limit.safetensors")
 
     assert over.model_max_abs_error is None
     assert "MiB" in over.model_check_skipped and "epcli verify" in over.model_check_skipped

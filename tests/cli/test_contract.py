@@ -443,3 +443,25 @@ def test_export_safetensors_names_its_own_option_and_suffix(samples, invoke, fla
     message = flat(run.stderr)
     assert "for --safetensors; use .safetensors (e.g." in message
     assert "--format" not in message and "for -o" not in message
+
+
+# ---- the group's options ---------------------------------------------------------------------
+def test_json_and_quiet_belong_to_the_group(samples, invoke, json_doc):
+    """``--json`` / ``-q`` are the group's: before the command's name or after its arguments, the same outcome."""
+    after = invoke("inspect", samples.mlp, "--json")
+    before = invoke("--json", "inspect", samples.mlp)
+    quiet = invoke("-q", "inspect", samples.mlp)
+
+    for run in (after, before, quiet):
+        assert run.returncode == 0, run.describe()
+    assert json_doc(before.stdout) == json_doc(after.stdout)
+    assert before.stderr == after.stderr  # the human report moved to stderr in both
+    assert quiet.stdout == ""
+
+
+def test_a_failure_with_the_groups_json_is_one_document(tmp_path, invoke, json_doc):
+    run = invoke("--json", "collapse", tmp_path / "missing.pt")
+
+    assert run.returncode == 2, run.describe()
+    assert json_doc(run.stdout)["command"] == "collapse"
+    assert json_doc(run.stdout)["error"]["type"] == "CheckpointError"

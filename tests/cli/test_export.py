@@ -232,7 +232,7 @@ def test_a_failure_while_writing_safetensors_leaves_no_onnx_either(samples, tmp_
     def broken(*args, **kwargs):
         raise failure("stopped while writing the safetensors output")
 
-    monkeypatch.setattr(export_job, "collapse_file", broken)
+    monkeypatch.setattr(export_job, "write_collapsed", broken)
     out = tmp_path / "out"
     onnx_path, safetensors_path = out / "m.onnx", out / "m.safetensors"
     with pytest.raises(failure):
