@@ -11,17 +11,23 @@ and the model disagree on for mechanical reasons is reconciled here, and said:
   read the one stored tensor.
 
 Anything else that differs is left for the caller's strict check, which names the
-missing / unexpected keys and wrong shapes.
+missing / unexpected keys and wrong shapes; :func:`fit_hint` adds what the file looks
+like: a prefix every key shares (a trainer's ``{"model": state_dict}``: ``--state-key model``),
+or, when the names differ otherwise (a Hugging Face file with older key names), the file's
+closest keys to the first missing ones.
 """
 
 from __future__ import annotations
+
+import difflib
+from collections.abc import Collection
 
 from torch import nn
 
 from epcli.storage.source import TensorSource, renamed
 from epcli.text import quote
 
-__all__ = ["WRAPPER_PREFIXES", "match_keys"]
+__all__ = ["WRAPPER_PREFIXES", "fit_hint", "match_keys"]
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 """Key prefixes of wrapped models: ``DistributedDataParallel`` and ``torch.compile``."""
@@ -63,3 +69,48 @@ def match_keys(source: TensorSource, model: nn.Module) -> tuple[TensorSource, tu
     ordered = {key: names[key] for key in expected if key in names}
     ordered.update((key, old) for key, old in names.items() if key not in ordered)  # unexpected: the check names them
     return renamed(source, ordered), tuple(notes)
+
+
+_CLOSEST_SHOWN = 3
+"""Missing keys :func:`fit_hint` finds the closest file key for."""
+
+
+def fit_hint(file_keys: Collection[str], model_keys: Collection[str]) -> str:
+    """What the file's keys look like beside the model's, as a clause starting with ``"; "`` (``""``: nothing to say).
+
+    A dotted prefix every file key shares whose removal makes keys match is named as the state key to give;
+    otherwise, when some model keys are missing, the file's closest key to each of the first few is shown.
+    """
+    expected = set(model_keys)
+    if not file_keys or not expected:
+        return ""
+    first = next(iter(file_keys))
+    parts = first.split(".")[:-1]
+    for end in range(1, len(parts) + 1):
+        prefix = ".".join(parts[:end]) + "."
+        if not all(key.startswith(prefix) for key in file_keys):
+            break
+        stripped = {_unwrapped(key[len(prefix) :]) for key in file_keys}
+        if stripped & expected and not all(key.startswith(prefix) for key in expected):
+            state_key = quote(prefix[:-1])
+            return (
+                f"; every key in the file starts with {quote(prefix)} and the model's keys do not: give "
+                f"--state-key {state_key} (state_key={state_key}) to read the tensors under it"
+            )
+    stored = set(file_keys)
+    missing = [key for key in model_keys if key not in stored][:_CLOSEST_SHOWN]
+    candidates = [key for key in file_keys if key not in expected]  # what the file has that the model lacks
+    pairs = [(key, difflib.get_close_matches(key, candidates, n=1, cutoff=0.5)) for key in missing]
+    shown = [f"{quote(key)} ~ {quote(close[0])}" for key, close in pairs if close]
+    if not shown:
+        return ""
+    return (
+        "; the file's closest keys to the first missing ones (model ~ file): " + ", ".join(shown)
+        + ": the file names its tensors differently (written by another version of the model's code?)"
+    )
+
+
+def _unwrapped(key: str) -> str:
+    for prefix in WRAPPER_PREFIXES:
+        key = key.removeprefix(prefix)
+    return key
