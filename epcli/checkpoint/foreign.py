@@ -20,7 +20,8 @@ closest keys to the first missing ones.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Collection
+import re
+from collections.abc import Collection, Sequence
 
 from torch import nn
 
@@ -99,15 +100,40 @@ def fit_hint(file_keys: Collection[str], model_keys: Collection[str]) -> str:
             )
     stored = set(file_keys)
     missing = [key for key in model_keys if key not in stored][:_CLOSEST_SHOWN]
-    candidates = [key for key in file_keys if key not in expected]  # what the file has that the model lacks
-    pairs = [(key, difflib.get_close_matches(key, candidates, n=1, cutoff=0.5)) for key in missing]
-    shown = [f"{quote(key)} ~ {quote(close[0])}" for key, close in pairs if close]
+    candidates = [(key, _words(key)) for key in file_keys if key not in expected]  # what only the file has
+    pairs = [(key, _closest(key, candidates)) for key in missing]
+    shown = [f"{quote(key)} ~ {quote(close)}" for key, close in pairs if close is not None]
     if not shown:
         return ""
     return (
         "; the file's closest keys to the first missing ones (model ~ file): " + ", ".join(shown)
         + ": the file names its tensors differently (written by another version of the model's code?)"
     )
+
+
+def _words(key: str) -> tuple[str, ...]:
+    return tuple(re.split(r"[._]", key))
+
+
+def _closest(key: str, candidates: Sequence[tuple[str, tuple[str, ...]]]) -> str | None:
+    """The candidate sharing most of ``key``'s words, two words counting as one when one begins the other (so
+    ``q_proj`` and ``query``, ``k_proj`` and ``key`` pair, as renamed attention projections do); ties go to the
+    most similar text (difflib). None when no candidate shares half the words."""
+    words = _words(key)
+
+    def shared(theirs: tuple[str, ...]) -> int:
+        return sum(any(word.startswith(mine) or mine.startswith(word) for word in theirs) for mine in words)
+
+    scores = [shared(theirs) for _, theirs in candidates]
+    best = max(scores, default=0)
+    if 2 * best < len(words):
+        return None
+    tied = [candidate for (candidate, _), score in zip(candidates, scores, strict=True) if score == best]
+    return max(tied[:_TIES_COMPARED], key=lambda other: difflib.SequenceMatcher(None, key, other).ratio())
+
+
+_TIES_COMPARED = 64
+"""Equally close candidates compared by text, at most (difflib costs the product of the lengths)."""
 
 
 def _unwrapped(key: str) -> str:
