@@ -94,14 +94,12 @@ def _export_and_verify(factory: Callable[[], nn.Module], inputs: list[InputSpec]
     torch.manual_seed(0)
     path = save_checkpoint(factory().eval(), tmp_path / "model.safetensors", inputs=inputs)
     onnx_path = tmp_path / "model.onnx"
-    exported = export_file(
-        path, onnx_path=onnx_path, safetensors_path=None, settings=SETTINGS, model_factory=factory  # type: ignore[arg-type]
-    )
+    exported = export_file(path, onnx_path=onnx_path, safetensors_path=None, settings=SETTINGS, model_factory=factory)
     assert exported.passed and onnx_path.is_file(), exported
-    verified = verify_files(path, onnx_path, SETTINGS, model_factory=factory)  # type: ignore[arg-type]
+    verified = verify_files(path, onnx_path, SETTINGS, model_factory=factory)
     assert verified.report.passed, verified.report
     names = [c.name for c in verified.report.comparisons if c.scope == "model"]
-    assert names == [c.name for c in exported.onnx.report.comparisons if c.scope == "model"]  # type: ignore[union-attr]
+    assert names == [c.name for c in exported.onnx.report.comparisons if c.scope == "model"]
     return names
 
 

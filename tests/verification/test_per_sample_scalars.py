@@ -38,7 +38,7 @@ def test_a_diffusers_unet_with_a_timestep_verifies(tmp_path: Path):
     torch.manual_seed(0)
     path = save_checkpoint(factory().eval(), tmp_path / "unet.safetensors", inputs=INPUTS)
     assert open_checkpoint(path).inputs == tuple(INPUTS)  # the scalar spec survives the file's metadata
-    result = verify_files(path, None, VerifySettings(samples=4, batch_size=2), model_factory=factory)  # type: ignore[arg-type]
+    result = verify_files(path, None, VerifySettings(samples=4, batch_size=2), model_factory=factory)
     report = result.report
     assert report.passed, report
     assert report.model_check_skipped is None
