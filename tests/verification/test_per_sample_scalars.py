@@ -11,10 +11,12 @@ from torch import nn
 from epcli import InputSpec, overparameterize, save_checkpoint
 from epcli.checkpoint.inputs import random_inputs
 from epcli.checkpoint.load import open_checkpoint
+from epcli.jobs.export import export_file
 from epcli.jobs.verify import verify_files
 from epcli.verification.compare import VerifySettings
 
 INPUTS = [InputSpec((4, 8, 8)), InputSpec((), torch.int64, 0, 1000), InputSpec((5, 32))]
+SETTINGS = VerifySettings(samples=4, batch_size=2)
 
 
 def test_random_scalar_inputs_are_one_number_per_sample():
@@ -23,24 +25,39 @@ def test_random_scalar_inputs_are_one_number_per_sample():
     assert 0 <= int(timestep.min()) and int(timestep.max()) < 1000
 
 
-@pytest.mark.slow
-def test_a_diffusers_unet_with_a_timestep_verifies(tmp_path: Path):
+def _unet() -> nn.Module:
     from diffusers import UNet2DConditionModel
 
-    def factory() -> nn.Module:
-        unet = UNet2DConditionModel(
-            sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-            cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        )
-        return overparameterize(unet, depth=2, include=["conv_in", "time_embedding.*", "down_blocks.0.*"])
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    )
+    return overparameterize(unet, depth=2, include=["conv_in", "time_embedding.*", "down_blocks.0.*"])
 
+
+@pytest.fixture
+def unet_checkpoint(tmp_path: Path) -> Path:
     torch.manual_seed(0)
-    path = save_checkpoint(factory().eval(), tmp_path / "unet.safetensors", inputs=INPUTS)
+    path = save_checkpoint(_unet().eval(), tmp_path / "unet.safetensors", inputs=INPUTS)
     assert open_checkpoint(path).inputs == tuple(INPUTS)  # the scalar spec survives the file's metadata
-    result = verify_files(path, None, VerifySettings(samples=4, batch_size=2), model_factory=factory)
-    report = result.report
+    return path
+
+
+@pytest.mark.slow
+def test_a_diffusers_unet_with_a_timestep_verifies(unet_checkpoint: Path):
+    report = verify_files(unet_checkpoint, None, SETTINGS, model_factory=_unet).report
     assert report.passed, report
     assert report.model_check_skipped is None
     assert [c.name for c in report.comparisons if c.scope == "model"] == ["<model>.sample"]
     assert len([c for c in report.comparisons if c.scope == "layer"]) >= 5
+
+
+@pytest.mark.slow
+def test_a_diffusers_unet_with_a_timestep_exports_to_onnx_and_verifies(unet_checkpoint: Path, tmp_path: Path):
+    onnx_path = tmp_path / "unet.onnx"
+    exported = export_file(unet_checkpoint, onnx_path=onnx_path, safetensors_path=None, settings=SETTINGS,
+                           model_factory=_unet)
+    assert exported.passed, exported
+    report = verify_files(unet_checkpoint, onnx_path, SETTINGS, model_factory=_unet).report
+    assert report.passed and [c.name for c in report.comparisons if c.scope == "model"] == ["<model>.sample"]
