@@ -62,18 +62,21 @@ def chatty(tmp_path: Path) -> tuple[Path, dict[str, str | None]]:
 
 def test_what_user_code_prints_goes_to_stderr_and_exit_is_an_error(chatty, run_epcli_many, json_doc, flat):
     path, env = chatty
-    printing, exiting = run_epcli_many(
+    printing, exporting, exiting = run_epcli_many(
         [
             ("verify", path, "--model", "chatty_models:build", "--samples", "8", "--json"),
+            ("export", path, "--model", "chatty_models:build", "--onnx", path.with_suffix(".onnx"), "--json"),
             ("verify", path, "--model", "chatty_models:leaves", "--json"),
         ],
-        envs=[env, env],
+        envs=[env, env, env],
     )
-    assert printing.returncode == 0, printing.describe()
-    document = json_doc(printing.stdout)  # exactly one document: nothing the model printed
+    for run in (printing, exporting):  # the export also traces the forward for ONNX
+        assert run.returncode == 0, run.describe()
+        json_doc(run.stdout)  # exactly one document: nothing the model printed
+        for text in ("imported: hello", "number of parameters: 0.03M", "file descriptor 1", "forward on"):
+            assert text in run.stderr, run.describe()
+    document = json_doc(printing.stdout)
     assert document["passed"] and "<model>[0]" in [c["name"] for c in document["comparisons"]]
-    for text in ("imported: hello", "number of parameters: 0.03M", "file descriptor 1", "forward on"):
-        assert text in printing.stderr, printing.describe()
 
     assert exiting.returncode == 2, exiting.describe()
     error = json_doc(exiting.stdout)["error"]
