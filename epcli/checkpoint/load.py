@@ -22,7 +22,7 @@ from epcli.checkpoint.architecture import (
     ep_nodes,
 )
 from epcli.checkpoint.factory import ModelFactory, build_from_factory
-from epcli.checkpoint.foreign import match_keys
+from epcli.checkpoint.foreign import fit_hint, match_keys
 from epcli.checkpoint.forward import check_forward, layer_input_shapes
 from epcli.checkpoint.inputs import InputSpec, describe_inputs, input_specs
 from epcli.checkpoint.metadata import (
@@ -272,7 +272,10 @@ def _open_foreign(
     try:
         _check_ep_tensors(opened, opened.meta_state())
     except EpcliError as e:
-        raise type(e)(f"the model built by factory {_factory_name(model_factory)} does not fit the file: {e}") from e
+        raise type(e)(
+            f"the model built by factory {_factory_name(model_factory)} does not fit the file: {e}"
+            + fit_hint(opened.tensors, model.state_dict())
+        ) from e
     return opened, model
 
 
@@ -321,10 +324,11 @@ def _skeleton(
     else:
         return None
     _compare_layers({p: layer.config for p, layer in find_ep_layers(model).items()}, expected_layers, source)
+    expected = model.state_dict()
     try:
-        check_state(model.state_dict(), state)
+        check_state(expected, state)
     except (CheckpointError, ShapeMismatchError) as e:
-        raise type(e)(f"{source} does not match the file's tensors: {e}") from e
+        raise type(e)(f"{source} does not match the file's tensors: {e}{fit_hint(state, expected)}") from e
     return model, source
 
 

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from epcli.checkpoint.inputs import InputSpec, describe_inputs, tensor_leaves
 from epcli.checkpoint.load import open_checkpoint, read_model
 from epcli.checkpoint.opened import CheckpointFile
+from epcli.checkpoint.user_code import run_forward
 from epcli.convert import (
     collapsed_keys,
     expanded_eval,
@@ -267,7 +268,7 @@ def _onnx_settings(
         )
     model_dtype = next((p.dtype for p in model.parameters()), torch.float32)
     with expanded_eval(model), torch.no_grad():  # the chains: a collapse would be cached in each EP layer
-        leaves = tensor_leaves(model(*(spec.example(1, dtype=model_dtype) for spec in specs)))
+        leaves = tensor_leaves(run_forward(model, *(spec.example(1, dtype=model_dtype) for spec in specs)))
     if len(leaves) != len(session.output_shapes):
         raise CheckpointError(
             f"{artifact_path}: the ONNX model has {len(session.output_shapes)} output(s), but {checkpoint.path}'s "

@@ -3,7 +3,10 @@
 A plain ``nn.Sequential`` tree (what an embedded architecture rebuilds) is
 written node by node (``onnx_graph``); anything else goes through
 ``torch.onnx.export`` (the torch.export-based exporter). The result is
-serialised deterministically, so the same model gives the same bytes. Bytes
+serialised deterministically, so the same model gives the same bytes. Each ONNX
+output is named by its tensor's path in the model's output (:func:`output_name`:
+``output``, ``output.logits``, ``output[0]``), and :class:`OnnxSession` gives them back
+under those paths, whatever their count. Bytes
 stay in memory until they are checked and validated, so a caller can refuse to
 write a file that does not pass.
 
@@ -31,7 +34,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from epcli.checkpoint.inputs import InputSpec, describe_inputs
+from epcli.checkpoint.inputs import InputSpec, Leaves, describe_inputs, tensor_leaves
+from epcli.checkpoint.user_code import MODEL_FORWARD, run_forward, user_code
 from epcli.errors import CheckpointError, ExportError
 from epcli.onnx.graph import INPUT_NAME, OUTPUT_NAME, emit_onnx
 
@@ -51,6 +55,8 @@ __all__ = [
     "external_data_path",
     "initializer_nbytes",
     "onnx_op_types",
+    "output_name",
+    "output_path",
     "parse_onnx",
     "save_external",
     "serialize_onnx",
@@ -221,14 +227,16 @@ def _traced(model: nn.Module, specs: Sequence[InputSpec], *, opset: int, dynamic
     batch = torch.export.Dim("batch")
     dynamic_shapes = tuple({0: batch} for _ in specs) if dynamic_batch else None
     names = [INPUT_NAME] if len(specs) == 1 else [f"{INPUT_NAME}_{index}" for index in range(len(specs))]
+    with torch.no_grad():  # the exporter flattens the output as tensor_leaves does: tensors in order, None left out
+        paths = [path for path, _ in tensor_leaves(run_forward(model, *examples, doing="naming its outputs"))]
     try:
-        with _quiet_exporter():
+        with user_code(MODEL_FORWARD, "being traced for ONNX"), _quiet_exporter():
             program = torch.onnx.export(
                 model,
                 examples,
                 dynamo=True,
                 input_names=names,
-                output_names=[OUTPUT_NAME],
+                output_names=[output_name(path) for path in paths],
                 dynamic_shapes=dynamic_shapes,
                 opset_version=opset,
                 verbose=False,
@@ -242,6 +250,17 @@ def _traced(model: nn.Module, specs: Sequence[InputSpec], *, opset: int, dynamic
     if program is None:
         raise ExportError("torch.onnx.export returned no program")
     return program.model_proto
+
+
+def output_name(path: str) -> str:
+    """The ONNX name of the output tensor at ``path`` in the model's output: ``output``, ``output.logits``."""
+    return OUTPUT_NAME + path
+
+
+def output_path(name: str) -> str | None:
+    """The path :func:`output_name` made ``name`` from; None for a name it did not make (another exporter's)."""
+    path = name.removeprefix(OUTPUT_NAME)
+    return path if name.startswith(OUTPUT_NAME) and (not path or path[0] in ".[") else None
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -281,7 +300,7 @@ _NUMPY_TYPES = {
 
 
 class OnnxSession:
-    """An onnxruntime CPU session (all graph optimisations on) used as ``(*inputs) -> Tensor`` (its first output).
+    """An onnxruntime CPU session (all graph optimisations on) used as ``(*inputs) -> Leaves`` (its outputs, by path).
 
     An ONNX file is untrusted input: every run is bounded by ``timeout`` seconds
     (onnxruntime's terminate flag, which loops and subgraphs honour too), and every
@@ -317,6 +336,8 @@ class OnnxSession:
         self.input_shapes: list[list[int | str | None]] = [list(item.shape) for item in inputs]
         self.input_name = inputs[0].name
         self.input_shape = self.input_shapes[0]
+        paths = [path for path in (output_path(item.name) for item in outputs) if path is not None]
+        self.output_paths = paths if len(set(paths)) == len(outputs) else None
         self.output_shapes: list[list[int | str | None] | None] = [
             None if item.shape is None else list(item.shape) for item in outputs
         ]
@@ -326,9 +347,9 @@ class OnnxSession:
                     f"{where}: output {item.name!r} has unsupported type {item.type}; expected float or double"
                 )
 
-    def __call__(self, *batches: Tensor) -> Tensor | tuple[Tensor, ...]:
-        """The model's output: one tensor, or a tuple of them in the order of the graph's outputs (which is
-        how the exporter flattened a tuple / dict output: :func:`epcli.checkpoint.inputs.tensor_leaves` order)."""
+    def __call__(self, *batches: Tensor) -> Leaves | tuple[Tensor, ...]:
+        """The outputs under the paths their names give (:func:`output_path`); from a file whose names are not
+        paths (another exporter's), a tuple in the order of the graph's outputs."""
         import onnxruntime as ort
 
         arrays = {
@@ -359,4 +380,6 @@ class OnnxSession:
             if timer is not None:
                 timer.cancel()
         tensors = tuple(torch.from_numpy(result) for result in results)
-        return tensors[0] if len(tensors) == 1 else tensors
+        if self.output_paths is None:
+            return tensors
+        return Leaves(zip(self.output_paths, tensors, strict=True))

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from epcli.checkpoint.inputs import InputSpec, random_inputs, tensor_leaves
+from epcli.checkpoint.user_code import run_forward
 from epcli.devices import resolve_device
 from epcli.errors import ShapeMismatchError, UsageError
 
@@ -223,11 +224,11 @@ def compare_outputs(
     with torch.no_grad():
         for batch in batches:
             samples += batch[0].shape[0]
-            expected = tensor_leaves(reference(*batch))
-            produced = candidate(*batch)
+            expected = tensor_leaves(run_forward(reference, *batch, doing=f"computing {name}"))
+            produced = run_forward(candidate, *batch, doing=f"computing {name}")
             if not expected:
                 raise ShapeMismatchError(f"{name}: the expanded model's output holds no tensors")
-            if _positional(produced) and len(produced) == len(expected):  # ONNX outputs: the leaves in order
+            if _positional(produced) and len(produced) == len(expected):
                 got = {path: tensor for (path, _), tensor in zip(expected, produced, strict=True)}
             else:
                 got = dict(tensor_leaves(produced))
@@ -244,8 +245,8 @@ def compare_outputs(
 
 
 def _positional(output: Any) -> bool:
-    """A plain tuple of tensors, as an ONNX session returns its outputs (a model's own tuple output is one too,
-    and pairs with its leaves in the same order)."""
+    """A plain tuple of tensors: what an ONNX session returns when its outputs are not named by their paths
+    (another exporter's file), paired with the leaves in order (a model's own tuple output pairs the same way)."""
     return type(output) is tuple and all(isinstance(t, Tensor) for t in output)
 
 

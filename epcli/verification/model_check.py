@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from epcli.checkpoint.inputs import InputSpec, random_inputs
 from epcli.checkpoint.opened import Checkpoint, CheckpointFile
+from epcli.checkpoint.user_code import run_forward
 from epcli.convert import (
     collapsed_keys,
     expanded_eval,
@@ -141,7 +142,7 @@ def expanded_outputs(
             )
         )
     with expanded_eval(model) as reference, torch.no_grad():
-        return ExpandedOutputs(drawn, [reference(*batch) for batch in drawn])
+        return ExpandedOutputs(drawn, [run_forward(reference, *batch) for batch in drawn])
 
 
 def collapse_in_place(
