@@ -20,7 +20,7 @@ from torch import nn
 from epcli.checkpoint.user_code import user_code
 from epcli.errors import CheckpointError
 
-__all__ = ["ModelFactory", "build_from_factory", "resolve_factory"]
+__all__ = ["ModelFactory", "build_from_factory", "factory_name", "resolve_factory"]
 
 ModelFactory = str | Callable[[], nn.Module]
 
@@ -70,10 +70,15 @@ def _search_working_directory() -> None:
         sys.path.insert(0, cwd)
 
 
+def factory_name(factory: ModelFactory) -> str:
+    """How messages name a factory: the ``module:function`` the user gave, or a callable's qualified name."""
+    return factory if isinstance(factory, str) else getattr(factory, "__qualname__", repr(factory))
+
+
 def build_from_factory(factory: ModelFactory) -> nn.Module:
     """Call the factory and check that it returned an ``nn.Module``."""
     make = resolve_factory(factory)
-    name = factory if isinstance(factory, str) else getattr(factory, "__qualname__", repr(factory))
+    name = factory_name(factory)
     with user_code(f"model factory {name!r}", "building the model"):
         try:
             model = make()

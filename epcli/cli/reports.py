@@ -35,6 +35,7 @@ def collapse_payload(result: CollapseResult) -> dict[str, Any]:
         "model_max_abs_error": result.model_max_abs_error,
         "model_check_skipped": result.model_check_skipped,
         "notes": list(result.notes),
+        "deploy_changes": {path: list(changes) for path, changes in result.deploy_changes.items()},
         "expanded_params": result.expanded_params,
         "collapsed_params": result.collapsed_params,
         "compression_ratio": result.compression,

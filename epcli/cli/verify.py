@@ -85,6 +85,17 @@ def verify_command(
         ),
     ] = None,
     timeout: Timeout = 60.0,
+    plain_model: Annotated[
+        str | None,
+        typer.Option(
+            "--plain-model",
+            metavar="MODULE:FUNCTION",
+            help="The class you deploy: a function taking no arguments that returns the plain model. The collapsed "
+            "ARTIFACT is loaded into it with strict=True and compared with the expanded model end to end, so a "
+            "collapse the class cannot hold (a layer that gained a bias) fails here instead of in production.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     from epcli.jobs.verify import verify_files
     from epcli.verification.compare import VerifySettings
@@ -103,6 +114,7 @@ def verify_command(
             samples_path=samples_file,
             timeout=timeout,
             progress=progress,
+            plain_model=plain_model,
         )
     render_report(f"Verify {checkpoint.name}", result.report)
     render.document(
@@ -111,6 +123,7 @@ def verify_command(
             "checkpoint": str(checkpoint),
             "artifact": None if artifact is None else str(artifact),
             "artifact_stale": result.artifact_stale,
+            "deploy_changes": {path: list(changes) for path, changes in result.deploy_changes.items()},
             **report_payload(result.report),
         },
     )

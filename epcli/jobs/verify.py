@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from epcli.checkpoint.factory import ModelFactory, factory_name
 from epcli.checkpoint.inputs import InputSpec, describe_inputs, tensor_leaves
 from epcli.checkpoint.load import open_checkpoint, read_model
 from epcli.checkpoint.opened import CheckpointFile
@@ -25,6 +26,7 @@ from epcli.onnx.export import OnnxSession
 from epcli.progress import ProgressCallback
 from epcli.storage.paths import file_sha256
 from epcli.verification.compare import SUPPORTED_DTYPES, VerifyReport, VerifySettings
+from epcli.verification.deployment import deploy_changes, deploy_notes, deployed_model
 from epcli.verification.model_check import (
     IN_MEMORY,
     NO_ARCHITECTURE,
@@ -47,6 +49,8 @@ class VerifyResult:
     artifact_stale: bool | None = (
         None  # from the artifact's recorded source sha256; None: nothing recorded / no artifact
     )
+    deploy_changes: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    """EP layers whose collapsed form differs from the plain layer they replaced, with how."""
 
 
 def verify_files(
@@ -60,6 +64,7 @@ def verify_files(
     samples_path: Path | None = None,
     timeout: float = DEFAULT_ONNX_TIMEOUT,
     progress: ProgressCallback | None = None,
+    plain_model: ModelFactory | None = None,
 ) -> VerifyResult:
     """Load the expanded checkpoint and the artifact (collapsed .safetensors/.pt or .onnx) and compare them.
 
@@ -74,6 +79,9 @@ def verify_files(
     checked alone and replaced by its plain layer in place (an artifact's tensors are read a
     layer at a time), so the peak is about the model in that dtype and one layer's float64
     collapse. Without one, each EP layer is read, checked and dropped in turn.
+
+    ``plain_model`` names the class the user deploys (a factory building the plain model): the collapsed
+    artifact is loaded into it with ``strict=True`` and compared with the expanded model end to end.
     """
     checkpoint = open_checkpoint(checkpoint_path, model_factory=model_factory, inputs=inputs, state_key=state_key)
     if checkpoint.kind != "expanded":
@@ -82,6 +90,12 @@ def verify_files(
             "collapsed file as the second argument (epcli verify EXPANDED [ARTIFACT])"
         )
     has_model = checkpoint.architecture is not None or model_factory is not None
+    if plain_model is not None and (artifact_path is None or artifact_path.suffix == ".onnx" or not has_model):
+        raise UsageError(
+            "--plain-model loads a collapsed file into the class you deploy and compares it with the expanded model: "
+            "give the collapsed file as the second argument (epcli verify EXPANDED COLLAPSED --plain-model ...)"
+            + ("" if has_model else f", and the expanded model ({NO_ARCHITECTURE})")
+        )
     batches = None
     if samples_path is not None:
         if not has_model:
@@ -99,13 +113,14 @@ def verify_files(
         assert model is not None  # has_model
         return model
 
-    notes = list(checkpoint.notes)
+    notes = [*checkpoint.notes, *deploy_notes(checkpoint.ep_layers)]
+    changes = deploy_changes(checkpoint.ep_layers)
     if artifact_path is None:
         report = check_subject(
             opened_subject(checkpoint, owned_model if has_model else None),
             settings, None, None, IN_MEMORY, progress, batches,
         )
-        return VerifyResult(checkpoint_path, None, replace(report, notes=(*notes, *report.notes)))
+        return VerifyResult(checkpoint_path, None, replace(report, notes=(*notes, *report.notes)), None, changes)
     if artifact_path.suffix == ".onnx":
         if not has_model:
             raise UsageError(
@@ -137,8 +152,8 @@ def verify_files(
             if stale_note is None:
                 raise
             raise CheckpointError(f"{e}; {stale_note}") from e
-        noted = replace(report, notes=(*report.notes, stale_note)) if stale_note else report
-        return VerifyResult(checkpoint_path, artifact_path, noted, artifact_stale=stale)
+        noted = replace(report, notes=(*report.notes, *notes, *([stale_note] if stale_note else [])))
+        return VerifyResult(checkpoint_path, artifact_path, noted, stale, changes)
     artifact = open_checkpoint(artifact_path)
     if artifact.kind != "collapsed":
         raise UsageError(
@@ -156,12 +171,19 @@ def verify_files(
     precision = _artifact_precision(checkpoint, artifact.path, artifact.meta_state(), settings)
     if precision is not None:
         notes.append(precision)
+    deployment = None
+    if plain_model is not None:
+        factory = plain_model
+        deployment = (
+            f"{artifact_path.name} in {factory_name(factory)}",
+            lambda: deployed_model(factory, collapsed_state, artifact_path, checkpoint.ep_layers),
+        )
     report = check_subject(
         opened_subject(checkpoint, owned_model if has_model else None),
-        settings, collapsed_state, None, artifact_path.name, progress, batches,
+        settings, collapsed_state, None, artifact_path.name, progress, batches, deployment,
     )
     return VerifyResult(
-        checkpoint_path, artifact_path, replace(report, notes=(*report.notes, *notes)), artifact_stale=stale
+        checkpoint_path, artifact_path, replace(report, notes=(*report.notes, *notes)), stale, changes
     )
 
 

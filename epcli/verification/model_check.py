@@ -34,6 +34,7 @@ from epcli.progress import ProgressCallback
 from epcli.verification.compare import Comparison, VerifyReport, VerifySettings, compare, compare_outputs
 
 __all__ = [
+    "DEPLOYED",
     "IN_MEMORY",
     "NO_ARCHITECTURE",
     "ONNX_LABEL",
@@ -51,6 +52,8 @@ __all__ = [
 
 IN_MEMORY = "collapsed in memory"
 ONNX_LABEL = "onnxruntime"
+DEPLOYED = "<deployed>"
+"""The whole-model comparison of the user's deployment class (``--plain-model``) holding the artifact."""
 NO_ARCHITECTURE = "no architecture is embedded and no --model factory was named"
 
 
@@ -111,11 +114,11 @@ class ExpandedOutputs:
     batches: Sequence[tuple[Tensor, ...]]
     outputs: Sequence[object]
 
-    def compare(self, candidate: Callable[..., object], label: str, settings: VerifySettings) -> tuple[Comparison, ...]:
+    def compare(
+        self, candidate: Callable[..., object], label: str, settings: VerifySettings, name: str = "<model>"
+    ) -> tuple[Comparison, ...]:
         outputs = iter(self.outputs)
-        return compare_outputs(
-            "<model>", "model", label, lambda *batch: next(outputs), candidate, self.batches, settings
-        )
+        return compare_outputs(name, "model", label, lambda *batch: next(outputs), candidate, self.batches, settings)
 
 
 def expanded_outputs(
@@ -344,10 +347,13 @@ def check_subject(
     label: str,
     progress: ProgressCallback | None,
     batches: Sequence[tuple[Tensor, ...]] | None,
+    deployment: tuple[str, Callable[[], nn.Module]] | None = None,
 ) -> VerifyReport:
     """:func:`verify_checkpoint` on what ``subject`` reads: the model once, each EP layer checked and collapsed in
     it in turn (:func:`collapse_in_place`), then the whole model; without a model, one EP layer at a time.
-    ``onnx_session`` is opened after the layers, so its weights and the expanded model are not held together."""
+    ``onnx_session`` is opened after the layers, so its weights and the expanded model are not held together.
+    ``deployment`` (a label and a builder of the plain model the user deploys) is one more whole-model candidate,
+    built after the collapsed model is dropped."""
     if settings.model_dtype is None:  # default tolerances follow the stored precision (bfloat16 / float16)
         settings = settings.for_model(subject.stored)
     total = len(subject.ep_layers) + (subject.owned_model is not None)
@@ -383,5 +389,10 @@ def check_subject(
         model = expected.compare(onnx_session(), ONNX_LABEL, settings)
     else:
         model = expected.compare(collapsed, label, settings)
+        del collapsed
+    if deployment is not None:
+        deployed_label, build = deployment
+        deployed = build().to(device=settings.torch_device, dtype=settings.torch_dtype)
+        model = (*model, *expected.compare(deployed, deployed_label, settings, name=DEPLOYED))
     tick(total, total, "done")
     return VerifyReport(settings, settings.tolerance, (*layers, *model))
