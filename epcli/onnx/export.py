@@ -225,14 +225,15 @@ def _traced(model: nn.Module, specs: Sequence[InputSpec], *, opset: int, dynamic
     # an example batch of 2 keeps torch.export from specialising a dynamic batch to 1
     examples = tuple(spec.example(2 if dynamic_batch else 1, dtype=torch.float32) for spec in specs)
     batch = torch.export.Dim("batch")
-    dynamic_shapes = tuple({0: batch} for _ in specs) if dynamic_batch else None
+    # one entry for the wrapper's *inputs, holding one per input
+    dynamic_shapes = (tuple({0: batch} for _ in specs),) if dynamic_batch else None
     names = [INPUT_NAME] if len(specs) == 1 else [f"{INPUT_NAME}_{index}" for index in range(len(specs))]
     with torch.no_grad():  # the exporter flattens the output as tensor_leaves does: tensors in order, None left out
         paths = [path for path, _ in tensor_leaves(run_forward(model, *examples, doing="naming its outputs"))]
     try:
         with user_code(MODEL_FORWARD, "being traced for ONNX"), _quiet_exporter():
             program = torch.onnx.export(
-                model,
+                _TensorLeaves(model),
                 examples,
                 dynamo=True,
                 input_names=names,
@@ -250,6 +251,19 @@ def _traced(model: nn.Module, specs: Sequence[InputSpec], *, opset: int, dynamic
     if program is None:
         raise ExportError("torch.onnx.export returned no program")
     return program.model_proto
+
+
+class _TensorLeaves(nn.Module):
+    """The model with its output flattened to :func:`tensor_leaves`' tensors, so what the exporter traces is what
+    epcli compares: a Hugging Face cache (``DynamicCache``) or other non-tensor value in the output, which
+    torch.export cannot flatten, is left out as ``None`` is. The model is the wrapper's only child, ``model``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *inputs: Tensor) -> tuple[Tensor, ...]:
+        return tuple(tensor for _, tensor in tensor_leaves(self.model(*inputs)))
 
 
 def output_name(path: str) -> str:

@@ -47,7 +47,7 @@ def _names() -> list[Any]:
 
     sys.path.insert(0, str(HERE))
     try:
-        names = list(_zoo().ZOO)
+        names = [name for name, entry in _zoo().ZOO.items() if not entry.options.get("allow_new_bias")]
     finally:
         sys.path.remove(str(HERE))
     return [name if name in DEFAULT else pytest.param(name, marks=pytest.mark.slow) for name in names]
@@ -99,6 +99,11 @@ def test_every_step_on_a_real_model(zoo: Any, name: str, tmp_path: Path):
     for artifact in ((), (tmp_path / "c.safetensors",)):
         code, doc, err = _cli("verify", checkpoint, *artifact, *factory)
         assert (code, doc["passed"], doc["model_check_skipped"]) == (0, True, None), err
+    code, doc, err = _cli(
+        "verify", checkpoint, tmp_path / "c.safetensors", *factory, "--plain-model", f"zoo_models:plain_{name}"
+    )
+    assert (code, doc["passed"], doc["deploy_changes"]) == (0, True, {}), err
+    assert any(c["name"].startswith("<deployed>") for c in doc["comparisons"])
 
     code, doc, err = _cli("export", checkpoint, "--onnx", tmp_path / "m.onnx", *factory)
     if entry.onnx is None:
@@ -132,3 +137,36 @@ def test_a_hugging_face_folder_verifies_with_the_users_factory(zoo: Any, name: s
     specs = [a for spec in zoo.ZOO[name].inputs for a in ("--input", str(spec))]
     code, doc, err = _cli("verify", f"{tmp_path / 'hf'}/", "--model", f"zoo_models:ep_{name}", *specs)
     assert (code, doc["passed"], doc["model_check_skipped"]) == (0, True, None), err
+
+
+def test_batch_norm_on_bias_free_layers_is_named_and_caught_by_the_deployment_check(zoo: Any, tmp_path: Path):
+    """Llama's projections have no bias; batch-norm's shift folds into one. Kept by default (converting nothing
+    warns); with ``allow_new_bias=True`` every report names the changed layers, and ``--plain-model`` (Llama's
+    own class) refuses the artifact, where a loader that drops unexpected keys would deploy a wrong model."""
+    plain = zoo.ZOO["llama"].plain
+    with pytest.warns(UserWarning):
+        kept = epcli.overparameterize(plain(), depth=2, batch_norm=True)
+    assert not epcli.plan_overparameterize(kept, depth=2).changed
+
+    torch.manual_seed(1)
+    model = epcli.overparameterize(plain(), depth=2, batch_norm=True, allow_new_bias=True).eval()
+    changed = [c.path for c in epcli.plan_overparameterize(plain(), depth=2, batch_norm=True, allow_new_bias=True).changed]
+    assert changed and all("proj" in path or path == "lm_head" for path in changed)
+    checkpoint = epcli.save_checkpoint(model, tmp_path / "ck.safetensors", inputs=list(zoo.ZOO["llama"].inputs))
+    factory = ("--model", "zoo_models:ep_llama_bn")
+
+    code, doc, err = _cli("collapse", checkpoint, "-o", tmp_path / "c.safetensors", *factory)
+    assert code == 0, err
+    assert sorted(doc["deploy_changes"]) == sorted(changed)
+    assert all("adds a bias" in changes[0] for changes in doc["deploy_changes"].values())
+    code, doc, err = _cli("verify", checkpoint, tmp_path / "c.safetensors", *factory)
+    assert (code, doc["passed"], sorted(doc["deploy_changes"])) == (0, True, sorted(changed))
+    assert any("cannot load the collapsed file strictly" in note for note in doc["notes"])
+
+    code, doc, err = _cli(
+        "verify", checkpoint, tmp_path / "c.safetensors", *factory, "--plain-model", "zoo_models:plain_llama"
+    )
+    assert code != 0 and doc["passed"] is not True
+    message = doc["error"]["message"]
+    assert "does not load strictly into --plain-model 'zoo_models:plain_llama'" in message
+    assert "unexpected keys" in message and "adds a bias" in message
