@@ -20,12 +20,12 @@ import typer
 from typer._click.exceptions import UsageError as ClickUsageError
 from typer.core import TyperArgument, TyperCommand, TyperGroup
 
-from epcli.cli import collapse, export, inspect, render, verify
+from epcli.cli import collapse, compress, export, inspect, render, verify
 from epcli.cli.terminate import EXIT_TERMINATED, Terminated, raise_on_signals
 
 __all__ = ["app", "main"]
 
-COMMANDS = ("collapse", "verify", "export", "inspect")
+COMMANDS = ("collapse", "verify", "export", "inspect", "compress")
 
 
 class _Command(TyperCommand):
@@ -89,6 +89,7 @@ app.command("collapse", cls=_Command, no_args_is_help=True)(collapse.collapse_co
 app.command("verify", cls=_Command, no_args_is_help=True)(verify.verify_command)
 app.command("export", cls=_Command, no_args_is_help=True)(export.export_command)
 app.command("inspect", cls=_Command, no_args_is_help=True)(inspect.inspect_command)
+app.command("compress", cls=_Command, no_args_is_help=True)(compress.compress_command)
 
 
 def _print_version(value: bool) -> None:
