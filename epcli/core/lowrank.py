@@ -16,8 +16,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from epcli.errors import UsageError
-
 __all__ = ["DEFAULT_RIDGE", "Truncation", "conv_factors", "group_matrices", "truncation", "whitening"]
 
 DEFAULT_RIDGE = 1e-3
@@ -63,7 +61,7 @@ class Truncation:
         """``B [out, rank]``, ``A [rank, n]`` (float64) with ``B @ A`` the truncated weight; the singular values
         are split evenly (``sqrt(s)`` to each side) so neither factor is badly scaled."""
         if not 1 <= rank <= self.full_rank:
-            raise UsageError(f"rank must be in [1, {self.full_rank}] for this weight, got {rank}")
+            raise ValueError(f"rank must be in [1, {self.full_rank}] for this weight, got {rank}")
         root = self.singular_values[:rank].sqrt()
         b = self.u[:, :rank] * root  # [out, r]
         a = root[:, None] * self.vh[:rank]  # [r, n]

@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 
 from epcli.core.lowrank import conv_factors, group_matrices, truncation, whitening
-from epcli.errors import UsageError
 
 
 def test_plain_factors_are_the_truncated_svd():
@@ -50,7 +49,7 @@ def test_whitening_beats_plain_truncation_on_the_data():
 
 
 def test_a_rank_out_of_range_is_refused():
-    with pytest.raises(UsageError, match=r"rank must be in \[1, 3\]"):
+    with pytest.raises(ValueError, match=r"rank must be in \[1, 3\]"):
         truncation(torch.randn(3, 5)).factors(4)
 
 
