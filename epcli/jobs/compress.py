@@ -33,8 +33,8 @@ from epcli.storage.sharded import is_index, sharded_base
 from epcli.storage.source import TensorInfo
 from epcli.storage.writer import CheckpointWriter
 from epcli.verification.compare import Comparison, VerifySettings
-from epcli.verification.compress import ERROR_METRIC, CompressionResult, compress_model
-from epcli.verification.model_check import ONNX_LABEL, expanded_outputs
+from epcli.verification.compress import ERROR_METRIC, CompressionResult, compress_against, reference_outputs
+from epcli.verification.model_check import ONNX_LABEL, ExpandedOutputs
 from epcli.verification.samples import read_samples, sample_batches
 
 __all__ = ["DEFAULT_MAX_ERROR", "CompressFileResult", "compress_file", "default_compressed_output"]
@@ -104,19 +104,12 @@ def compress_file(
         samples = read_samples(samples_path, checkpoint.inputs)
         calibration = sample_batches(samples, _SETTINGS.batch_size)
         measured_on = f"the {samples[0].shape[0]} samples of {samples_path.name}"
-    compressed, result = compress_model(
-        checkpoint.model,
-        max_error=max_error,
-        calibration=calibration,
-        inputs=checkpoint.inputs,
-        samples=_SETTINGS.samples,
-        batch_size=_SETTINGS.batch_size,
-        seed=_SETTINGS.seed,
-    )
+    reference = reference_outputs(checkpoint.model, calibration, checkpoint.inputs, _SETTINGS)
+    compressed, result = compress_against(reference, checkpoint.model, max_error=max_error, whiten=bool(calibration))
     reason = _refusal(result, source)
     onnx_bytes, onnx_error = None, None
     if reason is None and onnx_path is not None:
-        onnx_bytes, onnx_error = _onnx(compressed, checkpoint.model, checkpoint.inputs, calibration)
+        onnx_bytes, onnx_error = _onnx(compressed, checkpoint.inputs, reference)
         if onnx_error > max_error:
             reason = (
                 f"{onnx_path}: onnxruntime's output is off by {onnx_error:.3g} (relative), over --max-error "
@@ -152,12 +145,8 @@ def compress_file(
 
 
 def _refusal(result: CompressionResult, source: Path) -> str | None:
-    """Why the result is not worth writing, or None."""
-    if result.model_max_rel_error > result.max_error:
-        return (
-            f"{source}: even the uncompressed model is off by {result.model_max_rel_error:.3g} in its stored "
-            f"precision, over --max-error {result.max_error:g}; nothing was written"
-        )
+    """Why the result is not worth writing, or None (a factored result is within the budget: only measured
+    configurations are accepted)."""
     if not result.factored:
         return (
             f"{source}: no layer can be factored (to fewer parameters) within --max-error {result.max_error:g}; "
@@ -166,18 +155,12 @@ def _refusal(result: CompressionResult, source: Path) -> str | None:
     return None
 
 
-def _onnx(
-    compressed: nn.Module,
-    original: nn.Module,
-    specs: Sequence[InputSpec],
-    calibration: list[tuple[torch.Tensor, ...]] | None,
-) -> tuple[bytes, float]:
+def _onnx(compressed: nn.Module, specs: Sequence[InputSpec], reference: ExpandedOutputs) -> tuple[bytes, float]:
     """The compressed model as ONNX (float32, checked) and its whole-model error in onnxruntime against the
-    original model on the same inputs as the search."""
+    original model's outputs that the search measured against."""
     model = copy.deepcopy(compressed).to(torch.float32).eval()
     data = serialize_onnx(build_onnx(model, specs[0].shape, inputs=specs))
     check_onnx(data)
-    reference = expanded_outputs(copy.deepcopy(original), specs, _SETTINGS, calibration)
     session = OnnxSession(data, expected_inputs=len(specs))
     comparisons: tuple[Comparison, ...] = reference.compare(session, ONNX_LABEL, _SETTINGS)
     return data, max(c.max_rel_error for c in comparisons)

@@ -29,7 +29,15 @@ from epcli.verification.compare import Comparison, VerifySettings
 from epcli.verification.model_check import ExpandedOutputs, expanded_outputs
 from epcli.verification.samples import sample_batches
 
-__all__ = ["ERROR_METRIC", "CompressionResult", "LayerCompression", "compress_model", "measure_model"]
+__all__ = [
+    "ERROR_METRIC",
+    "CompressionResult",
+    "LayerCompression",
+    "compress_against",
+    "compress_model",
+    "measure_model",
+    "reference_outputs",
+]
 
 ERROR_METRIC = "max |compressed - original| / max |original| over every output element of the calibration samples"
 """What ``max_error`` bounds: the normwise relative error of the whole model's output (``max_rel_error``)."""
@@ -114,14 +122,30 @@ def compress_model(
     measured on ``samples`` seeded standard-normal inputs drawn from ``inputs`` and the truncation is plain
     ("svd"). ``max_error=0`` keeps every layer whole (no truncation is exact in floating point).
     """
-    if not (math.isfinite(max_error) and max_error >= 0):
-        raise UsageError(f"max_error must be a finite number >= 0, got {max_error!r}")
+    _check_budget(max_error)  # before the reference run
     settings = VerifySettings(samples=samples, batch_size=batch_size, seed=seed, dtype="float64")
+    reference = reference_outputs(model, calibration, inputs, settings)
+    return compress_against(reference, model, max_error=max_error, whiten=calibration is not None, ridge=ridge)
+
+
+def reference_outputs(
+    model: nn.Module, calibration: Calibration | None, inputs: Sequence[InputSpec] | None, settings: VerifySettings
+) -> ExpandedOutputs:
+    """The original model's float64 outputs on the calibration batches, or on seeded batches drawn from ``inputs``
+    as ``settings`` says: what every candidate is measured against (``model`` is not touched)."""
+    return expanded_outputs(copy.deepcopy(model), (), settings, _batches(calibration, inputs, settings))
+
+
+def compress_against(
+    reference: ExpandedOutputs, model: nn.Module, *, max_error: float, whiten: bool, ridge: float = DEFAULT_RIDGE
+) -> tuple[nn.Module, CompressionResult]:
+    """:func:`compress_model` with the reference outputs given (e.g. to measure an export against them too);
+    ``whiten`` whitens each truncation by the layer's inputs on the reference's batches."""
+    _check_budget(max_error)
+    settings = VerifySettings(samples=1, dtype="float64")  # the batches are given: only the dtype matters
     collapsed = collapse_model(model)
-    batches = _batches(calibration, inputs, settings)
-    reference = expanded_outputs(copy.deepcopy(model), (), settings, batches)
     work = copy.deepcopy(collapsed).to(torch.float64).eval()
-    plans = layer_plans(work, reference.batches, whiten=calibration is not None, ridge=ridge)
+    plans = layer_plans(work, reference.batches, whiten=whiten, ridge=ridge)
     thresholds = sorted({p.tails[r] for p in plans.values() for r in range(1, p.rank_limit + 1)})
     errors: dict[int, tuple[Comparison, ...]] = {}
 
@@ -148,7 +172,7 @@ def compress_model(
     ranks = ranks_at(low)
     result = CompressionResult(
         layers=tuple(_layer(plan, ranks.get(path)) for path, plan in plans.items()),
-        method="svd" if calibration is None else "whitened",
+        method="whitened" if whiten else "svd",
         max_error=max_error,
         model_max_rel_error=_rel(final),
         model_max_abs_error=max((c.max_abs_error for c in final), default=0.0),
@@ -168,6 +192,11 @@ def measure_model(
         *(t.to(dtype) if t.is_floating_point() else t for t in batch)
     )
     return reference.compare(run, "compressed", settings)
+
+
+def _check_budget(max_error: float) -> None:
+    if not (math.isfinite(max_error) and max_error >= 0):
+        raise UsageError(f"max_error must be a finite number >= 0, got {max_error!r}")
 
 
 def _rel(comparisons: Sequence[Comparison]) -> float:
