@@ -17,19 +17,19 @@ from epcli.convert import expanded_eval
 RECORD = json.loads((Path(__file__).resolve().parents[2] / "sample_checkpoints" / "samples.json").read_text())
 
 
-def _digits(test: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The recorded test split, or 400 digits outside it; pixels / 16 as the samples were trained."""
+def _digits(test: bool, count: int = 400) -> tuple[torch.Tensor, torch.Tensor]:
+    """The recorded test split, or ``count`` digits outside it; pixels / 16 as the samples were trained."""
     from sklearn.datasets import load_digits
 
     data = load_digits()
     held = set(RECORD["split"]["test_indices"])
-    indices = sorted(held) if test else [i for i in range(len(data.target)) if i not in held][:400]
+    indices = sorted(held) if test else [i for i in range(len(data.target)) if i not in held][:count]
     return torch.tensor(data.data[indices] / 16.0, dtype=torch.float32), torch.tensor(data.target[indices])
 
 
-def _inputs(directory: Path, shape: tuple[int, ...]) -> Path:
+def _inputs(directory: Path, shape: tuple[int, ...], count: int = 400) -> Path:
     path = directory / "calibration.safetensors"
-    save_file({"x": _digits(test=False)[0].reshape(-1, *shape).contiguous()}, str(path))
+    save_file({"x": _digits(test=False, count=count)[0].reshape(-1, *shape).contiguous()}, str(path))
     return path
 
 
@@ -72,7 +72,7 @@ def test_subprocess_compress_mlp_with_onnx(samples, run_epcli, json_doc):
 
 
 def test_cnn_within_budget_keeps_its_accuracy(samples, invoke, json_doc):
-    inputs = _inputs(samples.dir, (1, 8, 8))
+    inputs = _inputs(samples.dir, (1, 8, 8), count=128)  # float64 convolutions are slow: a small calibration
     run = invoke("compress", samples.cnn, "--inputs", inputs, "--max-error", "0.1", "--json")
     assert run.returncode == 0, run.describe()
     document = json_doc(run.stdout)
@@ -85,6 +85,11 @@ def test_cnn_within_budget_keeps_its_accuracy(samples, invoke, json_doc):
     assert _accuracy(compressed.model, (1, 8, 8)) >= _accuracy(original.model, (1, 8, 8)) - 0.02
     inspect = invoke("inspect", out)
     assert inspect.returncode == 0, inspect.describe()
+    verify = invoke("verify", samples.cnn, out, "--inputs", inputs, "--json")
+    assert verify.returncode == 0, verify.describe()
+    (model,) = json_doc(verify.stdout)["comparisons"]
+    assert model["scope"] == "model" and model["max_rel_error"] == pytest.approx(document["model_max_rel_error"], rel=1e-3)
+    assert "only the whole model is compared" in verify.stderr
 
 
 def test_zero_budget_is_refused_and_writes_nothing(samples, invoke, json_doc):
