@@ -18,6 +18,7 @@ from epcli.cli.options import (
     ModelOption,
     QuietOption,
     StateKeyOption,
+    non_negative,
     parse_inputs,
 )
 
@@ -25,16 +26,6 @@ if TYPE_CHECKING:
     from epcli.jobs.compress import CompressFileResult
 
 __all__ = ["compress_command", "compress_payload", "render_compress"]
-
-
-def _budget(text: Any) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise typer.BadParameter(f"expected a finite number >= 0 (e.g. 0.01), got {text!r}") from None
-    if not (value >= 0 and value != float("inf")):
-        raise typer.BadParameter(f"expected a finite number >= 0 (e.g. 0.01), got {text!r}")
-    return value
 
 
 @guarded
@@ -54,7 +45,7 @@ def compress_command(
         typer.Option(
             "--max-error",
             metavar="E",
-            parser=_budget,
+            parser=non_negative,
             help="Largest whole-model error allowed: max |compressed - original| / max |original| over every output "
             "of the samples (0.01 = 1% of the largest output).",
         ),

@@ -85,7 +85,9 @@ class LayerPlan:
 
 
 def _compressible(model: nn.Module) -> dict[str, Plain]:
-    return {name: m for name, m in model.named_modules() if type(m) in LOW_RANK}
+    """Every plain Linear / ConvNd, except the halves of a layer factored already."""
+    halves = {id(half) for m in model.modules() if isinstance(m, (LowRankLinear, LowRankConv)) for half in m.children()}
+    return {name: m for name, m in model.named_modules() if type(m) in LOW_RANK and id(m) not in halves}
 
 
 def layer_plans(

@@ -118,3 +118,12 @@ def test_a_bad_budget_is_refused(budget):
 def test_calibration_or_input_specs_are_needed():
     with pytest.raises(UsageError, match="calibration"):
         compress_model(_mlp(), max_error=0.1)
+
+
+def test_a_compressed_model_is_not_factored_again():
+    calibration = _data(256, 1)
+    compressed, first = compress_model(_mlp(), max_error=0.02, calibration=calibration)
+    assert {layer.path for layer in first.factored} == {"0", "2"}
+    again, second = compress_model(compressed, max_error=0.02, calibration=calibration)
+    assert second.layers == () and second.factored == ()
+    assert isinstance(again[0], LowRankLinear) and again[0].rank == compressed[0].rank
