@@ -25,7 +25,7 @@ from epcli.cli.options import (
 if TYPE_CHECKING:
     from epcli.jobs.compress import CompressFileResult
 
-__all__ = ["compress_command", "compress_payload", "render_compress"]
+__all__ = ["compress_command", "compress_payload", "render_compress", "render_record"]
 
 
 @guarded
@@ -183,3 +183,21 @@ def render_compress(result: CompressFileResult) -> None:
         render.error(result.reason)
     else:
         render.success(f"wrote {', '.join(str(path) for path in result.files)}")
+
+
+def render_record(compression: dict[str, Any]) -> None:
+    """What a compressed file records of its compression (its metadata: shown as text, whatever it holds)."""
+    layers = compression.get("layers")
+    rows = [
+        (path, "kept" if entry.get("rank") is None else entry.get("rank"), entry.get("full_rank"), entry.get("error"))
+        for path, entry in (layers.items() if isinstance(layers, dict) else ())
+        if isinstance(entry, dict)
+    ]
+    render.table(
+        f"Compressed ({compression.get('method')}, --max-error {compression.get('max_error')})",
+        ["layer", "rank", "full rank", "layer error"],
+        rows,
+    )
+    error = compression.get("model_max_rel_error")
+    shown = f"{error:.3g}" if isinstance(error, float) else str(error)
+    render.info(f"whole model: max relative error {shown} on {compression.get('measured_on')}")

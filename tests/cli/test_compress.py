@@ -85,6 +85,7 @@ def test_cnn_within_budget_keeps_its_accuracy(samples, invoke, json_doc):
     assert _accuracy(compressed.model, (1, 8, 8)) >= _accuracy(original.model, (1, 8, 8)) - 0.02
     inspect = invoke("inspect", out)
     assert inspect.returncode == 0, inspect.describe()
+    assert "Compressed (whitened, --max-error 0.1)" in inspect.stdout and "EP layers" not in inspect.stdout
     verify = invoke("verify", samples.cnn, out, "--inputs", inputs, "--json")
     assert verify.returncode == 0, verify.describe()
     (model,) = json_doc(verify.stdout)["comparisons"]
