@@ -121,6 +121,7 @@ def compress_payload(result: CompressFileResult) -> dict[str, Any]:
         "model_max_abs_error": compression.model_max_abs_error,
         "onnx_max_rel_error": result.onnx_max_rel_error,
         "threshold": compression.threshold,
+        "evaluations": compression.evaluations,
         "layers": [
             {
                 "path": layer.path,

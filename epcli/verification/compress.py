@@ -147,7 +147,7 @@ def compress_against(
     work = copy.deepcopy(collapsed).to(torch.float64).eval()
     plans = layer_plans(work, reference.batches, whiten=whiten, ridge=ridge)
     thresholds = sorted({p.tails[r] for p in plans.values() for r in range(1, p.rank_limit + 1)})
-    errors: dict[int, tuple[Comparison, ...]] = {}
+    measured = [0]  # whole-model measurements made
 
     def ranks_at(index: int) -> dict[str, int]:
         if index < 0:
@@ -155,9 +155,12 @@ def compress_against(
         chosen = {path: plan.rank_at(thresholds[index]) for path, plan in plans.items()}
         return {path: rank for path, rank in chosen.items() if rank is not None}
 
+    def measure(candidate: nn.Module) -> tuple[Comparison, ...]:
+        measured[0] += 1
+        return measure_model(reference, candidate, settings)
+
     def passes(index: int) -> bool:
-        errors[index] = measure_model(reference, factored_copy(work, plans, ranks_at(index)), settings)
-        return _rel(errors[index]) <= max_error
+        return _rel(measure(factored_copy(work, plans, ranks_at(index)))) <= max_error
 
     low, high = -1, len(thresholds)  # -1: nothing factored, within any budget but float rounding
     while high - low > 1:
@@ -165,7 +168,7 @@ def compress_against(
         low, high = (middle, high) if passes(middle) else (low, middle)
     while True:  # the result in its own dtype: step back while its rounding breaks the budget
         compressed = factored_copy(collapsed, plans, ranks_at(low)).eval()
-        final = measure_model(reference, compressed, settings)
+        final = measure(compressed)
         if _rel(final) <= max_error or low < 0:
             break
         low -= 1
@@ -178,7 +181,7 @@ def compress_against(
         model_max_abs_error=max((c.max_abs_error for c in final), default=0.0),
         samples=final[0].samples if final else 0,
         threshold=None if low < 0 else thresholds[low],
-        evaluations=len(errors) + 1,
+        evaluations=measured[0],
     )
     return compressed, result
 
