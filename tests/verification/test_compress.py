@@ -65,7 +65,7 @@ def test_within_budget_on_calibration_and_held_out_data_and_smaller():
 
 def test_a_tighter_budget_keeps_more():
     model = _mlp()
-    calibration = _data(256, 1)
+    calibration = _data(128, 1)
     sizes = [compress_model(model, max_error=e, calibration=calibration)[1].params_after for e in (0.5, 0.02, 1e-4)]
     assert sizes[0] <= sizes[1] <= sizes[2]
 
