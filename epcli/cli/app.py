@@ -21,14 +21,14 @@ from typing import Any
 import typer
 from typer.core import TyperArgument, TyperCommand, TyperGroup
 
-from epcli.cli import collapse, export, inspect, render, verify
+from epcli.cli import collapse, compress, export, inspect, render, verify
 from epcli.cli.guard import guarded
 from epcli.cli.options import output_mode, output_options
 from epcli.cli.terminate import EXIT_TERMINATED, Terminated, raise_on_signals
 
 __all__ = ["app", "main"]
 
-COMMANDS = ("collapse", "verify", "export", "inspect")
+COMMANDS = ("collapse", "verify", "export", "inspect", "compress")
 
 _ClickUsageError: type[Any] = next(cls for cls in typer.BadParameter.__mro__ if cls.__name__ == "UsageError")
 """click's ``UsageError``, the base of every command-line parsing error. Typer exports only its subclass
@@ -108,6 +108,7 @@ app.command("collapse", cls=_Command, no_args_is_help=True)(collapse.collapse_co
 app.command("verify", cls=_Command, no_args_is_help=True)(verify.verify_command)
 app.command("export", cls=_Command, no_args_is_help=True)(export.export_command)
 app.command("inspect", cls=_Command, no_args_is_help=True)(inspect.inspect_command)
+app.command("compress", cls=_Command, no_args_is_help=True)(compress.compress_command)
 
 
 def _print_version(value: bool) -> None:

@@ -11,7 +11,7 @@ if TYPE_CHECKING:
     from epcli.artifacts.collapsed import CollapseResult
     from epcli.verification.compare import VerifyReport
 
-__all__ = ["collapse_payload", "render_collapse", "render_report", "report_payload"]
+__all__ = ["collapse_payload", "render_collapse", "render_record", "render_report", "report_payload"]
 
 
 def collapse_payload(result: CollapseResult) -> dict[str, Any]:
@@ -140,3 +140,21 @@ def render_report(title: str, report: VerifyReport) -> None:
         render.success(f"all {len(report.comparisons)} comparisons passed ({rule})")
     else:
         render.error(f"{len(report.failures)} of {len(report.comparisons)} comparisons failed ({rule})")
+
+
+def render_record(compression: dict[str, Any]) -> None:
+    """What a compressed file records of its compression (its metadata: shown as text, whatever it holds)."""
+    layers = compression.get("layers")
+    rows = [
+        (path, "kept" if entry.get("rank") is None else entry.get("rank"), entry.get("full_rank"), entry.get("error"))
+        for path, entry in (layers.items() if isinstance(layers, dict) else ())
+        if isinstance(entry, dict)
+    ]
+    render.table(
+        f"Compressed ({compression.get('method')}, --max-error {compression.get('max_error')})",
+        ["layer", "rank", "full rank", "layer error"],
+        rows,
+    )
+    error = compression.get("model_max_rel_error")
+    shown = f"{error:.3g}" if isinstance(error, float) else str(error)
+    render.info(f"whole model: max relative error {shown} on {compression.get('measured_on')}")

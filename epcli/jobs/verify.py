@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -11,7 +12,7 @@ from torch import Tensor, nn
 
 from epcli.checkpoint.factory import ModelFactory, factory_name
 from epcli.checkpoint.inputs import InputSpec, describe_inputs, tensor_leaves
-from epcli.checkpoint.load import open_checkpoint, read_model
+from epcli.checkpoint.load import load_checkpoint, open_checkpoint, read_model
 from epcli.checkpoint.opened import CheckpointFile
 from epcli.checkpoint.user_code import run_forward
 from epcli.convert import (
@@ -31,6 +32,7 @@ from epcli.verification.model_check import (
     IN_MEMORY,
     NO_ARCHITECTURE,
     check_subject,
+    expanded_outputs,
     opened_subject,
 )
 from epcli.verification.samples import read_samples, sample_batches
@@ -160,6 +162,14 @@ def verify_files(
             f"{artifact_path}: expected a collapsed checkpoint (from epcli collapse), found an expanded one"
         )
     stale, stale_note = _stale_artifact(checkpoint, artifact_path, artifact.metadata.get("provenance"))
+    compression = (artifact.metadata.get("provenance") or {}).get("compression")
+    if isinstance(compression, Mapping):  # from epcli compress: its layers are factored, so only the whole model
+        if not has_model:
+            raise UsageError(f"{checkpoint_path}: {NO_ARCHITECTURE}, so a compressed artifact cannot be compared")
+        report = _compressed_report(checkpoint, artifact_path, owned_model(settings.torch_dtype), compression,
+                                    settings, batches)
+        notes.extend([stale_note] if stale_note else [])
+        return VerifyResult(checkpoint_path, artifact_path, replace(report, notes=(*report.notes, *notes)), stale)
     if set(artifact.ep_layers) != set(checkpoint.ep_layers):
         raise CheckpointError(
             f"{artifact_path}: collapses EP layers {natural_order(artifact.ep_layers)}, but {checkpoint_path} has "
@@ -185,6 +195,37 @@ def verify_files(
     return VerifyResult(
         checkpoint_path, artifact_path, replace(report, notes=(*report.notes, *notes)), stale, changes
     )
+
+
+def _compressed_report(
+    checkpoint: CheckpointFile,
+    artifact_path: Path,
+    model: nn.Module,
+    compression: Mapping[str, object],
+    settings: VerifySettings,
+    batches: Sequence[tuple[Tensor, ...]] | None,
+) -> VerifyReport:
+    """The whole expanded model against a compressed artifact, judged by the budget the artifact records (its
+    max relative error), not atol / rtol: a low-rank model is meant to differ, by at most that much."""
+    budget = compression.get("max_error")
+    if not isinstance(budget, (int, float)) or isinstance(budget, bool) or not 0 <= budget < math.inf:
+        raise CheckpointError(
+            f"{artifact_path}: provenance.compression.max_error must be a number >= 0, got {budget!r}; "
+            "compress the checkpoint again"
+        )
+    expected = expanded_outputs(model, checkpoint.inputs, settings, batches)
+    del model
+    compressed = load_checkpoint(artifact_path).model
+    if compressed is None:
+        raise CheckpointError(f"{artifact_path}: a compressed file without its architecture cannot be compared")
+    compressed = compressed.to(device=settings.torch_device, dtype=settings.torch_dtype).eval()
+    comparisons = expected.compare(compressed, artifact_path.name, settings)
+    judged = tuple(replace(c, passed=c.max_rel_error <= budget) for c in comparisons)
+    note = (
+        f"{artifact_path.name} is compressed (low-rank layers): only the whole model is compared, and it passes "
+        f"when max |error| / max |expanded| <= {budget:g}, the budget it was compressed to (not atol / rtol)"
+    )
+    return VerifyReport(settings, settings.tolerance, judged, notes=(note,))
 
 
 class _ArtifactState(Mapping[str, Tensor]):
