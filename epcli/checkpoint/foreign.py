@@ -6,6 +6,9 @@ and the model disagree on for mechanical reasons is reconciled here, and said:
 
 * every key prefixed by a wrapper (``module.`` from DDP, ``_orig_mod.`` from
   ``torch.compile``) while the model's keys are not: the prefix is stripped;
+* a model of the ``transformers`` library whose ``save_pretrained`` writes some keys under older
+  names (ViT's ``vit.encoder.layer.0.attention.attention.query`` for ``vit.layers.0.attention.q_proj``):
+  the file's names are mapped back by the library's own renaming, when it only renames;
 * a tied weight (one parameter under two names, e.g. a GPT's ``lm_head.weight`` and
   ``wte.weight``) that the file stores once, as safetensors writers do: both names
   read the one stored tensor.
@@ -22,6 +25,7 @@ from __future__ import annotations
 import difflib
 import re
 from collections.abc import Collection, Sequence
+from typing import Any, cast
 
 from torch import nn
 
@@ -55,6 +59,15 @@ def match_keys(source: TensorSource, model: nn.Module) -> tuple[TensorSource, tu
             f"every key started with {quote(''.join(stripped))} (a DDP / torch.compile-wrapped model's state_dict); "
             "the prefix was stripped"
         )
+    if any(key not in names for key in expected):
+        saved = _saved_names(model, expected)
+        renames = {key: saved[key] for key in names if key in saved and saved[key] != key}
+        if renames and sum(saved.get(k, k) in expected for k in names) > sum(k in expected for k in names):
+            names = {renames.get(key, key): old for key, old in names.items()}
+            notes.append(
+                f"{len(renames)} keys are stored under the names transformers' save_pretrained writes for "
+                f"{type(model).__name__} (e.g. {quote(next(iter(renames)), 80)}); read under the model's names"
+            )
     groups: dict[int, list[str]] = {}
     for key, value in expected.items():
         groups.setdefault(id(value), []).append(key)
@@ -70,6 +83,29 @@ def match_keys(source: TensorSource, model: nn.Module) -> tuple[TensorSource, tu
     ordered = {key: names[key] for key in expected if key in names}
     ordered.update((key, old) for key, old in names.items() if key not in ordered)  # unexpected: the check names them
     return renamed(source, ordered), tuple(notes)
+
+
+def _saved_names(model: nn.Module, expected: dict[str, Any]) -> dict[str, str]:
+    """How the model's library names its keys on disk: file name -> model name (empty: no renaming known).
+
+    Only a ``transformers`` model can have one; its own save-time renaming (``revert_weight_conversion``, run on
+    the model's tensors, which it only relabels) gives the pairs. A conversion that changes tensors (fused or
+    split weights) is not a renaming, and gives none.
+    """
+    if not any(cls.__module__.startswith("transformers.") for cls in type(model).__mro__):
+        return {}
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+
+        reverted = revert_weight_conversion(cast(Any, model), dict(expected))
+    except Exception:  # a transformers version without it, or a conversion it cannot run: nothing known
+        return {}
+    owners: dict[int, str] = {}
+    for key, value in expected.items():
+        owners.setdefault(id(value), key)
+    if not isinstance(reverted, dict) or any(id(value) not in owners for value in reverted.values()):
+        return {}
+    return {str(name): owners[id(value)] for name, value in reverted.items()}
 
 
 _CLOSEST_SHOWN = 3
