@@ -24,9 +24,10 @@ pytest.importorskip("transformers")
 pytest.importorskip("diffusers")
 
 HERE = Path(__file__).resolve().parent
-DEFAULT = ("nanogpt", "bert", "gpt2")
+DEFAULT = ("nanogpt", "gpt2")
 """The models of the default run (fast, and between them: a print in __init__, a (logits, None) output, a
-ModelOutput with one tensor, transformers' Conv1D, tied embeddings); every other one runs with --exhaustive."""
+ModelOutput with a cache beside the logits, transformers' Conv1D, tied embeddings); the rest run with
+--exhaustive."""
 FLOAT32_TOLERANCE = 1e-4  # scale-relative: max |deployed - expanded| <= 1e-4 * max |expanded|
 
 
@@ -72,12 +73,17 @@ def _trained(zoo: Any, name: str) -> torch.nn.Module:
     inputs = zoo.ZOO[name].inputs
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     for step in range(2):
-        torch.manual_seed(step)
-        leaves = tensor_leaves(model(*(spec.example(2) for spec in inputs)))
+        leaves = tensor_leaves(model(*_batch(inputs, 2, seed=step)))
         sum(t.float().square().mean() for _, t in leaves if t.is_floating_point()).backward()
         optimizer.step()
         optimizer.zero_grad()
     return model.eval()
+
+
+def _batch(specs: Any, size: int, *, seed: int) -> list[torch.Tensor]:
+    """Seeded random inputs (constant ones would put the models' norms on a zero variance)."""
+    generator = torch.Generator().manual_seed(seed)
+    return [spec.sample(size, generator, dtype=torch.float32) for spec in specs]
 
 
 def _outputs(model: torch.nn.Module, batch: list[torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -116,15 +122,15 @@ def test_every_step_on_a_real_model(zoo: Any, name: str, tmp_path: Path):
     # the deployment: the collapsed file in the class the user started from, strictly
     deployed = entry.plain()
     deployed.load_state_dict(load_file(tmp_path / "c.safetensors"), strict=True)
-    torch.manual_seed(7)
-    batch = [spec.example(3) for spec in entry.inputs]
+    batch = _batch(entry.inputs, 3, seed=7)
     with epcli.convert.expanded_eval(model):
         expected = _outputs(model, batch)
     got = _outputs(deployed.eval(), batch)
     assert set(got) == set(expected)
     for path, reference in expected.items():
         scale = float(reference.abs().max()) or 1.0
-        torch.testing.assert_close(got[path], reference, rtol=0, atol=FLOAT32_TOLERANCE * scale, msg=path)
+        error = float((got[path] - reference).abs().max())
+        assert error <= FLOAT32_TOLERANCE * scale, f"{path}: max |deployed - expanded| {error:.3g}, scale {scale:.3g}"
 
 
 @pytest.mark.parametrize("name", [n for n in ("bert", "gpt2", "llama", "vit") if n in DEFAULT] + [
