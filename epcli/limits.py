@@ -21,6 +21,8 @@ MAX_TENSORS                 2**18          tensors in a checkpoint (all shards t
 MAX_NAME_CHARS              1024           a tensor name, layer path, module name, string
 MAX_RANK                    16             dimensions of a tensor; \\|dim\\| arguments
 MAX_TENSOR_ELEMENTS         2**40          elements of one tensor, and each of its sizes
+MAX_SLICE_OVERHEAD          1 MiB          bytes of a DCP data slice beyond its tensor's own
+                                           (the slice's zip headers and pickle)
 MAX_PICKLE_TUPLE            4096           items in one (nested) tuple of a ``.pt`` pickle
 MAX_TIED_EXPANSION          4              a ``.pt``'s tensor bytes / its storage bytes (tied
                                            weights count twice; stride-0 views are refused)
@@ -68,6 +70,7 @@ __all__ = [
     "MAX_PICKLE_TUPLE",
     "MAX_RANK",
     "MAX_SAMPLE_ELEMENTS",
+    "MAX_SLICE_OVERHEAD",
     "MAX_TENSORS",
     "MAX_TENSOR_ELEMENTS",
     "MAX_TIED_EXPANSION",
@@ -89,6 +92,7 @@ MAX_TENSORS = 2**18
 MAX_NAME_CHARS = 1024
 MAX_RANK = 16
 MAX_TENSOR_ELEMENTS = 2**40
+MAX_SLICE_OVERHEAD = 2**20
 MAX_PICKLE_TUPLE = 4096
 MAX_TIED_EXPANSION = 4
 MAX_ARCHITECTURE_NODES = 2**16
