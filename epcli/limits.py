@@ -36,6 +36,17 @@ MAX_WINDOW                  256            kernel sizes, padding, stride, dilati
 MAX_CONFIG_REAL             2**20          \\|x\\| of a real config number (width, ...)
 MAX_SAMPLE_ELEMENTS         2**26          elements of one sample: the input, and every
                                            module's output on it (checked on meta tensors)
+MAX_SAMPLES                 2**20          samples of a check (``--samples``, the batch of an
+                                           ``--inputs`` file) and ``--batch-size``
+MAX_CHECK_BYTES             768 MiB        memory of one check: the samples and expected outputs
+                                           it holds, plus a batch x the bytes of every module's
+                                           output on one sample; batches are cut to fit, and
+                                           what cannot fit is refused. Also bounds the arrays
+                                           of an ``--inputs`` file
+MAX_TIMEOUT                 86400 s        ``--timeout``: one onnxruntime run of an ONNX file
+MAX_ONNX_RUN_BYTES          3 GiB          address space of the process that runs an ONNX file
+MIN_OPSET                   7              the oldest ONNX opset exported (the newest is the
+                                           installed onnx's)
 ==========================  =============  ==================================================
 
 Config numbers are checked generically (:func:`check_config_numbers`), by field
@@ -69,7 +80,12 @@ __all__ = [
     "MAX_PICKLE_BYTES",
     "MAX_PICKLE_TUPLE",
     "MAX_RANK",
+    "MAX_CHECK_BYTES",
+    "MAX_ONNX_RUN_BYTES",
+    "MAX_SAMPLES",
     "MAX_SAMPLE_ELEMENTS",
+    "MAX_TIMEOUT",
+    "MIN_OPSET",
     "MAX_SLICE_OVERHEAD",
     "MAX_TENSORS",
     "MAX_TENSOR_ELEMENTS",
@@ -103,6 +119,11 @@ MAX_FEATURES = 2**20
 MAX_WINDOW = 256
 MAX_CONFIG_REAL = 2**20
 MAX_SAMPLE_ELEMENTS = 2**26
+MAX_SAMPLES = 2**20
+MAX_CHECK_BYTES = 768 * 2**20
+MAX_TIMEOUT = 86400.0
+MAX_ONNX_RUN_BYTES = 3 * 2**30
+MIN_OPSET = 7
 
 _HINT = "a guard against hostile files; see epcli.limits"
 _WINDOW_WORDS = ("kernel", "padding", "stride", "dilation")
