@@ -32,8 +32,10 @@ import torch
 from torch import Tensor, nn
 
 from epcli.checkpoint.inputs import InputSpec, describe_inputs
-from epcli.errors import CheckpointError, ExportError
+from epcli.errors import CheckpointError, ExportError, UsageError
+from epcli.limits import MAX_TIMEOUT, MIN_OPSET, is_int
 from epcli.onnx.graph import INPUT_NAME, OUTPUT_NAME, emit_onnx
+from epcli.text import quote
 
 if TYPE_CHECKING:
     import onnx
@@ -111,6 +113,12 @@ def build_onnx(
 ) -> onnx.ModelProto:
     """The ONNX model of ``model`` (emitted node by node when it takes one float input, else traced), not yet
     checked (:func:`check_onnx`); ``inputs`` as for :func:`export_onnx_bytes`."""
+    newest = _newest_opset()
+    if not is_int(opset) or not MIN_OPSET <= opset <= newest:
+        raise UsageError(
+            f"opset must be a whole number from {MIN_OPSET} to {newest} (the newest the installed onnx knows), "
+            f"got {quote(opset)}"
+        )
     model = model.eval()
     specs = tuple(inputs) if inputs is not None else (InputSpec(tuple(input_shape)),)
     one_float = len(specs) == 1 and specs[0].is_float
@@ -118,6 +126,12 @@ def build_onnx(
     if proto is None:
         proto = _traced(model, specs, opset=opset, dynamic_batch=dynamic_batch)
     return proto
+
+
+def _newest_opset() -> int:
+    import onnx
+
+    return int(onnx.defs.onnx_opset_version())
 
 
 def check_onnx(proto: onnx.ModelProto | bytes | Path) -> None:
@@ -291,6 +305,9 @@ class OnnxSession:
     def __init__(self, model: bytes | Path, *, timeout: float | None = None, expected_inputs: int = 1) -> None:
         import onnxruntime as ort
 
+        if timeout is not None and not (isinstance(timeout, (int, float)) and 0 < timeout <= MAX_TIMEOUT):
+            raise UsageError(f"timeout must be a number of seconds > 0 and <= {MAX_TIMEOUT:g} (epcli's limit), "
+                             f"got {quote(timeout)}")
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 4  # library code never prints: failures are raised, not logged
