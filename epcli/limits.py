@@ -44,7 +44,8 @@ MAX_CHECK_BYTES             768 MiB        memory of one check: the samples and 
                                            what cannot fit is refused. Also bounds the arrays
                                            of an ``--inputs`` file
 MAX_TIMEOUT                 86400 s        ``--timeout``: one onnxruntime run of an ONNX file
-MAX_ONNX_RUN_BYTES          3 GiB          address space of the process that runs an ONNX file
+MAX_ONNX_RUN_BYTES          1.25 GiB       address space of the process that runs an ONNX file,
+                                           beyond twice the bytes of the model (and its data)
 MIN_OPSET                   7              the oldest ONNX opset exported (the newest is the
                                            installed onnx's)
 ==========================  =============  ==================================================
@@ -122,7 +123,7 @@ MAX_SAMPLE_ELEMENTS = 2**26
 MAX_SAMPLES = 2**20
 MAX_CHECK_BYTES = 768 * 2**20
 MAX_TIMEOUT = 86400.0
-MAX_ONNX_RUN_BYTES = 3 * 2**30
+MAX_ONNX_RUN_BYTES = 1280 * 2**20
 MIN_OPSET = 7
 
 _HINT = "a guard against hostile files; see epcli.limits"
