@@ -338,18 +338,18 @@ class OnnxSession:
         if not outputs:
             raise CheckpointError(f"{where}: the model has no outputs")
         self.metadata: dict[str, str] = {clip(key): clip(value) for key, value in description["metadata"].items()}
-        self.input_names = [name for name, _, _ in inputs]
+        self.input_names = [clip(name) for name, _, _ in inputs]  # for messages: the child feeds its own
         self.numpy_dtypes = [_NUMPY_TYPES.get(kind) for _, kind, _ in inputs]
         unsupported = [kind for (_, kind, _), dtype in zip(inputs, self.numpy_dtypes, strict=True) if dtype is None]
         if unsupported:
             raise CheckpointError(
                 f"{where}: unsupported input type {quote(unsupported[0])}; expected {', '.join(sorted(_NUMPY_TYPES))}"
             )
-        self.input_shapes: list[list[int | str | None]] = [list(shape) for _, _, shape in inputs]
+        self.input_shapes: list[list[int | str | None]] = [_clipped(shape) for _, _, shape in inputs]
         self.input_name = self.input_names[0]
         self.input_shape = self.input_shapes[0]
         self.output_shapes: list[list[int | str | None] | None] = [
-            None if shape is None else list(shape) for _, _, shape in outputs
+            None if shape is None else _clipped(shape) for _, _, shape in outputs
         ]
         for name, kind, _ in outputs:
             if kind not in ("tensor(float)", "tensor(double)"):
@@ -421,6 +421,11 @@ _START_SECONDS = 120.0
 the timeout of loading the model and of each run."""
 _MAX_FRAME = 2**40
 """Frames between epcli and its onnxruntime process: bounded by what each side allocates anyway."""
+
+
+def _clipped(shape: list[int | str | None]) -> list[int | str | None]:
+    """A shape as the file gives it, symbolic sizes (strings of any length) cut short for messages."""
+    return [clip(size) if isinstance(size, str) else size for size in shape]
 
 
 def _model_bytes(path: Path) -> int:
