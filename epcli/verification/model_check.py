@@ -141,31 +141,31 @@ def expanded_outputs(
     user's samples), or on seeded batches drawn from ``specs`` as
     :func:`~epcli.verification.compare.compare_outputs` draws them."""
     model.to(device=settings.torch_device, dtype=settings.torch_dtype).eval()
-    with expanded_eval(model) as reference, torch.no_grad():
-        run, held = _sample_bytes(model, reference, specs, settings)
-        settings = fit_batch(settings, run_bytes=run, held_bytes=held, what=describe_inputs(specs))
-        if batches is not None:
-            drawn = [_moved(batch, settings) for batch in _rebatched(batches, settings.batch_size)]
-        else:
-            drawn = list(
-                random_inputs(
-                    specs,
-                    settings.samples,
-                    settings.batch_size,
-                    settings.seed,
-                    dtype=settings.torch_dtype,
-                    device=settings.torch_device,
+    try:
+        with expanded_eval(model) as reference, torch.no_grad():
+            run, held = _sample_bytes(model, reference, specs, settings)
+            settings = fit_batch(settings, run_bytes=run, held_bytes=held, what=describe_inputs(specs))
+            if batches is not None:
+                drawn = [_moved(batch, settings) for batch in _rebatched(batches, settings.batch_size)]
+            else:
+                drawn = list(
+                    random_inputs(
+                        specs,
+                        settings.samples,
+                        settings.batch_size,
+                        settings.seed,
+                        dtype=settings.torch_dtype,
+                        device=settings.torch_device,
+                    )
                 )
-            )
-        try:
             return ExpandedOutputs(drawn, [reference(*batch) for batch in drawn], settings.batch_size)
-        except (IndexError, RuntimeError) as e:  # an id beyond an embedding, a dtype a kernel does not take
-            given = "the samples of --inputs" if batches is not None else "its random inputs"
-            raise UsageError(
-                f"the model rejected {given} ({describe_inputs(specs)}: each input's dtype and, for integers, its "
-                f"range [low, high)): {quote(f'{type(e).__name__}: {e}', 300)}; give inputs in the dtype and range the "
-                "model takes (e.g. token ids in [0, vocab_size) as int64)"
-            ) from e
+    except (IndexError, RuntimeError) as e:  # an id beyond an embedding, a dtype a kernel does not take
+        given = "the samples of --inputs" if batches is not None else "its inputs"
+        raise UsageError(
+            f"the model rejected {given} ({describe_inputs(specs)}: each input's dtype and, for integers, its range "
+            f"[low, high)): {quote(f'{type(e).__name__}: {e}', 300)}; give inputs in the dtype and range the model "
+            "takes (e.g. token ids in [0, vocab_size) as int64)"
+        ) from e
 
 
 def _rebatched(batches: Sequence[tuple[Tensor, ...]], size: int) -> list[tuple[Tensor, ...]]:

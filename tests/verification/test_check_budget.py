@@ -55,8 +55,14 @@ class _Tokens(nn.Module):
 
 def test_ids_beyond_the_embedding_are_named_with_their_range():
     spec = InputSpec((4,), torch.int64, 0, 2**53)
-    with pytest.raises(UsageError, match=r"the model rejected its random inputs \(inputs=\[int64\[4\]:0:9.0072e\+15\].*"
+    with pytest.raises(UsageError, match=r"the model rejected its inputs \(inputs=\[int64\[4\]:0:9.0072e\+15\].*"
                        r"IndexError: index out of range"):
+        expanded_outputs(_Tokens(), (spec,), VerifySettings(samples=4))
+
+
+def test_ids_of_a_dtype_the_model_does_not_take_are_named():
+    spec = InputSpec((4,), torch.int8, 0, 17)
+    with pytest.raises(UsageError, match=r"the model rejected its inputs \(inputs=\[int8\[4\]:0:17\].*CharTensor"):
         expanded_outputs(_Tokens(), (spec,), VerifySettings(samples=4))
 
 
