@@ -180,11 +180,12 @@ def fit_batch(settings: VerifySettings, *, run_bytes: int, held_bytes: int, what
     batch = (MAX_CHECK_BYTES - held) // max(run_bytes, 1)
     if batch < 1:
         holding = f"{held / 2**20:.0f} MiB to hold {settings.samples} samples' inputs and outputs and " if held else ""
+        skip = ", or skip the whole-model check (collapse --no-model-check)" if held else ""
         raise UsageError(
             f"a check on {what} needs {holding}{run_bytes / 2**20:.0f} MiB per sample for a forward pass (every "
             "module's output and the comparison's float64 copies), more than a "
             f"check's memory budget of {MAX_CHECK_BYTES // 2**20} MiB (epcli's limit, MAX_CHECK_BYTES); give fewer "
-            "samples or a smaller input shape"
+            f"--samples or a smaller input shape{skip}"
         )
     return replace(settings, batch_size=min(settings.batch_size, batch))
 
