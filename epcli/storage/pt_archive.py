@@ -24,6 +24,7 @@ import os
 import pickletools
 import struct
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, cast
@@ -253,7 +254,8 @@ def _check_records(f: BinaryIO, size: int) -> None:
             pickle_info = pickles[0]
             check_count(pickle_info.file_size, MAX_PICKLE_BYTES, "the size of its pickle in bytes")
             storages = scan_pickle(archive.read(pickle_info))
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, NotImplementedError, ValueError) as e:
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError,
+            ValueError) as e:  # RuntimeError: an encrypted record
         raise CheckpointError(
             f"cannot be read as a torch checkpoint; it is truncated or corrupt ({str(e)[:200]})"
         ) from e

@@ -15,6 +15,8 @@ With one input the tensor's name does not matter; with several they are named
 from __future__ import annotations
 
 import math
+import zipfile
+import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -79,8 +81,6 @@ def _read_npz(path: Path) -> dict[str, Tensor]:
     size, and all of it within :data:`~epcli.limits.MAX_CHECK_BYTES`; then only that
     many bytes are read.
     """
-    import zipfile
-
     import numpy as np
 
     with path.open("rb") as f:
@@ -107,14 +107,12 @@ def _read_npz(path: Path) -> dict[str, Tensor]:
             return out
     except EpcliError:
         raise
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError) as e:
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, EOFError, RuntimeError, ValueError) as e:
         raise CheckpointError(f"cannot be read as a .npz file ({quote(str(e))})") from e
 
 
 def _npz_header(archive: Any, info: Any) -> tuple[Any, tuple[int, ...], bool, int]:
     """(dtype, shape, Fortran order, data bytes) of one ``.npy`` member, read from its header alone."""
-    import zipfile
-
     import numpy as np
 
     where = f"array {quote(info.filename)}"
@@ -125,7 +123,12 @@ def _npz_header(archive: Any, info: Any) -> tuple[Any, tuple[int, ...], bool, in
         if version not in ((1, 0), (2, 0)):
             raise CheckpointError(f"{where} has .npy format version {version}; numpy.savez writes 1.0 or 2.0")
         read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, fortran, dtype = read(member)
+        try:
+            shape, fortran, dtype = read(member)
+        except (zlib.error, EOFError) as e:
+            raise CheckpointError(f"{where} is truncated or corrupt ({quote(str(e))})") from e
+        except Exception as e:  # numpy parses the header as a Python literal: SyntaxError, TokenError, ValueError...
+            raise CheckpointError(f"{where} has a damaged .npy header ({quote(str(e))})") from e
         start = member.tell()
     if f"{dtype.kind}{dtype.itemsize}" not in _NPZ_DTYPES or dtype.fields is not None:
         raise UsageError(

@@ -103,6 +103,23 @@ def test_a_member_whose_size_disagrees_with_its_header(tmp_path: Path):
         read_samples(tmp_path / "x.npz", FLOAT)
 
 
+def test_a_corrupt_deflate_stream_and_an_encrypted_member(tmp_path: Path):
+    np.savez_compressed(tmp_path / "x.npz", np.arange(4000, dtype=np.float32).reshape(1000, 4))
+    data = bytearray((tmp_path / "x.npz").read_bytes())
+    data[200:260] = bytes(60)  # inside the deflate stream
+    (tmp_path / "x.npz").write_bytes(data)
+    with pytest.raises(CheckpointError, match=r"x.npz \(--inputs\): (cannot be read as a .npz file|array)"):
+        read_samples(tmp_path / "x.npz", FLOAT)
+    np.savez(tmp_path / "locked.npz", np.zeros((1, 4), np.float32))
+    data = bytearray((tmp_path / "locked.npz").read_bytes())
+    data[6] |= 1  # the local header's "encrypted" flag
+    central = data.rindex(b"PK\x01\x02")
+    data[central + 8] |= 1  # and the central directory's
+    (tmp_path / "locked.npz").write_bytes(data)
+    with pytest.raises(CheckpointError, match=r"locked.npz \(--inputs\): cannot be read as a .npz file"):
+        read_samples(tmp_path / "locked.npz", FLOAT)
+
+
 def test_a_member_that_is_not_npy(tmp_path: Path):
     _npz(tmp_path / "x.npz", {"notes.txt": b"hi"})
     with pytest.raises(CheckpointError, match=r"array 'notes.txt' is not a stored or deflated .npy array"):
