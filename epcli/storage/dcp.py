@@ -24,6 +24,7 @@ Errors name the data file (relative to the directory, which callers add) and wha
 from __future__ import annotations
 
 import io
+import itertools
 import math
 import os
 import pickle
@@ -190,7 +191,22 @@ def _layout(path: Path) -> dict[str, _Entry]:
                 f"tensor {list(shape)} has {math.prod(shape)}; the metadata is damaged"
             )
         layout[key] = _Entry(shape, dtype, found)
+    _check_disjoint(layout)
     return layout
+
+
+def _check_disjoint(layout: dict[str, _Entry]) -> None:
+    """No two chunks share bytes of a data file: DCP writes each once, and a slice read for many chunks
+    would cost its decoding each time."""
+    spans = sorted(
+        (chunk.file, chunk.offset, chunk.offset + chunk.length, key) for key, entry in layout.items() for chunk in entry.chunks
+    )
+    for (file, _, end, first), (other, start, _, second) in itertools.pairwise(spans):
+        if file == other and start < end:
+            raise CheckpointError(
+                f"DCP entries {quote(first)} and {quote(second)} have chunks sharing bytes of data file {quote(file)}; "
+                "the metadata is damaged"
+            )
 
 
 def _attribute(owner: Any, name: str, kind: type, where: str) -> Any:

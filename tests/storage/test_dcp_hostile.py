@@ -4,6 +4,7 @@ the file did not fill. Symlinks to regular files keep working (the Hugging Face 
 
 from __future__ import annotations
 
+import copy
 import os
 import pickle
 import shutil
@@ -200,22 +201,35 @@ def test_chunks_that_do_not_cover_the_tensor_are_refused(saved: Path):
         read_dcp_listing(saved)
 
 
-def test_overlapping_chunks_are_refused(tmp_path: Path):
+def test_chunks_overlapping_in_the_tensor_are_refused(tmp_path: Path):
     from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
 
     path = _save(tmp_path / "ckpt", {"w": torch.arange(24.0).reshape(4, 6)})
+    torch.save(torch.ones(1, 6), tmp_path / "row.pt")
+    row = (tmp_path / "row.pt").read_bytes()
+    torch.save(torch.ones(3, 6), tmp_path / "rows.pt")
+    _replace_slice(path, "model.w", (tmp_path / "rows.pt").read_bytes())  # rows 0..2
+    offset = (path / DATA).stat().st_size
+    with (path / DATA).open("ab") as f:
+        f.write(row)
 
-    def split(metadata: object) -> None:  # two chunks, both rows 0..1, as many elements as rows 0..3
+    def split(metadata: object) -> None:  # rows 0..2 and row 1 again: as many elements as rows 0..3
         entry = metadata.state_dict_metadata["model.w"]  # type: ignore[attr-defined]
-        entry.chunks = [ChunkStorageMetadata(torch.Size([0, 0]), torch.Size([2, 6]))] * 2
-        info = _storage(metadata, "model.w")
-        metadata.storage_data[MetadataIndex("model.w", torch.Size([0, 0]))] = info  # type: ignore[attr-defined]
+        entry.chunks = [ChunkStorageMetadata(torch.Size([0, 0]), torch.Size([3, 6])),
+                        ChunkStorageMetadata(torch.Size([1, 0]), torch.Size([1, 6]))]
+        info = copy.copy(_storage(metadata, "model.w"))
+        info.offset, info.length = offset, len(row)  # type: ignore[attr-defined]
+        metadata.storage_data[MetadataIndex("model.w", torch.Size([1, 0]))] = info  # type: ignore[attr-defined]
 
-    torch.save(torch.ones(2, 6), tmp_path / "half.pt")
-    _replace_slice(path, "model.w", (tmp_path / "half.pt").read_bytes())
     _rewrite_metadata(path, split)
-    with pytest.raises(CheckpointError, match=r"overlaps another chunk"):
+    with pytest.raises(CheckpointError, match=r"the chunk of 'model.w' at \[1, 0\]\) overlaps another chunk"):
         _read_all(path)
+
+
+def test_chunks_sharing_bytes_of_a_data_file_are_refused(saved: Path):
+    _rewrite_metadata(saved, lambda m: setattr(_storage(m, "model.ids"), "offset", _storage(m, "model.w").offset))
+    with pytest.raises(CheckpointError, match=r"'model.ids' and 'model.w' have chunks sharing bytes of data file"):
+        read_dcp_listing(saved)
 
 
 @pytest.mark.parametrize(
