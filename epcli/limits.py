@@ -14,7 +14,7 @@ limit                       value          bounds
 ==========================  =============  ==================================================
 MAX_HEADER_BYTES            100 MB         safetensors JSON header (the safetensors library's)
 MAX_INDEX_BYTES             100 MB         a shard index file
-MAX_PICKLE_BYTES            256 MiB        the pickle of a ``.pt`` file
+MAX_PICKLE_BYTES            256 MiB        the pickle of a ``.pt`` file, a DCP ``.metadata``
 MAX_METADATA_CHARS          16 Mi chars    epcli's metadata JSON (and all ``__metadata__``)
 MAX_JSON_OBJECTS            2**19          JSON objects in one header / index / metadata
 MAX_TENSORS                 2**18          tensors in a checkpoint (all shards together)
@@ -23,7 +23,7 @@ MAX_RANK                    16             dimensions of a tensor; \\|dim\\| arg
 MAX_TENSOR_ELEMENTS         2**40          elements of one tensor, and each of its sizes
 MAX_SLICE_OVERHEAD          1 MiB          bytes of a DCP data slice beyond its tensor's own
                                            (the slice's zip headers and pickle)
-MAX_PICKLE_TUPLE            4096           items in one (nested) tuple of a ``.pt`` pickle
+MAX_PICKLE_TUPLE            4096           items in one (nested) tuple of those pickles
 MAX_TIED_EXPANSION          4              a ``.pt``'s tensor bytes / its storage bytes (tied
                                            weights count twice; stride-0 views are refused)
 MAX_ARCHITECTURE_NODES      2**16          modules in an embedded architecture
