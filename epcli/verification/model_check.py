@@ -147,8 +147,21 @@ def expanded_outputs(
     model.to(device=settings.torch_device, dtype=settings.torch_dtype).eval()
     try:
         with expanded_eval(model) as reference, torch.no_grad():
-            run, held = _sample_bytes(model, reference, specs, settings)
-            settings = fit_batch(settings, run_bytes=run, held_bytes=held, what=describe_inputs(specs))
+            if batches:  # the user's samples (their specs may not be given): the first ones, cut to size
+                first = list(_moved(tuple(t[:1] for t in batches[0]), settings))
+
+                def examples(size: int) -> list[Tensor]:
+                    return [t[:size] for t in first]
+
+                what = f"the given samples ({', '.join(str(list(t.shape[1:])) for t in first)})"
+            else:
+
+                def examples(size: int) -> list[Tensor]:
+                    return [spec.example(size, dtype=settings.torch_dtype, device=settings.torch_device) for spec in specs]
+
+                what = describe_inputs(specs)
+            run, held = _sample_bytes(model, reference, examples)
+            settings = fit_batch(settings, run_bytes=run, held_bytes=held, what=what)
             if batches is not None:
                 drawn = [_moved(batch, settings) for batch in _rebatched(batches, settings.batch_size)]
             else:
@@ -185,12 +198,12 @@ def _per_sample(tensor: Tensor) -> int:
 
 
 def _sample_bytes(
-    model: nn.Module, call: Callable[..., object], specs: Sequence[InputSpec], settings: VerifySettings
+    model: nn.Module, call: Callable[..., object], examples: Callable[[int], list[Tensor]]
 ) -> tuple[int, int]:
     """(run, held) bytes per sample of a check of ``call`` (which runs ``model``), from one call on an empty batch
-    (on one sample when the forward cannot take an empty batch, as a reshape with ``-1`` cannot): while a batch
-    runs, every module's output, the inputs as drawn (float64) and the comparison's temporaries; held for the
-    whole check, the inputs and the outputs."""
+    of ``examples`` (on one sample when the forward cannot take an empty batch, as a reshape with ``-1``
+    cannot): while a batch runs, every module's output, the inputs as drawn (float64) and the comparison's
+    temporaries; held for the whole check, the inputs and the outputs."""
     outputs = [0]
 
     def hook(module: nn.Module, args: object, output: object) -> None:
@@ -198,24 +211,24 @@ def _sample_bytes(
 
     def measure(batch: int) -> tuple[list[Tensor], list[tuple[str, Tensor]]]:
         outputs[0] = 0
-        examples = [spec.example(batch, dtype=settings.torch_dtype, device=settings.torch_device) for spec in specs]
-        return examples, tensor_leaves(run_forward(call, *examples))
+        inputs = examples(batch)
+        return inputs, tensor_leaves(run_forward(call, *inputs))
 
     handles = [module.register_forward_hook(hook) for module in model.modules()]
     try:
         try:
-            examples, leaves = measure(0)
+            given, leaves = measure(0)
         except EpcliError:
             raise
         except Exception:  # the forward's own error on an empty batch: one sample says the same
-            examples, leaves = measure(1)
+            given, leaves = measure(1)
     finally:
         for handle in handles:
             handle.remove()
-    inputs = sum(_per_sample(t) for t in examples)
+    inputs = sum(_per_sample(t) for t in given)
     returned = sum(_per_sample(t) for _, t in leaves)
     compared = sum(_per_sample(t) // t.element_size() for _, t in leaves) * COMPARE_BYTES
-    drawn = sum(math.prod(spec.shape) for spec in specs) * 8
+    drawn = sum(_per_sample(t) // t.element_size() for t in given) * 8
     return outputs[0] + drawn + compared, inputs + returned
 
 
@@ -224,7 +237,10 @@ def _layer_budget(
 ) -> VerifySettings:
     """Settings whose batches keep one EP layer's check within the budget (nothing is held: batches stream)."""
     with torch.no_grad():
-        run, held = _sample_bytes(layer, expanded, (InputSpec(tuple(input_shape)),), settings)
+        spec = InputSpec(tuple(input_shape))
+        run, held = _sample_bytes(
+            layer, expanded, lambda size: [spec.example(size, dtype=settings.torch_dtype, device=settings.torch_device)]
+        )
     return fit_batch(settings, run_bytes=run + held, held_bytes=0, what=f"layer {path} (input {list(input_shape)})")
 
 
