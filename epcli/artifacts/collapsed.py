@@ -35,7 +35,7 @@ from epcli.convert import (
     layer_prefix,
 )
 from epcli.devices import resolve_device
-from epcli.errors import UsageError
+from epcli.errors import CheckpointError, UsageError
 from epcli.layers.config import EPConfig
 from epcli.layers.summary import LayerSummary, natural_order, summarize_layer
 from epcli.progress import ProgressCallback
@@ -160,9 +160,11 @@ def plan_output(
     check_shard_limit(max_shard_bytes)
     source = opened.path
     if opened.kind != "expanded":
-        raise UsageError(f"{source}: already collapsed; nothing to do")
+        raise CheckpointError(f"{source}: already collapsed; nothing to do", file=source)
     if not opened.ep_layers:
-        raise UsageError(f"{source}: holds no EP layers, so there is nothing to collapse; nothing was written")
+        raise CheckpointError(
+            f"{source}: holds no EP layers, so there is nothing to collapse; nothing was written", file=source
+        )
     output = resolve_output(source, output, file_format, option)
     if output.suffix != ".safetensors" and max_shard_bytes is not None:
         raise UsageError(

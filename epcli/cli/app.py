@@ -22,8 +22,8 @@ import typer
 from typer.core import TyperArgument, TyperCommand, TyperGroup
 
 from epcli.cli import collapse, export, inspect, render, verify
-from epcli.cli.guard import guarded
-from epcli.cli.options import output_mode, output_options
+from epcli.cli.guard import EXIT_USAGE, guarded, usage_error
+from epcli.cli.options import junit_option, output_mode, output_options
 from epcli.cli.terminate import EXIT_TERMINATED, Terminated, raise_on_signals
 
 __all__ = ["app", "main"]
@@ -44,7 +44,17 @@ class _Command(TyperCommand):
         self.params.extend(output_options())
 
     def invoke(self, ctx: Any) -> Any:
-        return guarded(super().invoke, name=self.name, mode=output_mode(ctx))(ctx)
+        checkpoint = ctx.params.get("checkpoint")
+        subject = None if checkpoint is None else str(checkpoint)
+        return guarded(super().invoke, name=self.name, mode=output_mode(ctx), subject=subject)(ctx)
+
+
+class _GateCommand(_Command):
+    """A command that compares, and so also writes a JUnit report on request (``--junit-xml FILE``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.params.append(junit_option())
 
     def collect_usage_pieces(self, ctx: Any) -> list[str]:
         pieces = [self.options_metavar] if self.options_metavar else []
@@ -87,26 +97,34 @@ class _Group(TyperGroup):
         try:
             yield
         except _ClickUsageError as error:
-            if "--json" in self._argv:
-                command = next((arg for arg in self._argv if arg in COMMANDS), "epcli")
-                message = render.printable(error.format_message())
-                render.emit_json(command, {"passed": False, "error": {"type": "UsageError", "message": message}})
+            command = next((arg for arg in self._argv if arg in COMMANDS), "epcli")
+            usage_error(command, render.printable(error.format_message()), json_output="--json" in self._argv)
+            error.exit_code = EXIT_USAGE
             raise
 
+
+EXIT_CODE_HELP = (
+    "Exit codes: 0 passed; 1 verification failed (out of tolerance, stale artifact); 2 command-line usage; "
+    "3 an input that cannot be used (missing, unreadable, corrupt, unsafe, unsupported, does not fit the model); "
+    "4 an output that cannot be written (exists without --force, permissions, disk full, read-only directory); "
+    "130 / 143 interrupted / terminated. With --json the code is also the document's exit_code."
+)
 
 app = typer.Typer(
     name="epcli",
     cls=_Group,
     help="Collapse expand-and-project (EP) checkpoints exactly, verify them, and export them "
-    "(safetensors, ONNX).\n\nExit codes: 0 success, 1 verification failed, 2 usage or input error.",
+    "(safetensors, ONNX).",
+    epilog=EXIT_CODE_HELP,
+    context_settings={"help_option_names": ["-h", "--help"]},
     no_args_is_help=True,
     add_completion=True,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
-app.command("collapse", cls=_Command, no_args_is_help=True)(collapse.collapse_command)
-app.command("verify", cls=_Command, no_args_is_help=True)(verify.verify_command)
-app.command("export", cls=_Command, no_args_is_help=True)(export.export_command)
+app.command("collapse", cls=_GateCommand, no_args_is_help=True)(collapse.collapse_command)
+app.command("verify", cls=_GateCommand, no_args_is_help=True)(verify.verify_command)
+app.command("export", cls=_GateCommand, no_args_is_help=True)(export.export_command)
 app.command("inspect", cls=_Command, no_args_is_help=True)(inspect.inspect_command)
 
 
@@ -121,7 +139,7 @@ def _print_version(value: bool) -> None:
 @app.callback()
 def _root(
     version: bool = typer.Option(
-        False, "--version", help="Print the epcli version and exit.", is_eager=True, callback=_print_version
+        False, "-V", "--version", help="Print the epcli version and exit.", is_eager=True, callback=_print_version
     ),
 ) -> None:
     """Collapse, verify, export and inspect EP checkpoints."""

@@ -45,6 +45,7 @@ __all__ = [
     "Timeout",
     "choice",
     "output_mode",
+    "junit_option",
     "output_options",
     "takes_source",
     "whole_number",
@@ -121,6 +122,16 @@ JsonOption = Annotated[
     ),
 ]
 QuietOption = Annotated[bool, typer.Option("-q", "--quiet", help="No human report; errors still go to stderr.")]
+JunitOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--junit-xml",
+        metavar="FILE",
+        help="Also write a JUnit XML report: one test case per comparison (failures carry the numbers and the "
+        "tolerance), or one errored case when the run stops on an error. Written atomically, whatever the outcome.",
+        show_default=False,
+    ),
+]
 ModelOption = Annotated[
     str | None,
     typer.Option(
@@ -227,10 +238,11 @@ class Dtype(str, Enum):
 
 @dataclass(frozen=True)
 class OutputMode:
-    """What ``--json`` and ``-q`` asked for, wherever on the command line they were given."""
+    """What ``--json``, ``-q`` and ``--junit-xml`` asked for, wherever on the command line they were given."""
 
     json: bool = False
     quiet: bool = False
+    junit_xml: Path | None = None
 
 
 _OUTPUT_MODE = "epcli.output_mode"
@@ -257,9 +269,25 @@ def output_options() -> list[TyperOption]:
     return typing.cast(list[TyperOption], options)
 
 
-def _record(field: str, ctx: typer.Context, param: object, value: bool) -> bool:
+def junit_option() -> TyperOption:
+    """A fresh ``--junit-xml`` option for a command that compares (recorded in :class:`OutputMode` like ``--json``)."""
+
+    def flags(junit_xml: JunitOption = None) -> None:
+        """The declaration Typer turns into a click option."""
+
+    template = typer.Typer(add_completion=False)
+    template.command()(flags)
+    (option,) = typer.main.get_command(template).params
+    assert isinstance(option, TyperOption)
+    option.expose_value = False
+    option.callback = functools.partial(_record, "junit_xml")
+    return option
+
+
+def _record(field: str, ctx: typer.Context, param: object, value: Any) -> Any:
     if value:
-        ctx.meta[_OUTPUT_MODE] = dataclasses.replace(output_mode(ctx), **{field: True})
+        changes: dict[str, Any] = {field: value}
+        ctx.meta[_OUTPUT_MODE] = dataclasses.replace(output_mode(ctx), **changes)
     return value
 
 
