@@ -48,14 +48,6 @@ class _Command(TyperCommand):
         subject = None if checkpoint is None else str(checkpoint)
         return guarded(super().invoke, name=self.name, mode=output_mode(ctx), subject=subject)(ctx)
 
-
-class _GateCommand(_Command):
-    """A command that compares, and so also writes a JUnit report on request (``--junit-xml FILE``)."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.params.append(junit_option())
-
     def collect_usage_pieces(self, ctx: Any) -> list[str]:
         pieces = [self.options_metavar] if self.options_metavar else []
         for param in self.get_params(ctx):
@@ -64,6 +56,14 @@ class _GateCommand(_Command):
             else:
                 pieces.extend(param.get_usage_pieces(ctx))
         return pieces
+
+
+class _GateCommand(_Command):
+    """A command that compares, and so also writes a JUnit report on request (``--junit-xml FILE``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.params.append(junit_option())
 
 
 class _Group(TyperGroup):

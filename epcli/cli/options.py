@@ -23,7 +23,7 @@ import typer
 import typer.main
 from typer.core import TyperOption
 
-from epcli.errors import UsageError
+from epcli.errors import ConfigError, UsageError
 
 if TYPE_CHECKING:
     from epcli.checkpoint.inputs import InputSpec
@@ -312,8 +312,6 @@ class SourceOptions:
 
     def inputs(self) -> list[InputSpec] | None:
         """The input specs given by --input-shape or --input (not both); None when neither was given."""
-        from epcli.checkpoint.inputs import parse_input
-
         if self.input_shape is not None and self.input_specs:
             raise UsageError(
                 "give the model's input either with --input-shape (one float input) or with --input, not both"
@@ -324,8 +322,23 @@ class SourceOptions:
                     f"--input-shape {self.input_shape!r}: give the sizes of one sample, e.g. 3,224,224; for another "
                     "dtype or a value range use --input (e.g. 'int64[16]:0:50257')"
                 )
-            return [parse_input(self.input_shape.strip().rstrip(","))]
-        return [parse_input(text) for text in self.input_specs] if self.input_specs else None
+            return [_parse_input("--input-shape", self.input_shape.strip().rstrip(","))]
+        return [_parse_input("--input", text) for text in self.input_specs] if self.input_specs else None
+
+
+def _parse_input(option: str, text: str) -> InputSpec:
+    """One input spec from the command line; a bad one is a usage error said in the command line's spelling."""
+    from epcli.checkpoint.inputs import parse_input
+
+    try:
+        return parse_input(text)
+    except ConfigError as e:
+        if "needs its range" in str(e):
+            raise UsageError(
+                f"{option} {text!r}: an integer input needs its range of values; write DTYPE[D1,...]:LOW:HIGH, e.g. "
+                "--input 'int64[16]:0:50257' for token ids 0..50256"
+            ) from None
+        raise UsageError(f"{option} {text!r}: {e}") from None
 
 
 NO_SOURCE = SourceOptions()
