@@ -30,6 +30,13 @@ class OutputFormat(str, Enum):
     pt = "pt"
 
 
+def _output_format(text: str) -> OutputFormat:
+    """``--format``; ONNX is another command's output, so say which."""
+    if str(text).strip().lower() == "onnx":
+        raise typer.BadParameter("ONNX is written by epcli export CKPT --onnx OUT.onnx; --format takes safetensors or pt")
+    return choice(OutputFormat)(text)
+
+
 @takes_source
 def collapse_command(
     checkpoint: CheckpointArg,
@@ -47,7 +54,7 @@ def collapse_command(
         typer.Option(
             "--format",
             metavar="safetensors|pt",
-            parser=choice(OutputFormat),
+            parser=_output_format,
             help="Output format (default: from -o's suffix, else safetensors). For ONNX use epcli export --onnx.",
             show_default=False,
         ),

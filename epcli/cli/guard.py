@@ -19,7 +19,7 @@ import os
 import signal
 import traceback
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -159,12 +159,30 @@ def guarded(
                 fail(e, f"unexpected {type(e).__name__}: {e} (set EPCLI_DEBUG=1 for the traceback)", type(e).__name__)
         else:
             assert isinstance(outcome, Outcome), f"{command_name} returned {outcome!r}, not an Outcome"
+            read = _directory_read(subject)
+            if read is not None:
+                render.warning(read)
+                outcome = replace(outcome, warnings=(read, *outcome.warnings))
             error = None
             if outcome.failure is not None:
                 error = ErrorInfo(VerificationError.__name__, render.printable(outcome.failure), subject)
             report(outcome.payload, EXIT_OK if outcome.passed else EXIT_VERIFY_FAILED, error, outcome)
 
     return wrapper  # type: ignore[return-value]
+
+
+def _directory_read(subject: str | None) -> str | None:
+    """Which file a directory argument was read from, when the directory holds other checkpoints beside it."""
+    if subject is None or not Path(subject).is_dir():
+        return None
+    from epcli.storage.source import SUFFIXES, directory_file
+
+    read = directory_file(Path(subject))
+    if read is None:
+        return None
+    others = sorted(p.name for p in read.parent.iterdir() if p != read and p.name.lower().endswith(SUFFIXES))
+    also = f" (also there: {', '.join(others)}; name a file to read another)" if others else ""
+    return f"{subject} is a directory: read {read}{also}"
 
 
 def _write_junit(path: Path, command: str, tables: tuple[CaseTable, ...], error: ErrorInfo | None) -> ErrorInfo | None:

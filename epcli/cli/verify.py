@@ -25,9 +25,12 @@ from epcli.cli.options import (
     takes_source,
 )
 from epcli.cli.reports import render_report, report_cases, report_failure, report_payload, report_warnings
-from epcli.errors import UsageError
+from epcli.errors import CheckpointError, UsageError
 
 __all__ = ["verify_command"]
+
+ARTIFACT_SUFFIXES = (".safetensors", ".pt", ".pth", ".safetensors.index.json", ".onnx")
+"""What ARTIFACT may be: a collapsed checkpoint (as epcli collapse writes it) or an ONNX file."""
 
 # Defaults are repeated here (not imported) so --help needs no torch; tests pin them to epcli.verification.compare.
 HELP = """Compare the expanded model with its collapsed form on seeded random inputs.
@@ -104,6 +107,12 @@ def verify_command(
         raise UsageError(
             f"{checkpoint} is an ONNX file; the expanded checkpoint goes first and the artifact second: "
             f"epcli verify CKPT {checkpoint}"
+        )
+    if artifact is not None and not artifact.name.lower().endswith(ARTIFACT_SUFFIXES):
+        raise CheckpointError(
+            f"{artifact}: unsupported artifact suffix {artifact.suffix!r}; ARTIFACT is one of "
+            f"{', '.join(ARTIFACT_SUFFIXES)}",
+            file=artifact,
         )
     from epcli.jobs.verify import verify_files
     from epcli.verification.compare import VerifySettings

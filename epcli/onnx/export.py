@@ -297,6 +297,9 @@ class OnnxSession:
         source = model if isinstance(model, bytes) else str(model)
         self.where = where = "the exported ONNX model" if isinstance(model, bytes) else str(model)
         self.timeout = timeout
+        if isinstance(model, Path) and not model.is_file():  # onnxruntime's own text would be "NO_SUCHFILE ..."
+            what = "is a directory, not an ONNX file" if model.is_dir() else "no such file; check the path"
+            raise CheckpointError(f"{where}: {what}", file=model)
         try:
             self._session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
         except Exception as e:
