@@ -30,6 +30,7 @@ from epcli.cli.ci_reports import CaseTable, ErrorInfo
 from epcli.cli.options import OutputMode
 from epcli.cli.terminate import EXIT_TERMINATED, Terminated, signal_received
 from epcli.errors import EpcliError, OutputError, UsageError, VerificationError
+from epcli.storage.paths import check_output
 
 __all__ = [
     "EXIT_CODES",
@@ -141,6 +142,8 @@ def guarded(
     def wrapper(*args: Any, **kwargs: Any) -> None:
         render.configure(json_output=output.json, quiet=output.quiet)
         try:
+            if output.junit_xml is not None:  # checked (and its directory made) before any work; rewritten each run
+                check_output(output.junit_xml, (".xml",), force=True, option="--junit-xml", example="report.xml")
             outcome = command(*args, **kwargs)
         except (typer.Exit, typer.Abort):
             raise
