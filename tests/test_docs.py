@@ -55,7 +55,7 @@ def test_documentation_blocks_run_as_written(tmp_path):
     shutil.copytree(ROOT / "sample_checkpoints", root / "sample_checkpoints")
     to_run = [(where, language, code) for where, language, code in blocks() if skip_reason(code) is None]
     script = ["#!/bin/bash"]
-    for index, (where, language, code) in enumerate(to_run):
+    for index, (_, language, code) in enumerate(to_run):
         path = tmp_path / f"block_{index}.{'sh' if language == 'bash' else 'py'}"
         path.write_text(code)
         runner = f"bash -euo pipefail {path}" if language == "bash" else f"python {path}"
