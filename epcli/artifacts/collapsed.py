@@ -120,7 +120,7 @@ def resolve_output(source: Path, output: Path | None, file_format: str | None, o
     if output is None:
         return default_output(source, file_format or "safetensors")
     example = default_output(source, file_format or "safetensors").name
-    if output.suffix.lower() == ".onnx":
+    if option == "-o" and output.suffix.lower() == ".onnx":
         raise UsageError(f"{output}: {option} writes a collapsed checkpoint; for ONNX run epcli export CKPT --onnx {output}")
     suffixes = OUTPUT_FORMATS.values() if option == "-o" or file_format is None else (OUTPUT_FORMATS[file_format],)
     check_output_name(output, suffixes, option=option, example=example)
