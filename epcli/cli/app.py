@@ -2,7 +2,10 @@
 
 Two small Typer subclasses carry the contract that lives outside any command body:
 ``--json`` / ``-q``, which belong to the group and are accepted before or after the
-command's name; every command body run under the guard (:mod:`epcli.cli.guard`);
+command's name; every command body run under the guard (:mod:`epcli.cli.guard`), which
+turns the :class:`~epcli.cli.guard.Outcome` it returns, or its error, into the exit code,
+the JSON document and the CI reports (a command that compares is a ``_GateCommand`` and
+also takes ``--junit-xml``);
 usage lines that read ``CKPT [ARTIFACT]``; and usage errors that, with ``--json``,
 are also the one JSON document on stdout.
 
@@ -27,8 +30,6 @@ from epcli.cli.options import junit_option, output_mode, output_options
 from epcli.cli.terminate import EXIT_TERMINATED, Terminated, raise_on_signals
 
 __all__ = ["app", "main"]
-
-COMMANDS = ("collapse", "verify", "export", "inspect")
 
 _ClickUsageError: type[Any] = next(cls for cls in typer.BadParameter.__mro__ if cls.__name__ == "UsageError")
 """click's ``UsageError``, the base of every command-line parsing error. Typer exports only its subclass
@@ -97,7 +98,7 @@ class _Group(TyperGroup):
         try:
             yield
         except _ClickUsageError as error:
-            command = next((arg for arg in self._argv if arg in COMMANDS), "epcli")
+            command = next((arg for arg in self._argv if arg in self.commands), "epcli")
             usage_error(command, render.printable(error.format_message()), json_output="--json" in self._argv)
             error.exit_code = EXIT_USAGE
             raise
