@@ -295,3 +295,43 @@ def test_ci_logs_are_never_cut_or_wrapped(tmp_path, run_epcli):
     assert not any("…" in line for line in lines)
     assert not [line for line in lines if line != line.rstrip()], "trailing spaces"
     assert any(re.search(r"all 2 comparisons passed \(.*64 samples, seed 0\)$", line) for line in lines), lines
+
+
+# ---- conventions and hints ----------------------------------------------------------------------------
+def test_short_help_and_version(invoke):
+    assert invoke("-V").stdout.strip() == epcli.__version__
+    assert invoke("verify", "-h").stdout.startswith("Usage: epcli verify [OPTIONS] CKPT [ARTIFACT]")
+
+
+def test_onnx_is_pointed_to_export(samples, invoke, flat):
+    by_format = invoke("collapse", samples.mlp, "--format", "onnx")
+    by_suffix = invoke("collapse", samples.mlp, "-o", samples.dir / "m.onnx")
+
+    assert by_format.returncode == 2 and "epcli export CKPT --onnx" in flat(by_format.stderr)
+    assert by_suffix.returncode == 2 and "epcli export CKPT --onnx" in flat(by_suffix.stderr)
+
+
+def test_verify_says_what_it_compared_and_names_the_file_a_directory_was_read_from(artifacts, tmp_path, invoke,
+                                                                                  json_doc):
+    source, onnx = artifacts.sources["digits_mlp"], artifacts.onnx["digits_mlp"]
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(artifacts.sources["digits_cnn"].read_bytes())
+    (folder / "model_v2.safetensors").write_bytes(b"")
+
+    compared = invoke("verify", source, onnx, "--samples", "8")
+    from_folder = invoke("verify", folder, "--samples", "8", "--json")
+
+    assert compared.returncode == 0 and f"expanded vs {onnx} in onnxruntime" in compared.stdout
+    assert from_folder.returncode == 0, from_folder.describe()
+    (warning,) = json_doc(from_folder.stdout)["warnings"]
+    assert f"read {folder / 'model.safetensors'}" in warning and "model_v2.safetensors" in warning
+
+
+def test_export_takes_verifys_device_dtype_and_timeout(samples, invoke):
+    run = invoke("export", samples.mlp, "--onnx", samples.dir / "m.onnx", "--samples", "8", "--device", "cpu",
+                 "--dtype", "float32", "--timeout", "30")
+    float64 = invoke("export", samples.mlp, "--onnx", samples.dir / "n.onnx", "--dtype", "float64")
+
+    assert run.returncode == 0, run.describe()
+    assert float64.returncode == 2 and "float32" in float64.stderr
