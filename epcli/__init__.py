@@ -50,6 +50,12 @@ if TYPE_CHECKING:  # explicit re-exports for type checkers; at run time __getatt
     from epcli.layers import EPLayer as EPLayer
     from epcli.layers import EPLinear as EPLinear
     from epcli.layers import EPLinearConfig as EPLinearConfig
+    from epcli.layers.lowrank import LowRankConv1d as LowRankConv1d
+    from epcli.layers.lowrank import LowRankConv2d as LowRankConv2d
+    from epcli.layers.lowrank import LowRankConv3d as LowRankConv3d
+    from epcli.layers.lowrank import LowRankLinear as LowRankLinear
+    from epcli.verification.compress import CompressionResult as CompressionResult
+    from epcli.verification.compress import compress_model as compress_model
 
 _LAZY = {
     "EPConfig": "epcli.layers",
@@ -78,6 +84,12 @@ _LAZY = {
     "save_checkpoint": "epcli.checkpoint.save",
     "save_collapsed_checkpoint": "epcli.checkpoint.save",
     "InputSpec": "epcli.checkpoint.inputs",
+    "LowRankLinear": "epcli.layers.lowrank",
+    "LowRankConv1d": "epcli.layers.lowrank",
+    "LowRankConv2d": "epcli.layers.lowrank",
+    "LowRankConv3d": "epcli.layers.lowrank",
+    "compress_model": "epcli.verification.compress",
+    "CompressionResult": "epcli.verification.compress",
 }
 
 __all__ = [

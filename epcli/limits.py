@@ -14,14 +14,16 @@ limit                       value          bounds
 ==========================  =============  ==================================================
 MAX_HEADER_BYTES            100 MB         safetensors JSON header (the safetensors library's)
 MAX_INDEX_BYTES             100 MB         a shard index file
-MAX_PICKLE_BYTES            256 MiB        the pickle of a ``.pt`` file
+MAX_PICKLE_BYTES            256 MiB        the pickle of a ``.pt`` file, a DCP ``.metadata``
 MAX_METADATA_CHARS          16 Mi chars    epcli's metadata JSON (and all ``__metadata__``)
 MAX_JSON_OBJECTS            2**19          JSON objects in one header / index / metadata
 MAX_TENSORS                 2**18          tensors in a checkpoint (all shards together)
 MAX_NAME_CHARS              1024           a tensor name, layer path, module name, string
 MAX_RANK                    16             dimensions of a tensor; \\|dim\\| arguments
 MAX_TENSOR_ELEMENTS         2**40          elements of one tensor, and each of its sizes
-MAX_PICKLE_TUPLE            4096           items in one (nested) tuple of a ``.pt`` pickle
+MAX_SLICE_OVERHEAD          1 MiB          bytes of a DCP data slice beyond its tensor's own
+                                           (the slice's zip headers and pickle)
+MAX_PICKLE_TUPLE            4096           items in one (nested) tuple of those pickles
 MAX_TIED_EXPANSION          4              a ``.pt``'s tensor bytes / its storage bytes (tied
                                            weights count twice; stride-0 views are refused)
 MAX_ARCHITECTURE_NODES      2**16          modules in an embedded architecture
@@ -34,6 +36,18 @@ MAX_WINDOW                  256            kernel sizes, padding, stride, dilati
 MAX_CONFIG_REAL             2**20          \\|x\\| of a real config number (width, ...)
 MAX_SAMPLE_ELEMENTS         2**26          elements of one sample: the input, and every
                                            module's output on it (checked on meta tensors)
+MAX_SAMPLES                 2**20          samples of a check (``--samples``, the batch of an
+                                           ``--inputs`` file) and ``--batch-size``
+MAX_CHECK_BYTES             768 MiB        memory of one check: the samples and expected outputs
+                                           it holds, plus a batch x the bytes of every module's
+                                           output on one sample; batches are cut to fit, and
+                                           what cannot fit is refused. Also bounds the arrays
+                                           of an ``--inputs`` file
+MAX_TIMEOUT                 86400 s        ``--timeout``: one onnxruntime run of an ONNX file
+MAX_ONNX_RUN_BYTES          1.25 GiB       address space of the process that runs an ONNX file,
+                                           beyond twice the bytes of the model (and its data)
+MIN_OPSET                   7              the oldest ONNX opset exported (the newest is the
+                                           installed onnx's)
 ==========================  =============  ==================================================
 
 Config numbers are checked generically (:func:`check_config_numbers`), by field
@@ -67,7 +81,13 @@ __all__ = [
     "MAX_PICKLE_BYTES",
     "MAX_PICKLE_TUPLE",
     "MAX_RANK",
+    "MAX_CHECK_BYTES",
+    "MAX_ONNX_RUN_BYTES",
+    "MAX_SAMPLES",
     "MAX_SAMPLE_ELEMENTS",
+    "MAX_TIMEOUT",
+    "MIN_OPSET",
+    "MAX_SLICE_OVERHEAD",
     "MAX_TENSORS",
     "MAX_TENSOR_ELEMENTS",
     "MAX_TIED_EXPANSION",
@@ -89,6 +109,7 @@ MAX_TENSORS = 2**18
 MAX_NAME_CHARS = 1024
 MAX_RANK = 16
 MAX_TENSOR_ELEMENTS = 2**40
+MAX_SLICE_OVERHEAD = 2**20
 MAX_PICKLE_TUPLE = 4096
 MAX_TIED_EXPANSION = 4
 MAX_ARCHITECTURE_NODES = 2**16
@@ -99,6 +120,11 @@ MAX_FEATURES = 2**20
 MAX_WINDOW = 256
 MAX_CONFIG_REAL = 2**20
 MAX_SAMPLE_ELEMENTS = 2**26
+MAX_SAMPLES = 2**20
+MAX_CHECK_BYTES = 768 * 2**20
+MAX_TIMEOUT = 86400.0
+MAX_ONNX_RUN_BYTES = 1280 * 2**20
+MIN_OPSET = 7
 
 _HINT = "a guard against hostile files; see epcli.limits"
 _WINDOW_WORDS = ("kernel", "padding", "stride", "dilation")

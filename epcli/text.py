@@ -11,7 +11,7 @@ from __future__ import annotations
 import reprlib
 from typing import Any
 
-__all__ = ["MAX_QUOTED_CHARS", "quote"]
+__all__ = ["MAX_QUOTED_CHARS", "clip", "quote"]
 
 MAX_QUOTED_CHARS = 120
 """The most characters of one string from a file a message shows."""
@@ -41,3 +41,9 @@ def quote(value: Any, limit: int = MAX_QUOTED_CHARS) -> str:
     except Exception:  # e.g. an int too long for str(); say what it is instead
         text = f"<a {type(value).__name__}>"
     return text if len(text) <= 2 * limit else text[: 2 * limit] + "..."
+
+
+def clip(text: str, limit: int = MAX_QUOTED_CHARS) -> str:
+    """``text`` cut to ``limit`` characters (ending in ``...`` when cut): a value from a file kept for messages
+    that quote it themselves."""
+    return text if len(text) <= limit else text[:limit] + "..."

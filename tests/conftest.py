@@ -12,6 +12,7 @@ import math
 import os
 import zlib
 from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -166,3 +167,75 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 @pytest.fixture
 def covering() -> Callable[[Sequence[Sequence[Hashable]], int], list[int]]:
     return covering_subset
+
+
+@dataclass(frozen=True)
+class Bounded:
+    """One ``epcli`` run in a child process under an address-space cap: exit code, output, peak RSS, wall time."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+    max_rss: int  # bytes
+    seconds: float
+
+    @property
+    def message(self) -> str:
+        return " ".join(self.stderr.split())
+
+
+BOUNDED_CAP = 4 * 2**30
+"""The address space a bounded run may map (torch alone reserves ~1 GiB of it): a runaway allocation
+fails in the child instead of exhausting the machine."""
+
+
+def _run_bounded(
+    *args: object, timeout: float = 120, cap: int = BOUNDED_CAP, env: dict[str, str] | None = None
+) -> Bounded:
+    import resource
+    import shutil
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    script = shutil.which("epcli", path=os.path.dirname(sys.executable))
+    argv = [script] if script else [sys.executable, "-m", "epcli"]
+    environment = {k: v for k, v in os.environ.items() if k not in ("EPCLI_DEBUG", "FORCE_COLOR", "COLUMNS")}
+    environment.update({"NO_COLOR": "1", "COLUMNS": "120", **(env or {})})
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+
+    start = time.monotonic()
+    child = subprocess.Popen(
+        [*argv, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+        env=environment, preexec_fn=limit,
+    )
+    out: dict[str, bytes] = {}
+    readers = [
+        threading.Thread(target=lambda name=name, pipe=pipe: out.__setitem__(name, pipe.read()), daemon=True)
+        for name, pipe in (("stdout", child.stdout), ("stderr", child.stderr))
+    ]
+    for reader in readers:
+        reader.start()
+    timer = threading.Timer(timeout, child.kill)
+    timer.start()
+    _, status, usage = os.wait4(child.pid, 0)  # this child's own rusage, not every child's
+    timer.cancel()
+    child.returncode = os.waitstatus_to_exitcode(status)
+    for reader in readers:
+        reader.join()
+    seconds = time.monotonic() - start
+    assert seconds < timeout, f"epcli {args} ran for more than {timeout} s"
+    return Bounded(
+        child.returncode, out["stdout"].decode(errors="replace"), out["stderr"].decode(errors="replace"),
+        usage.ru_maxrss * 1024, seconds,
+    )
+
+
+@pytest.fixture(scope="session")
+def run_bounded() -> Callable[..., Bounded]:
+    """``run_bounded(*args, timeout=120, cap=4 GiB, env=None)``: the installed ``epcli`` in a child process under an
+    RLIMIT_AS cap, with its own peak RSS (``ru_maxrss``) and wall time."""
+    return _run_bounded

@@ -15,7 +15,7 @@ forces it; ``epcli verify`` runs it on any size).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -44,6 +44,7 @@ from epcli.storage.sharded import is_index, sharded_base
 from epcli.storage.source import TensorInfo
 from epcli.storage.writer import CheckpointWriter, output_files, stale_files
 from epcli.verification.compare import VerifySettings
+from epcli.verification.deployment import deploy_changes, deploy_notes
 from epcli.verification.model_check import compare_layer, compare_model
 
 __all__ = [
@@ -89,7 +90,9 @@ class CollapseResult:
     layers: tuple[LayerCollapse, ...]
     model_max_abs_error: float | None
     model_check_skipped: str | None  # why the whole model was not checked; None when it was
-    notes: tuple[str, ...] = ()  # what was reconciled between a foreign file and the model
+    notes: tuple[str, ...] = ()  # what was reconciled between a foreign file and the model; deployment changes
+    deploy_changes: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    """EP layers whose collapsed form differs from the plain layer they replaced, with how."""
 
     @property
     def expanded_params(self) -> int:
@@ -221,7 +224,8 @@ def write_collapsed(
         )
     first = opened.files[0].name  # the file itself, an index, a folder's model.safetensors, a DCP's .metadata
     return CollapseResult(
-        source, written, writer.files, hashes[first], _in_natural_order(layers), model_error, skipped, opened.notes
+        source, written, writer.files, hashes[first], _in_natural_order(layers), model_error, skipped,
+        (*opened.notes, *deploy_notes(opened.ep_layers)), deploy_changes(opened.ep_layers),
     )
 
 

@@ -25,6 +25,7 @@ from torch import nn
 from epcli.checkpoint.metadata import checked_config
 from epcli.errors import CheckpointError, ConfigError, EpcliError
 from epcli.layers.base import EPLayer
+from epcli.layers.lowrank import LOW_RANK
 from epcli.layers.registry import REGISTRY, class_name, collapsed_has_bias, plain_layer
 from epcli.limits import (
     MAX_ARCHITECTURE_NODES,
@@ -303,6 +304,9 @@ _TYPES: tuple[_ModuleType, ...] = (
     _ModuleType(nn.AdaptiveAvgPool2d, (_Arg("output_size", _output_size(2)),)),
     _ModuleType(nn.AdaptiveAvgPool3d, (_Arg("output_size", _output_size(3)),)),
     _ModuleType(nn.Identity, ()),
+)
+_TYPES += tuple(  # low-rank factored layers: the plain layer's arguments and the rank kept
+    _ModuleType(LOW_RANK[t.cls], (*t.args, _Arg("rank", _int(1)))) for t in _TYPES if t.cls in LOW_RANK
 )
 
 _BY_NAME: Mapping[str, _ModuleType] = MappingProxyType({t.cls.__name__: t for t in _TYPES})

@@ -1,7 +1,8 @@
 """Running the model's own forward on example inputs: the one place epcli calls a model it did not build.
 
 :func:`check_forward` checks every shape on an empty batch; :func:`layer_input_shapes` records each EP
-layer's per-sample input shape from one small batch.
+layer's per-sample input shape from one small batch; both run it through
+:func:`~epcli.checkpoint.user_code.user_code`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from torch import Tensor, nn
 
 from epcli.checkpoint.architecture import node_name
 from epcli.checkpoint.inputs import InputSpec, describe_inputs
+from epcli.checkpoint.user_code import MODEL_FORWARD, user_code
 from epcli.convert import expanded_eval
 from epcli.errors import CheckpointError, ConfigError
 from epcli.layers.registry import find_ep_layers
@@ -55,14 +57,17 @@ def check_forward(model: nn.Module, inputs: Sequence[InputSpec], source: str) ->
     ]
     handles = [module.register_forward_hook(bound(path)) for path, module in model.named_modules()]
     try:
-        with torch.no_grad(), expanded_eval(model):  # the chains, not a collapse: an empty batch costs nothing
-            model(*batch)
-    except ConfigError as e:
-        raise CheckpointError(f"{source}: {e}") from None
-    except Exception as e:  # torch raises many types for a shape that does not fit
-        raise CheckpointError(
-            f"{source} fails on its own {describe_inputs(inputs, ' ')}: {quote(f'{type(e).__name__}: {e}', 300)}"
-        ) from None
+        with user_code(MODEL_FORWARD, f"checking {source} on an empty batch"):
+            try:
+                with torch.no_grad(), expanded_eval(model):  # the chains, not a collapse: an empty batch costs nothing
+                    model(*batch)
+            except ConfigError as e:
+                raise CheckpointError(f"{source}: {e}") from None
+            except Exception as e:  # torch raises many types for a shape that does not fit
+                raise CheckpointError(
+                    f"{source} fails on its own {describe_inputs(inputs, ' ')}: "
+                    f"{quote(f'{type(e).__name__}: {e}', 300)}"
+                ) from None
     finally:
         for handle in handles:
             handle.remove()
@@ -97,16 +102,18 @@ def layer_input_shapes(model: nn.Module, specs: Sequence[InputSpec]) -> dict[str
     ]
     given = describe_inputs(specs)
     try:
-        with expanded_eval(model), torch.no_grad():
-            model(*batch)
-    except Exception as e:  # the user's forward may fail in any way on a wrong shape
-        shapes = ", ".join(f"{list(t.shape)} {str(t.dtype).removeprefix('torch.')}" for t in batch)
-        raise ConfigError(
-            f"the model's forward fails on a batch of shape {shapes} ({given}): "
-            f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}; pass the shape of one "
-            "sample without the batch dimension (token ids and other non-float inputs: --input 'int64[16]:0:50257' on "
-            "the command line, inputs=[InputSpec(...)] in Python)"
-        ) from e
+        with user_code(MODEL_FORWARD, f"recording its EP layers' input shapes on {given}"):
+            try:
+                with expanded_eval(model), torch.no_grad():
+                    model(*batch)
+            except Exception as e:  # the user's forward may fail in any way on a wrong shape
+                shapes = ", ".join(f"{list(t.shape)} {str(t.dtype).removeprefix('torch.')}" for t in batch)
+                raise ConfigError(
+                    f"the model's forward fails on a batch of shape {shapes} ({given}): "
+                    f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}; pass the shape "
+                    "of one sample without the batch dimension (token ids and other non-float inputs: --input "
+                    "'int64[16]:0:50257' on the command line, inputs=[InputSpec(...)] in Python)"
+                ) from e
     finally:
         for handle in handles:
             handle.remove()

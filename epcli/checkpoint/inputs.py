@@ -5,7 +5,8 @@ check of ``collapse``, ONNX export) builds its inputs here, from one
 :class:`InputSpec` per model input: a float sample shape (``InputSpec((3, 224, 224))``),
 token ids in ``[low, high)`` (``InputSpec((16,), torch.int64, 0, 50257)``), or several.
 Outputs may be a tensor or tuples / lists / dicts / dataclasses of tensors;
-:func:`tensor_leaves` names each tensor by its path (``[0]``, ``.logits``).
+:func:`tensor_leaves` names each tensor by its path (``[0]``, ``.logits``): the one
+flattening, which ONNX export names its outputs by and :class:`Leaves` carries back.
 """
 
 from __future__ import annotations
@@ -28,9 +29,11 @@ __all__ = [
     "INPUT_DTYPES",
     "MAX_INPUTS",
     "InputSpec",
+    "Leaves",
     "describe_inputs",
     "input_specs",
     "parse_input",
+    "plain_input",
     "random_inputs",
     "sample_shape",
     "tensor_leaves",
@@ -57,20 +60,23 @@ _BOUND = 2.0**53
 """|low|, |high| at most this: every such integer is exact in float64, and ranges stay finite."""
 
 
-def sample_shape(value: Any, what: str = "input_shape") -> tuple[int, ...]:
-    """A per-sample shape (no batch dim): a non-empty sequence of ints >= 1 (an int means a 1-D shape).
+def sample_shape(value: Any, what: str = "input_shape", *, scalar: bool = False) -> tuple[int, ...]:
+    """A per-sample shape (no batch dim): a non-empty sequence of ints >= 1 (an int means a 1-D shape), or with
+    ``scalar`` also ``()``: one number per sample, as a diffusion model's timestep of shape ``[batch]``.
 
     At most :data:`~epcli.limits.MAX_SAMPLE_ELEMENTS` elements, so a shape of
     ``2**70`` from a file is refused before any input is made for it.
     """
     items = [value] if is_int(value) else value
     if (
-        isinstance(items, (str, bytes)) or not isinstance(items, (Sequence, torch.Size)) or not items
+        isinstance(items, (str, bytes)) or not isinstance(items, (Sequence, torch.Size)) or not (items or scalar)
         or not all(is_int(v) and v >= 1 for v in items)
     ):
+        kind = "a list of ints >= 1 such as [64], [1, 8, 8] or [] (one number per sample)" if scalar else (
+            "a non-empty list of ints >= 1 such as [64] or [1, 8, 8]"
+        )
         raise ConfigError(
-            f"{what} must be the shape of one sample without the batch dimension, a non-empty list of ints >= 1 "
-            f"such as [64] or [1, 8, 8], got {quote(value)}"
+            f"{what} must be the shape of one sample without the batch dimension, {kind}, got {quote(value)}"
         )
     if len(items) > MAX_RANK:
         raise ConfigError(f"{what} has {len(items)} dimensions, over epcli's limit of {MAX_RANK}")
@@ -80,7 +86,8 @@ def sample_shape(value: Any, what: str = "input_shape") -> tuple[int, ...]:
 
 @dataclass(frozen=True)
 class InputSpec:
-    """One model input: the shape of one sample (no batch dimension), its dtype, and the range of its values.
+    """One model input: the shape of one sample (no batch dimension; ``()`` for one number per sample, as a
+    timestep), its dtype, and the range of its values.
 
     Floating inputs are standard normal unless ``low`` / ``high`` bound them (then
     uniform in ``[low, high)``); integer inputs need both (ids in ``[low, high)``,
@@ -93,7 +100,7 @@ class InputSpec:
     high: float | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "shape", sample_shape(self.shape, "InputSpec.shape"))
+        object.__setattr__(self, "shape", sample_shape(self.shape, "InputSpec.shape", scalar=True))
         if self.dtype not in INPUT_DTYPES.values():
             raise ConfigError(f"InputSpec.dtype must be one of {sorted(INPUT_DTYPES)}, got {quote(self.dtype)}")
         if (self.low is None) != (self.high is None):
@@ -163,7 +170,7 @@ class InputSpec:
         if dtype is None:
             raise ConfigError(f"{where}: dtype must be one of {sorted(INPUT_DTYPES)}, got {quote(data['dtype'])}")
         try:
-            return cls(sample_shape(data["shape"], f"{where}: shape"), dtype, data["low"], data["high"])
+            return cls(sample_shape(data["shape"], f"{where}: shape", scalar=True), dtype, data["low"], data["high"])
         except ConfigError as e:
             raise ConfigError(f"{where}: {e}") from None
 
@@ -172,9 +179,14 @@ class InputSpec:
         return text if self.low is None or self.dtype == torch.bool else f"{text}:{self.low:g}:{self.high:g}"
 
 
+def plain_input(specs: Sequence[InputSpec]) -> bool:
+    """One float32 input of standard-normal samples with at least one dimension: what ``input_shape`` alone says."""
+    return len(specs) == 1 and specs[0] == InputSpec(specs[0].shape) and bool(specs[0].shape)
+
+
 def describe_inputs(specs: Sequence[InputSpec], equals: str = "=") -> str:
     """``input_shape=[3, 8, 8]`` for one plain float32 input (as users write it), else ``inputs=[int64[16]:0:9]``."""
-    if len(specs) == 1 and specs[0] == InputSpec(specs[0].shape):
+    if plain_input(specs):
         return f"input_shape{equals}{list(specs[0].shape)}"
     return f"inputs{equals}[{', '.join(map(str, specs))}]"
 
@@ -196,22 +208,26 @@ def input_specs(input_shape: Any = None, inputs: Sequence[InputSpec] | None = No
     return tuple(inputs)
 
 
-_SPEC_TEXT = re.compile(r"^\s*(?P<dtype>[a-z0-9]+)\[(?P<shape>[0-9,\s]+)\](?::(?P<low>[^:]+):(?P<high>[^:]+))?\s*$")
+_SPEC_TEXT = re.compile(r"^\s*(?P<dtype>[a-z0-9]+)\[(?P<shape>[0-9,\s]*)\](?::(?P<low>[^:]+):(?P<high>[^:]+))?\s*$")
 
 
 def parse_input(text: str) -> InputSpec:
-    """``"float32[3,224,224]"``, ``"int64[16]:0:50257"`` (values in [0, 50257)) or ``"3,224,224"`` (float32)."""
+    """``"float32[3,224,224]"``, ``"int64[16]:0:50257"`` (values in [0, 50257)), ``"int64[]:0:1000"`` (one
+    number per sample, e.g. a timestep) or ``"3,224,224"`` (float32)."""
     if re.fullmatch(r"\s*[0-9][0-9,\s]*", text):
         text = f"float32[{text}]"
     match = _SPEC_TEXT.match(text)
-    example = "write DTYPE[D1,D2,...] or DTYPE[D1,...]:LOW:HIGH, e.g. float32[3,224,224] or int64[16]:0:50257"
+    example = (
+        "write DTYPE[D1,D2,...] or DTYPE[D1,...]:LOW:HIGH, e.g. float32[3,224,224] or int64[16]:0:50257 "
+        "(DTYPE[] for one number per sample, e.g. int64[]:0:1000)"
+    )
     if match is None:
         raise ConfigError(f"input spec {text!r} is not understood; {example}")
     dtype = INPUT_DTYPES.get(match["dtype"])
     if dtype is None:
         raise ConfigError(f"input spec {text!r}: dtype {match['dtype']!r} is not one of {sorted(INPUT_DTYPES)}")
     try:
-        shape = [int(part) for part in match["shape"].split(",")]
+        shape = [int(part) for part in match["shape"].split(",")] if match["shape"].strip() else []
         low = high = None
         if match["low"] is not None:
             number = float if dtype.is_floating_point else int
@@ -219,7 +235,7 @@ def parse_input(text: str) -> InputSpec:
     except ValueError:
         raise ConfigError(f"input spec {text!r}: sizes and bounds must be numbers; {example}") from None
     try:
-        return InputSpec(sample_shape(shape, "its shape"), dtype, low, high)
+        return InputSpec(sample_shape(shape, "its shape", scalar=True), dtype, low, high)
     except ConfigError as e:
         raise ConfigError(f"input spec {text!r}: {e}") from None
 
@@ -246,6 +262,11 @@ def random_inputs(
         remaining -= size
 
 
+class Leaves(dict[str, Tensor]):
+    """An output already flattened, keyed by its paths (an ONNX session's, whose outputs are named by them):
+    :func:`tensor_leaves` takes it as it is, so it is compared path by path with the model's own output."""
+
+
 def tensor_leaves(output: Any, path: str = "") -> list[tuple[str, Tensor]]:
     """Every tensor in a model output, named by its path: ``""`` for a tensor, ``[0]``, ``.logits``, ``["a b"]``.
 
@@ -254,6 +275,8 @@ def tensor_leaves(output: Any, path: str = "") -> list[tuple[str, Tensor]]:
     """
     if isinstance(output, Tensor):
         return [(path, output)]
+    if isinstance(output, Leaves):
+        return [(path + key, value) for key, value in output.items()]
     items: list[tuple[str, Any]]
     if isinstance(output, Mapping):
         items = [(f".{key}" if isinstance(key, str) and key.isidentifier() else f"[{key!r}]", value)

@@ -21,8 +21,8 @@ from epcli.checkpoint.architecture import (
     build_architecture,
     ep_nodes,
 )
-from epcli.checkpoint.factory import ModelFactory, build_from_factory
-from epcli.checkpoint.foreign import match_keys
+from epcli.checkpoint.factory import ModelFactory, build_from_factory, factory_name
+from epcli.checkpoint.foreign import fit_hint, match_keys
 from epcli.checkpoint.forward import check_forward, layer_input_shapes
 from epcli.checkpoint.inputs import InputSpec, describe_inputs, input_specs
 from epcli.checkpoint.metadata import (
@@ -272,12 +272,11 @@ def _open_foreign(
     try:
         _check_ep_tensors(opened, opened.meta_state())
     except EpcliError as e:
-        raise type(e)(f"the model built by factory {_factory_name(model_factory)} does not fit the file: {e}") from e
+        raise type(e)(
+            f"the model built by factory {factory_name(model_factory)!r} does not fit the file: {e}"
+            + fit_hint(opened.tensors, model.state_dict())
+        ) from e
     return opened, model
-
-
-def _factory_name(model_factory: ModelFactory) -> str:
-    return repr(model_factory if isinstance(model_factory, str) else getattr(model_factory, "__qualname__", "callable"))
 
 
 def _check_ep_tensors(meta: Metadata | CheckpointFile, state: Mapping[str, Tensor]) -> None:
@@ -311,7 +310,7 @@ def _skeleton(
     expected_layers = {} if meta.kind == "collapsed" else meta.ep_layers
     if model_factory is not None:
         model = built if built is not None else build_from_factory(model_factory)
-        source = f"the model built by factory {_factory_name(model_factory)}"
+        source = f"the model built by factory {factory_name(model_factory)!r}"
         if meta.kind == "collapsed" and find_ep_layers(model):
             model = collapse_model(model)  # the factory builds the EP model; the file holds its plain form
     elif meta.architecture is not None:
@@ -321,10 +320,11 @@ def _skeleton(
     else:
         return None
     _compare_layers({p: layer.config for p, layer in find_ep_layers(model).items()}, expected_layers, source)
+    expected = model.state_dict()
     try:
-        check_state(model.state_dict(), state)
+        check_state(expected, state)
     except (CheckpointError, ShapeMismatchError) as e:
-        raise type(e)(f"{source} does not match the file's tensors: {e}") from e
+        raise type(e)(f"{source} does not match the file's tensors: {e}{fit_hint(state, expected)}") from e
     return model, source
 
 

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from epcli._version import __version__
-from epcli.checkpoint.inputs import MAX_INPUTS, InputSpec, sample_shape
+from epcli.checkpoint.inputs import MAX_INPUTS, InputSpec, plain_input, sample_shape
 from epcli.errors import CheckpointError, ConfigError
 from epcli.layers.config import CONFIG_VERSION, EPConfig
 from epcli.layers.registry import class_name, config_from_dict
@@ -98,7 +98,7 @@ def build_metadata(
 ) -> dict[str, Any]:
     """The metadata document; ``inputs`` (and format_version 2) only unless the model takes one float32 input."""
 
-    plain = len(inputs) == 1 and inputs[0] == InputSpec(inputs[0].shape)
+    plain = plain_input(inputs)
     document: dict[str, Any] = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION if plain else INPUTS_FORMAT_VERSION,
@@ -191,7 +191,7 @@ def parse_metadata(text: str) -> Metadata:
         raise CheckpointError(f"architecture must be an object or null, got {type(architecture).__name__}")
     if not isinstance(provenance, dict):
         raise CheckpointError(f"provenance must be an object, got {type(provenance).__name__}")
-    input_shape = _shape(document["input_shape"], "input_shape")
+    input_shape = _shape(document["input_shape"], "input_shape", scalar=_INPUTS_KEY in keys)  # [] says inputs[0]
     inputs = _inputs(document[_INPUTS_KEY], input_shape) if _INPUTS_KEY in keys else (InputSpec(input_shape),)
     configs, shapes = _parse_layers(document["ep_layers"])
     return Metadata(document["kind"], input_shape, inputs, configs, shapes, architecture, provenance, document)
@@ -211,9 +211,9 @@ def _inputs(value: Any, input_shape: tuple[int, ...]) -> tuple[InputSpec, ...]:
     return specs
 
 
-def _shape(value: Any, what: str) -> tuple[int, ...]:
+def _shape(value: Any, what: str, *, scalar: bool = False) -> tuple[int, ...]:
     try:
-        return sample_shape(value, what)
+        return sample_shape(value, what, scalar=scalar)
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
 

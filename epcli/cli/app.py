@@ -24,7 +24,7 @@ from typing import Any
 import typer
 from typer.core import TyperArgument, TyperCommand, TyperGroup
 
-from epcli.cli import collapse, export, inspect, render, verify
+from epcli.cli import collapse, compress, export, inspect, render, verify
 from epcli.cli.guard import EXIT_USAGE, guarded, usage_error
 from epcli.cli.options import junit_option, output_mode, output_options
 from epcli.cli.terminate import EXIT_TERMINATED, Terminated, raise_on_signals
@@ -127,6 +127,7 @@ app.command("collapse", cls=_GateCommand, no_args_is_help=True)(collapse.collaps
 app.command("verify", cls=_GateCommand, no_args_is_help=True)(verify.verify_command)
 app.command("export", cls=_GateCommand, no_args_is_help=True)(export.export_command)
 app.command("inspect", cls=_Command, no_args_is_help=True)(inspect.inspect_command)
+app.command("compress", cls=_Command, no_args_is_help=True)(compress.compress_command)
 
 
 def _print_version(value: bool) -> None:

@@ -10,6 +10,7 @@ import typer
 from epcli.cli import render
 from epcli.cli.guard import Outcome
 from epcli.cli.options import NO_SOURCE, ForceOption, SourceOptions, takes_source
+from epcli.cli.reports import render_record
 
 __all__ = ["inspect_command"]
 
@@ -101,12 +102,16 @@ def inspect_command(
             )
         )
     approximate = any(layer.spectrum.approximate for layer in result.layers)
-    render.table(
-        "EP layers (parameters expanded -> collapsed; effective and numerical rank of the collapsed weight"
-        + ("; ~: approximate, from the Gram matrix; --exact for exact)" if approximate else ")"),
-        ["layer", "EP layer", "chain", "params", "erank", "rank"],
-        rows,
-    )
+    compression = (meta.get("provenance") or {}).get("compression")
+    if isinstance(compression, dict):  # from epcli compress: no EP layers left, its low-rank layers instead
+        render_record(compression)
+    if rows or not isinstance(compression, dict):
+        render.table(
+            "EP layers (parameters expanded -> collapsed; effective and numerical rank of the collapsed weight"
+            + ("; ~: approximate, from the Gram matrix; --exact for exact)" if approximate else ")"),
+            ["layer", "EP layer", "chain", "params", "erank", "rank"],
+            rows,
+        )
     if plot is not None:
         render.success(f"wrote {plot}")
     return Outcome(_payload(result), warnings=tuple(meta.get("notes", [])))

@@ -102,6 +102,10 @@ def _positive_number(*, zero: bool) -> Callable[[Any], float]:
     return parse
 
 
+non_negative = _positive_number(zero=True)
+"""Parses a finite number >= 0 (a tolerance, an error budget)."""
+
+
 CheckpointArg = Annotated[
     Path,
     typer.Argument(

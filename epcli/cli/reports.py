@@ -18,6 +18,7 @@ __all__ = [
     "collapse_payload",
     "collapse_warnings",
     "render_collapse",
+    "render_record",
     "render_report",
     "report_cases",
     "report_failure",
@@ -50,6 +51,7 @@ def collapse_payload(result: CollapseResult) -> dict[str, Any]:
         "model_max_abs_error": result.model_max_abs_error,
         "model_check_skipped": result.model_check_skipped,
         "notes": list(result.notes),
+        "deploy_changes": {path: list(changes) for path, changes in result.deploy_changes.items()},
         "expanded_params": result.expanded_params,
         "collapsed_params": result.collapsed_params,
         "compression_ratio": result.compression,
@@ -208,3 +210,21 @@ def render_report(title: str, report: VerifyReport) -> None:
         render.success(f"all {len(report.comparisons)} comparisons passed ({rule})")
     else:
         render.error(f"{len(report.failures)} of {len(report.comparisons)} comparisons failed ({rule})")
+
+
+def render_record(compression: dict[str, Any]) -> None:
+    """What a compressed file records of its compression (its metadata: shown as text, whatever it holds)."""
+    layers = compression.get("layers")
+    rows = [
+        (path, "kept" if entry.get("rank") is None else entry.get("rank"), entry.get("full_rank"), entry.get("error"))
+        for path, entry in (layers.items() if isinstance(layers, dict) else ())
+        if isinstance(entry, dict)
+    ]
+    render.table(
+        f"Compressed ({compression.get('method')}, --max-error {compression.get('max_error')})",
+        ["layer", "rank", "full rank", "layer error"],
+        rows,
+    )
+    error = compression.get("model_max_rel_error")
+    shown = f"{error:.3g}" if isinstance(error, float) else str(error)
+    render.info(f"whole model: max relative error {shown} on {compression.get('measured_on')}")

@@ -102,6 +102,17 @@ def verify_command(
             "comparison fails: for a gate that must cover the model, not just its EP layers.",
         ),
     ] = False,
+    plain_model: Annotated[
+        str | None,
+        typer.Option(
+            "--plain-model",
+            metavar="MODULE:FUNCTION",
+            help="The class you deploy: a function taking no arguments that returns the plain model. The collapsed "
+            "ARTIFACT is loaded into it with strict=True and compared with the expanded model end to end, so a "
+            "collapse the class cannot hold (a layer that gained a bias) fails here instead of in production.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> Outcome:
     if checkpoint.suffix.lower() == ".onnx":
         raise UsageError(
@@ -131,6 +142,7 @@ def verify_command(
             samples_path=samples_file,
             timeout=timeout,
             progress=progress,
+            plain_model=plain_model,
         )
     title = f"Verify {_names(checkpoint, artifact)}: expanded vs {_compared(artifact)}"
     render_report(title, result.report)
@@ -147,6 +159,7 @@ def verify_command(
             "artifact": None if artifact is None else str(artifact),
             "artifact_stale": result.artifact_stale,
             "require_model_check": require_model_check,
+            "deploy_changes": {path: list(changes) for path, changes in result.deploy_changes.items()},
             **report_payload(result.report),
         },
         failure=failure,

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from epcli.checkpoint.factory import ModelFactory, factory_name
 from epcli.checkpoint.inputs import InputSpec, describe_inputs, tensor_leaves
-from epcli.checkpoint.load import open_checkpoint, read_model
+from epcli.checkpoint.load import load_checkpoint, open_checkpoint, read_model
 from epcli.checkpoint.opened import CheckpointFile
+from epcli.checkpoint.user_code import run_forward
 from epcli.convert import (
     collapsed_keys,
     expanded_eval,
@@ -24,10 +27,12 @@ from epcli.onnx.export import OnnxSession
 from epcli.progress import ProgressCallback
 from epcli.storage.paths import file_sha256
 from epcli.verification.compare import SUPPORTED_DTYPES, VerifyReport, VerifySettings
+from epcli.verification.deployment import deploy_changes, deploy_notes, deployed_model
 from epcli.verification.model_check import (
     IN_MEMORY,
     NO_ARCHITECTURE,
     check_subject,
+    expanded_outputs,
     opened_subject,
 )
 from epcli.verification.samples import read_samples, sample_batches
@@ -46,6 +51,8 @@ class VerifyResult:
     artifact_stale: bool | None = (
         None  # from the artifact's recorded source sha256; None: nothing recorded / no artifact
     )
+    deploy_changes: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    """EP layers whose collapsed form differs from the plain layer they replaced, with how."""
 
 
 def verify_files(
@@ -59,6 +66,7 @@ def verify_files(
     samples_path: Path | None = None,
     timeout: float = DEFAULT_ONNX_TIMEOUT,
     progress: ProgressCallback | None = None,
+    plain_model: ModelFactory | None = None,
 ) -> VerifyResult:
     """Load the expanded checkpoint and the artifact (collapsed .safetensors/.pt or .onnx) and compare them.
 
@@ -73,6 +81,9 @@ def verify_files(
     checked alone and replaced by its plain layer in place (an artifact's tensors are read a
     layer at a time), so the peak is about the model in that dtype and one layer's float64
     collapse. Without one, each EP layer is read, checked and dropped in turn.
+
+    ``plain_model`` names the class the user deploys (a factory building the plain model): the collapsed
+    artifact is loaded into it with ``strict=True`` and compared with the expanded model end to end.
     """
     checkpoint = open_checkpoint(checkpoint_path, model_factory=model_factory, inputs=inputs, state_key=state_key)
     if checkpoint.kind != "expanded":
@@ -81,6 +92,12 @@ def verify_files(
             "collapsed file as the second argument (epcli verify EXPANDED [ARTIFACT])"
         )
     has_model = checkpoint.architecture is not None or model_factory is not None
+    if plain_model is not None and (artifact_path is None or artifact_path.suffix == ".onnx" or not has_model):
+        raise UsageError(
+            "--plain-model loads a collapsed file into the class you deploy and compares it with the expanded model: "
+            "give the collapsed file as the second argument (epcli verify EXPANDED COLLAPSED --plain-model ...)"
+            + ("" if has_model else f", and the expanded model ({NO_ARCHITECTURE})")
+        )
     batches = None
     if samples_path is not None:
         if not has_model:
@@ -98,13 +115,14 @@ def verify_files(
         assert model is not None  # has_model
         return model
 
-    notes = list(checkpoint.notes)
+    notes = [*checkpoint.notes, *deploy_notes(checkpoint.ep_layers)]
+    changes = deploy_changes(checkpoint.ep_layers)
     if artifact_path is None:
         report = check_subject(
             opened_subject(checkpoint, owned_model if has_model else None),
             settings, None, None, IN_MEMORY, progress, batches,
         )
-        return VerifyResult(checkpoint_path, None, replace(report, notes=(*notes, *report.notes)))
+        return VerifyResult(checkpoint_path, None, replace(report, notes=(*notes, *report.notes)), None, changes)
     if artifact_path.suffix == ".onnx":
         if not has_model:
             raise UsageError(
@@ -136,14 +154,22 @@ def verify_files(
             if stale_note is None:
                 raise
             raise CheckpointError(f"{e}; {stale_note}") from e
-        noted = replace(report, notes=(*report.notes, stale_note)) if stale_note else report
-        return VerifyResult(checkpoint_path, artifact_path, noted, artifact_stale=stale)
+        noted = replace(report, notes=(*report.notes, *notes, *([stale_note] if stale_note else [])))
+        return VerifyResult(checkpoint_path, artifact_path, noted, stale, changes)
     artifact = open_checkpoint(artifact_path)
     if artifact.kind != "collapsed":
         raise UsageError(
             f"{artifact_path}: expected a collapsed checkpoint (from epcli collapse), found an expanded one"
         )
     stale, stale_note = _stale_artifact(checkpoint, artifact_path, artifact.metadata.get("provenance"))
+    compression = (artifact.metadata.get("provenance") or {}).get("compression")
+    if isinstance(compression, Mapping):  # from epcli compress: its layers are factored, so only the whole model
+        if not has_model:
+            raise UsageError(f"{checkpoint_path}: {NO_ARCHITECTURE}, so a compressed artifact cannot be compared")
+        report = _compressed_report(checkpoint, artifact_path, owned_model(settings.torch_dtype), compression,
+                                    settings, batches)
+        notes.extend([stale_note] if stale_note else [])
+        return VerifyResult(checkpoint_path, artifact_path, replace(report, notes=(*report.notes, *notes)), stale)
     if set(artifact.ep_layers) != set(checkpoint.ep_layers):
         raise CheckpointError(
             f"{artifact_path}: collapses EP layers {natural_order(artifact.ep_layers)}, but {checkpoint_path} has "
@@ -155,13 +181,51 @@ def verify_files(
     precision = _artifact_precision(checkpoint, artifact.path, artifact.meta_state(), settings)
     if precision is not None:
         notes.append(precision)
+    deployment = None
+    if plain_model is not None:
+        factory = plain_model
+        deployment = (
+            f"{artifact_path.name} in {factory_name(factory)}",
+            lambda: deployed_model(factory, collapsed_state, artifact_path, checkpoint.ep_layers),
+        )
     report = check_subject(
         opened_subject(checkpoint, owned_model if has_model else None),
-        settings, collapsed_state, None, artifact_path.name, progress, batches,
+        settings, collapsed_state, None, artifact_path.name, progress, batches, deployment,
     )
     return VerifyResult(
-        checkpoint_path, artifact_path, replace(report, notes=(*report.notes, *notes)), artifact_stale=stale
+        checkpoint_path, artifact_path, replace(report, notes=(*report.notes, *notes)), stale, changes
     )
+
+
+def _compressed_report(
+    checkpoint: CheckpointFile,
+    artifact_path: Path,
+    model: nn.Module,
+    compression: Mapping[str, object],
+    settings: VerifySettings,
+    batches: Sequence[tuple[Tensor, ...]] | None,
+) -> VerifyReport:
+    """The whole expanded model against a compressed artifact, judged by the budget the artifact records (its
+    max relative error), not atol / rtol: a low-rank model is meant to differ, by at most that much."""
+    budget = compression.get("max_error")
+    if not isinstance(budget, (int, float)) or isinstance(budget, bool) or not 0 <= budget < math.inf:
+        raise CheckpointError(
+            f"{artifact_path}: provenance.compression.max_error must be a number >= 0, got {budget!r}; "
+            "compress the checkpoint again"
+        )
+    expected = expanded_outputs(model, checkpoint.inputs, settings, batches)
+    del model
+    compressed = load_checkpoint(artifact_path).model
+    if compressed is None:
+        raise CheckpointError(f"{artifact_path}: a compressed file without its architecture cannot be compared")
+    compressed = compressed.to(device=settings.torch_device, dtype=settings.torch_dtype).eval()
+    comparisons = expected.compare(compressed, artifact_path.name, settings)
+    judged = tuple(replace(c, passed=c.max_rel_error <= budget) for c in comparisons)
+    note = (
+        f"{artifact_path.name} is compressed (low-rank layers): only the whole model is compared, and it passes "
+        f"when max |error| / max |expanded| <= {budget:g}, the budget it was compressed to (not atol / rtol)"
+    )
+    return VerifyReport(settings, settings.tolerance, judged, notes=(note,))
 
 
 class _ArtifactState(Mapping[str, Tensor]):
@@ -267,7 +331,7 @@ def _onnx_settings(
         )
     model_dtype = next((p.dtype for p in model.parameters()), torch.float32)
     with expanded_eval(model), torch.no_grad():  # the chains: a collapse would be cached in each EP layer
-        leaves = tensor_leaves(model(*(spec.example(1, dtype=model_dtype) for spec in specs)))
+        leaves = tensor_leaves(run_forward(model, *(spec.example(1, dtype=model_dtype) for spec in specs)))
     if len(leaves) != len(session.output_shapes):
         raise CheckpointError(
             f"{artifact_path}: the ONNX model has {len(session.output_shapes)} output(s), but {checkpoint.path}'s "

@@ -3,7 +3,10 @@
 A plain ``nn.Sequential`` tree (what an embedded architecture rebuilds) is
 written node by node (``onnx_graph``); anything else goes through
 ``torch.onnx.export`` (the torch.export-based exporter). The result is
-serialised deterministically, so the same model gives the same bytes. Bytes
+serialised deterministically, so the same model gives the same bytes. Each ONNX
+output is named by its tensor's path in the model's output (:func:`output_name`:
+``output``, ``output.logits``, ``output[0]``), and :class:`OnnxSession` gives them back
+under those paths, whatever their count. Bytes
 stay in memory until they are checked and validated, so a caller can refuse to
 write a file that does not pass.
 
@@ -18,12 +21,17 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import math
 import os
 import re
-import threading
+import select
+import signal
+import subprocess
+import sys
 import warnings
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -31,9 +39,13 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from epcli.checkpoint.inputs import InputSpec, describe_inputs
-from epcli.errors import CheckpointError, ExportError
+from epcli.checkpoint.inputs import InputSpec, Leaves, describe_inputs, tensor_leaves
+from epcli.checkpoint.user_code import MODEL_FORWARD, run_forward, user_code
+from epcli.errors import CheckpointError, ExportError, UsageError
+from epcli.limits import MAX_ONNX_RUN_BYTES, MAX_TIMEOUT, MIN_OPSET, is_int
+from epcli.onnx import runner
 from epcli.onnx.graph import INPUT_NAME, OUTPUT_NAME, emit_onnx
+from epcli.text import clip, quote
 
 if TYPE_CHECKING:
     import onnx
@@ -51,6 +63,8 @@ __all__ = [
     "external_data_path",
     "initializer_nbytes",
     "onnx_op_types",
+    "output_name",
+    "output_path",
     "parse_onnx",
     "save_external",
     "serialize_onnx",
@@ -111,6 +125,12 @@ def build_onnx(
 ) -> onnx.ModelProto:
     """The ONNX model of ``model`` (emitted node by node when it takes one float input, else traced), not yet
     checked (:func:`check_onnx`); ``inputs`` as for :func:`export_onnx_bytes`."""
+    newest = _newest_opset()
+    if not is_int(opset) or not MIN_OPSET <= opset <= newest:
+        raise UsageError(
+            f"opset must be a whole number from {MIN_OPSET} to {newest} (the newest the installed onnx knows), "
+            f"got {quote(opset)}"
+        )
     model = model.eval()
     specs = tuple(inputs) if inputs is not None else (InputSpec(tuple(input_shape)),)
     one_float = len(specs) == 1 and specs[0].is_float
@@ -118,6 +138,12 @@ def build_onnx(
     if proto is None:
         proto = _traced(model, specs, opset=opset, dynamic_batch=dynamic_batch)
     return proto
+
+
+def _newest_opset() -> int:
+    import onnx
+
+    return int(onnx.defs.onnx_opset_version())
 
 
 def check_onnx(proto: onnx.ModelProto | bytes | Path) -> None:
@@ -219,16 +245,19 @@ def _traced(model: nn.Module, specs: Sequence[InputSpec], *, opset: int, dynamic
     # an example batch of 2 keeps torch.export from specialising a dynamic batch to 1
     examples = tuple(spec.example(2 if dynamic_batch else 1, dtype=torch.float32) for spec in specs)
     batch = torch.export.Dim("batch")
-    dynamic_shapes = tuple({0: batch} for _ in specs) if dynamic_batch else None
+    # one entry for the wrapper's *inputs, holding one per input
+    dynamic_shapes = (tuple({0: batch} for _ in specs),) if dynamic_batch else None
     names = [INPUT_NAME] if len(specs) == 1 else [f"{INPUT_NAME}_{index}" for index in range(len(specs))]
+    with torch.no_grad():  # the exporter flattens the output as tensor_leaves does: tensors in order, None left out
+        paths = [path for path, _ in tensor_leaves(run_forward(model, *examples, doing="naming its outputs"))]
     try:
-        with _quiet_exporter():
+        with user_code(MODEL_FORWARD, "being traced for ONNX"), _quiet_exporter():
             program = torch.onnx.export(
-                model,
+                _TensorLeaves(model),
                 examples,
                 dynamo=True,
                 input_names=names,
-                output_names=[OUTPUT_NAME],
+                output_names=[output_name(path) for path in paths],
                 dynamic_shapes=dynamic_shapes,
                 opset_version=opset,
                 verbose=False,
@@ -242,6 +271,30 @@ def _traced(model: nn.Module, specs: Sequence[InputSpec], *, opset: int, dynamic
     if program is None:
         raise ExportError("torch.onnx.export returned no program")
     return program.model_proto
+
+
+class _TensorLeaves(nn.Module):
+    """The model with its output flattened to :func:`tensor_leaves`' tensors, so what the exporter traces is what
+    epcli compares: a Hugging Face cache (``DynamicCache``) or other non-tensor value in the output, which
+    torch.export cannot flatten, is left out as ``None`` is. The model is the wrapper's only child, ``model``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *inputs: Tensor) -> tuple[Tensor, ...]:
+        return tuple(tensor for _, tensor in tensor_leaves(self.model(*inputs)))
+
+
+def output_name(path: str) -> str:
+    """The ONNX name of the output tensor at ``path`` in the model's output: ``output``, ``output.logits``."""
+    return OUTPUT_NAME + path
+
+
+def output_path(name: str) -> str | None:
+    """The path :func:`output_name` made ``name`` from; None for a name it did not make (another exporter's)."""
+    path = name.removeprefix(OUTPUT_NAME)
+    return path if name.startswith(OUTPUT_NAME) and (not path or path[0] in ".[") else None
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -281,85 +334,162 @@ _NUMPY_TYPES = {
 
 
 class OnnxSession:
-    """An onnxruntime CPU session (all graph optimisations on) used as ``(*inputs) -> Tensor`` (its first output).
+    """An onnxruntime CPU session (all graph optimisations on) used as ``(*inputs) -> Leaves`` (its outputs, by path).
 
-    An ONNX file is untrusted input: every run is bounded by ``timeout`` seconds
-    (onnxruntime's terminate flag, which loops and subgraphs honour too), and every
-    failure is a :class:`CheckpointError` naming the file.
+    An ONNX file is untrusted input: the session runs in a child process
+    (:mod:`epcli.onnx.runner`) whose address space is bounded by
+    :data:`~epcli.limits.MAX_ONNX_RUN_BYTES` plus twice the model's bytes, and loading it
+    and every run are bounded by ``timeout`` seconds (the child is killed). Every failure,
+    the bound hit included, is a :class:`CheckpointError` naming the file; what the file
+    says comes back cut short (metadata keys and values by :func:`~epcli.text.clip`, names
+    in onnxruntime's errors by :func:`~epcli.text.quote`), as messages echo it.
     """
 
     def __init__(self, model: bytes | Path, *, timeout: float | None = None, expected_inputs: int = 1) -> None:
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.log_severity_level = 4  # library code never prints: failures are raised, not logged
-        source = model if isinstance(model, bytes) else str(model)
+        if timeout is not None and not (isinstance(timeout, (int, float)) and 0 < timeout <= MAX_TIMEOUT):
+            raise UsageError(
+                f"timeout must be a number of seconds > 0 and <= {MAX_TIMEOUT:g} (epcli's limit), got {quote(timeout)}"
+            )
         self.where = where = "the exported ONNX model" if isinstance(model, bytes) else str(model)
         self.timeout = timeout
         if isinstance(model, Path) and not model.is_file():  # onnxruntime's own text would be "NO_SUCHFILE ..."
             what = "is a directory, not an ONNX file" if model.is_dir() else "no such file; check the path"
             raise CheckpointError(f"{where}: {what}", file=model)
-        try:
-            self._session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-        except Exception as e:
-            raise CheckpointError(f"{where}: onnxruntime cannot load it as an ONNX model: {e}") from e
-        inputs, outputs = self._session.get_inputs(), self._session.get_outputs()
+        size = len(model) if isinstance(model, bytes) else _model_bytes(model)
+        self.address_space = MAX_ONNX_RUN_BYTES + 2 * size
+        self._child = subprocess.Popen(
+            [sys.executable, "-m", "epcli.onnx.runner", str(self.address_space), str(_MAX_FRAME)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        )
+        self._finalizer = weakref.finalize(self, _stop, self._child)
+        self._receive("starting", _START_SECONDS)
+        request = {"path": str(model)} if isinstance(model, Path) else {"inline": True}
+        self._send(runner.JSON, json.dumps(request).encode())
+        if isinstance(model, bytes):
+            self._send(runner.MODEL, model)
+        description = json.loads(self._receive("loading it"))
+        inputs, outputs = description["inputs"], description["outputs"]
         if not inputs or len(inputs) > expected_inputs:
             raise CheckpointError(f"{where}: expected a model with {expected_inputs} input(s), found {len(inputs)}")
         if not outputs:
             raise CheckpointError(f"{where}: the model has no outputs")
-        self.metadata: dict[str, str] = dict(self._session.get_modelmeta().custom_metadata_map)
-        self.input_names = [item.name for item in inputs]
-        self.numpy_dtypes = [_NUMPY_TYPES.get(item.type) for item in inputs]
-        unsupported = [item.type for item, dtype in zip(inputs, self.numpy_dtypes, strict=True) if dtype is None]
+        self.metadata: dict[str, str] = {clip(key): clip(value) for key, value in description["metadata"].items()}
+        self.input_names = [clip(name) for name, _, _ in inputs]  # for messages: the child feeds its own
+        self.numpy_dtypes = [_NUMPY_TYPES.get(kind) for _, kind, _ in inputs]
+        unsupported = [kind for (_, kind, _), dtype in zip(inputs, self.numpy_dtypes, strict=True) if dtype is None]
         if unsupported:
             raise CheckpointError(
-                f"{where}: unsupported input type {unsupported[0]}; expected {', '.join(sorted(_NUMPY_TYPES))}"
+                f"{where}: unsupported input type {quote(unsupported[0])}; expected {', '.join(sorted(_NUMPY_TYPES))}"
             )
-        self.input_shapes: list[list[int | str | None]] = [list(item.shape) for item in inputs]
-        self.input_name = inputs[0].name
+        self.input_shapes: list[list[int | str | None]] = [_clipped(shape) for _, _, shape in inputs]
+        self.input_name = self.input_names[0]
         self.input_shape = self.input_shapes[0]
+        paths = [path for path in (output_path(name) for name, _, _ in outputs) if path is not None]
+        self.output_paths = paths if len(set(paths)) == len(outputs) else None
         self.output_shapes: list[list[int | str | None] | None] = [
-            None if item.shape is None else list(item.shape) for item in outputs
+            None if shape is None else _clipped(shape) for _, _, shape in outputs
         ]
-        for item in outputs:
-            if item.type not in ("tensor(float)", "tensor(double)"):
+        for name, kind, _ in outputs:
+            if kind not in ("tensor(float)", "tensor(double)"):
                 raise CheckpointError(
-                    f"{where}: output {item.name!r} has unsupported type {item.type}; expected float or double"
+                    f"{where}: output {quote(name)} has unsupported type {quote(kind)}; expected float or double"
                 )
 
-    def __call__(self, *batches: Tensor) -> Tensor | tuple[Tensor, ...]:
-        """The model's output: one tensor, or a tuple of them in the order of the graph's outputs (which is
-        how the exporter flattened a tuple / dict output: :func:`epcli.checkpoint.inputs.tensor_leaves` order)."""
-        import onnxruntime as ort
-
-        arrays = {
-            name: batch.detach().cpu().numpy().astype(dtype)
-            for name, batch, dtype in zip(self.input_names, batches, self.numpy_dtypes, strict=True)
-        }
-        array = arrays[self.input_name]
-        options = ort.RunOptions()
-        options.log_severity_level = 4
-        timer = None
-        if self.timeout is not None:
-            timer = threading.Timer(self.timeout, setattr, (options, "terminate", True))
-            timer.daemon = True
-            timer.start()
-        try:
-            results = self._session.run(None, arrays, options)
-        except Exception as e:
-            if options.terminate:
-                raise CheckpointError(
-                    f"{self.where}: one onnxruntime run (a batch of {array.shape[0]}) took longer than "
-                    f"{self.timeout:g} s "
-                    "and was stopped; raise --timeout if the model is meant to be that slow"
-                ) from None
-            raise CheckpointError(
-                f"{self.where}: onnxruntime failed on an input of shape {list(array.shape)}: {str(e)[:300]}"
-            ) from e
-        finally:
-            if timer is not None:
-                timer.cancel()
+    def __call__(self, *batches: Tensor) -> Leaves | tuple[Tensor, ...]:
+        """The outputs under the paths their names give (:func:`output_path`); from a file whose names are not
+        paths (another exporter's), a tuple in the order of the graph's outputs."""
+        arrays = [
+            batch.detach().cpu().numpy().astype(dtype)
+            for batch, dtype in zip(batches, self.numpy_dtypes, strict=True)
+        ]
+        self._send(runner.ARRAYS, runner.encode_arrays(arrays))
+        results = runner.read_arrays(self._receive(f"a run on an input of shape {list(arrays[0].shape)}"))
         tensors = tuple(torch.from_numpy(result) for result in results)
-        return tensors[0] if len(tensors) == 1 else tensors
+        if self.output_paths is None:
+            return tensors
+        return Leaves(zip(self.output_paths, tensors, strict=True))
+
+    def close(self) -> None:
+        """End the child process (also done when the session is garbage-collected)."""
+        self._finalizer()
+
+    def _send(self, kind: bytes, payload: bytes) -> None:
+        assert self._child.stdin is not None
+        try:
+            runner.write_frame(self._child.stdin, kind, payload)  # type: ignore[arg-type]
+        except OSError:
+            self._receive("sending it the input")  # the child is gone: say why
+            raise
+
+    def _receive(self, doing: str, timeout: float | None = None) -> bytes:
+        """The child's next reply (within ``timeout``, else the session's); a timeout, a failure or the child's
+        death as a CheckpointError."""
+        assert self._child.stdout is not None
+        stdout = self._child.stdout
+        seconds = self.timeout if timeout is None else timeout
+        ready, _, _ = select.select([stdout], [], [], seconds)
+        if not ready:
+            self.close()
+            raise CheckpointError(
+                f"{self.where}: onnxruntime took longer than {seconds:g} s {doing} and was stopped; raise "
+                "--timeout if the model is meant to be that slow"
+            )
+        try:
+            kind, payload = runner.read_frame(stdout, _MAX_FRAME)  # type: ignore[arg-type]
+        except EOFError:
+            code = self._child.wait()
+            raise CheckpointError(
+                f"{self.where}: onnxruntime ended ({_ending(code)}) {doing}, most likely at epcli's bound of "
+                f"{self.address_space / 2**30:.1f} GiB of address space for an ONNX run (MAX_ONNX_RUN_BYTES plus "
+                "twice the model's size): the model allocates more than that"
+            ) from None
+        if kind == runner.ERROR:
+            text = payload.decode(errors="replace")
+            bound = (
+                f"; the run is bounded to {self.address_space / 2**30:.1f} GiB of address space (epcli's limit, "
+                "MAX_ONNX_RUN_BYTES plus twice the model's size), which the model exceeded"
+                if any(word in text.lower() for word in ("alloc", "memory"))
+                else ""
+            )
+            action = "cannot load it as an ONNX model" if text.startswith("load:") else f"failed on {doing}"
+            raise CheckpointError(f"{self.where}: onnxruntime {action}: {quote(text.partition(': ')[2], 300)}{bound}")
+        return payload
+
+
+_START_SECONDS = 120.0
+"""How long the onnxruntime process may take to start (a Python interpreter importing onnxruntime), apart from
+the timeout of loading the model and of each run."""
+_MAX_FRAME = 2**40
+"""Frames between epcli and its onnxruntime process: bounded by what each side allocates anyway."""
+
+
+def _clipped(shape: list[int | str | None]) -> list[int | str | None]:
+    """A shape as the file gives it, symbolic sizes (strings of any length) cut short for messages."""
+    return [clip(size) if isinstance(size, str) else size for size in shape]
+
+
+def _model_bytes(path: Path) -> int:
+    """The model file's size and its external data file's (when there is one beside it)."""
+    try:
+        data = external_data_path(path)
+        return path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
+    except OSError:
+        return 0  # a file that vanished meanwhile: onnxruntime then says what is wrong with the path
+
+
+def _ending(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+def _stop(child: subprocess.Popen[bytes]) -> None:
+    if child.poll() is None:
+        child.kill()
+    child.wait()
+    for pipe in (child.stdin, child.stdout):
+        if pipe is not None:
+            pipe.close()

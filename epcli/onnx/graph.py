@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from epcli.layers.lowrank import LOW_RANK
+
 if TYPE_CHECKING:
     import onnx
 
@@ -258,6 +260,9 @@ def _leaves(module: nn.Module, path: str = "") -> Iterator[tuple[str, nn.Module]
             yield from _leaves(child, f"{path}.{name}" if path else name)
     elif type(module) in _EMITTERS:
         yield path or "model", module
+    elif type(module) in LOW_RANK.values():  # a factored layer is its two plain layers in a row
+        for name in ("down", "up"):
+            yield from _leaves(getattr(module, name), f"{path}.{name}" if path else name)
     else:
         raise _NoEmitter
 

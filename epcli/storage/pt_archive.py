@@ -17,14 +17,17 @@ claimed, inside the file, and not overlapping another record.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
+import os
 import pickletools
 import struct
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, BinaryIO, cast
 
 import torch
 
@@ -229,10 +232,19 @@ def _storage(pid: Any) -> StorageRef:
     return StorageRef(key, numel * itemsize)
 
 
-def check_archive(path: Path) -> None:
-    """Check a ``.pt`` file's pickle (see :func:`scan_pickle`) and every storage record it refers to."""
+def check_archive(source: Path | BinaryIO) -> None:
+    """Check a ``.pt`` archive's pickle (see :func:`scan_pickle`) and every storage record it refers to.
+
+    ``source`` is a file, or an archive in memory (a slice of a DCP data file).
+    """
+    with contextlib.ExitStack() as stack:
+        f = stack.enter_context(source.open("rb")) if isinstance(source, Path) else source
+        _check_records(f, f.seek(0, os.SEEK_END))
+
+
+def _check_records(f: BinaryIO, size: int) -> None:
     try:
-        with zipfile.ZipFile(path) as archive:
+        with zipfile.ZipFile(f) as archive:
             infos = archive.infolist()
             pickles = [info for info in infos if info.filename.endswith("data.pkl") and info.filename.count("/") <= 1]
             if len(pickles) != 1:
@@ -242,35 +254,34 @@ def check_archive(path: Path) -> None:
             pickle_info = pickles[0]
             check_count(pickle_info.file_size, MAX_PICKLE_BYTES, "the size of its pickle in bytes")
             storages = scan_pickle(archive.read(pickle_info))
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, NotImplementedError, ValueError) as e:
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError,
+            ValueError) as e:  # RuntimeError: an encrypted record
         raise CheckpointError(
             f"cannot be read as a torch checkpoint; it is truncated or corrupt ({str(e)[:200]})"
         ) from e
     prefix = pickle_info.filename[: -len("data.pkl")]
     records = {info.filename: info for info in infos}
-    size = path.stat().st_size
     ranges: list[tuple[int, int, str]] = []
-    with path.open("rb") as f:
-        for storage in {s.key: s for s in storages}.values():
-            name = f"{prefix}data/{storage.key}"
-            info = records.get(name)
-            held = f" (holding {quote(storage.tensors[0])})" if storage.tensors else ""
-            where = f"storage record {quote(storage.key)}{held}"
-            if info is None:
-                raise CheckpointError(f"cannot be read: {where} is missing from the archive; the file is corrupt")
-            if info.compress_type != zipfile.ZIP_STORED:
-                raise CheckpointError(f"cannot be read: {where} is compressed; torch.save stores storages uncompressed")
-            if info.file_size != storage.nbytes or info.compress_size != storage.nbytes:
-                raise CheckpointError(
-                    f"cannot be read: {where} holds {info.file_size} bytes, but the tensors on it claim "
-                    f"{storage.nbytes}; the file is truncated or was altered, and reading it would read past the record"
-                )
-            start = _data_offset(f, info)
-            if start + info.file_size > size:
-                raise CheckpointError(
-                    f"cannot be read: {where} extends past the end of the file; the file is truncated"
-                )
-            ranges.append((start, start + info.file_size, storage.key))
+    for storage in {s.key: s for s in storages}.values():
+        name = f"{prefix}data/{storage.key}"
+        info = records.get(name)
+        held = f" (holding {quote(storage.tensors[0])})" if storage.tensors else ""
+        where = f"storage record {quote(storage.key)}{held}"
+        if info is None:
+            raise CheckpointError(f"cannot be read: {where} is missing from the archive; the file is corrupt")
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise CheckpointError(f"cannot be read: {where} is compressed; torch.save stores storages uncompressed")
+        if info.file_size != storage.nbytes or info.compress_size != storage.nbytes:
+            raise CheckpointError(
+                f"cannot be read: {where} holds {info.file_size} bytes, but the tensors on it claim "
+                f"{storage.nbytes}; the file is truncated or was altered, and reading it would read past the record"
+            )
+        start = _data_offset(f, info)
+        if start + info.file_size > size:
+            raise CheckpointError(
+                f"cannot be read: {where} extends past the end of the file; the file is truncated"
+            )
+        ranges.append((start, start + info.file_size, storage.key))
     ranges.sort()
     for (_, end, first), (start, _, second) in itertools.pairwise(ranges):
         if start < end:
@@ -280,7 +291,7 @@ def check_archive(path: Path) -> None:
             )
 
 
-def _data_offset(f: Any, info: zipfile.ZipInfo) -> int:
+def _data_offset(f: BinaryIO, info: zipfile.ZipInfo) -> int:
     """Where a record's bytes start: after its local header, whose name and extra field lengths may differ."""
     f.seek(info.header_offset)
     header = f.read(_LOCAL_HEADER.size)

@@ -10,7 +10,7 @@ chosen tensors. Reading a few tensors costs their size, not the checkpoint's:
 * ``.safetensors`` and sharded safetensors: plain reads of those tensors' bytes;
 * ``.pt``: the tensors are copied out of a memory map of the file, whose pages are
   given back as they are copied (see :class:`_PtReader`), so few file pages stay resident;
-* DCP: ``torch.distributed.checkpoint.load`` of those tensors (:mod:`epcli.storage.dcp`).
+* DCP: those tensors' chunks, each read from its data file and checked (:mod:`epcli.storage.dcp`).
 
 A directory is a Hugging Face folder (``model.safetensors`` or its sharded
 ``model.safetensors.index.json``) or a DCP directory (it holds ``.metadata``).

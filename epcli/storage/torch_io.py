@@ -13,6 +13,7 @@ unpickler, and no loading at all under a torch older than :data:`MIN_TORCH`.
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
 import pickle
@@ -38,7 +39,7 @@ from epcli.storage.pt_archive import check_archive
 from epcli.storage.raw import RawCheckpoint, missing_metadata
 from epcli.text import quote
 
-__all__ = ["METADATA_KEY", "MIN_TORCH", "STATE_KEY", "read_pt", "write_pt"]
+__all__ = ["METADATA_KEY", "MIN_TORCH", "STATE_KEY", "read_pt", "read_pt_tensor", "write_pt"]
 
 METADATA_KEY = "epcli_metadata"
 STATE_KEY = "state_dict"
@@ -82,13 +83,7 @@ def read_pt(path: Path, state_key: str | None = None) -> RawCheckpoint:
     A file epcli did not write gives ``metadata=None``: a plain state dict, or with
     ``state_key`` the state dict a trainer's dict holds under that key.
     """
-    if _torch_version() < MIN_TORCH:
-        raise UnsafeCheckpointError(
-            f"refused to load: torch {torch.__version__} is older than {'.'.join(map(str, MIN_TORCH))}, whose "
-            "weights-only loading of .pt files can be tricked into running code from the file (CVE-2025-32434 and "
-            f"later fixes); nothing was read. Upgrade torch (pip install 'torch>={'.'.join(map(str, MIN_TORCH))}'), "
-            "or use a .safetensors checkpoint, which needs no unpickling"
-        )
+    _check_torch()
     with path.open("rb") as f:
         head = f.read(len(_ZIP_MAGIC))
     if head != _ZIP_MAGIC:
@@ -105,6 +100,37 @@ def read_pt(path: Path, state_key: str | None = None) -> RawCheckpoint:
     except Exception as e:  # the zip reader and unpickler raise many types on damaged input
         raise CheckpointError(f"cannot be read as a torch checkpoint; it is truncated or corrupt ({_brief(e)})") from e
     return _unpack(content, state_key)
+
+
+def read_pt_tensor(data: bytes) -> Tensor:
+    """The one tensor a ``torch.save`` archive held in memory stores (a slice of a DCP data file), checked as
+    :func:`read_pt` checks a file: archive records first, then weights-only loading, then a dense layout."""
+    _check_torch()
+    stream = io.BytesIO(data)
+    if data[: len(_ZIP_MAGIC)] != _ZIP_MAGIC:
+        raise CheckpointError(f"is not a torch.save archive (it starts with {data[:4]!r}, not {_ZIP_MAGIC!r})")
+    check_archive(stream)
+    stream.seek(0)
+    try:
+        content = torch.load(stream, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise _classify(str(e)) from e
+    except Exception as e:  # the zip reader and unpickler raise many types on damaged input
+        raise CheckpointError(f"cannot be read as a torch.save archive; it is truncated or corrupt ({_brief(e)})") from e
+    if not isinstance(content, Tensor):
+        raise CheckpointError(f"holds a {type(content).__name__}, not a tensor")
+    _check_layout({"tensor": content}, "the archive")
+    return content
+
+
+def _check_torch() -> None:
+    if _torch_version() < MIN_TORCH:
+        raise UnsafeCheckpointError(
+            f"refused to load: torch {torch.__version__} is older than {'.'.join(map(str, MIN_TORCH))}, whose "
+            "weights-only loading of .pt files can be tricked into running code from the file (CVE-2025-32434 and "
+            f"later fixes); nothing was read. Upgrade torch (pip install 'torch>={'.'.join(map(str, MIN_TORCH))}'), "
+            "or use a .safetensors checkpoint, which needs no unpickling"
+        )
 
 
 def _classify(message: str) -> CheckpointError:

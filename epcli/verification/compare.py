@@ -16,8 +16,11 @@ import torch
 from torch import Tensor
 
 from epcli.checkpoint.inputs import InputSpec, random_inputs, tensor_leaves
+from epcli.checkpoint.user_code import run_forward
 from epcli.devices import resolve_device
 from epcli.errors import ShapeMismatchError, UsageError
+from epcli.limits import MAX_CHECK_BYTES, MAX_SAMPLES, is_int
+from epcli.text import quote
 
 __all__ = [
     "DEFAULT_TOLERANCES",
@@ -30,6 +33,7 @@ __all__ = [
     "VerifySettings",
     "compare",
     "compare_outputs",
+    "fit_batch",
     "random_batches",
 ]
 
@@ -76,8 +80,12 @@ class VerifySettings:
     def __post_init__(self) -> None:
         if self.dtype not in SUPPORTED_DTYPES:
             raise UsageError(f"dtype must be one of {sorted(SUPPORTED_DTYPES)}, got {self.dtype!r}")
-        if self.samples < 1 or self.batch_size < 1:
-            raise UsageError("samples and batch_size must be >= 1")
+        for name in ("samples", "batch_size"):
+            value = getattr(self, name)
+            if not is_int(value) or not 1 <= value <= MAX_SAMPLES:
+                raise UsageError(
+                    f"{name} must be a whole number from 1 to {MAX_SAMPLES} (epcli's limit), got {quote(value)}"
+                )
         for name in ("atol", "rtol"):
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value >= 0):
@@ -157,6 +165,32 @@ class VerifyReport:
         return tuple(c for c in self.comparisons if not c.passed)
 
 
+COMPARE_BYTES = 5 * 8
+"""Bytes per output element that comparing a batch costs: both sides, the error, the magnitude and the excess over
+rtol, all in float64 (:class:`_Errors`)."""
+
+
+def fit_batch(settings: VerifySettings, *, run_bytes: int, held_bytes: int, what: str) -> VerifySettings:
+    """``settings`` with a batch size that keeps a check within :data:`~epcli.limits.MAX_CHECK_BYTES`.
+
+    A check holds ``held_bytes`` per sample for all its samples (the inputs and expected outputs kept to compare
+    against) and runs batches that cost ``run_bytes`` per sample (every module's output, the comparison's
+    temporaries). What does not fit with a batch of one is refused, naming ``what`` (the inputs) and the budget.
+    """
+    held = settings.samples * held_bytes
+    batch = (MAX_CHECK_BYTES - held) // max(run_bytes, 1)
+    if batch < 1:
+        holding = f"{held / 2**20:.0f} MiB to hold {settings.samples} samples' inputs and outputs and " if held else ""
+        skip = ", or skip the whole-model check (collapse --no-model-check)" if held else ""
+        raise UsageError(
+            f"a check on {what} needs {holding}{run_bytes / 2**20:.0f} MiB per sample for a forward pass (every "
+            "module's output and the comparison's float64 copies), more than a "
+            f"check's memory budget of {MAX_CHECK_BYTES // 2**20} MiB (epcli's limit, MAX_CHECK_BYTES); give fewer "
+            f"--samples or a smaller input shape{skip}"
+        )
+    return replace(settings, batch_size=min(settings.batch_size, batch))
+
+
 def random_batches(input_shape: Sequence[int], settings: VerifySettings) -> Iterator[Tensor]:
     """Standard-normal batches ``[b, *input_shape]``, the same for the same seed on every machine.
 
@@ -223,11 +257,11 @@ def compare_outputs(
     with torch.no_grad():
         for batch in batches:
             samples += batch[0].shape[0]
-            expected = tensor_leaves(reference(*batch))
-            produced = candidate(*batch)
+            expected = tensor_leaves(run_forward(reference, *batch, doing=f"computing {name}"))
+            produced = run_forward(candidate, *batch, doing=f"computing {name}")
             if not expected:
                 raise ShapeMismatchError(f"{name}: the expanded model's output holds no tensors")
-            if _positional(produced) and len(produced) == len(expected):  # ONNX outputs: the leaves in order
+            if _positional(produced) and len(produced) == len(expected):
                 got = {path: tensor for (path, _), tensor in zip(expected, produced, strict=True)}
             else:
                 got = dict(tensor_leaves(produced))
@@ -244,8 +278,8 @@ def compare_outputs(
 
 
 def _positional(output: Any) -> bool:
-    """A plain tuple of tensors, as an ONNX session returns its outputs (a model's own tuple output is one too,
-    and pairs with its leaves in the same order)."""
+    """A plain tuple of tensors: what an ONNX session returns when its outputs are not named by their paths
+    (another exporter's file), paired with the leaves in order (a model's own tuple output pairs the same way)."""
     return type(output) is tuple and all(isinstance(t, Tensor) for t in output)
 
 

@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
 
-from epcli.checkpoint.inputs import InputSpec, random_inputs
+from epcli.checkpoint.inputs import InputSpec, describe_inputs, random_inputs, tensor_leaves
 from epcli.checkpoint.opened import Checkpoint, CheckpointFile
+from epcli.checkpoint.user_code import run_forward
 from epcli.convert import (
     collapsed_keys,
     expanded_eval,
@@ -23,16 +25,26 @@ from epcli.convert import (
     layer_prefix,
     layer_states,
 )
-from epcli.errors import CheckpointError, UsageError
+from epcli.errors import CheckpointError, EpcliError, UsageError
 from epcli.layers.base import EPLayer
 from epcli.layers.config import EPConfig
 from epcli.layers.registry import collapsed_has_bias, find_ep_layers, plain_layer
 from epcli.layers.summary import natural_order
 from epcli.onnx.export import OnnxSession
 from epcli.progress import ProgressCallback
-from epcli.verification.compare import Comparison, VerifyReport, VerifySettings, compare, compare_outputs
+from epcli.text import quote
+from epcli.verification.compare import (
+    COMPARE_BYTES,
+    Comparison,
+    VerifyReport,
+    VerifySettings,
+    compare,
+    compare_outputs,
+    fit_batch,
+)
 
 __all__ = [
+    "DEPLOYED",
     "IN_MEMORY",
     "NO_ARCHITECTURE",
     "ONNX_LABEL",
@@ -50,6 +62,8 @@ __all__ = [
 
 IN_MEMORY = "collapsed in memory"
 ONNX_LABEL = "onnxruntime"
+DEPLOYED = "<deployed>"
+"""The whole-model comparison of the user's deployment class (``--plain-model``) holding the artifact."""
 NO_ARCHITECTURE = "no architecture is embedded and no --model factory was named"
 
 
@@ -66,7 +80,9 @@ def compare_layer(
     layer holding ``weight`` / ``bias``, cast the same way."""
     reference = next(layer.parameters())
     plain = _plain(layer.config, weight, bias).to(device=reference.device, dtype=reference.dtype)
-    return compare(path, "layer", label, functools.partial(layer, override=True), plain, input_shape, settings)
+    expanded = functools.partial(layer, override=True)
+    settings = _layer_budget(layer, expanded, input_shape, settings, path)
+    return compare(path, "layer", label, expanded, plain, input_shape, settings)
 
 
 def _plain(config: EPConfig, weight: Tensor, bias: Tensor | None) -> nn.Module:
@@ -109,12 +125,14 @@ class ExpandedOutputs:
 
     batches: Sequence[tuple[Tensor, ...]]
     outputs: Sequence[object]
+    batch_size: int
+    """The largest batch the memory budget allows while these are held (:func:`~.compare.fit_batch`)."""
 
-    def compare(self, candidate: Callable[..., object], label: str, settings: VerifySettings) -> tuple[Comparison, ...]:
+    def compare(
+        self, candidate: Callable[..., object], label: str, settings: VerifySettings, name: str = "<model>"
+    ) -> tuple[Comparison, ...]:
         outputs = iter(self.outputs)
-        return compare_outputs(
-            "<model>", "model", label, lambda *batch: next(outputs), candidate, self.batches, settings
-        )
+        return compare_outputs(name, "model", label, lambda *batch: next(outputs), candidate, self.batches, settings)
 
 
 def expanded_outputs(
@@ -127,21 +145,103 @@ def expanded_outputs(
     user's samples), or on seeded batches drawn from ``specs`` as
     :func:`~epcli.verification.compare.compare_outputs` draws them."""
     model.to(device=settings.torch_device, dtype=settings.torch_dtype).eval()
-    if batches is not None:
-        drawn = [_moved(batch, settings) for batch in batches]
-    else:
-        drawn = list(
-            random_inputs(
-                specs,
-                settings.samples,
-                settings.batch_size,
-                settings.seed,
-                dtype=settings.torch_dtype,
-                device=settings.torch_device,
-            )
+    try:
+        with expanded_eval(model) as reference, torch.no_grad():
+            if batches:  # the user's samples (their specs may not be given): the first ones, cut to size
+                first = list(_moved(tuple(t[:1] for t in batches[0]), settings))
+
+                def examples(size: int) -> list[Tensor]:
+                    return [t[:size] for t in first]
+
+                what = f"the given samples ({', '.join(str(list(t.shape[1:])) for t in first)})"
+            else:
+
+                def examples(size: int) -> list[Tensor]:
+                    return [spec.example(size, dtype=settings.torch_dtype, device=settings.torch_device) for spec in specs]
+
+                what = describe_inputs(specs)
+            run, held = _sample_bytes(model, reference, examples)
+            settings = fit_batch(settings, run_bytes=run, held_bytes=held, what=what)
+            if batches is not None:
+                drawn = [_moved(batch, settings) for batch in _rebatched(batches, settings.batch_size)]
+            else:
+                drawn = list(
+                    random_inputs(
+                        specs,
+                        settings.samples,
+                        settings.batch_size,
+                        settings.seed,
+                        dtype=settings.torch_dtype,
+                        device=settings.torch_device,
+                    )
+                )
+            return ExpandedOutputs(drawn, [run_forward(reference, *batch) for batch in drawn], settings.batch_size)
+    except (IndexError, RuntimeError) as e:  # an id beyond an embedding, a dtype a kernel does not take
+        given = "the samples of --inputs" if batches is not None else "its inputs"
+        raise UsageError(
+            f"the model rejected {given} ({describe_inputs(specs)}: each input's dtype and, for integers, its range "
+            f"[low, high)): {quote(f'{type(e).__name__}: {e}', 300)}; give inputs in the dtype and range the model "
+            "takes (e.g. token ids in [0, vocab_size) as int64)"
+        ) from e
+
+
+def _rebatched(batches: Sequence[tuple[Tensor, ...]], size: int) -> list[tuple[Tensor, ...]]:
+    """The given batches cut into batches of at most ``size`` samples."""
+    return [
+        tuple(t[start : start + size] for t in batch) for batch in batches for start in range(0, batch[0].shape[0], size)
+    ]
+
+
+def _per_sample(tensor: Tensor) -> int:
+    """Bytes of one sample of a tensor computed on an empty batch (the batch axis, wherever it is, counted as 1)."""
+    return math.prod(max(size, 1) for size in tensor.shape) * tensor.element_size()
+
+
+def _sample_bytes(
+    model: nn.Module, call: Callable[..., object], examples: Callable[[int], list[Tensor]]
+) -> tuple[int, int]:
+    """(run, held) bytes per sample of a check of ``call`` (which runs ``model``), from one call on an empty batch
+    of ``examples`` (on one sample when the forward cannot take an empty batch, as a reshape with ``-1``
+    cannot): while a batch runs, every module's output, the inputs as drawn (float64) and the comparison's
+    temporaries; held for the whole check, the inputs and the outputs."""
+    outputs = [0]
+
+    def hook(module: nn.Module, args: object, output: object) -> None:
+        outputs[0] += sum(_per_sample(t) for _, t in tensor_leaves(output))
+
+    def measure(batch: int) -> tuple[list[Tensor], list[tuple[str, Tensor]]]:
+        outputs[0] = 0
+        inputs = examples(batch)
+        return inputs, tensor_leaves(run_forward(call, *inputs))
+
+    handles = [module.register_forward_hook(hook) for module in model.modules()]
+    try:
+        try:
+            given, leaves = measure(0)
+        except EpcliError:
+            raise
+        except Exception:  # the forward's own error on an empty batch: one sample says the same
+            given, leaves = measure(1)
+    finally:
+        for handle in handles:
+            handle.remove()
+    inputs = sum(_per_sample(t) for t in given)
+    returned = sum(_per_sample(t) for _, t in leaves)
+    compared = sum(_per_sample(t) // t.element_size() for _, t in leaves) * COMPARE_BYTES
+    drawn = sum(_per_sample(t) // t.element_size() for t in given) * 8
+    return outputs[0] + drawn + compared, inputs + returned
+
+
+def _layer_budget(
+    layer: EPLayer, expanded: Callable[..., object], input_shape: tuple[int, ...], settings: VerifySettings, path: str
+) -> VerifySettings:
+    """Settings whose batches keep one EP layer's check within the budget (nothing is held: batches stream)."""
+    with torch.no_grad():
+        spec = InputSpec(tuple(input_shape))
+        run, held = _sample_bytes(
+            layer, expanded, lambda size: [spec.example(size, dtype=settings.torch_dtype, device=settings.torch_device)]
         )
-    with expanded_eval(model) as reference, torch.no_grad():
-        return ExpandedOutputs(drawn, [reference(*batch) for batch in drawn])
+    return fit_batch(settings, run_bytes=run + held, held_bytes=0, what=f"layer {path} (input {list(input_shape)})")
 
 
 def collapse_in_place(
@@ -171,6 +271,7 @@ def collapse_in_place(
     per-layer comparisons.
     """
     expected = expanded_outputs(model, specs, settings, batches)
+    settings = replace(settings, batch_size=expected.batch_size)  # the layers' checks run while those are held
     found = find_ep_layers(model)
     if layer_input_shapes is not None and set(layer_input_shapes) != set(found):
         raise CheckpointError(
@@ -254,6 +355,7 @@ def _layer(
     if input_shape is None:
         return None, installed
     expanded = functools.partial(layer, override=True)
+    settings = _layer_budget(layer, expanded, input_shape, settings, path)
     return compare(path, "layer", label, expanded, checked, input_shape, settings), installed
 
 
@@ -343,10 +445,13 @@ def check_subject(
     label: str,
     progress: ProgressCallback | None,
     batches: Sequence[tuple[Tensor, ...]] | None,
+    deployment: tuple[str, Callable[[], nn.Module]] | None = None,
 ) -> VerifyReport:
     """:func:`verify_checkpoint` on what ``subject`` reads: the model once, each EP layer checked and collapsed in
     it in turn (:func:`collapse_in_place`), then the whole model; without a model, one EP layer at a time.
-    ``onnx_session`` is opened after the layers, so its weights and the expanded model are not held together."""
+    ``onnx_session`` is opened after the layers, so its weights and the expanded model are not held together.
+    ``deployment`` (a label and a builder of the plain model the user deploys) is one more whole-model candidate,
+    built after the collapsed model is dropped."""
     if settings.model_dtype is None:  # default tolerances follow the stored precision (bfloat16 / float16)
         settings = settings.for_model(subject.stored)
     total = len(subject.ep_layers) + (subject.owned_model is not None)
@@ -382,5 +487,10 @@ def check_subject(
         model = expected.compare(onnx_session(), ONNX_LABEL, settings)
     else:
         model = expected.compare(collapsed, label, settings)
+        del collapsed
+    if deployment is not None:
+        deployed_label, build = deployment
+        deployed = build().to(device=settings.torch_device, dtype=settings.torch_dtype)
+        model = (*model, *expected.compare(deployed, deployed_label, settings, name=DEPLOYED))
     tick(total, total, "done")
     return VerifyReport(settings, settings.tolerance, (*layers, *model))

@@ -14,15 +14,19 @@ With one input the tensor's name does not matter; with several they are named
 
 from __future__ import annotations
 
+import math
+import zipfile
+import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from epcli.checkpoint.inputs import InputSpec
 from epcli.errors import CheckpointError, EpcliError
-from epcli.limits import MAX_TENSORS, check_count, check_tensor_shape
+from epcli.limits import MAX_CHECK_BYTES, MAX_TENSORS, check_count, check_tensor_shape
 from epcli.storage.safetensors_io import read_header, read_tensors
 from epcli.storage.source import check_finite
 from epcli.storage.torch_io import read_pt
@@ -57,17 +61,88 @@ def _read(path: Path) -> dict[str, Tensor]:
         header = read_header(path)
         return read_tensors(path, header, sorted(header.tensors), None)
     if suffix == ".npz":
-        import numpy as np
-
-        try:
-            with np.load(path, allow_pickle=False) as archive:
-                check_count(len(archive.files), MAX_TENSORS, "the number of arrays")
-                return {name: torch.from_numpy(np.array(archive[name])) for name in archive.files}
-        except (ValueError, OSError) as e:
-            raise CheckpointError(f"cannot be read as a .npz file without pickle ({e})") from e
+        return _read_npz(path)
     if suffix in (".pt", ".pth"):
         return {key: t.clone() for key, t in read_pt(path).tensors.items()}
     raise CheckpointError(f"unsupported suffix {path.suffix!r}; give the samples as {', '.join(SAMPLE_SUFFIXES)}")
+
+
+_NPZ_DTYPES = {"b1", "i1", "i2", "i4", "i8", "u1", "f2", "f4", "f8"}
+"""numpy dtypes (kind and size) a sample may have: what torch computes with (no unsigned ids beyond uint8,
+no strings, records, long doubles or dates)."""
+
+
+def _read_npz(path: Path) -> dict[str, Tensor]:
+    """The arrays of a ``numpy.savez`` file, each header checked before any data is inflated.
+
+    ``numpy.load`` inflates an array whole before anything can check it (a 1 MB file
+    can hold 2.5 GB of zeros), so each member's header is read first: its dtype must be
+    one torch computes with, its shape within the limits, its data exactly the member's
+    size, and all of it within :data:`~epcli.limits.MAX_CHECK_BYTES`; then only that
+    many bytes are read.
+    """
+    import numpy as np
+
+    with path.open("rb") as f:
+        if f.read(6) == b"\x93NUMPY":
+            raise CheckpointError("is one .npy array, not a .npz archive; save the samples with numpy.savez(path, x)")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            infos = archive.infolist()
+            check_count(len(infos), MAX_TENSORS, "the number of arrays")
+            headers = [_npz_header(archive, info) for info in infos]
+            check_count(sum(nbytes for _, _, _, nbytes in headers), MAX_CHECK_BYTES, "the bytes of its arrays")
+            out: dict[str, Tensor] = {}
+            for info, (dtype, shape, fortran, nbytes) in zip(infos, headers, strict=True):
+                data = bytearray(nbytes)  # writable, so torch can share it
+                with archive.open(info) as member:
+                    member.seek(info.file_size - nbytes)
+                    filled = member.readinto(data)  # type: ignore[attr-defined]  # a ZipExtFile
+                if filled != nbytes:
+                    raise CheckpointError(f"array {quote(info.filename)} is truncated")
+                array = np.frombuffer(data, dtype).reshape(shape, order="F" if fortran else "C")
+                out[info.filename.removesuffix(".npy")] = torch.from_numpy(
+                    np.ascontiguousarray(array, dtype=dtype.newbyteorder("="))
+                )
+            return out
+    except EpcliError:
+        raise
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, EOFError, RuntimeError, ValueError) as e:
+        raise CheckpointError(f"cannot be read as a .npz file ({quote(str(e))})") from e
+
+
+def _npz_header(archive: Any, info: Any) -> tuple[Any, tuple[int, ...], bool, int]:
+    """(dtype, shape, Fortran order, data bytes) of one ``.npy`` member, read from its header alone."""
+    import numpy as np
+
+    where = f"array {quote(info.filename)}"
+    if not info.filename.endswith(".npy") or info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        raise CheckpointError(f"{where} is not a stored or deflated .npy array, as numpy.savez writes them")
+    with archive.open(info) as member:
+        version = np.lib.format.read_magic(member)
+        if version not in ((1, 0), (2, 0)):
+            raise CheckpointError(f"{where} has .npy format version {version}; numpy.savez writes 1.0 or 2.0")
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        try:
+            shape, fortran, dtype = read(member)
+        except (zlib.error, EOFError) as e:
+            raise CheckpointError(f"{where} is truncated or corrupt ({quote(str(e))})") from e
+        except Exception as e:  # numpy parses the header as a Python literal: SyntaxError, TokenError, ValueError...
+            raise CheckpointError(f"{where} has a damaged .npy header ({quote(str(e))})") from e
+        start = member.tell()
+    if f"{dtype.kind}{dtype.itemsize}" not in _NPZ_DTYPES or dtype.fields is not None:
+        raise CheckpointError(
+            f"{where} has dtype {quote(str(dtype))}; samples are bool, int8-int64, uint8 or float16-float64 "
+            "(token ids as int64)"
+        )
+    check_tensor_shape(shape, where)
+    nbytes = math.prod(shape) * dtype.itemsize
+    check_count(nbytes, MAX_CHECK_BYTES, f"the bytes of {where}")
+    if info.file_size != start + nbytes:
+        raise CheckpointError(
+            f"{where} holds {info.file_size - start} bytes of data, but its header claims {nbytes}; it is damaged"
+        )
+    return dtype, shape, fortran, nbytes
 
 
 def _checked(tensors: Mapping[str, Tensor], specs: Sequence[InputSpec]) -> tuple[Tensor, ...]:

@@ -11,7 +11,19 @@ import torch
 from torch import Tensor, nn
 
 import epcli
-from epcli import CheckpointError, ConfigError, EPConv1d, EPConv2d, EPConv3d, EPLinear, InputSpec
+from epcli import (
+    CheckpointError,
+    ConfigError,
+    EPConv1d,
+    EPConv2d,
+    EPConv3d,
+    EPLinear,
+    InputSpec,
+    LowRankConv1d,
+    LowRankConv2d,
+    LowRankConv3d,
+    LowRankLinear,
+)
 from epcli.checkpoint.architecture import (
     SUPPORTED_TYPES,
     build_architecture,
@@ -28,6 +40,7 @@ def _every_type() -> nn.Module:
     return nn.Sequential(
         EPConv2d(2, 4, [3, 1], padding=1, batch_norm=True, residual=True, residual_mode="learn", bn_eps=1e-3),
         nn.Conv2d(4, 4, 3, padding="same", dilation=1, groups=2, padding_mode="reflect", bias=False),
+        LowRankConv2d(4, 1, 4, 3, padding=1, groups=2, padding_mode="reflect"),
         nn.BatchNorm2d(4, eps=1e-4, momentum=None),
         nn.ReLU(inplace=True),
         nn.Dropout2d(0.1),
@@ -38,6 +51,7 @@ def _every_type() -> nn.Module:
         nn.Flatten(),
         nn.Sequential(
             nn.Linear(60, 8),  # 4 channels x 3 x 5
+            LowRankLinear(8, 3, 8),
             nn.BatchNorm1d(8, affine=False),
             nn.GELU(approximate="tanh"),
             EPLinear(8, 8, depth=3, residual=True, residual_intervals=[1, -1], batch_norm=True),
@@ -56,12 +70,14 @@ def _every_type() -> nn.Module:
         nn.Unflatten(1, (1, 5)),  # [N, 1, 5]: the 1-D and 3-D families
         EPConv1d(1, 4, [(3,), 1], padding=1, groups=1, dilation=1, residual=True, residual_mode="learn"),
         nn.Conv1d(4, 4, 3, padding=2, dilation=2, groups=4, padding_mode="circular"),
+        LowRankConv1d(4, 2, 4, 1, bias=False),
         nn.MaxPool1d(2, stride=1),
         nn.AvgPool1d(2, stride=1, padding=1, count_include_pad=False),
         nn.AdaptiveAvgPool1d(4),
         nn.Unflatten(2, (1, 2, 2)),  # [N, 4, 1, 2, 2]
         EPConv3d(4, 4, [(1, 3, 3), 1], padding=(0, 1, 1), groups=2, batch_norm=True),
         nn.Conv3d(4, 2, (1, 3, 1), padding=(0, 1, 0), padding_mode="replicate"),
+        LowRankConv3d(2, 1, 2, (1, 3, 1), padding=(0, 1, 0)),
         nn.BatchNorm3d(2),
         nn.MaxPool3d(1),
         nn.AvgPool3d((1, 2, 1), stride=1, divisor_override=2),

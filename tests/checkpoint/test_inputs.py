@@ -13,7 +13,7 @@ from safetensors import safe_open
 from torch import Tensor, nn
 
 from epcli import CheckpointError, ConfigError, EpcliError, EPLinear, InputSpec, load_checkpoint, save_checkpoint
-from epcli.checkpoint.inputs import parse_input, random_inputs, tensor_leaves
+from epcli.checkpoint.inputs import describe_inputs, parse_input, random_inputs, tensor_leaves
 from epcli.convert import collapse_state_dict
 from epcli.verification.compare import VerifySettings, random_batches
 from epcli.verification.model_check import verify_checkpoint
@@ -27,6 +27,8 @@ from epcli.verification.model_check import verify_checkpoint
         ("int64[16]:0:50257", InputSpec((16,), torch.int64, 0, 50257)),
         ("float32[2]:-1:1", InputSpec((2,), torch.float32, -1.0, 1.0)),
         ("bool[5]", InputSpec((5,), torch.bool)),
+        ("int64[]:0:1000", InputSpec((), torch.int64, 0, 1000)),  # one number per sample: a timestep
+        ("float32[]", InputSpec(())),
     ],
 )
 def test_parse_input(text: str, spec: InputSpec):
@@ -140,6 +142,36 @@ def test_plain_input_files_stay_format_version_1(tmp_path: Path):
         document = json.loads(f.metadata()["epcli"])
     assert document["format_version"] == 1 and "inputs" not in document
     assert load_checkpoint(path).inputs == (InputSpec((4,)),)
+
+
+class Timed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.time = nn.Embedding(10, 4)
+        self.body = EPLinear(4, 3, depth=2)
+
+    def forward(self, t: Tensor, x: Tensor) -> Tensor:
+        return self.body(self.time(t) + x)
+
+
+TIMED = [InputSpec((), torch.int64, 0, 10), InputSpec((4,))]
+
+
+def test_a_per_sample_scalar_input_round_trips_and_a_plain_file_cannot_claim_one(tmp_path: Path, rewrite):
+    path = save_checkpoint(Timed().eval(), tmp_path / "timed.safetensors", inputs=TIMED)
+    loaded = load_checkpoint(path, model_factory=Timed)
+    assert loaded.inputs == tuple(TIMED) and loaded.input_shape == ()
+    assert loaded.metadata["input_shape"] == [] and loaded.metadata["inputs"][0]["shape"] == []
+    assert verify_checkpoint(loaded, VerifySettings(samples=4)).passed
+    assert describe_inputs([InputSpec(())]) == "inputs=[float32[]]"  # no --input-shape spells a scalar
+
+    def plain(document: dict) -> None:
+        del document["inputs"]
+        document["format_version"] = 1
+
+    rewrite(path, metadata=plain)
+    with pytest.raises(CheckpointError, match=r"input_shape must be the shape of one sample.*non-empty list"):
+        load_checkpoint(path, model_factory=Timed)
 
 
 def test_integer_inputs_are_required_for_an_embedding(two_heads: nn.Module, tmp_path: Path):

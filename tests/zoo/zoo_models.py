@@ -183,6 +183,7 @@ ZOO: dict[str, Entry] = {
     "gpt2": Entry(_seeded(_gpt2), (_ids(8),)),
     "llama": Entry(_seeded(_llama(tied=False)), (_ids(8),)),
     "llama_tied": Entry(_seeded(_llama(tied=True)), (_ids(8),)),
+    "llama_bn": Entry(_seeded(_llama(tied=False)), (_ids(8),), {"batch_norm": True, "allow_new_bias": True}),
     "vit": Entry(_seeded(_vit), (InputSpec((3, 16, 16)),)),
     "wav2vec2": Entry(_seeded(_wav2vec2), (InputSpec((400,)),)),
     "whisper": Entry(_seeded(_whisper), (InputSpec((8, 32)), _ids(4)), {"exclude": ["*conv*"]}),

@@ -1,0 +1,106 @@
+"""Truncated-SVD factors of a collapsed weight, plain or data-aware (whitened), in float64.
+
+A weight ``W [out, n]`` (a Linear, or one group of a conv as ``[out/g, in/g * K]``) is factored as
+``B [out, r] @ A [r, n]``. Plain truncation keeps the top singular values of ``W``: it minimises
+``||W - BA||_F``. Whitened truncation (SVD-LLM's truncation-aware data whitening) minimises the *output* error
+on calibration inputs ``X [m, n]`` instead: with ``X^T X + ridge * I = S S^T`` (Cholesky, ``S`` lower),
+``||(W - BA) X^T||_F^2 + ridge ||W - BA||_F^2 = ||(W - BA) S||_F^2``, so truncating the SVD of ``W S`` to ``r``
+values makes that error exactly the energy of the discarded singular values of ``W S``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["DEFAULT_RIDGE", "Truncation", "conv_factors", "group_matrices", "truncation", "whitening"]
+
+DEFAULT_RIDGE = 1e-3
+"""Ridge added to the calibration Gram matrix, relative to its mean diagonal.
+
+Directions the calibration inputs never take (e.g. digit pixels that are always 0) make ``X^T X`` singular; the
+ridge charges weight error there too, so a factor never grows without bound in a direction held-out data may take.
+"""
+
+
+def whitening(gram: Tensor, ridge: float = DEFAULT_RIDGE) -> Tensor:
+    """The lower Cholesky factor ``S`` of ``gram + ridge * mean(diag(gram)) * I``, in float64."""
+    gram = gram.to(torch.float64)
+    scale = float(gram.diagonal().mean()) if gram.numel() else 0.0
+    shift = ridge * scale if scale > 0 else 1.0  # an all-zero Gram (no signal): plain truncation
+    eye = torch.eye(gram.shape[0], dtype=torch.float64, device=gram.device)
+    factor: Tensor = torch.linalg.cholesky(gram + shift * eye)
+    return factor
+
+
+@dataclass(frozen=True)
+class Truncation:
+    """The SVD of ``W S`` (``S`` = identity for plain truncation), ready to be cut at any rank.
+
+    ``u [out, k]``, ``singular_values [k]`` (descending), ``vh [k, n]`` with ``k = min(out, n)``;
+    ``whiten`` is ``S [n, n]`` or None.
+    """
+
+    u: Tensor
+    singular_values: Tensor
+    vh: Tensor
+    whiten: Tensor | None
+
+    @property
+    def full_rank(self) -> int:
+        return int(self.singular_values.numel())
+
+    def discarded_energy(self, rank: int) -> float:
+        """``sum_{i >= rank} s_i^2``: the squared (whitened) error of keeping ``rank`` values."""
+        return float(self.singular_values[rank:].square().sum())
+
+    def factors(self, rank: int) -> tuple[Tensor, Tensor]:
+        """``B [out, rank]``, ``A [rank, n]`` (float64) with ``B @ A`` the truncated weight; the singular values
+        are split evenly (``sqrt(s)`` to each side) so neither factor is badly scaled."""
+        if not 1 <= rank <= self.full_rank:
+            raise ValueError(f"rank must be in [1, {self.full_rank}] for this weight, got {rank}")
+        root = self.singular_values[:rank].sqrt()
+        b = self.u[:, :rank] * root  # [out, r]
+        a = root[:, None] * self.vh[:rank]  # [r, n]
+        if self.whiten is not None:  # A S = a: undo the whitening on the input side
+            a = torch.linalg.solve_triangular(self.whiten, a, upper=False, left=False)
+        return b, a
+
+
+def truncation(weight: Tensor, whiten: Tensor | None = None) -> Truncation:
+    """The SVD of ``weight [out, n]`` (times ``whiten [n, n]`` when given), computed in float64."""
+    matrix = weight.detach().to(torch.float64)
+    if whiten is not None:
+        whiten = whiten.to(device=matrix.device, dtype=torch.float64)
+        matrix = matrix @ whiten  # [out, n]
+    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    return Truncation(u, s, vh, whiten)
+
+
+def conv_factors(
+    weight: Tensor, groups: int, truncations: Sequence[Truncation], rank: int
+) -> tuple[Tensor, Tensor]:
+    """A grouped conv weight ``[out, in/g, *k]`` as a ``k``-conv to ``g * rank`` channels (groups ``g``) and a
+    pointwise conv back to ``out`` (groups ``g``): weights ``[g * rank, in/g, *k]`` and ``[out, rank, 1, ...]``.
+
+    ``truncations[j]`` is that of group ``j``'s weight ``weight[j*out/g : (j+1)*out/g]`` as ``[out/g, in/g * K]``.
+    """
+    out, per_group, *kernel = weight.shape
+    assert len(truncations) == groups, "one truncation per group"
+    firsts, seconds = [], []
+    for truncated in truncations:
+        b, a = truncated.factors(rank)  # b [out/g, r], a [r, in/g * K]
+        firsts.append(a.reshape(rank, per_group, *kernel))  # [r, in/g, *k]
+        seconds.append(b)
+    first = torch.cat(firsts)  # [g * r, in/g, *k]
+    second = torch.cat(seconds).reshape(out, rank, *([1] * len(kernel)))  # [out, r, 1, ...]
+    return first, second
+
+
+def group_matrices(weight: Tensor, groups: int) -> list[Tensor]:
+    """Each group's weight of a conv ``[out, in/g, *k]`` (or a Linear, ``groups=1``) as a matrix ``[out/g, in/g * K]``."""
+    out = weight.shape[0]
+    return list(weight.reshape(groups, out // groups, -1).unbind(0))  # g x [out/g, in/g * K]

@@ -1,0 +1,197 @@
+"""``epcli compress``: a checkpoint in, a smaller low-rank one out, verified end to end before anything is written.
+
+The model is loaded (expanded or collapsed; it needs an embedded architecture or a ``--model`` factory), its EP
+layers collapsed, and its plain Linear / ConvNd layers factored by :func:`~epcli.verification.compress.
+compress_model` within the error budget, measured against the original model on the user's samples (``--inputs``,
+which also whiten the truncation) or on seeded random inputs. The compressed model as it will be stored is that
+measurement's candidate, and the optional ONNX is run in onnxruntime against the same reference: only when every
+check is within the budget are the files written (the ONNX staged, committed after the checkpoint). The output is
+a self-describing epcli file of kind ``collapsed`` with no EP layers left, the low-rank modules in its
+architecture, and the ranks and errors in its provenance.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from epcli._version import __version__
+from epcli.checkpoint.architecture import describe_architecture
+from epcli.checkpoint.inputs import InputSpec
+from epcli.checkpoint.load import load_checkpoint
+from epcli.checkpoint.metadata import build_metadata, dump_metadata
+from epcli.errors import UsageError
+from epcli.onnx.export import OnnxSession, build_onnx, check_onnx, serialize_onnx
+from epcli.storage.atomic import StagedFiles
+from epcli.storage.paths import check_output_name, check_targets, file_sha256, make_parent
+from epcli.storage.sharded import is_index, sharded_base
+from epcli.storage.source import TensorInfo
+from epcli.storage.writer import CheckpointWriter
+from epcli.verification.compare import Comparison, VerifySettings
+from epcli.verification.compress import ERROR_METRIC, CompressionResult, compress_against, reference_outputs
+from epcli.verification.model_check import ONNX_LABEL, ExpandedOutputs
+from epcli.verification.samples import read_samples, sample_batches
+
+__all__ = ["DEFAULT_MAX_ERROR", "CompressFileResult", "compress_file", "default_compressed_output"]
+
+DEFAULT_MAX_ERROR = 0.01
+"""The default budget: the whole model's outputs move by at most 1% of their largest magnitude."""
+_SETTINGS = VerifySettings(samples=64, batch_size=64, seed=0, dtype="float64")
+"""How random inputs are drawn when no samples are given; batches of the user's samples are this size too."""
+
+
+@dataclass(frozen=True)
+class CompressFileResult:
+    """``written`` is False when the budget could not be met (nothing was written); ``onnx_max_rel_error`` is the
+    ONNX file's whole-model error on the same samples (None without ``--onnx``)."""
+
+    source: Path
+    output: Path
+    onnx: Path | None
+    written: bool
+    compression: CompressionResult
+    inputs: str  # what the error was measured on
+    onnx_max_rel_error: float | None
+    reason: str | None  # why nothing was written
+
+    @property
+    def files(self) -> tuple[Path, ...]:
+        if not self.written:
+            return ()
+        return (self.output,) if self.onnx is None else (self.output, self.onnx)
+
+
+def default_compressed_output(source: Path) -> Path:
+    """``<stem>.compressed.safetensors`` beside the source."""
+    base = sharded_base(source) if is_index(source) else source
+    return source.with_name(f"{base.stem}.compressed.safetensors")
+
+
+def compress_file(
+    source: Path,
+    output: Path | None = None,
+    *,
+    max_error: float = DEFAULT_MAX_ERROR,
+    samples_path: Path | None = None,
+    onnx_path: Path | None = None,
+    force: bool = False,
+    model_factory: str | None = None,
+    inputs: Sequence[InputSpec] | None = None,
+    state_key: str | None = None,
+) -> CompressFileResult:
+    """Compress ``source`` within ``max_error`` (:data:`~epcli.verification.compress.ERROR_METRIC`) and, when
+    every check is within it, write ``output`` (and ``onnx_path``). ``model_factory``, ``inputs`` and
+    ``state_key`` are as in :func:`~epcli.load_checkpoint`."""
+    output = output or default_compressed_output(source)
+    check_output_name(output, (".safetensors", ".pt"), option="-o", example=default_compressed_output(source).name)
+    if onnx_path is not None:
+        check_output_name(onnx_path, (".onnx",), option="--onnx", example=f"{output.stem}.onnx")
+    checkpoint = load_checkpoint(source, model_factory=model_factory, inputs=inputs, state_key=state_key)
+    check_targets((output,) if onnx_path is None else (output, onnx_path), checkpoint.files or (source,), force)
+    if checkpoint.model is None:
+        raise UsageError(
+            f"{source}: no architecture is embedded, so there is no whole model to compress and measure; "
+            "name a factory with --model module:function"
+        )
+    calibration = None
+    measured_on = f"{_SETTINGS.samples} seeded standard-normal samples (give --inputs FILE for real data)"
+    if samples_path is not None:
+        samples = read_samples(samples_path, checkpoint.inputs)
+        calibration = sample_batches(samples, _SETTINGS.batch_size)
+        measured_on = f"the {samples[0].shape[0]} samples of {samples_path.name}"
+    reference = reference_outputs(checkpoint.model, calibration, checkpoint.inputs, _SETTINGS)
+    compressed, result = compress_against(reference, checkpoint.model, max_error=max_error, whiten=bool(calibration))
+    reason = _refusal(result, source)
+    onnx_bytes, onnx_error = None, None
+    if reason is None and onnx_path is not None:
+        onnx_bytes, onnx_error = _onnx(compressed, checkpoint.inputs, reference)
+        if onnx_error > max_error:
+            reason = (
+                f"{onnx_path}: onnxruntime's output is off by {onnx_error:.3g} (relative), over --max-error "
+                f"{max_error:g}; nothing was written"
+            )
+    if reason is not None:
+        return CompressFileResult(source, output, onnx_path, False, result, measured_on, onnx_error, reason)
+    make_parent(output)
+    if onnx_path is not None:
+        make_parent(onnx_path)
+    architecture = describe_architecture(compressed)
+    hashes = {path.name: file_sha256(path) for path in checkpoint.files or (source,)}
+    metadata = build_metadata(
+        kind="collapsed",
+        inputs=checkpoint.inputs,
+        ep_layers={},  # every EP layer was collapsed, and its plain layer may be factored: none is left
+        layer_input_shapes={},
+        architecture=architecture,
+        provenance=_provenance(source, hashes, result, measured_on, onnx_error),
+    )
+    state = {key: value.detach().cpu().contiguous() for key, value in compressed.state_dict().items()}
+    layout = {key: TensorInfo(tuple(value.shape), value.dtype) for key, value in state.items()}
+    with StagedFiles(overwrite=force) as staged:
+        if onnx_path is not None and onnx_bytes is not None:
+            data = onnx_bytes
+            staged.write(onnx_path, lambda handle: handle.write(data))
+        with CheckpointWriter(output, layout, overwrite=force) as writer:
+            for key, value in state.items():
+                writer.add(key, value)
+            writer.commit(dump_metadata(metadata))
+        staged.commit()
+    return CompressFileResult(source, output, onnx_path, True, result, measured_on, onnx_error, None)
+
+
+def _refusal(result: CompressionResult, source: Path) -> str | None:
+    """Why the result is not worth writing, or None (a factored result is within the budget: only measured
+    configurations are accepted)."""
+    if not result.factored:
+        return (
+            f"{source}: no layer can be factored (to fewer parameters) within --max-error {result.max_error:g}; "
+            "nothing was written; raise --max-error"
+        )
+    return None
+
+
+def _onnx(compressed: nn.Module, specs: Sequence[InputSpec], reference: ExpandedOutputs) -> tuple[bytes, float]:
+    """The compressed model as ONNX (float32, checked) and its whole-model error in onnxruntime against the
+    original model's outputs that the search measured against."""
+    model = copy.deepcopy(compressed).to(torch.float32).eval()
+    data = serialize_onnx(build_onnx(model, specs[0].shape, inputs=specs))
+    check_onnx(data)
+    session = OnnxSession(data, expected_inputs=len(specs))
+    comparisons: tuple[Comparison, ...] = reference.compare(session, ONNX_LABEL, _SETTINGS)
+    return data, max(c.max_rel_error for c in comparisons)
+
+
+def _provenance(
+    source: Path,
+    hashes: dict[str, str],
+    result: CompressionResult,
+    measured_on: str,
+    onnx_error: float | None,
+) -> dict[str, object]:
+    """What a compressed file records of its making: the source by sha256, the budget and how it was measured,
+    each layer's rank and error, and the whole model's errors."""
+    return {
+        "source_name": source.name,
+        "source_sha256": next(iter(hashes.values())),
+        "compressed_by": f"epcli {__version__}",
+        "compression": {
+            "method": result.method,
+            "max_error": result.max_error,
+            "error_metric": ERROR_METRIC,
+            "measured_on": measured_on,
+            "samples": result.samples,
+            "threshold": result.threshold,
+            "layers": {
+                layer.path: {"rank": layer.rank, "full_rank": layer.full_rank, "error": layer.error}
+                for layer in result.layers
+            },
+            "model_max_rel_error": result.model_max_rel_error,
+            "model_max_abs_error": result.model_max_abs_error,
+            "onnx_max_rel_error": onnx_error,
+        },
+    }

@@ -1,0 +1,240 @@
+"""``compress_model``: the smallest low-rank model whose whole-model error, measured, stays within a budget.
+
+It lives here, not in :mod:`epcli.convert`, because the ranks are chosen by measuring the whole model with the
+comparison engine (:func:`~epcli.verification.compare.compare_outputs`), which sits above the transforms.
+
+Ranks are allocated by one global threshold ``t`` on normalised (whitened) singular-value energy: every layer
+keeps the fewest values that discard at most a fraction ``t`` of its energy, and is factored only where that
+saves parameters (and so MACs). The threshold is bisected over the finitely many values where some layer's rank
+changes, each candidate judged by the real error of the whole model against the original on the calibration
+batches; only measured configurations are accepted, so the result is within the budget on those batches.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from epcli.checkpoint.inputs import InputSpec, random_inputs
+from epcli.convert import collapse_model
+from epcli.convert.compress import LayerPlan, factored_copy, layer_plans
+from epcli.core.lowrank import DEFAULT_RIDGE
+from epcli.errors import UsageError
+from epcli.verification.compare import Comparison, VerifySettings
+from epcli.verification.model_check import ExpandedOutputs, expanded_outputs
+from epcli.verification.samples import sample_batches
+
+__all__ = [
+    "ERROR_METRIC",
+    "CompressionResult",
+    "LayerCompression",
+    "compress_against",
+    "compress_model",
+    "measure_model",
+    "reference_outputs",
+]
+
+ERROR_METRIC = "max |compressed - original| / max |original| over every output element of the calibration samples"
+"""What ``max_error`` bounds: the normwise relative error of the whole model's output (``max_rel_error``)."""
+
+
+@dataclass(frozen=True)
+class LayerCompression:
+    """One plain layer: ``rank`` kept per group (None: left whole, as factoring would not pay at the rank the
+    budget allows), its full rank, the effective rank of its weight, costs per sample before and after, and
+    ``error``: the relative (whitened, with calibration data) Frobenius error of the layer's truncation."""
+
+    path: str
+    layer_type: str
+    rank: int | None
+    full_rank: int
+    effective_rank: float
+    params_before: int
+    params_after: int
+    macs_before: int
+    macs_after: int
+    error: float
+
+
+@dataclass(frozen=True)
+class CompressionResult:
+    """The layers, the whole-model error against the budget, and how both were measured."""
+
+    layers: tuple[LayerCompression, ...]
+    method: str  # "whitened" (calibration data given) or "svd"
+    max_error: float
+    model_max_rel_error: float
+    model_max_abs_error: float
+    samples: int
+    threshold: float | None  # the energy threshold chosen; None: no layer is factored
+    evaluations: int  # whole-model measurements made
+
+    @property
+    def params_before(self) -> int:
+        return sum(layer.params_before for layer in self.layers)
+
+    @property
+    def params_after(self) -> int:
+        return sum(layer.params_after for layer in self.layers)
+
+    @property
+    def macs_before(self) -> int:
+        return sum(layer.macs_before for layer in self.layers)
+
+    @property
+    def macs_after(self) -> int:
+        return sum(layer.macs_after for layer in self.layers)
+
+    @property
+    def factored(self) -> tuple[LayerCompression, ...]:
+        return tuple(layer for layer in self.layers if layer.rank is not None)
+
+    @property
+    def ranks(self) -> dict[str, int]:
+        return {layer.path: layer.rank for layer in self.layers if layer.rank is not None}
+
+
+Calibration = Tensor | Sequence[tuple[Tensor, ...]]
+
+
+def compress_model(
+    model: nn.Module,
+    *,
+    max_error: float,
+    calibration: Calibration | None = None,
+    inputs: Sequence[InputSpec] | None = None,
+    samples: int = 64,
+    batch_size: int = 32,
+    seed: int = 0,
+    ridge: float = DEFAULT_RIDGE,
+) -> tuple[nn.Module, CompressionResult]:
+    """A new model (input untouched; EP layers collapsed first; dtype and device kept; eval mode) with plain
+    Linear / ConvNd layers replaced by :class:`~epcli.LowRankLinear` / ``LowRankConv{1,2,3}d`` where that saves
+    parameters, at ranks keeping the whole model's :data:`ERROR_METRIC` within ``max_error``.
+
+    ``calibration`` (one tensor, batch first, or batches as tuples of model inputs) is what the error is
+    measured on, and whitens each layer's truncation by its own inputs ("whitened"); without it the error is
+    measured on ``samples`` seeded standard-normal inputs drawn from ``inputs`` and the truncation is plain
+    ("svd"). ``max_error=0`` keeps every layer whole (no truncation is exact in floating point).
+    """
+    _check_budget(max_error)  # before the reference run
+    settings = VerifySettings(samples=samples, batch_size=batch_size, seed=seed, dtype="float64")
+    reference = reference_outputs(model, calibration, inputs, settings)
+    return compress_against(reference, model, max_error=max_error, whiten=calibration is not None, ridge=ridge)
+
+
+def reference_outputs(
+    model: nn.Module, calibration: Calibration | None, inputs: Sequence[InputSpec] | None, settings: VerifySettings
+) -> ExpandedOutputs:
+    """The original model's float64 outputs on the calibration batches, or on seeded batches drawn from ``inputs``
+    as ``settings`` says: what every candidate is measured against (``model`` is not touched)."""
+    return expanded_outputs(copy.deepcopy(model), (), settings, _batches(calibration, inputs, settings))
+
+
+def compress_against(
+    reference: ExpandedOutputs, model: nn.Module, *, max_error: float, whiten: bool, ridge: float = DEFAULT_RIDGE
+) -> tuple[nn.Module, CompressionResult]:
+    """:func:`compress_model` with the reference outputs given (e.g. to measure an export against them too);
+    ``whiten`` whitens each truncation by the layer's inputs on the reference's batches."""
+    _check_budget(max_error)
+    settings = VerifySettings(samples=1, dtype="float64")  # the batches are given: only the dtype matters
+    collapsed = collapse_model(model)
+    work = copy.deepcopy(collapsed).to(torch.float64).eval()
+    plans = layer_plans(work, reference.batches, whiten=whiten, ridge=ridge)
+    thresholds = sorted({p.tails[r] for p in plans.values() for r in range(1, p.rank_limit + 1)})
+    measured = [0]  # whole-model measurements made
+
+    def ranks_at(index: int) -> dict[str, int]:
+        if index < 0:
+            return {}
+        chosen = {path: plan.rank_at(thresholds[index]) for path, plan in plans.items()}
+        return {path: rank for path, rank in chosen.items() if rank is not None}
+
+    def measure(candidate: nn.Module) -> tuple[Comparison, ...]:
+        measured[0] += 1
+        return measure_model(reference, candidate, settings)
+
+    def passes(index: int) -> bool:
+        return _rel(measure(factored_copy(work, plans, ranks_at(index)))) <= max_error
+
+    low, high = -1, len(thresholds)  # -1: nothing factored, within any budget but float rounding
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if passes(middle) else (low, middle)
+    while True:  # the result in its own dtype: step back while its rounding breaks the budget
+        compressed = factored_copy(collapsed, plans, ranks_at(low)).eval()
+        final = measure(compressed)
+        if _rel(final) <= max_error or low < 0:
+            break
+        low -= 1
+    ranks = ranks_at(low)
+    result = CompressionResult(
+        layers=tuple(_layer(plan, ranks.get(path)) for path, plan in plans.items()),
+        method="whitened" if whiten else "svd",
+        max_error=max_error,
+        model_max_rel_error=_rel(final),
+        model_max_abs_error=max((c.max_abs_error for c in final), default=0.0),
+        samples=final[0].samples if final else 0,
+        threshold=None if low < 0 else thresholds[low],
+        evaluations=measured[0],
+    )
+    return compressed, result
+
+
+def measure_model(
+    reference: ExpandedOutputs, candidate: nn.Module, settings: VerifySettings
+) -> tuple[Comparison, ...]:
+    """``candidate`` (in its own dtype: float64 inputs are cast to it) against the reference outputs."""
+    dtype = next((p.dtype for p in candidate.parameters()), torch.float64)
+    run: Callable[..., object] = lambda *batch: candidate(  # noqa: E731
+        *(t.to(dtype) if t.is_floating_point() else t for t in batch)
+    )
+    return reference.compare(run, "compressed", settings)
+
+
+def _check_budget(max_error: float) -> None:
+    if not (math.isfinite(max_error) and max_error >= 0):
+        raise UsageError(f"max_error must be a finite number >= 0, got {max_error!r}")
+
+
+def _rel(comparisons: Sequence[Comparison]) -> float:
+    """The budgeted error (NaN, from a non-finite output, never passes)."""
+    worst = max((c.max_rel_error for c in comparisons), default=0.0)
+    return math.inf if math.isnan(worst) else worst
+
+
+def _batches(
+    calibration: Calibration | None, inputs: Sequence[InputSpec] | None, settings: VerifySettings
+) -> list[tuple[Tensor, ...]]:
+    if isinstance(calibration, Tensor):
+        return sample_batches((calibration,), settings.batch_size)
+    if calibration is not None:
+        batches = [tuple(batch) for batch in calibration]
+        if not batches:
+            raise UsageError("calibration holds no batches; give at least one sample")
+        return batches
+    if not inputs:
+        raise UsageError("give calibration samples, or the model's input specs (inputs=[InputSpec(shape)])")
+    return list(
+        random_inputs(inputs, settings.samples, settings.batch_size, settings.seed, dtype=torch.float64)
+    )
+
+
+def _layer(plan: LayerPlan, rank: int | None) -> LayerCompression:
+    return LayerCompression(
+        path=plan.path,
+        layer_type=plan.layer_type,
+        rank=rank,
+        full_rank=plan.full_rank,
+        effective_rank=plan.effective_rank,
+        params_before=plan.params,
+        params_after=plan.params if rank is None else plan.factored_params(rank),
+        macs_before=plan.macs,
+        macs_after=plan.macs if rank is None else plan.factored_macs(rank),
+        error=0.0 if rank is None else math.sqrt(plan.tails[rank]),
+    )

@@ -1,0 +1,132 @@
+"""``epcli compress CKPT [-o OUT] [--max-error E] [--inputs FILE] [--onnx OUT.onnx] [--json]`` on the samples."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import epcli
+from epcli.convert import expanded_eval
+
+RECORD = json.loads((Path(__file__).resolve().parents[2] / "sample_checkpoints" / "samples.json").read_text())
+
+
+def _digits(test: bool, count: int = 400) -> tuple[torch.Tensor, torch.Tensor]:
+    """The recorded test split, or ``count`` digits outside it; pixels / 16 as the samples were trained."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    held = set(RECORD["split"]["test_indices"])
+    indices = sorted(held) if test else [i for i in range(len(data.target)) if i not in held][:count]
+    return torch.tensor(data.data[indices] / 16.0, dtype=torch.float32), torch.tensor(data.target[indices])
+
+
+def _inputs(directory: Path, shape: tuple[int, ...], count: int = 400) -> Path:
+    path = directory / "calibration.safetensors"
+    save_file({"x": _digits(test=False, count=count)[0].reshape(-1, *shape).contiguous()}, str(path))
+    return path
+
+
+def _accuracy(model: torch.nn.Module, shape: tuple[int, ...]) -> float:
+    x, y = _digits(test=True)
+    with expanded_eval(model), torch.no_grad():
+        return float((model(x.reshape(-1, *shape)).argmax(1) == y).float().mean())
+
+
+def test_subprocess_compress_mlp_with_onnx(samples, run_epcli, json_doc):
+    inputs = _inputs(samples.dir, (64,))
+    out, onnx_out = samples.dir / "mlp.small.safetensors", samples.dir / "mlp.small.onnx"
+
+    run = run_epcli("compress", samples.mlp, "-o", out, "--inputs", inputs, "--max-error", "0.1", "--onnx", onnx_out,
+                    "--json")
+
+    assert run.returncode == 0, run.describe()
+    document = json_doc(run.stdout)
+    assert document["command"] == "compress" and document["passed"] is True and document["method"] == "whitened"
+    assert document["model_max_rel_error"] <= 0.1 and document["onnx_max_rel_error"] <= 0.1
+    assert document["params_after"] < document["params_before"] and document["macs_after"] < document["macs_before"]
+    assert document["files"] == [str(out), str(onnx_out)]
+    layers = {layer["path"]: layer for layer in document["layers"]}
+    assert set(layers) == {"0", "3"} and layers["0"]["full_rank"] == 64 and layers["0"]["rank"] < 32
+    assert layers["0"]["effective_rank"] == pytest.approx(37.3, abs=0.1)  # what epcli inspect reports
+
+    original, compressed = epcli.load_checkpoint(samples.mlp), epcli.load_checkpoint(out)  # rebuilt from metadata
+    assert isinstance(compressed.model[0], epcli.LowRankLinear) and compressed.model[0].rank == layers["0"]["rank"]
+    recorded = compressed.metadata["provenance"]["compression"]
+    assert recorded["layers"]["0"]["rank"] == layers["0"]["rank"]
+    assert recorded["model_max_rel_error"] == document["model_max_rel_error"]
+    x = _digits(test=False)[0]
+    with expanded_eval(original.model), torch.no_grad():
+        want, got = original.model(x), compressed.model(x)
+    assert float((got - want).abs().max() / want.abs().max()) <= 0.1
+    session = ort.InferenceSession(str(onnx_out), providers=["CPUExecutionProvider"])
+    (from_onnx,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    np.testing.assert_allclose(from_onnx, got.numpy(), atol=1e-4, rtol=1e-4)
+    assert _accuracy(compressed.model, (64,)) >= _accuracy(original.model, (64,)) - 0.02
+
+
+def test_cnn_within_budget_keeps_its_accuracy(samples, invoke, json_doc):
+    inputs = _inputs(samples.dir, (1, 8, 8), count=128)  # float64 convolutions are slow: a small calibration
+    run = invoke("compress", samples.cnn, "--inputs", inputs, "--max-error", "0.1", "--json")
+    assert run.returncode == 0, run.describe()
+    document = json_doc(run.stdout)
+    out = samples.dir / "digits_cnn.compressed.safetensors"
+    assert document["output"] == str(out) and out.is_file()
+    assert any(layer["rank"] is not None and layer["type"] == "Conv2d" for layer in document["layers"])
+    compressed = epcli.load_checkpoint(out)
+    assert any(isinstance(m, epcli.LowRankConv2d) for m in compressed.model.modules())
+    original = epcli.load_checkpoint(samples.cnn)
+    assert _accuracy(compressed.model, (1, 8, 8)) >= _accuracy(original.model, (1, 8, 8)) - 0.02
+    inspect = invoke("inspect", out)
+    assert inspect.returncode == 0, inspect.describe()
+    assert "Compressed (whitened, --max-error 0.1)" in inspect.stdout and "EP layers" not in inspect.stdout
+    verify = invoke("verify", samples.cnn, out, "--inputs", inputs, "--json")
+    assert verify.returncode == 0, verify.describe()
+    (model,) = json_doc(verify.stdout)["comparisons"]
+    assert model["scope"] == "model" and model["max_rel_error"] == pytest.approx(document["model_max_rel_error"], rel=1e-3)
+    assert "only the whole model is compared" in verify.stderr
+
+
+def test_zero_budget_is_refused_and_writes_nothing(samples, invoke, json_doc):
+    before = sorted(samples.dir.iterdir())
+    run = invoke("compress", samples.mlp, "--max-error", "0", "--onnx", samples.dir / "m.onnx", "--json")
+    assert run.returncode == 1, run.describe()
+    document = json_doc(run.stdout)
+    assert document["passed"] is False and document["files"] == [] and document["output"] is None
+    assert "no layer can be factored" in document["reason"] and "--max-error" in run.stderr
+    assert all(layer["rank"] is None for layer in document["layers"])
+    assert sorted(samples.dir.iterdir()) == before
+
+
+def test_without_samples_plain_svd_on_random_inputs(samples, invoke, json_doc):
+    run = invoke("compress", samples.mlp, "--max-error", "0.5", "--json")
+    document = json_doc(run.stdout)
+    assert document["method"] == "svd" and "standard-normal" in document["measured_on"]
+    assert document["model_max_rel_error"] <= 0.5 and (run.returncode == 0) == document["passed"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--max-error", "-1"], "expected a finite number >= 0"),
+        (["--max-error", "nan"], "expected a finite number >= 0"),
+        (["-o", "out.npz"], ".safetensors"),
+    ],
+)
+def test_bad_arguments_exit_2(samples, invoke, argv, message):
+    run = invoke("compress", samples.mlp, *argv)
+    assert run.returncode == 2 and message in run.stderr, run.describe()
+
+
+def test_an_existing_output_needs_force(samples, invoke):
+    out = samples.dir / "digits_mlp.compressed.safetensors"
+    out.write_bytes(b"precious")
+    run = invoke("compress", samples.mlp, "--max-error", "0.5")
+    assert run.returncode == 4 and "--force" in run.stderr, run.describe()
+    assert out.read_bytes() == b"precious"
