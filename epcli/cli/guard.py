@@ -19,7 +19,7 @@ import os
 import signal
 import traceback
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -84,7 +84,7 @@ class Outcome:
     payload: Mapping[str, Any]
     failure: str | None = None
     tables: tuple[CaseTable, ...] = ()
-    warnings: tuple[str, ...] = field(default=())
+    warnings: tuple[str, ...] = ()
 
     @property
     def passed(self) -> bool:
@@ -115,7 +115,8 @@ def guarded(
             unwritable = _write_junit(output.junit_xml, command_name, tables, error if outcome is None else None)
             if unwritable is not None:
                 render.error(unwritable.message)
-                payload, code, error, tables = {}, EXIT_OUTPUT, unwritable, ()
+                if outcome is not None:  # an error that stopped the run keeps its own code
+                    payload, code, error, tables = {}, EXIT_OUTPUT, unwritable, ()
         if ci_reports.github_actions():
             _github(command_name, tables, warnings, error, code, subject)
         if output.json:
