@@ -335,3 +335,25 @@ def test_export_takes_verifys_device_dtype_and_timeout(samples, invoke):
 
     assert run.returncode == 0, run.describe()
     assert float64.returncode == 2 and "float32" in float64.stderr
+
+
+def test_titles_use_the_paths_as_given_where_base_names_collide(samples, tmp_path, invoke):
+    artifact = tmp_path / "out" / "digits_mlp.pt"
+    assert invoke("collapse", samples.mlp, "-o", artifact).returncode == 0
+
+    run = invoke("verify", samples.mlp, artifact, "--samples", "8")
+
+    assert run.returncode == 0, run.describe()
+    assert run.stdout.splitlines()[0] == f"Verify {samples.mlp}: expanded vs {artifact}"
+
+
+def test_progress_shows_no_count_before_the_total_is_known():
+    from rich.progress import Progress
+
+    from epcli.cli.render import _Count
+
+    with Progress(disable=True) as bar:
+        task = bar.add_task("", total=None)
+        assert str(_Count().render(bar.tasks[0])) == ""
+        bar.update(task, completed=2, total=5)
+        assert str(_Count().render(bar.tasks[0])) == "2/5"
