@@ -7,6 +7,8 @@ how to fix it.
 
 from __future__ import annotations
 
+import os
+
 __all__ = [
     "EpcliError",
     "CheckpointError",
@@ -16,15 +18,24 @@ __all__ = [
     "VerificationError",
     "UsageError",
     "ExportError",
+    "OutputError",
 ]
 
 
 class EpcliError(Exception):
-    """Base class of every error epcli raises on bad input."""
+    """Base class of every error epcli raises on bad input.
+
+    ``file`` is the file at fault when one is known, so a CI report can point at it without
+    parsing the message.
+    """
+
+    def __init__(self, *args: object, file: str | os.PathLike[str] | None = None) -> None:
+        super().__init__(*args)
+        self.file = None if file is None else os.fspath(file)
 
 
 class CheckpointError(EpcliError):
-    """A checkpoint file is missing, unreadable, malformed or lacks epcli metadata."""
+    """An input file (checkpoint, artifact, samples) is missing, unreadable, malformed or lacks epcli metadata."""
 
 
 class UnsafeCheckpointError(CheckpointError):
@@ -53,3 +64,8 @@ class UsageError(EpcliError, ValueError):
 
 class ExportError(EpcliError):
     """A model could not be exported (unsupported operation, invalid ONNX, onnxruntime refused it)."""
+
+
+class OutputError(EpcliError):
+    """An output cannot be written: it exists (without ``force``), is a directory or the source, or its directory
+    is read-only, not permitted or full. Nothing was written."""

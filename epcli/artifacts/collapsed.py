@@ -35,7 +35,7 @@ from epcli.convert import (
     layer_prefix,
 )
 from epcli.devices import resolve_device
-from epcli.errors import UsageError
+from epcli.errors import CheckpointError, UsageError
 from epcli.layers.config import EPConfig
 from epcli.layers.summary import LayerSummary, natural_order, summarize_layer
 from epcli.progress import ProgressCallback
@@ -123,6 +123,8 @@ def resolve_output(source: Path, output: Path | None, file_format: str | None, o
     if output is None:
         return default_output(source, file_format or "safetensors")
     example = default_output(source, file_format or "safetensors").name
+    if option == "-o" and output.suffix.lower() == ".onnx":
+        raise UsageError(f"{output}: {option} writes a collapsed checkpoint; for ONNX run epcli export CKPT --onnx {output}")
     suffixes = OUTPUT_FORMATS.values() if option == "-o" or file_format is None else (OUTPUT_FORMATS[file_format],)
     check_output_name(output, suffixes, option=option, example=example)
     if file_format is not None and output.suffix != OUTPUT_FORMATS[file_format]:
@@ -163,9 +165,11 @@ def plan_output(
     check_shard_limit(max_shard_bytes)
     source = opened.path
     if opened.kind != "expanded":
-        raise UsageError(f"{source}: already collapsed; nothing to do")
+        raise CheckpointError(f"{source}: already collapsed; nothing to do", file=source)
     if not opened.ep_layers:
-        raise UsageError(f"{source}: holds no EP layers, so there is nothing to collapse; nothing was written")
+        raise CheckpointError(
+            f"{source}: holds no EP layers, so there is nothing to collapse; nothing was written", file=source
+        )
     output = resolve_output(source, output, file_format, option)
     if output.suffix != ".safetensors" and max_shard_bytes is not None:
         raise UsageError(

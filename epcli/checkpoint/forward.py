@@ -111,8 +111,8 @@ def layer_input_shapes(model: nn.Module, specs: Sequence[InputSpec]) -> dict[str
                 raise ConfigError(
                     f"the model's forward fails on a batch of shape {shapes} ({given}): "
                     f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}; pass the shape "
-                    "of one sample without the batch dimension (token ids and other non-float inputs: "
-                    "inputs=[InputSpec(...)])"
+                    "of one sample without the batch dimension (token ids and other non-float inputs: --input "
+                    "'int64[16]:0:50257' on the command line, inputs=[InputSpec(...)] in Python)"
                 ) from e
     finally:
         for handle in handles:

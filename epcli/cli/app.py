@@ -2,7 +2,10 @@
 
 Two small Typer subclasses carry the contract that lives outside any command body:
 ``--json`` / ``-q``, which belong to the group and are accepted before or after the
-command's name; every command body run under the guard (:mod:`epcli.cli.guard`);
+command's name; every command body run under the guard (:mod:`epcli.cli.guard`), which
+turns the :class:`~epcli.cli.guard.Outcome` it returns, or its error, into the exit code,
+the JSON document and the CI reports (a command that compares is a ``_GateCommand`` and
+also takes ``--junit-xml``);
 usage lines that read ``CKPT [ARTIFACT]``; and usage errors that, with ``--json``,
 are also the one JSON document on stdout.
 
@@ -22,13 +25,11 @@ import typer
 from typer.core import TyperArgument, TyperCommand, TyperGroup
 
 from epcli.cli import collapse, compress, export, inspect, render, verify
-from epcli.cli.guard import guarded
-from epcli.cli.options import output_mode, output_options
+from epcli.cli.guard import EXIT_USAGE, guarded, usage_error
+from epcli.cli.options import junit_option, output_mode, output_options
 from epcli.cli.terminate import EXIT_TERMINATED, Terminated, raise_on_signals
 
 __all__ = ["app", "main"]
-
-COMMANDS = ("collapse", "verify", "export", "inspect", "compress")
 
 _ClickUsageError: type[Any] = next(cls for cls in typer.BadParameter.__mro__ if cls.__name__ == "UsageError")
 """click's ``UsageError``, the base of every command-line parsing error. Typer exports only its subclass
@@ -44,7 +45,9 @@ class _Command(TyperCommand):
         self.params.extend(output_options())
 
     def invoke(self, ctx: Any) -> Any:
-        return guarded(super().invoke, name=self.name, mode=output_mode(ctx))(ctx)
+        checkpoint = ctx.params.get("checkpoint")
+        subject = None if checkpoint is None else str(checkpoint)
+        return guarded(super().invoke, name=self.name, mode=output_mode(ctx), subject=subject)(ctx)
 
     def collect_usage_pieces(self, ctx: Any) -> list[str]:
         pieces = [self.options_metavar] if self.options_metavar else []
@@ -54,6 +57,14 @@ class _Command(TyperCommand):
             else:
                 pieces.extend(param.get_usage_pieces(ctx))
         return pieces
+
+
+class _GateCommand(_Command):
+    """A command that compares, and so also writes a JUnit report on request (``--junit-xml FILE``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.params.append(junit_option())
 
 
 class _Group(TyperGroup):
@@ -87,26 +98,34 @@ class _Group(TyperGroup):
         try:
             yield
         except _ClickUsageError as error:
-            if "--json" in self._argv:
-                command = next((arg for arg in self._argv if arg in COMMANDS), "epcli")
-                message = render.printable(error.format_message())
-                render.emit_json(command, {"passed": False, "error": {"type": "UsageError", "message": message}})
+            command = next((arg for arg in self._argv if arg in self.commands), "epcli")
+            usage_error(command, render.printable(error.format_message()), json_output="--json" in self._argv)
+            error.exit_code = EXIT_USAGE
             raise
 
+
+EXIT_CODE_HELP = (
+    "Exit codes: 0 passed; 1 verification failed (out of tolerance, stale artifact); 2 command-line usage; "
+    "3 an input that cannot be used (missing, unreadable, corrupt, unsafe, unsupported, does not fit the model); "
+    "4 an output that cannot be written (exists without --force, permissions, disk full, read-only directory); "
+    "130 / 143 interrupted / terminated. With --json the code is also the document's exit_code."
+)
 
 app = typer.Typer(
     name="epcli",
     cls=_Group,
     help="Collapse expand-and-project (EP) checkpoints exactly, verify them, and export them "
-    "(safetensors, ONNX).\n\nExit codes: 0 success, 1 verification failed, 2 usage or input error.",
+    "(safetensors, ONNX).",
+    epilog=EXIT_CODE_HELP,
+    context_settings={"help_option_names": ["-h", "--help"]},
     no_args_is_help=True,
     add_completion=True,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
-app.command("collapse", cls=_Command, no_args_is_help=True)(collapse.collapse_command)
-app.command("verify", cls=_Command, no_args_is_help=True)(verify.verify_command)
-app.command("export", cls=_Command, no_args_is_help=True)(export.export_command)
+app.command("collapse", cls=_GateCommand, no_args_is_help=True)(collapse.collapse_command)
+app.command("verify", cls=_GateCommand, no_args_is_help=True)(verify.verify_command)
+app.command("export", cls=_GateCommand, no_args_is_help=True)(export.export_command)
 app.command("inspect", cls=_Command, no_args_is_help=True)(inspect.inspect_command)
 app.command("compress", cls=_Command, no_args_is_help=True)(compress.compress_command)
 
@@ -122,7 +141,7 @@ def _print_version(value: bool) -> None:
 @app.callback()
 def _root(
     version: bool = typer.Option(
-        False, "--version", help="Print the epcli version and exit.", is_eager=True, callback=_print_version
+        False, "-V", "--version", help="Print the epcli version and exit.", is_eager=True, callback=_print_version
     ),
 ) -> None:
     """Collapse, verify, export and inspect EP checkpoints."""

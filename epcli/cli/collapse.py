@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from epcli.cli import render
+from epcli.cli.guard import Outcome
 from epcli.cli.options import (
     NO_SOURCE,
     CheckpointArg,
@@ -19,7 +20,7 @@ from epcli.cli.options import (
     parse_size,
     takes_source,
 )
-from epcli.cli.reports import collapse_payload, render_collapse
+from epcli.cli.reports import collapse_cases, collapse_payload, collapse_warnings, render_collapse
 
 __all__ = ["collapse_command"]
 
@@ -27,6 +28,13 @@ __all__ = ["collapse_command"]
 class OutputFormat(str, Enum):
     safetensors = "safetensors"
     pt = "pt"
+
+
+def _output_format(text: str) -> OutputFormat:
+    """``--format``; ONNX is another command's output, so say which."""
+    if str(text).strip().lower() == "onnx":
+        raise typer.BadParameter("ONNX is written by epcli export CKPT --onnx OUT.onnx; --format takes safetensors or pt")
+    return choice(OutputFormat)(text)
 
 
 @takes_source
@@ -46,8 +54,8 @@ def collapse_command(
         typer.Option(
             "--format",
             metavar="safetensors|pt",
-            parser=choice(OutputFormat),
-            help="Output format (default: from -o's suffix, else safetensors).",
+            parser=_output_format,
+            help="Output format (default: from -o's suffix, else safetensors). For ONNX use epcli export --onnx.",
             show_default=False,
         ),
     ] = None,
@@ -72,7 +80,7 @@ def collapse_command(
             show_default=False,
         ),
     ] = None,
-) -> None:
+) -> Outcome:
     """Collapse every EP layer into one Linear/Conv2d, one layer at a time; write the compact checkpoint (atomically).
 
     Reads .pt, .safetensors and sharded safetensors (give the .safetensors.index.json); with --model and
@@ -100,4 +108,4 @@ def collapse_command(
     for note in result.notes:
         render.info(note)
     render_collapse(result)
-    render.document("collapse", collapse_payload(result))
+    return Outcome(collapse_payload(result), tables=(collapse_cases(result),), warnings=collapse_warnings(result))

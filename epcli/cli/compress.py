@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from epcli.cli import render
-from epcli.cli.guard import EXIT_VERIFY_FAILED
+from epcli.cli.guard import Outcome
 from epcli.cli.options import NO_SOURCE, CheckpointArg, ForceOption, SourceOptions, non_negative, takes_source
 
 if TYPE_CHECKING:
@@ -61,11 +61,12 @@ def compress_command(
     ] = None,
     force: ForceOption = False,
     source: SourceOptions = NO_SOURCE,
-) -> None:
+) -> Outcome:
     """Factor each Linear/Conv of the collapsed model into two low-rank layers where that saves parameters, at ranks
     keeping the whole model within --max-error; verify, then write a self-describing file (nothing on a miss).
 
-    Exit codes: 0 written, 1 the budget cannot be met (nothing written), 2 usage or input error.
+    Exit codes: 0 written, 1 the budget cannot be met (nothing written), 2 usage, 3 unusable input, 4 unwritable
+    output.
     """
     from epcli.jobs.compress import compress_file
 
@@ -83,9 +84,8 @@ def compress_command(
             state_key=source.state_key,
         )
     render_compress(result)
-    render.document("compress", compress_payload(result))
-    if not result.written:
-        raise typer.Exit(EXIT_VERIFY_FAILED)
+    failure = None if result.written else f"nothing was written: {result.reason or 'the error budget cannot be met'}"
+    return Outcome(compress_payload(result), failure=failure)
 
 
 def compress_payload(result: CompressFileResult) -> dict[str, Any]:

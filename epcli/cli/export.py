@@ -8,20 +8,34 @@ from typing import Annotated
 import typer
 
 from epcli.cli import render
-from epcli.cli.guard import EXIT_VERIFY_FAILED
+from epcli.cli.guard import Outcome
 from epcli.cli.options import (
     NO_SOURCE,
     Atol,
     CheckpointArg,
+    DeviceOption,
+    Dtype,
     ForceOption,
     Rtol,
     Samples,
     Seed,
     SourceOptions,
+    Timeout,
+    choice,
     takes_source,
     whole_number,
 )
-from epcli.cli.reports import collapse_payload, render_collapse, render_report, report_payload
+from epcli.cli.reports import (
+    collapse_cases,
+    collapse_payload,
+    collapse_warnings,
+    render_collapse,
+    render_report,
+    report_cases,
+    report_failure,
+    report_payload,
+    report_warnings,
+)
 
 __all__ = ["export_command"]
 
@@ -68,7 +82,18 @@ def export_command(
     rtol: Rtol = None,
     force: ForceOption = False,
     source: SourceOptions = NO_SOURCE,
-) -> None:
+    dtype: Annotated[
+        Dtype,
+        typer.Option(
+            "--dtype",
+            metavar="float32|float64",
+            parser=choice(Dtype),
+            help="Precision of the validation, as in verify (ONNX export is float32).",
+        ),
+    ] = Dtype.float32,
+    device: DeviceOption = "cpu",
+    timeout: Timeout = 60.0,
+) -> Outcome:
     """Export the collapsed model. The ONNX file holds one Gemm/Conv per EP layer, passes onnx.checker and is
     compared with the expanded torch model in onnxruntime (float32; rule and default tolerances as in
     `epcli verify`) before it is written; on a mismatch nothing is written and the exit code is 1. A model
@@ -78,7 +103,7 @@ def export_command(
     from epcli.onnx.export import EXTERNAL_DATA_THRESHOLD
     from epcli.verification.compare import VerifySettings
 
-    settings = VerifySettings(samples=samples, seed=seed, dtype="float32", atol=atol, rtol=rtol)
+    settings = VerifySettings(samples=samples, seed=seed, dtype=dtype.value, atol=atol, rtol=rtol, device=device)
     with render.progress() as progress:
         result = export_file(
             checkpoint,
@@ -93,12 +118,20 @@ def export_command(
             external_threshold=EXTERNAL_DATA_THRESHOLD if external_threshold is None else external_threshold,
             inputs=source.inputs(),
             state_key=source.state_key,
+            timeout=timeout,
             progress=progress,
         )
-    payload: dict[str, object] = {"checkpoint": str(checkpoint), "passed": result.passed}
+    payload: dict[str, object] = {"checkpoint": str(checkpoint)}
+    tables = []
+    warnings: tuple[str, ...] = ()
+    failure = None
     if result.onnx is not None:
         onnx = result.onnx
-        render_report(f"ONNX validation of {onnx.output.name} (onnxruntime vs torch)", onnx.report)
+        title = f"Export {checkpoint.name}: expanded vs {onnx.output} in onnxruntime"
+        render_report(title, onnx.report)
+        tables.append(report_cases(title, onnx.report))
+        warnings += report_warnings(onnx.report)
+        failure = report_failure(onnx.report)
         ops = ", ".join(f"{op} x{onnx.op_types.count(op)}" for op in dict.fromkeys(onnx.op_types))
         render.info(
             f"ONNX ops: {ops}; opset {onnx.opset}; batch axis {'dynamic' if onnx.dynamic_batch else 'fixed at 1'}"
@@ -121,6 +154,6 @@ def export_command(
     if result.safetensors is not None:
         render_collapse(result.safetensors)
         payload["safetensors"] = collapse_payload(result.safetensors)
-    render.document("export", payload)
-    if not result.passed:
-        raise typer.Exit(EXIT_VERIFY_FAILED)
+        tables.append(collapse_cases(result.safetensors))
+        warnings += collapse_warnings(result.safetensors)
+    return Outcome(payload, failure=failure, tables=tuple(tables), warnings=tuple(dict.fromkeys(warnings)))

@@ -8,6 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from epcli.cli import render
+from epcli.cli.guard import Outcome
 from epcli.cli.options import NO_SOURCE, ForceOption, SourceOptions, takes_source
 from epcli.cli.reports import render_record
 
@@ -46,7 +47,7 @@ def inspect_command(
     ] = False,
     force: ForceOption = False,
     source: SourceOptions = NO_SOURCE,
-) -> None:
+) -> Outcome:
     """Show what a checkpoint holds. Effective rank = exp(entropy of the normalised singular values)."""
     from epcli.jobs.inspect import inspect_file
 
@@ -113,7 +114,7 @@ def inspect_command(
         )
     if plot is not None:
         render.success(f"wrote {plot}")
-    render.document("inspect", _payload(result))
+    return Outcome(_payload(result), warnings=tuple(meta.get("notes", [])))
 
 
 def _payload(result: Any) -> dict[str, Any]:

@@ -23,7 +23,7 @@ import typer
 import typer.main
 from typer.core import TyperOption
 
-from epcli.errors import UsageError
+from epcli.errors import ConfigError, UsageError
 
 if TYPE_CHECKING:
     from epcli.checkpoint.inputs import InputSpec
@@ -45,6 +45,7 @@ __all__ = [
     "Timeout",
     "choice",
     "output_mode",
+    "junit_option",
     "output_options",
     "takes_source",
     "whole_number",
@@ -125,6 +126,16 @@ JsonOption = Annotated[
     ),
 ]
 QuietOption = Annotated[bool, typer.Option("-q", "--quiet", help="No human report; errors still go to stderr.")]
+JunitOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--junit-xml",
+        metavar="FILE",
+        help="Also write a JUnit XML report: one test case per comparison (failures carry the numbers and the "
+        "tolerance), or one errored case when the run stops on an error. Written atomically, whatever the outcome.",
+        show_default=False,
+    ),
+]
 ModelOption = Annotated[
     str | None,
     typer.Option(
@@ -231,10 +242,11 @@ class Dtype(str, Enum):
 
 @dataclass(frozen=True)
 class OutputMode:
-    """What ``--json`` and ``-q`` asked for, wherever on the command line they were given."""
+    """What ``--json``, ``-q`` and ``--junit-xml`` asked for, wherever on the command line they were given."""
 
     json: bool = False
     quiet: bool = False
+    junit_xml: Path | None = None
 
 
 _OUTPUT_MODE = "epcli.output_mode"
@@ -261,9 +273,25 @@ def output_options() -> list[TyperOption]:
     return typing.cast(list[TyperOption], options)
 
 
-def _record(field: str, ctx: typer.Context, param: object, value: bool) -> bool:
+def junit_option() -> TyperOption:
+    """A fresh ``--junit-xml`` option for a command that compares (recorded in :class:`OutputMode` like ``--json``)."""
+
+    def flags(junit_xml: JunitOption = None) -> None:
+        """The declaration Typer turns into a click option."""
+
+    template = typer.Typer(add_completion=False)
+    template.command()(flags)
+    (option,) = typer.main.get_command(template).params
+    assert isinstance(option, TyperOption)
+    option.expose_value = False
+    option.callback = functools.partial(_record, "junit_xml")
+    return option
+
+
+def _record(field: str, ctx: typer.Context, param: object, value: Any) -> Any:
     if value:
-        ctx.meta[_OUTPUT_MODE] = dataclasses.replace(output_mode(ctx), **{field: True})
+        changes: dict[str, Any] = {field: value}
+        ctx.meta[_OUTPUT_MODE] = dataclasses.replace(output_mode(ctx), **changes)
     return value
 
 
@@ -288,8 +316,6 @@ class SourceOptions:
 
     def inputs(self) -> list[InputSpec] | None:
         """The input specs given by --input-shape or --input (not both); None when neither was given."""
-        from epcli.checkpoint.inputs import parse_input
-
         if self.input_shape is not None and self.input_specs:
             raise UsageError(
                 "give the model's input either with --input-shape (one float input) or with --input, not both"
@@ -300,8 +326,23 @@ class SourceOptions:
                     f"--input-shape {self.input_shape!r}: give the sizes of one sample, e.g. 3,224,224; for another "
                     "dtype or a value range use --input (e.g. 'int64[16]:0:50257')"
                 )
-            return [parse_input(self.input_shape.strip().rstrip(","))]
-        return [parse_input(text) for text in self.input_specs] if self.input_specs else None
+            return [_parse_input("--input-shape", self.input_shape.strip().rstrip(","))]
+        return [_parse_input("--input", text) for text in self.input_specs] if self.input_specs else None
+
+
+def _parse_input(option: str, text: str) -> InputSpec:
+    """One input spec from the command line; a bad one is a usage error said in the command line's spelling."""
+    from epcli.checkpoint.inputs import parse_input
+
+    try:
+        return parse_input(text)
+    except ConfigError as e:
+        if "needs its range" in str(e):
+            raise UsageError(
+                f"{option} {text!r}: an integer input needs its range of values; write DTYPE[D1,...]:LOW:HIGH, e.g. "
+                "--input 'int64[16]:0:50257' for token ids 0..50256"
+            ) from None
+        raise UsageError(f"{option} {text!r}: {e}") from None
 
 
 NO_SOURCE = SourceOptions()

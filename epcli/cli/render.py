@@ -24,13 +24,13 @@ from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, ProgressColumn, Task, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 __all__ = [
     "JSON_SCHEMA_VERSION",
     "configure",
-    "document",
     "emit_json",
     "error",
     "info",
@@ -40,6 +40,7 @@ __all__ = [
     "success",
     "table",
     "warning",
+    "workflow_command",
 ]
 
 JSON_SCHEMA_VERSION = 1
@@ -57,23 +58,33 @@ def printable(text: str) -> str:
     )
 
 
+_LOG_WIDTH = 100_000
+"""The width of a stream that is not a terminal (a CI log, a pipe, a file): nothing is cut or wrapped."""
+
+
 def _console(*, stderr: bool) -> Console:
     no_color = bool(os.environ.get("NO_COLOR"))  # https://no-color.org: set and not empty
-    return Console(stderr=stderr, highlight=False, soft_wrap=False, color_system=None if no_color else "auto")
+    stream = sys.stderr if stderr else sys.stdout
+    # the stream itself, not rich's guess (FORCE_COLOR makes rich treat a log as a terminal of 80 columns)
+    on_terminal = hasattr(stream, "isatty") and stream.isatty()
+    return Console(
+        stderr=stderr,
+        highlight=False,
+        soft_wrap=False,
+        color_system=None if no_color else "auto",
+        width=None if on_terminal else _LOG_WIDTH,
+    )
 
 
 _messages = _console(stderr=True)
 _report: Console | None = _console(stderr=False)
-_json = False
 
 
 def configure(*, json_output: bool = False, quiet: bool = False) -> None:
-    """Called once per command, before it prints: where the report goes, whether :func:`document` prints, and the
-    environment's colour rules."""
-    global _messages, _report, _json
+    """Called once per command, before it prints: where the report goes, and the environment's colour rules."""
+    global _messages, _report
     _messages = _console(stderr=True)
     _report = None if quiet else _console(stderr=json_output)
-    _json = json_output
 
 
 def _json_safe(value: Any) -> Any:
@@ -94,18 +105,13 @@ def emit_json(command: str, payload: Mapping[str, Any]) -> None:
     sys.stdout.flush()
 
 
-def document(command: str, payload: Mapping[str, Any]) -> None:
-    """The command's JSON document, on stdout when ``--json`` was given (:func:`emit_json`)."""
-    if _json:
-        emit_json(command, payload)
-
-
 def table(
     title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], *, footer: Sequence[Any] | None = None
 ) -> None:
     if _report is None:
         return
-    view = Table(title=escape(printable(title)), title_justify="left", show_footer=footer is not None)
+    _report.print(escape(printable(title)))  # a line of its own: a table's title is padded to the table's width
+    view = Table(show_footer=footer is not None)
     for index, name in enumerate(columns):
         numeric = bool(rows) and all(isinstance(row[index], (int, float)) for row in rows)
         view.add_column(
@@ -148,9 +154,22 @@ def warning(message: str) -> None:
     _messages.print(f"[yellow]warning:[/] {escape(printable(message))}", soft_wrap=True)
 
 
+def workflow_command(line: str) -> None:
+    """A CI runner's command line (``::error ...::``) on stderr, exactly as given: already escaped for the runner."""
+    sys.stderr.write(printable(line) + "\n")
+    sys.stderr.flush()
+
+
 def error(message: str) -> None:
     """One line on stderr whatever the terminal's width, so a CI log or ``grep`` sees the whole message."""
     _messages.print(f"[red]error:[/] {escape(printable(message))}", soft_wrap=True)
+
+
+class _Count(ProgressColumn):
+    """``done/total``, or nothing while the total is not known yet."""
+
+    def render(self, task: Task) -> Text:
+        return Text("" if task.total is None else f"{task.completed:g}/{task.total:g}")
 
 
 @contextmanager
@@ -159,7 +178,7 @@ def progress() -> Iterator[Callable[[int, int, str], None]]:
     bar = Progress(
         TextColumn("{task.description}"),
         BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
+        _Count(),
         TimeElapsedColumn(),
         console=_messages,
         transient=True,

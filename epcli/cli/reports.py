@@ -1,17 +1,33 @@
 """What more than one command reports: a collapse (``collapse``, ``export --safetensors``) and a comparison
-(``verify``, ``export --onnx``), as a table for people and as part of a JSON document."""
+(``verify``, ``export --onnx``), as a table for people, as part of a JSON document, and as the
+:class:`~epcli.cli.ci_reports.CaseTable` the JUnit report and the GitHub step summary are made of."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
 from epcli.cli import render
+from epcli.cli.ci_reports import Case, CaseTable
 
 if TYPE_CHECKING:
     from epcli.artifacts.collapsed import CollapseResult
     from epcli.verification.compare import VerifyReport
 
-__all__ = ["collapse_payload", "render_collapse", "render_record", "render_report", "report_payload"]
+__all__ = [
+    "collapse_cases",
+    "collapse_payload",
+    "collapse_warnings",
+    "render_collapse",
+    "render_record",
+    "render_report",
+    "report_cases",
+    "report_failure",
+    "report_payload",
+    "report_warnings",
+]
+
+MODEL = "<model>"
+"""The name of the whole-model comparison, as the comparisons name it."""
 
 
 def collapse_payload(result: CollapseResult) -> dict[str, Any]:
@@ -79,6 +95,25 @@ def render_collapse(result: CollapseResult) -> None:
         render.success(f"wrote {result.output}")
 
 
+def collapse_cases(result: CollapseResult) -> CaseTable:
+    """Each layer's collapse check and the whole model's (skipped, with why, when it was not made). A collapse
+    that failed its check raised, so every case made here passed."""
+    cases = [
+        Case(layer.summary.path, (layer.summary.layer_type, f"{layer.max_abs_error:.3g}")) for layer in result.layers
+    ]
+    if result.model_max_abs_error is not None:
+        cases.append(Case(MODEL, ("", f"{result.model_max_abs_error:.3g}")))
+    else:
+        cases.append(Case(MODEL, ("", "-"), skipped=result.model_check_skipped))
+    return CaseTable(f"Collapsed {result.source}", ("type", "max |error|"), tuple(cases))
+
+
+def collapse_warnings(result: CollapseResult) -> tuple[str, ...]:
+    """What qualifies a collapse: the notes (which file was read, what was reconciled) and a skipped model check."""
+    skipped = () if result.model_check_skipped is None else (f"whole model not checked: {result.model_check_skipped}",)
+    return (*result.notes, *skipped)
+
+
 def report_payload(report: VerifyReport) -> dict[str, Any]:
     settings = report.settings
     return {
@@ -109,7 +144,50 @@ def report_payload(report: VerifyReport) -> dict[str, Any]:
     }
 
 
+def _rule(report: VerifyReport) -> str:
+    settings = report.settings
+    return (
+        f"|err| <= {report.tolerance.atol:g} + {report.tolerance.rtol:g}*|expanded|, "
+        f"{settings.dtype}, {settings.samples} samples, seed {settings.seed}"
+    )
+
+
+def report_cases(title: str, report: VerifyReport) -> CaseTable:
+    """One case per comparison; a failure carries its numbers and the tolerance; the whole model is a skipped case
+    when it was not compared."""
+    tolerance = f"atol {report.tolerance.atol:g}, rtol {report.tolerance.rtol:g}"
+    cases = [
+        Case(
+            c.name,
+            (c.candidate, f"{c.max_abs_error:.3g}", f"{c.mean_abs_error:.3g}", f"{c.max_rel_error:.3g}", f"{c.min_atol:.3g}"),
+            failure=None
+            if c.passed
+            else f"max |err| {c.max_abs_error:.3g}, max rel err {c.max_rel_error:.3g}: out of tolerance ({tolerance}; "
+            f"it would pass at atol {c.min_atol:.3g})",
+        )
+        for c in report.comparisons
+    ]
+    if report.model_check_skipped is not None:
+        cases.append(Case(MODEL, ("", "-", "-", "-", "-"), skipped=report.model_check_skipped))
+    return CaseTable(title, ("candidate", "max |err|", "mean |err|", "max rel err", "min atol"), tuple(cases))
+
+
+def report_failure(report: VerifyReport) -> str | None:
+    """Why the comparison did not pass, in one line; None when it passed."""
+    if report.passed:
+        return None
+    failed = ", ".join(c.name for c in report.failures)
+    return f"{len(report.failures)} of {len(report.comparisons)} comparisons failed ({failed}; {_rule(report)})"
+
+
+def report_warnings(report: VerifyReport) -> tuple[str, ...]:
+    """The notes that qualify the numbers, and the whole model not compared."""
+    skipped = () if report.model_check_skipped is None else (f"whole model not compared: {report.model_check_skipped}",)
+    return (*report.notes, *skipped)
+
+
 def render_report(title: str, report: VerifyReport) -> None:
+    """The comparison table under ``title`` (which says what was compared with what), then the verdict."""
     default = report.comparisons[0].candidate if report.comparisons else ""
     rows = [
         (
@@ -122,16 +200,8 @@ def render_report(title: str, report: VerifyReport) -> None:
         )
         for c in report.comparisons
     ]
-    render.table(
-        f"{title}: expanded vs {default}",
-        ["compared", "max |err|", "mean |err|", "max rel err", "min atol", "pass"],
-        rows,
-    )
-    settings = report.settings
-    rule = (
-        f"|err| <= {report.tolerance.atol:g} + {report.tolerance.rtol:g}*|expanded|, "
-        f"{settings.dtype}, {settings.samples} samples, seed {settings.seed}"
-    )
+    render.table(title, ["compared", "max |err|", "mean |err|", "max rel err", "min atol", "pass"], rows)
+    rule = _rule(report)
     for note in report.notes:
         render.warning(note)
     if report.model_check_skipped is not None:

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from epcli.cli import render
-from epcli.cli.guard import EXIT_VERIFY_FAILED
+from epcli.cli.guard import Outcome
 from epcli.cli.options import (
     NO_SOURCE,
     Atol,
@@ -24,9 +24,13 @@ from epcli.cli.options import (
     choice,
     takes_source,
 )
-from epcli.cli.reports import render_report, report_payload
+from epcli.cli.reports import render_report, report_cases, report_failure, report_payload, report_warnings
+from epcli.errors import CheckpointError, UsageError
 
 __all__ = ["verify_command"]
+
+ARTIFACT_SUFFIXES = (".safetensors", ".pt", ".pth", ".safetensors.index.json", ".onnx")
+"""What ARTIFACT may be: a collapsed checkpoint (as epcli collapse writes it) or an ONNX file."""
 
 # Defaults are repeated here (not imported) so --help needs no torch; tests pin them to epcli.verification.compare.
 HELP = """Compare the expanded model with its collapsed form on seeded random inputs.
@@ -47,7 +51,12 @@ atol = rtol = 0.0625 (bfloat16), 0.0078125 (float16).
 An .onnx file is untrusted input: its input and output are checked against the
 checkpoint before it runs, and each run is stopped after --timeout seconds.
 
-Exit codes: 0 all passed, 1 a comparison failed, 2 usage or input error."""
+--require-model-check makes a run that could not compare the whole model (no
+embedded architecture and no --model) fail with exit code 1, as a gate should.
+
+Exit codes: 0 all passed; 1 a comparison failed, or the artifact is stale, or (with
+--require-model-check) the whole model was not compared; 2 usage; 3 unusable input;
+4 unwritable output (--junit-xml)."""
 
 
 @takes_source
@@ -85,6 +94,14 @@ def verify_command(
         ),
     ] = None,
     timeout: Timeout = 60.0,
+    require_model_check: Annotated[
+        bool,
+        typer.Option(
+            "--require-model-check",
+            help="Fail (exit 1) when the whole model was not compared (model_check_skipped), not only when a "
+            "comparison fails: for a gate that must cover the model, not just its EP layers.",
+        ),
+    ] = False,
     plain_model: Annotated[
         str | None,
         typer.Option(
@@ -96,7 +113,18 @@ def verify_command(
             show_default=False,
         ),
     ] = None,
-) -> None:
+) -> Outcome:
+    if checkpoint.suffix.lower() == ".onnx":
+        raise UsageError(
+            f"{checkpoint} is an ONNX file; the expanded checkpoint goes first and the artifact second: "
+            f"epcli verify CKPT {checkpoint}"
+        )
+    if artifact is not None and not artifact.name.lower().endswith(ARTIFACT_SUFFIXES):
+        raise CheckpointError(
+            f"{artifact}: unsupported artifact suffix {artifact.suffix!r}; ARTIFACT is one of "
+            f"{', '.join(ARTIFACT_SUFFIXES)}",
+            file=artifact,
+        )
     from epcli.jobs.verify import verify_files
     from epcli.verification.compare import VerifySettings
 
@@ -116,19 +144,40 @@ def verify_command(
             progress=progress,
             plain_model=plain_model,
         )
-    render_report(f"Verify {checkpoint.name}", result.report)
-    render.document(
-        "verify",
+    title = f"Verify {_names(checkpoint, artifact)}: expanded vs {_compared(artifact)}"
+    render_report(title, result.report)
+    failure = report_failure(result.report)
+    if failure is None and result.artifact_stale:
+        failure = f"{artifact} was made from another checkpoint than {checkpoint} (stale artifact)"
+        render.error(failure)
+    if failure is None and require_model_check and result.report.model_check_skipped is not None:
+        failure = f"the whole model was not compared ({result.report.model_check_skipped}) and --require-model-check"
+        render.error(failure)
+    return Outcome(
         {
             "checkpoint": str(checkpoint),
             "artifact": None if artifact is None else str(artifact),
             "artifact_stale": result.artifact_stale,
+            "require_model_check": require_model_check,
             "deploy_changes": {path: list(changes) for path, changes in result.deploy_changes.items()},
             **report_payload(result.report),
         },
+        failure=failure,
+        tables=(report_cases(title, result.report),),
+        warnings=report_warnings(result.report),
     )
-    if not result.report.passed:
-        raise typer.Exit(EXIT_VERIFY_FAILED)
+
+
+def _names(checkpoint: Path, artifact: Path | None) -> str:
+    """The checkpoint's base name, or the path as given when the artifact's base name is the same."""
+    return str(checkpoint) if artifact is not None and artifact.name == checkpoint.name else checkpoint.name
+
+
+def _compared(artifact: Path | None) -> str:
+    """What the expanded model was compared with, as the table's title says it."""
+    if artifact is None:
+        return "collapsed in memory"
+    return f"{artifact} in onnxruntime" if artifact.suffix.lower() == ".onnx" else str(artifact)
 
 
 verify_command.__doc__ = HELP

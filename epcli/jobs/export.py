@@ -97,12 +97,14 @@ def export_file(
     external_threshold: int = EXTERNAL_DATA_THRESHOLD,
     inputs: Sequence[InputSpec] | None = None,
     state_key: str | None = None,
+    timeout: float | None = None,
     progress: ProgressCallback | None = None,
 ) -> ExportResult:
     """Write the requested artifacts: ONNX first (validated), then the collapsed safetensors.
 
     The ONNX weights go to an external data file with ``external_data``, or when
     they would exceed ``external_threshold`` bytes (default: protobuf's limit, less a margin).
+    Each onnxruntime run of the validation is stopped after ``timeout`` seconds, as in verify.
 
     ``model_factory`` (checked before any work), ``inputs`` and ``state_key`` are as in
     :func:`~epcli.load_checkpoint`: with them ``source`` may be a checkpoint another tool wrote.
@@ -133,7 +135,9 @@ def export_file(
     # interrupted run leaves neither (the safetensors output is committed by its own writer, last)
     with StagedFiles(overwrite=force) as staged:
         if onnx_path is not None:  # only the ONNX needs the whole model in memory
-            plan = _OnnxPlan(onnx_path, opset, static_batch, force, external_data, external_threshold, opened.files)
+            plan = _OnnxPlan(
+                onnx_path, opset, static_batch, force, external_data, external_threshold, opened.files, timeout
+            )
             onnx = _export_onnx(opened, plan, settings, staged, progress)
             if not onnx.written:
                 return ExportResult(source, onnx, None)
@@ -162,6 +166,7 @@ class _OnnxPlan:
     external_data: bool
     external_threshold: int
     sources: Sequence[Path]
+    timeout: float | None
 
 
 def _export_onnx(
@@ -228,7 +233,7 @@ def _export_onnx(
     if progress is not None:
         progress(len(layers), len(layers) + 1, "checking the whole model in onnxruntime")
     trim_heap()  # what the checker parsed and freed: onnxruntime maps its own
-    session = OnnxSession(source, expected_inputs=len(opened.inputs))
+    session = OnnxSession(source, timeout=plan.timeout, expected_inputs=len(opened.inputs))
     report = VerifyReport(settings, settings.tolerance, (*layers, *expected.compare(session, ONNX_LABEL, settings)))
     del session
     files: tuple[Path, ...] = ()

@@ -352,6 +352,9 @@ class OnnxSession:
             )
         self.where = where = "the exported ONNX model" if isinstance(model, bytes) else str(model)
         self.timeout = timeout
+        if isinstance(model, Path) and not model.is_file():  # onnxruntime's own text would be "NO_SUCHFILE ..."
+            what = "is a directory, not an ONNX file" if model.is_dir() else "no such file; check the path"
+            raise CheckpointError(f"{where}: {what}", file=model)
         size = len(model) if isinstance(model, bytes) else _model_bytes(model)
         self.address_space = MAX_ONNX_RUN_BYTES + 2 * size
         self._child = subprocess.Popen(
@@ -471,7 +474,7 @@ def _model_bytes(path: Path) -> int:
         data = external_data_path(path)
         return path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
     except OSError:
-        return 0  # onnxruntime then says what is wrong with the path
+        return 0  # a file that vanished meanwhile: onnxruntime then says what is wrong with the path
 
 
 def _ending(code: int) -> str:

@@ -11,7 +11,7 @@ never corrupts the output.)
 Without ``overwrite``, each file is created under its final name with
 ``os.link`` (which fails if the name exists) instead of renamed over it, so of
 two concurrent runs writing the same new output exactly one succeeds; the other
-gets a :class:`CheckpointError` and leaves the winner's file alone.
+gets an :class:`OutputError` and leaves the winner's file alone.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO
 
-from epcli.errors import CheckpointError
+from epcli.errors import OutputError
 
 __all__ = ["StagedFiles", "atomic_write", "remove_leftovers", "temp_name"]
 
@@ -98,7 +98,7 @@ class StagedFiles:
         try:
             directory.mkdir()
         except OSError as e:
-            raise CheckpointError(f"cannot write {beside}: {e.strerror or e}") from e
+            raise OutputError(f"cannot write {beside}: {e.strerror or e}", file=beside) from e
         self._scratch.append(directory)
         return directory
 
@@ -110,9 +110,9 @@ class StagedFiles:
         """Call ``write`` on a new temp file in ``path``'s directory and fsync it; OS errors name ``path``."""
         directory = path.parent
         if not directory.is_dir():
-            raise CheckpointError(f"cannot write {path}: directory {directory} does not exist")
+            raise OutputError(f"cannot write {path}: directory {directory} does not exist", file=path)
         if path.is_dir():
-            raise CheckpointError(f"cannot write {path}: it is a directory")
+            raise OutputError(f"cannot write {path}: it is a directory", file=path)
         remove_leftovers(path)
         temp = temp_name(path)
         self._staged.append((temp, path))  # before it exists: an interrupt right after the open still removes it
@@ -121,14 +121,14 @@ class StagedFiles:
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
         except OSError as e:
             self._staged.pop()
-            raise CheckpointError(f"cannot write {path}: {e.strerror or e}") from e
+            raise OutputError(f"cannot write {path}: {e.strerror or e}", file=path) from e
         try:
             with os.fdopen(fd, "wb") as f:
                 write(f)
                 f.flush()
                 os.fsync(f.fileno())
         except OSError as e:
-            raise CheckpointError(f"cannot write {path}: {e.strerror or e}") from e
+            raise OutputError(f"cannot write {path}: {e.strerror or e}", file=path) from e
 
     def commit(self) -> None:
         """Move every temp file onto its target, then make that durable.
@@ -153,13 +153,14 @@ class StagedFiles:
                     with contextlib.suppress(OSError):
                         os.unlink(path)
                 self._staged = staged
-                raise CheckpointError(
+                raise OutputError(
                     f"{target} already exists (another run created it meanwhile?); nothing was overwritten: pass "
-                    "--force (force=True) to replace it"
+                    "--force (force=True) to replace it",
+                    file=target,
                 ) from e
             except OSError as e:
                 self._staged = staged[index:]
-                raise CheckpointError(f"cannot write {target}: {e.strerror or e}") from e
+                raise OutputError(f"cannot write {target}: {e.strerror or e}", file=target) from e
         for temp, _ in staged:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(temp)  # still there after os.link
@@ -207,7 +208,7 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object], *, overwrite: 
 
     On any error the temp file is removed and ``path`` is left as it was.
     ``overwrite=False`` refuses (atomically) to replace an existing ``path``.
-    OS errors become :class:`CheckpointError` naming the path.
+    OS errors become :class:`OutputError` naming the path.
     """
     with StagedFiles(overwrite=overwrite) as staged:
         staged.write(path, write)

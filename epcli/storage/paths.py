@@ -17,7 +17,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from stat import S_ISREG
 
-from epcli.errors import UsageError
+from epcli.errors import OutputError, UsageError
 
 __all__ = ["check_output_name", "check_output", "check_targets", "file_sha256", "make_parent", "prefetch_sha256"]
 
@@ -90,7 +90,7 @@ def check_output_name(path: Path, suffixes: Iterable[str], *, option: str, examp
     """Not a directory, and a suffix the output format has (``example`` is suggested as the file name)."""
     suffixes = tuple(suffixes)
     if path.is_dir():
-        raise UsageError(f"{path} is a directory; give a file name with {option}, e.g. {path / example}")
+        raise OutputError(f"{path} is a directory; give a file name with {option}, e.g. {path / example}", file=path)
     if path.suffix.lower() not in suffixes:
         raise UsageError(
             f"{path}: unsupported output suffix {path.suffix!r} for {option}; use {' or '.join(suffixes)} "
@@ -103,14 +103,17 @@ def check_targets(targets: Iterable[Path], sources: Iterable[Path], force: bool)
     inputs = {path.resolve() for path in sources}
     for target in targets:
         if target.resolve() in inputs:
-            raise UsageError(
+            raise OutputError(
                 f"{target}: writing the output would overwrite or remove the source checkpoint; choose another path "
-                "with -o"
+                "with -o",
+                file=target,
             )
         if target.is_dir():
-            raise UsageError(f"{target} is a directory; it would be replaced by an output file: choose another path")
+            raise OutputError(
+                f"{target} is a directory; it would be replaced by an output file: choose another path", file=target
+            )
         if target.exists() and not force:
-            raise UsageError(f"{target} already exists; pass --force to overwrite it")
+            raise OutputError(f"{target} already exists; pass --force to overwrite it", file=target)
 
 
 def make_parent(path: Path) -> None:
@@ -123,11 +126,13 @@ def make_parent(path: Path) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UsageError(f"{path}: cannot create its directory {path.parent} ({e.strerror or e})") from e
+        raise OutputError(
+            f"{path}: cannot create its directory {path.parent} ({e.strerror or e})", file=path
+        ) from e
     try:
         with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.epcli-probe-"):
             pass
     except OSError as e:
-        raise UsageError(
-            f"{path}: cannot write in {path.parent} ({e.strerror or e}); choose a writable directory"
+        raise OutputError(
+            f"{path}: cannot write in {path.parent} ({e.strerror or e}); choose a writable directory", file=path
         ) from e

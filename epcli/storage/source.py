@@ -40,7 +40,7 @@ from epcli.storage.sharded import INDEX_SUFFIX, SHARD_OF_KEY, is_index, read_ind
 from epcli.storage.torch_io import read_pt
 from epcli.text import quote
 
-__all__ = ["HF_FILES", "SUFFIXES", "TensorInfo", "TensorSource", "check_finite", "open_source", "renamed"]
+__all__ = ["HF_FILES", "SUFFIXES", "TensorInfo", "TensorSource", "check_finite", "directory_file", "open_source", "renamed"]
 
 SUFFIXES: tuple[str, ...] = (".pt", ".pth", ".safetensors", INDEX_SUFFIX)
 """What epcli reads: torch zip checkpoints, safetensors files, and sharded safetensors by their index."""
@@ -129,11 +129,16 @@ def open_source(path: Path, *, state_key: str | None = None) -> TensorSource:
     return source if state_key is None or source.form == "pt" else _select(source, state_key)
 
 
+def directory_file(path: Path) -> Path | None:
+    """The file a Hugging Face folder is read from (the first of :data:`HF_FILES` in it), or None."""
+    return next((path / name for name in HF_FILES if (path / name).is_file()), None)
+
+
 def _open_directory(path: Path, state_key: str | None) -> TensorSource:
     if is_dcp(path):
         source = _open_dcp(path)
     else:
-        found = next((path / name for name in HF_FILES if (path / name).is_file()), None)
+        found = directory_file(path)
         if found is None:
             raise CheckpointError(
                 f"is a directory with neither {' nor '.join(HF_FILES)} (a Hugging Face folder) nor {DCP_METADATA} (a "

@@ -25,7 +25,7 @@ from types import TracebackType
 
 from torch import Tensor
 
-from epcli.errors import CheckpointError
+from epcli.errors import CheckpointError, OutputError
 from epcli.storage.atomic import StagedFiles, remove_leftovers
 from epcli.storage.safetensors_io import METADATA_KEY, SafetensorsSpool
 from epcli.storage.sharded import (
@@ -140,7 +140,9 @@ class CheckpointWriter:
             try:
                 spool.add(key, tensor)
             except OSError as e:
-                raise CheckpointError(f"cannot write {self.path}: spooling {key!r} failed ({e.strerror or e})") from e
+                raise OutputError(
+                    f"cannot write {self.path}: spooling {key!r} failed ({e.strerror or e})", file=self.path
+                ) from e
         else:
             self._kept[key] = self._keepable(tensor)
         self._left[number] -= 1

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from epcli.checkpoint.inputs import InputSpec
-from epcli.errors import CheckpointError, EpcliError, UsageError
+from epcli.errors import CheckpointError, EpcliError
 from epcli.limits import MAX_CHECK_BYTES, MAX_TENSORS, check_count, check_tensor_shape
 from epcli.storage.safetensors_io import read_header, read_tensors
 from epcli.storage.source import check_finite
@@ -42,9 +42,9 @@ def read_samples(path: Path, specs: Sequence[InputSpec]) -> tuple[Tensor, ...]:
     try:
         return _checked(_read(path), specs)
     except EpcliError as e:
-        raise type(e)(f"{path} (--inputs): {e}") from e
+        raise type(e)(f"{path} (--inputs): {e}", file=path) from e
     except OSError as e:
-        raise CheckpointError(f"{path} (--inputs): cannot be read ({e.strerror or e})") from e
+        raise CheckpointError(f"{path} (--inputs): cannot be read ({e.strerror or e})", file=path) from e
 
 
 def sample_batches(samples: Sequence[Tensor], batch_size: int) -> list[tuple[Tensor, ...]]:
@@ -56,7 +56,7 @@ def sample_batches(samples: Sequence[Tensor], batch_size: int) -> list[tuple[Ten
 def _read(path: Path) -> dict[str, Tensor]:
     suffix = path.suffix.lower()
     if not path.is_file():
-        raise UsageError("no such file; check the path")
+        raise CheckpointError("no such file; check the path")
     if suffix == ".safetensors":
         header = read_header(path)
         return read_tensors(path, header, sorted(header.tensors), None)
@@ -64,7 +64,7 @@ def _read(path: Path) -> dict[str, Tensor]:
         return _read_npz(path)
     if suffix in (".pt", ".pth"):
         return {key: t.clone() for key, t in read_pt(path).tensors.items()}
-    raise UsageError(f"unsupported suffix {path.suffix!r}; give the samples as {', '.join(SAMPLE_SUFFIXES)}")
+    raise CheckpointError(f"unsupported suffix {path.suffix!r}; give the samples as {', '.join(SAMPLE_SUFFIXES)}")
 
 
 _NPZ_DTYPES = {"b1", "i1", "i2", "i4", "i8", "u1", "f2", "f4", "f8"}
@@ -85,7 +85,7 @@ def _read_npz(path: Path) -> dict[str, Tensor]:
 
     with path.open("rb") as f:
         if f.read(6) == b"\x93NUMPY":
-            raise UsageError("is one .npy array, not a .npz archive; save the samples with numpy.savez(path, x)")
+            raise CheckpointError("is one .npy array, not a .npz archive; save the samples with numpy.savez(path, x)")
     try:
         with zipfile.ZipFile(path) as archive:
             infos = archive.infolist()
@@ -131,7 +131,7 @@ def _npz_header(archive: Any, info: Any) -> tuple[Any, tuple[int, ...], bool, in
             raise CheckpointError(f"{where} has a damaged .npy header ({quote(str(e))})") from e
         start = member.tell()
     if f"{dtype.kind}{dtype.itemsize}" not in _NPZ_DTYPES or dtype.fields is not None:
-        raise UsageError(
+        raise CheckpointError(
             f"{where} has dtype {quote(str(dtype))}; samples are bool, int8-int64, uint8 or float16-float64 "
             "(token ids as int64)"
         )
@@ -147,7 +147,7 @@ def _npz_header(archive: Any, info: Any) -> tuple[Any, tuple[int, ...], bool, in
 
 def _checked(tensors: Mapping[str, Tensor], specs: Sequence[InputSpec]) -> tuple[Tensor, ...]:
     if len(tensors) != len(specs):
-        raise UsageError(
+        raise CheckpointError(
             f"holds {len(tensors)} tensors {quote(sorted(tensors))}, but the model takes {len(specs)} inputs; give "
             "one tensor per model input, batch first"
         )
@@ -163,7 +163,7 @@ def _checked(tensors: Mapping[str, Tensor], specs: Sequence[InputSpec]) -> tuple
             None,
         )
         if names is None:
-            raise UsageError(
+            raise CheckpointError(
                 f"holds tensors {quote(sorted(tensors))}; name them input_0 .. input_{len(specs) - 1}, one per model "
                 "input in order (numpy.savez(path, *arrays) names them arr_0 ..., which is read too)"
             )
@@ -173,12 +173,12 @@ def _checked(tensors: Mapping[str, Tensor], specs: Sequence[InputSpec]) -> tuple
         where = f"input {index}" if len(specs) > 1 else "the input"
         check_tensor_shape(tensor.shape, where)
         if tensor.dim() != len(spec.shape) + 1 or tuple(tensor.shape[1:]) != spec.shape or tensor.shape[0] < 1:
-            raise UsageError(
+            raise CheckpointError(
                 f"{where} has shape {list(tensor.shape)}; the model takes [batch, {', '.join(map(str, spec.shape))}] "
                 f"({spec}), batch first and at least one sample"
             )
         if spec.is_float != tensor.is_floating_point() and spec.dtype != torch.bool:
-            raise UsageError(
+            raise CheckpointError(
                 f"{where} has dtype {str(tensor.dtype).removeprefix('torch.')}, but the model takes {spec.name} "
                 f"({'floating-point' if spec.is_float else 'integer'} values)"
             )
@@ -187,10 +187,10 @@ def _checked(tensors: Mapping[str, Tensor], specs: Sequence[InputSpec]) -> tuple
             assert spec.low is not None and spec.high is not None
             low, high = int(tensor.min()), int(tensor.max())
             if low < spec.low or high >= spec.high:
-                raise UsageError(
+                raise CheckpointError(
                     f"{where} holds values {low}..{high}, outside the model's range [{spec.low:g}, {spec.high:g})"
                 )
         out.append(tensor.to(spec.dtype) if not spec.is_float else tensor)
     if len({t.shape[0] for t in out}) > 1:
-        raise UsageError(f"the inputs have different batch sizes {[t.shape[0] for t in out]}; give one per sample")
+        raise CheckpointError(f"the inputs have different batch sizes {[t.shape[0] for t in out]}; give one per sample")
     return tuple(out)

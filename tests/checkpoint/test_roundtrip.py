@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import epcli
-from epcli import CheckpointError, ConfigError, EPConv2dConfig, EPLinearConfig, ShapeMismatchError
+from epcli import CheckpointError, ConfigError, EPConv2dConfig, EPLinearConfig, OutputError, ShapeMismatchError
 from epcli.checkpoint.architecture import describe_architecture
 from epcli.storage.atomic import atomic_write
 
@@ -225,7 +225,7 @@ def test_unsupported_suffix_on_save(tmp_path: Path, make_model, name: str):
 
 def test_save_into_a_missing_directory(tmp_path: Path, make_model):
     model, shape = make_model("single")
-    with pytest.raises(CheckpointError, match="does not exist"):
+    with pytest.raises(OutputError, match="does not exist"):
         epcli.save_checkpoint(model, tmp_path / "nowhere" / "m.pt", input_shape=shape)
 
 

@@ -45,7 +45,16 @@ _SCRUBBED_ENV = (
     "TTY_INTERACTIVE",
     "NO_COLOR",
     "COLUMNS",
+    "GITHUB_ACTIONS",  # a suite run as a GitHub Actions step must not see annotations it did not ask for
+    "GITHUB_STEP_SUMMARY",
 )
+
+
+@pytest.fixture(autouse=True)
+def _not_on_github_actions(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In-process runs see this process's environment: the tests that want GitHub Actions set it themselves."""
+    monkeypatch.delenv("GITHUB_ACTIONS", raising=False)
+    monkeypatch.delenv("GITHUB_STEP_SUMMARY", raising=False)
 
 
 # ---- results ---------------------------------------------------------------------------------

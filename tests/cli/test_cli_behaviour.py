@@ -97,8 +97,12 @@ def _bad_run(bad: SimpleNamespace, command: str, case: str) -> tuple[list, Path,
     return [command, checkpoint, *tail, *extra], named, list(outputs.values())
 
 
-def _assert_input_error(run, named: Path, outputs: list[Path], flat) -> None:
-    assert run.returncode == 2, run.describe()
+USAGE_CASES = {"unsupported-output-suffix", ("verify", "collapsed-input")}
+"""Not a bad file but a bad command line (exit 2): an output suffix no format has, and the artifact given first."""
+
+
+def _assert_input_error(run, named: Path, outputs: list[Path], flat, *, code: int = 3) -> None:
+    assert run.returncode == code, run.describe()
     assert "Traceback" not in run.stderr, run.describe()
     assert str(named) in flat(run.stderr), f"the message does not name {named}:\n{run.stderr}"
     assert run.stdout == "", "errors go to stderr"
@@ -131,7 +135,7 @@ def subprocess_runs(bad, run_epcli_many) -> dict[str, object]:
 
 
 @pytest.mark.parametrize("case", SUBPROCESS_CASES)
-def test_subprocess_bad_input_exits_2_naming_the_file(case, bad, subprocess_runs, flat):
+def test_subprocess_bad_input_exits_3_naming_the_file(case, bad, subprocess_runs, flat):
     _, named, outputs = _bad_run(bad, "collapse", case)
 
     run = subprocess_runs[f"collapse:{case}"]
@@ -177,14 +181,14 @@ def test_epcli_debug_keeps_the_input_error_exit_code(subprocess_runs):
     """
     run = subprocess_runs["debug:1"]
 
-    assert run.returncode == 2, run.describe()
+    assert run.returncode == 3, run.describe()
 
 
 @pytest.mark.parametrize("value", ["0", ""])
 def test_epcli_debug_off_values(value, bad, invoke):
     run = invoke("verify", bad.files["missing"], env={"EPCLI_DEBUG": value})
 
-    assert run.returncode == 2, run.describe()
+    assert run.returncode == 3, run.describe()
     assert isinstance(run.exception, SystemExit), repr(run.exception)
 
 
@@ -192,7 +196,7 @@ def test_epcli_debug_in_process_shows_the_traceback(bad, invoke, flat):
     run = invoke("verify", bad.files["missing"], env={"EPCLI_DEBUG": "1"})
 
     assert "Traceback" in run.stderr and str(bad.files["missing"]) in flat(run.stderr), run.describe()
-    assert run.returncode == 2, run.describe()
+    assert run.returncode == 3, run.describe()
 
 
 def test_subprocess_help(subprocess_runs):
@@ -261,12 +265,13 @@ def test_help_does_not_import_torch(tmp_path):
     "command, case",
     [(c, k) for c in COMMANDS for k in CASES if (c, k) not in NOT_AN_ERROR | NOT_APPLICABLE],
 )
-def test_bad_input_exits_2_naming_the_file(command, case, bad, invoke, flat):
+def test_bad_input_exits_3_naming_the_file(command, case, bad, invoke, flat):
     argv, named, outputs = _bad_run(bad, command, case)
 
     run = invoke(*argv)
 
-    _assert_input_error(run, named, outputs, flat)
+    usage = case in USAGE_CASES or (command, case) in USAGE_CASES
+    _assert_input_error(run, named, outputs, flat, code=2 if usage else 3)
     assert isinstance(run.exception, SystemExit), f"an exception escaped the command: {run.exception!r}"
 
 
@@ -329,7 +334,7 @@ def test_quiet_prints_no_report_but_errors(bad, invoke, flat):
     failing = invoke("inspect", bad.files["missing"], "--quiet")
 
     assert quiet.returncode == 0 and quiet.stdout == "" and quiet.stderr == "", quiet.describe()
-    assert failing.returncode == 2 and failing.stdout == "", failing.describe()
+    assert failing.returncode == 3 and failing.stdout == "", failing.describe()
     assert str(bad.files["missing"]) in flat(failing.stderr)
 
 

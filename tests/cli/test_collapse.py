@@ -167,7 +167,7 @@ def test_existing_output_is_refused_without_force(samples, invoke, flat, explici
 
     run = invoke("collapse", samples.mlp, *args)
 
-    assert run.returncode == 2, run.describe()
+    assert run.returncode == 4, run.describe()
     assert str(output) in flat(run.stderr) and "--force" in run.stderr
     assert output.read_bytes() == b"precious bytes" and output.stat().st_mtime_ns == before
     assert "Traceback" not in run.stderr and run.stdout == ""
@@ -183,7 +183,7 @@ def test_output_may_not_replace_the_source(samples, invoke, sha256):
 
     run = invoke("collapse", samples.cnn, "-o", samples.cnn, "--force")
 
-    assert run.returncode == 2, run.describe()
+    assert run.returncode == 4, run.describe()
     assert sha256(samples.cnn) == before
 
 

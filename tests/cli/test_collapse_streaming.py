@@ -383,7 +383,7 @@ def test_an_existing_output_is_refused_without_force(mixed, tmp_path, invoke, fl
     assert _snapshot(tmp_path) == before, (
         f"an existing output was replaced/removed without --force: {sorted(before)} -> {after}"
     )
-    assert run.returncode == 2, run.describe()
+    assert run.returncode == 4, run.describe()
     message = flat(run.stderr)
     assert "--force" in message
     if named is None:
@@ -425,7 +425,7 @@ def test_export_checks_an_earlier_sharded_output_before_writing_anything(mixed, 
 
     run = invoke("export", mixed, "--onnx", tmp_path / "model.onnx", "--safetensors", output)
 
-    assert run.returncode == 2, run.describe()
+    assert run.returncode == 4, run.describe()
     assert "out.safetensors.index.json already exists" in flat(run.stderr) and "--force" in flat(run.stderr)
     assert _snapshot(tmp_path) == before, "no ONNX file, and the old output untouched"
 
@@ -438,7 +438,7 @@ def test_output_may_not_be_a_shard_of_the_source(mixed, tmp_path, invoke, flat):
     runs = [invoke("collapse", index, "-o", shards[0], "--force"), invoke("collapse", index, "-o", shards[1])]
 
     for run in runs:
-        assert run.returncode == 2, run.describe()
+        assert run.returncode == 4, run.describe()
         assert str(Path(run.args[3])) in flat(run.stderr)
     assert "source" in flat(runs[0].stderr), "--force does not make overwriting the source allowed"
     assert _snapshot(tmp_path) == before
@@ -457,7 +457,7 @@ def test_output_named_like_a_sharded_source_never_deletes_it(mixed, tmp_path, in
     assert after == before, (
         f"the source checkpoint was destroyed: {sorted(before)} -> {sorted(after)} ({run.describe()})"
     )
-    assert run.returncode in (0, 2), run.describe()
+    assert run.returncode in (0, 4), run.describe()
     epcli.load_checkpoint(index)
 
 
@@ -640,7 +640,7 @@ def test_a_failed_run_leaves_no_files(mixed, invoke, json_doc, flat, key, extra)
 
     run = invoke("collapse", mixed, *extra, "--json")
 
-    assert run.returncode == 2, run.describe()
+    assert run.returncode == 3, run.describe()
     assert key in flat(run.stderr) and "NaN" in flat(run.stderr)
     document = json_doc(run.stdout)
     assert document["passed"] is False and key in document["error"]["message"]
@@ -659,7 +659,7 @@ def test_a_failed_forced_run_keeps_the_old_output(mixed, tmp_path, invoke):
     ]
 
     for run in runs:
-        assert run.returncode == 2, run.describe()
+        assert run.returncode == 3, run.describe()
     assert _snapshot(tmp_path) == before, "the old output is whole and nothing else is left"
 
 
@@ -724,7 +724,7 @@ def test_output_under_a_file_is_a_clean_error(mixed, tmp_path, invoke, flat):
 
     run = invoke("collapse", mixed, "-o", output)
 
-    assert run.returncode == 2, run.describe()
+    assert run.returncode == 4, run.describe()
     message = flat(run.stderr)
     assert "unexpected" not in message and "Traceback" not in message, message
     assert "cannot create its directory" in message and str(output) in message, message

@@ -128,5 +128,5 @@ def test_an_existing_output_needs_force(samples, invoke):
     out = samples.dir / "digits_mlp.compressed.safetensors"
     out.write_bytes(b"precious")
     run = invoke("compress", samples.mlp, "--max-error", "0.5")
-    assert run.returncode == 2 and "--force" in run.stderr, run.describe()
+    assert run.returncode == 4 and "--force" in run.stderr, run.describe()
     assert out.read_bytes() == b"precious"

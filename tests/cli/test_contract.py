@@ -21,9 +21,10 @@ from epcli.cli.render import printable
 UNEXPECTED = "unexpected"
 
 
-def _input_error(run, *named: Path | str) -> str:
-    """Exit 2, one message on stderr naming every ``named``, never an "unexpected" error; returns stderr as one line."""
-    assert run.returncode == 2, run.describe()
+def _one_line_error(run, *named: Path | str, code: int) -> str:
+    """Exit ``code``, one message on stderr naming every ``named``, never an "unexpected" error; returns stderr as one
+    line."""
+    assert run.returncode == code, run.describe()
     assert isinstance(run.exception, SystemExit), repr(run.exception)
     text = run.stderr.replace("\n", "")
     assert UNEXPECTED not in text, run.describe()
@@ -86,7 +87,7 @@ def test_export_output_problems_are_found_before_any_export_work(case, samples, 
 
     run = invoke("export", samples.mlp, "--onnx", target)
 
-    text = _input_error(run, target)
+    text = _one_line_error(run, target, code=2 if case == "suffix" else 4)
     assert {"exists": "--force", "suffix": ".onnx", "directory": "is a directory", "parent-is-a-file": "directory"}[
         case
     ] in text
@@ -97,7 +98,7 @@ def test_export_output_problems_are_found_before_any_export_work(case, samples, 
 def test_output_that_is_a_directory_is_named_as_such(samples, invoke):
     (samples.dir / "adir").mkdir()
 
-    text = _input_error(invoke("collapse", samples.mlp, "-o", samples.dir / "adir"), samples.dir / "adir")
+    text = _one_line_error(invoke("collapse", samples.mlp, "-o", samples.dir / "adir"), samples.dir / "adir", code=4)
 
     assert "is a directory" in text and "digits_mlp.collapsed.safetensors" in text, "suggests a file name"
 
@@ -108,7 +109,7 @@ def test_input_is_checked_before_the_output(samples, invoke):
     wrong.write_bytes(samples.mlp.read_bytes())
     (samples.dir / "mlp.collapsed.safetensors").write_bytes(b"an earlier output")
 
-    text = _input_error(invoke("collapse", wrong), wrong)
+    text = _one_line_error(invoke("collapse", wrong), wrong, code=3)
 
     assert ".onnx" in text and "already exists" not in text
 
@@ -118,7 +119,7 @@ def test_inspect_checks_its_input_before_the_plot_path(samples, invoke):
     wrong.write_bytes(samples.mlp.read_bytes())
     (samples.dir / "taken.png").write_bytes(b"")
 
-    text = _input_error(invoke("inspect", wrong, "--plot", samples.dir / "taken.png"), wrong)
+    text = _one_line_error(invoke("inspect", wrong, "--plot", samples.dir / "taken.png"), wrong, code=3)
 
     assert ".onnx" in text and "already exists" not in text
 
@@ -126,7 +127,7 @@ def test_inspect_checks_its_input_before_the_plot_path(samples, invoke):
 def test_collapse_of_a_directory_is_an_input_error(samples, invoke, monkeypatch):
     monkeypatch.chdir(samples.dir)
 
-    text = _input_error(invoke("collapse", "."))
+    text = _one_line_error(invoke("collapse", "."), code=3)
 
     assert "directory" in text and "empty name" not in text
 
@@ -137,7 +138,7 @@ def test_checkpoint_without_ep_layers_has_nothing_to_collapse(tmp_path, invoke):
     )
     before = sorted(tmp_path.iterdir())
 
-    text = _input_error(invoke("collapse", plain), plain)
+    text = _one_line_error(invoke("collapse", plain), plain, code=3)
 
     assert "nothing to collapse" in text
     assert sorted(tmp_path.iterdir()) == before, "nothing is written"
@@ -227,7 +228,7 @@ def test_float64_check_of_a_float32_artifact_is_explained(artifacts, invoke, jso
         "verify", source, artifact, "--dtype", "float64", "--atol", "1e-4", "--rtol", "1e-4", "--samples", "8", "--json"
     )
 
-    text = _input_error(refused, artifact)
+    text = _one_line_error(refused, artifact, code=2)
     assert "float32" in text and "--dtype float32" in text
     assert bounded.returncode == 0, bounded.describe()
     assert any("float32 precision" in note for note in json_doc(bounded.stdout)["notes"])
@@ -295,7 +296,7 @@ def test_control_characters_never_reach_the_terminal(tmp_path, invoke):
 
     run = invoke("inspect", hostile)
 
-    assert run.returncode == 2, run.describe()
+    assert run.returncode == 3, run.describe()
     for control in ("\x1b", "\x07", "\r", "\x9b"):
         assert control not in run.stderr, repr(run.stderr)
     assert "\\x1b[2J" in run.stderr
@@ -390,8 +391,9 @@ def test_onnx_artifact_that_does_not_fit_the_checkpoint(case, words, artifacts, 
         "another-models-onnx": lambda: artifacts.onnx["digits_cnn"],
     }[case]()
 
-    text = _input_error(invoke("verify", checkpoint, onnx_path, "--samples", "4"), onnx_path)
+    run = invoke("verify", checkpoint, onnx_path, "--samples", "4")
 
+    text = _one_line_error(run, onnx_path, code=2 if case == "static-batch-3" else 3)  # --samples to fit: usage
     assert words in text
     if case == "another-models-onnx":
         assert str(checkpoint) in text, "names both files"
@@ -404,7 +406,7 @@ def test_onnx_artifact_that_never_returns_is_stopped(artifacts, tmp_path, invoke
     run = invoke("verify", artifacts.sources["digits_mlp"], looping, "--samples", "4", "--timeout", "0.5")
 
     elapsed = time.monotonic() - started
-    text = _input_error(run, looping)
+    text = _one_line_error(run, looping, code=3)
     assert "--timeout" in text and elapsed < 30, elapsed
 
 
@@ -423,7 +425,7 @@ def test_an_error_is_one_line_at_any_terminal_width(tmp_path, run_epcli):
 
     run = run_epcli("inspect", missing, env={"COLUMNS": "40"})
 
-    assert run.returncode == 2
+    assert run.returncode == 3
     assert run.stderr.count("\n") == 1 and str(missing) in run.stderr, repr(run.stderr)
 
 
@@ -431,7 +433,7 @@ def test_an_unwritable_output_directory_is_refused_before_any_work(samples, invo
     """Permission bits say root may write in /proc; only creating a file there tells the truth."""
     run = invoke("collapse", samples.mlp, "-o", "/proc/epcli-out.safetensors")
 
-    assert run.returncode == 2, run.describe()
+    assert run.returncode == 4, run.describe()
     assert "cannot write in /proc" in flat(run.stderr) and "collapsing" not in run.stderr
 
 
@@ -462,6 +464,6 @@ def test_json_and_quiet_belong_to_the_group(samples, invoke, json_doc):
 def test_a_failure_with_the_groups_json_is_one_document(tmp_path, invoke, json_doc):
     run = invoke("--json", "collapse", tmp_path / "missing.pt")
 
-    assert run.returncode == 2, run.describe()
+    assert run.returncode == 3, run.describe()
     assert json_doc(run.stdout)["command"] == "collapse"
     assert json_doc(run.stdout)["error"]["type"] == "CheckpointError"

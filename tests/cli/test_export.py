@@ -174,7 +174,7 @@ def test_existing_onnx_is_refused_without_force(samples, invoke, flat):
 
     run = invoke("export", samples.mlp, "--onnx", output)
 
-    assert run.returncode == 2, run.describe()
+    assert run.returncode == 4, run.describe()
     assert str(output) in flat(run.stderr) and "--force" in run.stderr
     assert output.read_bytes() == b"not yours" and output.stat().st_mtime_ns == 10**18
 
@@ -191,7 +191,7 @@ def test_existing_safetensors_is_refused_without_force(samples, invoke):
 
     run = invoke("export", samples.mlp, "--safetensors", output)
 
-    assert run.returncode == 2, run.describe()
+    assert run.returncode == 4, run.describe()
     assert output.read_bytes() == b"not yours"
 
 

@@ -158,7 +158,7 @@ def test_failed_validation_leaves_neither_file(samples, invoke, json_doc):
     assert _names(samples.dir) == ["digits_cnn.safetensors", "digits_mlp.pt"], "no file, temp or scratch left"
 
 
-@pytest.mark.parametrize(("error", "code"), [(RuntimeError("injected"), 2), (KeyboardInterrupt(), 130)])
+@pytest.mark.parametrize(("error", "code"), [(RuntimeError("injected"), 3), (KeyboardInterrupt(), 130)])
 def test_a_failure_after_the_pair_was_written_leaves_neither(samples, invoke, monkeypatch, error, code):
     import epcli.jobs.export as export_job
 
@@ -184,7 +184,7 @@ def test_an_existing_data_file_needs_force(samples, invoke, flat):
 
     run = invoke("export", samples.mlp, "--onnx", output, *LOW)
 
-    assert run.returncode == 2, run.describe()
+    assert run.returncode == 4, run.describe()
     assert str(data) in flat(run.stderr) and "--force" in run.stderr
     assert data.read_bytes() == b"not yours" and not output.exists()
 

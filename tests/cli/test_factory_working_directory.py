@@ -17,7 +17,7 @@ def test_elsewhere_the_error_names_the_working_directory(custom_model, run_epcli
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     run = run_epcli("verify", custom_model.path, "--model", custom_model.factory, cwd=elsewhere)
-    assert run.returncode == 2, run
+    assert run.returncode == 3, run
     message = flat(run.stderr)
     assert f"cannot import module {custom_model.module!r}" in message
     assert str(elsewhere) in message and "PYTHONPATH" in message

@@ -162,7 +162,7 @@ def test_a_bad_factory_fails_before_any_work(foreign: SimpleNamespace, invoke, t
     out = tmp_path / "never.safetensors"
     for factory in (f"{foreign.factory.split(':')[0]}:missing", foreign.wider):
         run = invoke("collapse", foreign.root / "hf", "--model", factory, *FLOAT, "-o", out)
-        assert run.returncode == 2, run.describe()
+        assert run.returncode == 3, run.describe()
         assert "collapsing" not in run.stderr and not out.exists()
     run = invoke("collapse", foreign.root / "hf", "--model", f"{foreign.factory.split(':')[0]}:missing", *FLOAT)
     assert "has no attribute 'missing'" in " ".join(run.stderr.split())
@@ -202,25 +202,28 @@ def test_verify_on_the_users_samples(foreign: SimpleNamespace, invoke):
     assert [c["name"] for c in document["comparisons"] if c["scope"] == "model"] == ["<model>[0]", "<model>[1].hidden"]
     run = invoke("verify", foreign.root / "hf", "--model", foreign.factory, *FLOAT,
                  "--inputs", foreign.root / "wrong.npz")
-    assert run.returncode == 2
+    assert run.returncode == 3
     assert "the input has shape [4, 5]; the model takes [batch, 6]" in " ".join(run.stderr.split())
 
 
 @pytest.mark.parametrize(
-    ("args", "expected"),
+    ("args", "expected", "code"),
     [
-        ((), "has no epcli metadata (it holds a plain state_dict of"),
-        (("--model", "FACTORY"), "its model's input is unknown; give it with --input-shape"),
-        (("--model", "WIDER", "--input-shape", "6"), "wider' does not fit the file: layer 'a' (EPLinear): a."),
-        (("--input-shape", "6", "--input", "float32[6]", "--model", "FACTORY"), "not both"),
-        (("--model", "FACTORY", "--input-shape", "int64[6]"), "use --input"),
-        (("--model", "FACTORY", "--input", "int64[6]"), "needs its range"),
+        ((), "has no epcli metadata (it holds a plain state_dict of", 3),
+        (("--model", "FACTORY"), "its model's input is unknown; give it with --input-shape", 2),
+        (("--model", "WIDER", "--input-shape", "6"), "wider' does not fit the file: layer 'a' (EPLinear): a.", 3),
+        (("--input-shape", "6", "--input", "float32[6]", "--model", "FACTORY"), "not both", 2),
+        (("--model", "FACTORY", "--input-shape", "int64[6]"), "use --input", 2),
+        (("--model", "FACTORY", "--input", "int64[6]"), "needs its range of values; write DTYPE[D1,...]:LOW:HIGH", 2),
     ],
 )
-def test_foreign_errors_say_what_to_give(foreign: SimpleNamespace, invoke, args: tuple[str, ...], expected: str):
+def test_foreign_errors_say_what_to_give(
+    foreign: SimpleNamespace, invoke, args: tuple[str, ...], expected: str, code: int
+):
+    """A file that does not fit is an input error (3); a missing or contradictory option a usage error (2)."""
     args = tuple({"FACTORY": foreign.factory, "WIDER": foreign.wider}.get(a, a) for a in args)
     run = invoke("verify", foreign.root / "plain.pt", *args)
-    assert run.returncode == 2, run.describe()
+    assert run.returncode == code, run.describe()
     message = " ".join(run.stderr.split())
     assert expected in message, message
     if not args:

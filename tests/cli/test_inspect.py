@@ -100,7 +100,7 @@ def test_inspect_with_a_factory_checks_it_against_the_file(custom_model, invoke,
 
     assert run.returncode == 0, run.describe()
     assert json_doc(run.stdout)["has_architecture"] is True
-    assert wrong.returncode == 2 and str(custom_model.path) in flat(wrong.stderr), wrong.describe()
+    assert wrong.returncode == 3 and str(custom_model.path) in flat(wrong.stderr), wrong.describe()
 
 
 def test_inspect_without_json_prints_the_report_on_stdout(artifacts, invoke):
@@ -145,20 +145,20 @@ def test_existing_plot_is_not_overwritten_without_force(samples, invoke, flat):
     assert plot.read_bytes() == b"someone else's figure" and plot.stat().st_mtime_ns == 10**18, (
         "inspect --plot overwrote an existing file without --force"
     )
-    assert run.returncode == 2, run.describe()
+    assert run.returncode == 4, run.describe()
     assert str(plot) in flat(run.stderr)
 
 
 def test_a_plot_made_meanwhile_is_not_overwritten_without_force(samples, tmp_path, monkeypatch):
     """The up-front existence check can be raced; the write itself refuses to replace a file without --force."""
     import epcli.jobs.inspect as inspect_job
-    from epcli.errors import CheckpointError
+    from epcli.errors import OutputError
 
     plot = tmp_path / "spectra.png"
     plot.write_bytes(b"someone else's")
     monkeypatch.setattr(inspect_job, "check_output", lambda *args, **kwargs: None)  # as if made after the check
 
-    with pytest.raises(CheckpointError, match="already exists"):
+    with pytest.raises(OutputError, match="already exists"):
         inspect_job.inspect_file(samples.mlp, plot=plot)
 
     assert plot.read_bytes() == b"someone else's"

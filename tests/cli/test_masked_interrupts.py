@@ -39,5 +39,5 @@ def test_without_a_signal_the_error_is_the_error(monkeypatch, capsys):
     with pytest.raises(typer.Exit) as exited:
         guard.guarded(_masking_command)()
 
-    assert exited.value.exit_code == guard.EXIT_INPUT_ERROR
+    assert exited.value.exit_code == guard.EXIT_INPUT
     assert "torch.onnx.export failed" in capsys.readouterr().err

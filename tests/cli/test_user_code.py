@@ -78,7 +78,7 @@ def test_what_user_code_prints_goes_to_stderr_and_exit_is_an_error(chatty, run_e
     document = json_doc(printing.stdout)
     assert document["passed"] and "<model>[0]" in [c["name"] for c in document["comparisons"]]
 
-    assert exiting.returncode == 2, exiting.describe()
+    assert exiting.returncode == 3, exiting.describe()
     error = json_doc(exiting.stdout)["error"]
     assert "model factory 'chatty_models:leaves' called sys.exit(0) while building the model" in error["message"]
     assert "called sys.exit(0)" in flat(exiting.stderr)

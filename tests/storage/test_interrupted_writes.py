@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 import epcli
-from epcli import CheckpointError, EPLinear
+from epcli import EPLinear, OutputError
 from epcli.jobs.collapse import collapse_file
 from epcli.storage.atomic import StagedFiles, atomic_write, remove_leftovers, temp_name
 from epcli.storage.source import TensorInfo
@@ -76,7 +76,7 @@ def test_no_overwrite_holds_against_a_concurrent_writer(tmp_path: Path):
         first.write(target, _write(b"first"))
         second.write(target, _write(b"second"))
         first.commit()
-        with pytest.raises(CheckpointError, match=r"out\.safetensors already exists .*nothing was overwritten"):
+        with pytest.raises(OutputError, match=r"out\.safetensors already exists .*nothing was overwritten"):
             second.commit()
     assert target.read_bytes() == b"first"
     assert _temps(tmp_path) == []
@@ -88,7 +88,7 @@ def test_no_overwrite_of_a_set_creates_nothing_when_one_name_is_taken(tmp_path: 
     with StagedFiles(overwrite=False) as staged:
         staged.write(shard, _write(b"shard"))
         staged.write(index, _write(b"index"))
-        with pytest.raises(CheckpointError, match="already exists"):
+        with pytest.raises(OutputError, match="already exists"):
             staged.commit()
     assert not shard.exists() and index.read_bytes() == b"someone else's"
     assert _temps(tmp_path) == []
@@ -100,7 +100,7 @@ def test_checkpoint_writer_without_overwrite(tmp_path: Path):
     layout = {"w": TensorInfo((2,), torch.float32)}
     with CheckpointWriter(path, layout, overwrite=False) as writer:
         writer.add("w", torch.ones(2))
-        with pytest.raises(CheckpointError, match="already exists"):
+        with pytest.raises(OutputError, match="already exists"):
             writer.commit("{}")
     assert path.read_bytes() == b"old"
     with CheckpointWriter(path, layout) as writer:  # the default replaces, atomically

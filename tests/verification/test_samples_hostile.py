@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from epcli.checkpoint.inputs import InputSpec
-from epcli.errors import CheckpointError, UsageError
+from epcli.errors import CheckpointError
 from epcli.limits import MAX_CHECK_BYTES
 from epcli.verification.samples import read_samples
 
@@ -57,7 +57,7 @@ def test_a_savez_file_and_a_compressed_one_are_read(tmp_path: Path):
 def test_a_npy_renamed_npz(tmp_path: Path):
     np.save(tmp_path / "x.npy", np.zeros((2, 4), np.float32))
     (tmp_path / "x.npy").rename(tmp_path / "x.npz")
-    with pytest.raises(UsageError, match=r"x.npz \(--inputs\): is one .npy array, not a .npz archive"):
+    with pytest.raises(CheckpointError, match=r"x.npz \(--inputs\): is one .npy array, not a .npz archive"):
         read_samples(tmp_path / "x.npz", FLOAT)
 
 
@@ -87,13 +87,13 @@ def test_a_header_claiming_a_trillion_floats(tmp_path: Path):
 )
 def test_dtypes_torch_does_not_compute_with(tmp_path: Path, array: np.ndarray):
     np.savez(tmp_path / "x.npz", array)
-    with pytest.raises(UsageError, match=r"x.npz \(--inputs\): array 'arr_0.npy' has dtype .*; samples are bool"):
+    with pytest.raises(CheckpointError, match=r"x.npz \(--inputs\): array 'arr_0.npy' has dtype .*; samples are bool"):
         read_samples(tmp_path / "x.npz", FLOAT)
 
 
 def test_uint64_token_ids_are_refused_with_a_hint(tmp_path: Path):
     np.savez(tmp_path / "ids.npz", np.zeros((2, 3), dtype=np.uint64))
-    with pytest.raises(UsageError, match=r"dtype 'uint64'.*token ids as int64"):
+    with pytest.raises(CheckpointError, match=r"dtype 'uint64'.*token ids as int64"):
         read_samples(tmp_path / "ids.npz", IDS)
 
 
