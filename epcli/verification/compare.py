@@ -35,6 +35,7 @@ __all__ = [
     "compare_outputs",
     "fit_batch",
     "random_batches",
+    "seeded_batches",
 ]
 
 PASS_RULE = "|collapsed - expanded| <= atol + rtol * |expanded|, for every element"
@@ -191,19 +192,25 @@ def fit_batch(settings: VerifySettings, *, run_bytes: int, held_bytes: int, what
     return replace(settings, batch_size=min(settings.batch_size, batch))
 
 
-def random_batches(input_shape: Sequence[int], settings: VerifySettings) -> Iterator[Tensor]:
-    """Standard-normal batches ``[b, *input_shape]``, the same for the same seed on every machine.
-
-    Drawn in float64 on the CPU and cast, so float32 and float64 runs (and every device) see the same values.
-    """
-    for (batch,) in random_inputs(
-        (InputSpec(tuple(input_shape)),),
+def seeded_batches(specs: Sequence[InputSpec], settings: VerifySettings) -> Iterator[tuple[Tensor, ...]]:
+    """The check's inputs drawn from ``specs``: ``settings.samples`` in batches, seeded, in the check's dtype
+    and on its device (:func:`~epcli.checkpoint.inputs.random_inputs`)."""
+    return random_inputs(
+        specs,
         settings.samples,
         settings.batch_size,
         settings.seed,
         dtype=settings.torch_dtype,
         device=settings.torch_device,
-    ):
+    )
+
+
+def random_batches(input_shape: Sequence[int], settings: VerifySettings) -> Iterator[Tensor]:
+    """Standard-normal batches ``[b, *input_shape]``, the same for the same seed on every machine.
+
+    Drawn in float64 on the CPU and cast, so float32 and float64 runs (and every device) see the same values.
+    """
+    for (batch,) in seeded_batches((InputSpec(tuple(input_shape)),), settings):
         yield batch
 
 
@@ -241,14 +248,7 @@ def compare_outputs(
     """
     if inputs and all(isinstance(spec, InputSpec) for spec in inputs):
         specs = [spec for spec in inputs if isinstance(spec, InputSpec)]
-        batches: Iterable[tuple[Tensor, ...]] = random_inputs(
-            specs,
-            settings.samples,
-            settings.batch_size,
-            settings.seed,
-            dtype=settings.torch_dtype,
-            device=settings.torch_device,
-        )
+        batches: Iterable[tuple[Tensor, ...]] = seeded_batches(specs, settings)
     else:
         batches = [tuple(batch) for batch in inputs if isinstance(batch, tuple)]
     tolerance = settings.tolerance

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor, nn
 
-from epcli.checkpoint.inputs import InputSpec, describe_inputs, random_inputs, tensor_leaves
+from epcli.checkpoint.inputs import InputSpec, describe_inputs, tensor_leaves
 from epcli.checkpoint.opened import Checkpoint, CheckpointFile
 from epcli.checkpoint.user_code import run_forward
 from epcli.convert import (
@@ -41,6 +41,7 @@ from epcli.verification.compare import (
     compare,
     compare_outputs,
     fit_batch,
+    seeded_batches,
 )
 
 __all__ = [
@@ -165,16 +166,7 @@ def expanded_outputs(
             if batches is not None:
                 drawn = [_moved(batch, settings) for batch in _rebatched(batches, settings.batch_size)]
             else:
-                drawn = list(
-                    random_inputs(
-                        specs,
-                        settings.samples,
-                        settings.batch_size,
-                        settings.seed,
-                        dtype=settings.torch_dtype,
-                        device=settings.torch_device,
-                    )
-                )
+                drawn = list(seeded_batches(specs, settings))
             return ExpandedOutputs(drawn, [run_forward(reference, *batch) for batch in drawn], settings.batch_size)
     except (IndexError, RuntimeError) as e:  # an id beyond an embedding, a dtype a kernel does not take
         given = "the samples of --inputs" if batches is not None else "its inputs"
