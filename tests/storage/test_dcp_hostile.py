@@ -275,7 +275,7 @@ def test_a_shared_nested_list_as_a_data_file_name_is_quoted_briefly(saved: Path)
 
 
 @pytest.mark.slow
-def test_a_damaged_dcp_directory_exits_2_with_one_line_in_a_subprocess(tmp_path: Path, run_bounded):
+def test_a_damaged_dcp_directory_exits_3_with_one_line_in_a_subprocess(tmp_path: Path, run_bounded):
     (tmp_path / "dcp_factory.py").write_text(FACTORY)
     sys.path.insert(0, str(tmp_path))
     try:
@@ -291,6 +291,6 @@ def test_a_damaged_dcp_directory_exits_2_with_one_line_in_a_subprocess(tmp_path:
         "export", path, "--model", "dcp_factory:build", "--input-shape", "6", "--state-key", "model",
         "--safetensors", out, env={"PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])},
     )
-    assert run.returncode == 2, run.stderr
+    assert run.returncode == 3, run.stderr  # an input that cannot be used
     assert "Traceback" not in run.stderr and str(path) in run.message and f"data file '{DATA}'" in run.message
     assert "truncated" in run.message and not out.exists()

@@ -117,7 +117,7 @@ def test_every_step_on_a_real_model(zoo: Any, name: str, tmp_path: Path):
         code, doc, err = _cli("verify", checkpoint, tmp_path / "m.onnx", *factory)
         assert (code, doc["passed"]) == (0, True), err
     else:
-        assert code == 2 and "cannot trace" in doc["error"]["message"], (entry.onnx, doc)
+        assert code == 3 and "cannot trace" in doc["error"]["message"], (entry.onnx, doc)
 
     # the deployment: the collapsed file in the class the user started from, strictly
     deployed = entry.plain()
