@@ -18,7 +18,7 @@ from collections.abc import Callable
 from torch import nn
 
 from epcli.checkpoint.user_code import user_code
-from epcli.errors import CheckpointError
+from epcli.errors import CheckpointError, UsageError
 
 __all__ = ["ModelFactory", "build_from_factory", "factory_name", "resolve_factory"]
 
@@ -32,7 +32,7 @@ def resolve_factory(factory: ModelFactory) -> Callable[[], nn.Module]:
     if callable(factory):
         return factory
     if not isinstance(factory, str) or not (match := _SPEC.match(factory)):
-        raise CheckpointError(
+        raise UsageError(
             f"model factory {factory!r} must be 'module:function', e.g. 'mypkg.models:build', naming a function "
             "that takes no arguments and returns the model"
         )

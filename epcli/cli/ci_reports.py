@@ -121,7 +121,9 @@ def step_summary(command: str, tables: Sequence[CaseTable], verdict: str, warnin
 
 
 def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
+    """Text for a Markdown table cell: ``<model>`` would be read as an HTML tag and vanish, ``|`` end the cell."""
+    escaped = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return escaped.replace("|", "\\|").replace("\n", " ")
 
 
 def append_summary(markdown: str) -> Path | None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import epcli
-from epcli import CheckpointError
+from epcli import CheckpointError, UsageError
 
 _MODULE = textwrap.dedent(
     """
@@ -120,8 +120,10 @@ def test_factory_for_a_collapsed_file_may_build_either_form(tmp_path: Path, cust
     ],
 )
 def test_bad_factories(custom_checkpoint, factory_module: str, factory: str, phrases: list[str]):
+    """A malformed spelling is a usage error (exit 2); a factory that cannot build the model, an input error."""
     path, _ = custom_checkpoint
-    with pytest.raises(CheckpointError) as info:
+    malformed = "must be 'module:function'" in phrases[0]
+    with pytest.raises(UsageError if malformed else CheckpointError) as info:
         epcli.load_checkpoint(path, model_factory=factory.format(module=factory_module))
     message = str(info.value)
     assert str(path) in message
