@@ -55,7 +55,7 @@ from epcli.storage.source import (
 )
 from epcli.text import quote
 
-__all__ = ["SUFFIXES", "load_checkpoint", "open_checkpoint", "read_checkpoint", "read_model"]
+__all__ = ["SUFFIXES", "load_checkpoint", "open_checkpoint", "read_checkpoint", "read_model", "read_skeleton"]
 
 
 def open_checkpoint(
@@ -160,6 +160,32 @@ def read_model(opened: CheckpointFile, *, dtype: torch.dtype | None = None) -> n
         if opened.architecture is not None and opened.model_factory is None:
             check_forward(model, opened.inputs, built[1])
     return model.to(dtype=dtype) if dtype is not None else model  # buffers the file does not hold
+
+
+def read_skeleton(opened: CheckpointFile, *, dtype: torch.dtype) -> nn.Module:
+    """The embedded architecture of an opened checkpoint (eval mode) with every tensor outside its EP layers read
+    and cast to ``dtype``, and each EP layer holding zero-storage stand-ins of its tensors (``dtype``, the stored
+    shapes): its forward is checked, and sized, without reading a layer; a caller reads each layer when it runs.
+    """
+    if opened.architecture is None or opened.model_factory is not None:
+        raise UsageError(f"{opened.path}: only an embedded architecture is read layer by layer")
+    built = _built(opened)
+    assert built is not None  # an embedded architecture
+    meta = opened.meta_state()
+    owned = layer_states(meta, opened.ep_layers)
+    in_layers = {layer_prefix(path) + key for path, state in owned.items() for key in state}
+    state: dict[str, Tensor] = {}
+    for keys in _byte_groups({k: v for k, v in opened.tensors.items() if k not in in_layers}, _READ_GROUP_BYTES):
+        for key, tensor in opened.read(keys).items():
+            state[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+    for key in in_layers:
+        stored = meta[key]
+        state[key] = torch.zeros((), dtype=dtype if stored.is_floating_point() else stored.dtype).expand(stored.shape)
+    with _naming(opened.path):
+        model = _fill(*built, state, copy=False)
+        del state
+        check_forward(model, opened.inputs, built[1])
+    return model.to(dtype=dtype)  # buffers the file does not hold
 
 
 _READ_GROUP_BYTES = 64 * 2**20

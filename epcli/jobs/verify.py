@@ -28,6 +28,7 @@ from epcli.progress import ProgressCallback
 from epcli.storage.paths import file_sha256
 from epcli.verification.compare import SUPPORTED_DTYPES, VerifyReport, VerifySettings
 from epcli.verification.deployment import deploy_changes, deploy_notes, deployed_model
+from epcli.verification.layered import verify_embedded
 from epcli.verification.model_check import (
     IN_MEMORY,
     NO_ARCHITECTURE,
@@ -80,7 +81,10 @@ def verify_files(
     read once, in the comparison dtype; its expanded outputs are taken, then each EP layer is
     checked alone and replaced by its plain layer in place (an artifact's tensors are read a
     layer at a time), so the peak is about the model in that dtype and one layer's float64
-    collapse. Without one, each EP layer is read, checked and dropped in turn.
+    collapse. An embedded architecture checked in memory (no artifact, no factory) is not read whole: the
+    model runs one module at a time and each EP layer is read, run, collapsed, checked and dropped in turn
+    (:func:`~epcli.verification.layered.check_layered`), so the peak is about one layer. Without a model,
+    each EP layer is read, checked and dropped in turn.
 
     ``plain_model`` names the class the user deploys (a factory building the plain model): the collapsed
     artifact is loaded into it with ``strict=True`` and compared with the expanded model end to end.
@@ -118,10 +122,13 @@ def verify_files(
     notes = [*checkpoint.notes, *deploy_notes(checkpoint.ep_layers)]
     changes = deploy_changes(checkpoint.ep_layers)
     if artifact_path is None:
-        report = check_subject(
-            opened_subject(checkpoint, owned_model if has_model else None),
-            settings, None, None, IN_MEMORY, progress, batches,
-        )
+        if checkpoint.architecture is not None and model_factory is None:
+            report = verify_embedded(checkpoint, settings, progress, batches)
+        else:
+            report = check_subject(
+                opened_subject(checkpoint, owned_model if has_model else None),
+                settings, None, None, IN_MEMORY, progress, batches,
+            )
         return VerifyResult(checkpoint_path, None, replace(report, notes=(*notes, *report.notes)), None, changes)
     if artifact_path.suffix == ".onnx":
         if not has_model:

@@ -8,41 +8,35 @@ from __future__ import annotations
 
 import copy
 import functools
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
 
-from epcli.checkpoint.inputs import InputSpec, describe_inputs, tensor_leaves
+from epcli.checkpoint.inputs import InputSpec
 from epcli.checkpoint.opened import Checkpoint, CheckpointFile
-from epcli.checkpoint.user_code import run_forward
 from epcli.convert import (
     collapsed_keys,
-    expanded_eval,
     expanded_layer,
     layer_prefix,
     layer_states,
 )
-from epcli.errors import CheckpointError, EpcliError, UsageError
+from epcli.errors import CheckpointError, UsageError
 from epcli.layers.base import EPLayer
 from epcli.layers.config import EPConfig
 from epcli.layers.registry import collapsed_has_bias, find_ep_layers, plain_layer
 from epcli.layers.summary import natural_order
 from epcli.onnx.export import OnnxSession
 from epcli.progress import ProgressCallback
-from epcli.text import quote
 from epcli.verification.compare import (
-    COMPARE_BYTES,
     Comparison,
     VerifyReport,
     VerifySettings,
     compare,
-    compare_outputs,
     fit_batch,
-    seeded_batches,
 )
+from epcli.verification.expanded import ExpandedOutputs, expanded_outputs, sample_bytes
 
 __all__ = [
     "DEPLOYED",
@@ -51,6 +45,7 @@ __all__ = [
     "ONNX_LABEL",
     "ExpandedOutputs",
     "Subject",
+    "check_layer",
     "check_subject",
     "collapse_in_place",
     "compare_layer",
@@ -119,118 +114,13 @@ def compare_model(
     return expected.compare(collapsed, label, settings)
 
 
-@dataclass(frozen=True)
-class ExpandedOutputs:
-    """The expanded model's outputs on the comparison's batches, taken before the model is collapsed in place:
-    what a candidate (the collapsed model, an ONNX session) is compared against once the expanded model is gone."""
-
-    batches: Sequence[tuple[Tensor, ...]]
-    outputs: Sequence[object]
-    batch_size: int
-    """The largest batch the memory budget allows while these are held (:func:`~.compare.fit_batch`)."""
-
-    def compare(
-        self, candidate: Callable[..., object], label: str, settings: VerifySettings, name: str = "<model>"
-    ) -> tuple[Comparison, ...]:
-        outputs = iter(self.outputs)
-        return compare_outputs(name, "model", label, lambda *batch: next(outputs), candidate, self.batches, settings)
-
-
-def expanded_outputs(
-    model: nn.Module,
-    specs: Sequence[InputSpec],
-    settings: VerifySettings,
-    batches: Sequence[tuple[Tensor, ...]] | None = None,
-) -> ExpandedOutputs:
-    """``model`` (one nobody else holds: cast in place, left in eval mode) run expanded on ``batches`` (the
-    user's samples), or on seeded batches drawn from ``specs`` as
-    :func:`~epcli.verification.compare.compare_outputs` draws them."""
-    model.to(device=settings.torch_device, dtype=settings.torch_dtype).eval()
-    try:
-        with expanded_eval(model) as reference, torch.no_grad():
-            if batches:  # the user's samples (their specs may not be given): the first ones, cut to size
-                first = list(_moved(tuple(t[:1] for t in batches[0]), settings))
-
-                def examples(size: int) -> list[Tensor]:
-                    return [t[:size] for t in first]
-
-                what = f"the given samples ({', '.join(str(list(t.shape[1:])) for t in first)})"
-            else:
-
-                def examples(size: int) -> list[Tensor]:
-                    return [spec.example(size, dtype=settings.torch_dtype, device=settings.torch_device) for spec in specs]
-
-                what = describe_inputs(specs)
-            run, held = _sample_bytes(model, reference, examples)
-            settings = fit_batch(settings, run_bytes=run, held_bytes=held, what=what)
-            if batches is not None:
-                drawn = [_moved(batch, settings) for batch in _rebatched(batches, settings.batch_size)]
-            else:
-                drawn = list(seeded_batches(specs, settings))
-            return ExpandedOutputs(drawn, [run_forward(reference, *batch) for batch in drawn], settings.batch_size)
-    except (IndexError, RuntimeError) as e:  # an id beyond an embedding, a dtype a kernel does not take
-        given = "the samples of --inputs" if batches is not None else "its inputs"
-        raise UsageError(
-            f"the model rejected {given} ({describe_inputs(specs)}: each input's dtype and, for integers, its range "
-            f"[low, high)): {quote(f'{type(e).__name__}: {e}', 300)}; give inputs in the dtype and range the model "
-            "takes (e.g. token ids in [0, vocab_size) as int64)"
-        ) from e
-
-
-def _rebatched(batches: Sequence[tuple[Tensor, ...]], size: int) -> list[tuple[Tensor, ...]]:
-    """The given batches cut into batches of at most ``size`` samples."""
-    return [
-        tuple(t[start : start + size] for t in batch) for batch in batches for start in range(0, batch[0].shape[0], size)
-    ]
-
-
-def _per_sample(tensor: Tensor) -> int:
-    """Bytes of one sample of a tensor computed on an empty batch (the batch axis, wherever it is, counted as 1)."""
-    return math.prod(max(size, 1) for size in tensor.shape) * tensor.element_size()
-
-
-def _sample_bytes(
-    model: nn.Module, call: Callable[..., object], examples: Callable[[int], list[Tensor]]
-) -> tuple[int, int]:
-    """(run, held) bytes per sample of a check of ``call`` (which runs ``model``), from one call on an empty batch
-    of ``examples`` (on one sample when the forward cannot take an empty batch, as a reshape with ``-1``
-    cannot): while a batch runs, every module's output, the inputs as drawn (float64) and the comparison's
-    temporaries; held for the whole check, the inputs and the outputs."""
-    outputs = [0]
-
-    def hook(module: nn.Module, args: object, output: object) -> None:
-        outputs[0] += sum(_per_sample(t) for _, t in tensor_leaves(output))
-
-    def measure(batch: int) -> tuple[list[Tensor], list[tuple[str, Tensor]]]:
-        outputs[0] = 0
-        inputs = examples(batch)
-        return inputs, tensor_leaves(run_forward(call, *inputs))
-
-    handles = [module.register_forward_hook(hook) for module in model.modules()]
-    try:
-        try:
-            given, leaves = measure(0)
-        except EpcliError:
-            raise
-        except Exception:  # the forward's own error on an empty batch: one sample says the same
-            given, leaves = measure(1)
-    finally:
-        for handle in handles:
-            handle.remove()
-    inputs = sum(_per_sample(t) for t in given)
-    returned = sum(_per_sample(t) for _, t in leaves)
-    compared = sum(_per_sample(t) // t.element_size() for _, t in leaves) * COMPARE_BYTES
-    drawn = sum(_per_sample(t) // t.element_size() for t in given) * 8
-    return outputs[0] + drawn + compared, inputs + returned
-
-
 def _layer_budget(
     layer: EPLayer, expanded: Callable[..., object], input_shape: tuple[int, ...], settings: VerifySettings, path: str
 ) -> VerifySettings:
     """Settings whose batches keep one EP layer's check within the budget (nothing is held: batches stream)."""
     with torch.no_grad():
         spec = InputSpec(tuple(input_shape))
-        run, held = _sample_bytes(
+        run, held = sample_bytes(
             layer, expanded, lambda size: [spec.example(size, dtype=settings.torch_dtype, device=settings.torch_device)]
         )
     return fit_batch(settings, run_bytes=run + held, held_bytes=0, what=f"layer {path} (input {list(input_shape)})")
@@ -285,7 +175,7 @@ def collapse_in_place(
             progress(len(comparisons), len(layer_input_shapes) + 1, f"checking layer {path}")
         if layer_input_shapes is not None or owners[path] not in plain:
             shape = None if layer_input_shapes is None else layer_input_shapes[path]
-            comparison, installed = _layer(
+            comparison, installed = check_layer(
                 path, configs[path], layer_state, settings, input_shape=shape, collapsed_state=collapsed_state,
                 rounded_to=rounded_to, label=label,
             )
@@ -311,7 +201,7 @@ def _put(model: nn.Module, path: str, module: nn.Module) -> nn.Module:
     return model
 
 
-def _layer(
+def check_layer(
     path: str,
     config: EPConfig,
     layer_state: Callable[[str], Mapping[str, Tensor]],
@@ -321,11 +211,15 @@ def _layer(
     collapsed_state: Mapping[str, Tensor] | None,
     rounded_to: Mapping[str, torch.dtype] | None,
     label: str,
+    run: Callable[[EPLayer], None] | None = None,
 ) -> tuple[Comparison | None, nn.Module]:
     """The EP layer at ``path``, built from its own tensors in the comparison dtype: checked alone against its plain
     layer (given ``input_shape``), and the plain layer that takes its place: the one checked, or the same collapse
-    rounded to its stored dtype first, or an empty one on the meta device that ``collapsed_state`` fills."""
+    rounded to its stored dtype first, or an empty one on the meta device that ``collapsed_state`` fills. ``run``
+    is given the expanded layer first (a streamed model check runs it on its activations)."""
     layer = expanded_layer(config, layer_state(path), dtype=settings.torch_dtype, device=settings.torch_device)
+    if run is not None:
+        run(layer)
 
     def cast(module: nn.Module) -> nn.Module:
         return module.to(device=settings.torch_device, dtype=settings.torch_dtype)
@@ -349,14 +243,6 @@ def _layer(
     expanded = functools.partial(layer, override=True)
     settings = _layer_budget(layer, expanded, input_shape, settings, path)
     return compare(path, "layer", label, expanded, checked, input_shape, settings), installed
-
-
-def _moved(batch: tuple[Tensor, ...], settings: VerifySettings) -> tuple[Tensor, ...]:
-    """A user's batch on the comparison's device, floating tensors in its dtype."""
-    return tuple(
-        t.to(device=settings.torch_device, dtype=settings.torch_dtype if t.is_floating_point() else t.dtype)
-        for t in batch
-    )
 
 
 @dataclass(frozen=True)
@@ -452,7 +338,7 @@ def check_subject(
         comparisons: list[Comparison] = []
         for path in natural_order(subject.ep_layers):
             tick(len(comparisons), total, f"checking layer {path}")
-            comparison, _ = _layer(
+            comparison, _ = check_layer(
                 path, subject.ep_layers[path], subject.layer_state, settings,
                 input_shape=subject.layer_input_shapes[path], collapsed_state=collapsed_state, rounded_to=None,
                 label=label,

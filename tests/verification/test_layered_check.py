@@ -1,0 +1,93 @@
+"""verify of an embedded architecture runs one module at a time, reading each EP layer when it runs, with the
+figures of the whole model read at once."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from epcli import load_checkpoint, overparameterize, save_checkpoint
+from epcli.checkpoint.opened import CheckpointFile
+from epcli.jobs.verify import verify_files
+from epcli.layers import EPLinear
+from epcli.verification import model_check
+from epcli.verification.compare import VerifySettings
+from epcli.verification.model_check import verify_checkpoint
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    plain = nn.Sequential(
+        nn.Linear(12, 16), nn.ReLU(), nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 8)), nn.Linear(8, 3)
+    )
+    return overparameterize(plain, depth=3, batch_norm=True, residual=True, residual_mode="learn")
+
+
+def _cnn() -> nn.Module:
+    torch.manual_seed(0)
+    plain = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3), nn.Flatten(), nn.Linear(4 * 4 * 4, 10)
+    )
+    return overparameterize(plain, depth=2, batch_norm=True)
+
+
+MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {"mlp": (_mlp, (12,)), "cnn": (_cnn, (3, 6, 6))}
+
+
+def _saved(name: str, dtype: str, tmp_path: Path) -> Path:
+    build, shape = MODELS[name]
+    model = build()
+    with torch.no_grad():
+        model.train()(torch.randn(32, *shape))  # running statistics
+    return save_checkpoint(model.to(getattr(torch, dtype)).eval(), tmp_path / f"{name}.safetensors", input_shape=shape)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_layered_check_reports_what_the_whole_model_check_does(name: str, dtype: str, tmp_path: Path):
+    source = _saved(name, dtype, tmp_path)
+    for check in ("float32", "float64"):
+        settings = VerifySettings(dtype=check, samples=24, batch_size=8)  # three batches
+        layered = verify_files(source, None, settings).report
+        whole = verify_checkpoint(load_checkpoint(source), settings)  # the model read whole, collapsed in place
+        assert [c.scope for c in layered.comparisons].count("model") == 1
+        assert layered.comparisons == whole.comparisons  # every figure, to the bit
+        assert layered.settings == whole.settings and layered.passed == whole.passed
+
+
+def test_each_ep_layer_is_read_when_it_runs_and_freed_before_the_next(tmp_path: Path, monkeypatch: Any):
+    torch.manual_seed(0)
+    model = nn.Sequential(*(layer for _ in range(4) for layer in (EPLinear(32, 32, depth=3), nn.ReLU())))
+    source = save_checkpoint(model.eval(), tmp_path / "m.safetensors", input_shape=(32,))
+    reads: list[set[str]] = []
+    read = CheckpointFile.read
+
+    def recording(self: CheckpointFile, keys: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        keys = list(keys)
+        reads.append({key.split(".")[0] for key in keys})
+        return read(self, keys, **kwargs)
+
+    built: list[weakref.ref[nn.Module]] = []
+    alive_at_build: list[int] = []
+    expanded_layer = model_check.expanded_layer
+
+    def tracked(*args: Any, **kwargs: Any) -> Any:
+        gc.collect()
+        alive_at_build.append(sum(ref() is not None for ref in built))
+        layer = expanded_layer(*args, **kwargs)
+        built.append(weakref.ref(layer))
+        return layer
+
+    monkeypatch.setattr(CheckpointFile, "read", recording)
+    monkeypatch.setattr(model_check, "expanded_layer", tracked)
+    report = verify_files(source, None, VerifySettings(dtype="float64", samples=16, batch_size=4)).report
+    assert report.passed and [c.name for c in report.comparisons] == ["0", "2", "4", "6", "<model>"]
+    assert reads == [{"0"}, {"2"}, {"4"}, {"6"}]  # one layer per read, in the order the model runs them
+    assert alive_at_build == [0, 0, 0, 0]  # no EP layer is resident when the next one is built
