@@ -83,19 +83,16 @@ def drawn_batches(
 ) -> tuple[VerifySettings, list[tuple[Tensor, ...]]]:
     """The settings with the batch size the budget allows for ``reference`` (running ``model``), and the batches of
     the check: ``batches`` (the user's samples) cut to it, or seeded batches drawn from ``specs``."""
-    if batches:  # the user's samples (their specs may not be given): the first ones, cut to size
-        first = list(_moved(tuple(t[:1] for t in batches[0]), settings))
-
-        def examples(size: int) -> list[Tensor]:
-            return [t[:size] for t in first]
-
-        what = f"the given samples ({', '.join(str(list(t.shape[1:])) for t in first)})"
+    if batches:  # the user's samples (their specs may not be given): the first one stands for all
+        prototype = list(_moved(tuple(t[:1] for t in batches[0]), settings))
+        what = f"the given samples ({', '.join(str(list(t.shape[1:])) for t in prototype)})"
     else:
-
-        def examples(size: int) -> list[Tensor]:
-            return [spec.example(size, dtype=settings.torch_dtype, device=settings.torch_device) for spec in specs]
-
+        prototype = [spec.example(1, dtype=settings.torch_dtype, device=settings.torch_device) for spec in specs]
         what = describe_inputs(specs)
+
+    def examples(size: int) -> list[Tensor]:  # an empty batch, or one sample
+        return [t[:size] for t in prototype]
+
     run, held = sample_bytes(model, reference, examples)
     settings = fit_batch(settings, run_bytes=run, held_bytes=held, what=what)
     if batches is not None:
