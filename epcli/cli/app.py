@@ -28,6 +28,7 @@ from epcli.cli import collapse, compress, export, inspect, render, verify
 from epcli.cli.guard import EXIT_USAGE, guarded, usage_error
 from epcli.cli.options import junit_option, output_mode, output_options
 from epcli.cli.terminate import EXIT_TERMINATED, Terminated, raise_on_signals
+from epcli.storage.mapped_pages import map_large_blocks
 
 __all__ = ["app", "main"]
 
@@ -150,6 +151,7 @@ def _root(
 def main() -> None:
     """Console-script entry point; SIGTERM cleans up like Ctrl-C and exits 143."""
     raise_on_signals()
+    map_large_blocks()  # a layer's freed blocks go back to the system before the next layer is read
     try:
         app()
     except Terminated:  # arrived outside a command body (the guard handles it inside)

@@ -20,6 +20,7 @@ from epcli.convert.collapse import (
     expanded_layer,
     layer_prefix,
     layer_states,
+    streamed_collapse,
 )
 from epcli.convert.model import collapse_model, expanded_eval, plain_model
 from epcli.convert.overparameterize import Conversion, ConversionPlan, overparameterize, plan_overparameterize
@@ -43,5 +44,6 @@ __all__ = [
     "overparameterize",
     "plain_model",
     "plan_overparameterize",
+    "streamed_collapse",
     "unwrap_model",
 ]

@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +35,7 @@ __all__ = [
     "expanded_layer",
     "layer_prefix",
     "layer_states",
+    "streamed_collapse",
 ]
 
 
@@ -64,6 +65,24 @@ def expanded_layer(
     return layer.to(device=device, dtype=dtype).eval()
 
 
+def streamed_collapse(
+    config: EPConfig,
+    listing: Mapping[str, Tensor],
+    read: Callable[[list[str]], Mapping[str, Tensor]],
+    *,
+    prefix: str = "",
+) -> Affine:
+    """The float64 collapse of the EP layer whose tensors ``read(keys)`` returns (keys relative to the layer,
+    tensors in the dtype and on the device to collapse from), read one chain layer at a time and given back once
+    composed (:meth:`EPLayer.streamed_collapse`): for a layer too large to hold beside its collapse.
+
+    ``listing`` maps the layer's keys to tensors of the stored shapes and dtypes (meta ones do, so nothing need be
+    read); it is checked against the config first, errors naming keys as ``prefix + key``.
+    """
+    check_state(expected_state(config), {k: v for k, v in listing.items() if k not in _STALE_KEYS}, prefix=prefix)
+    return build_layer(config, device="meta").streamed_collapse(read)
+
+
 def collapse_layer(
     config: EPConfig, layer_state: Mapping[str, Tensor], *, device: torch.device | str | None = None
 ) -> tuple[Tensor, Tensor | None]:
@@ -81,9 +100,9 @@ def _collapse(
     config: EPConfig, layer_state: Mapping[str, Tensor], prefix: str, device: torch.device | str | None
 ) -> tuple[Tensor, Tensor | None]:
     """:func:`collapse_layer`, with errors naming keys by their full path ``prefix + key``."""
-    layer = expanded_layer(config, layer_state, device=device, prefix=prefix)
-    where = f"layer {prefix.removesuffix('.') or '<model>'!r}"
-    return collapsed_tensors(layer.collapse(), collapsed_dtype("", layer_state), where=where)
+    dtype = collapsed_dtype("", layer_state)
+    affine = expanded_layer(config, layer_state, device=device, prefix=prefix).release_collapse()
+    return collapsed_tensors(affine, dtype, where=f"layer {prefix.removesuffix('.') or '<model>'!r}")
 
 
 def collapsed_dtype(path: str, state: Mapping[str, Any]) -> torch.dtype:

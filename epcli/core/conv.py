@@ -111,6 +111,12 @@ class ConvAlgebra:
             inner_bias = (blocks @ constant).reshape(out_channels)  # [g, C_out / g, 1] -> [C_out]
         return Affine(compose_kernels(weight, inner.weight, self.groups), sum_biases(inner_bias, bias))
 
+    def compose_lean(self, weight: Tensor, bias: Tensor | None, inner: Affine) -> Affine:
+        """:meth:`compose` with ``weight`` / ``bias`` cast to ``inner``'s dtype first (the kernels of a chain are
+        small beside its linear layers)."""
+        dtype = inner.weight.dtype
+        return self.compose(weight.to(dtype), None if bias is None else bias.to(dtype), inner)
+
     def add(self, a: Affine, b: Affine) -> Affine:
         sizes = [max(x, y) for x, y in zip(a.weight.shape[2:], b.weight.shape[2:], strict=True)]
         weight = pad_kernel_to(a.weight, sizes) + pad_kernel_to(b.weight, sizes)

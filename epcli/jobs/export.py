@@ -28,7 +28,7 @@ import torch
 from epcli.artifacts.collapsed import CollapseResult, OutputPlan, plan_output, write_collapsed
 from epcli.artifacts.provenance import provenance
 from epcli.checkpoint.inputs import InputSpec
-from epcli.checkpoint.load import open_checkpoint, read_model
+from epcli.checkpoint.load import open_checkpoint, read_model, read_skeleton
 from epcli.checkpoint.opened import CheckpointFile
 from epcli.checkpoint.save import collapsed_layout
 from epcli.convert import collapsed_dtype
@@ -53,6 +53,7 @@ from epcli.storage.mapped_pages import trim_heap
 from epcli.storage.paths import check_output_name, check_targets, file_sha256, make_parent
 from epcli.storage.sharded import is_index, sharded_base
 from epcli.verification.compare import Comparison, VerifyReport, VerifySettings
+from epcli.verification.layered import check_layered
 from epcli.verification.model_check import ONNX_LABEL, collapse_in_place, expanded_outputs, layer_reader
 
 __all__ = ["ExportResult", "OnnxExportResult", "export_file"]
@@ -176,14 +177,16 @@ def _export_onnx(
     staged: StagedFiles,
     progress: ProgressCallback | None,
 ) -> OnnxExportResult:
-    """Read the model once (float32), take its expanded outputs, check each EP layer while collapsing the model
-    in place (:func:`~epcli.verification.model_check.collapse_in_place`), export, check with onnx.checker, compare in
-    onnxruntime against those outputs, then stage the files in ``staged`` (the caller commits them).
+    """Take the expanded model's outputs (float32) while each EP layer is checked and the model collapsed, export,
+    check with onnx.checker, compare in onnxruntime against those outputs, then stage the files in ``staged`` (the
+    caller commits them).
 
-    So the expanded model is never held beside a copy of itself, nor beside the ONNX weights.
+    An embedded architecture runs a module at a time, each EP layer read when it runs and collapsed in its place
+    (:func:`~epcli.verification.layered.check_layered`), so the expanded model is never held at all; a factory's
+    model is read once and collapsed in place (:func:`~epcli.verification.model_check.collapse_in_place`). Either
+    way the expanded model is never held beside a copy of itself, nor beside the ONNX weights.
     """
-    model = read_model(opened, dtype=torch.float32)
-    if model is None:
+    if opened.architecture is None and opened.model_factory is None:
         raise UsageError(
             f"{opened.path}: no architecture is embedded, so there is no whole model to export; "
             "name a factory with --model module:function"
@@ -194,19 +197,26 @@ def _export_onnx(
     if settings.model_dtype is None:  # default tolerances follow the stored precision (bfloat16 / float16)
         settings = settings.for_model(opened.meta_state().values())
     layers: tuple[Comparison, ...] = ()
-    if opened.kind == "expanded":
-        stored = opened.meta_state()
-        model, expected, layers = collapse_in_place(
-            model,
-            opened.inputs,
-            layer_reader(opened),
-            settings,
-            layer_input_shapes=opened.layer_input_shapes,
-            rounded_to={path: collapsed_dtype(path, stored) for path in opened.ep_layers},  # as collapse writes it
-            progress=progress,
+    stored = opened.meta_state()
+    rounded_to = {path: collapsed_dtype(path, stored) for path in opened.ep_layers}  # as collapse writes it
+    if opened.kind == "expanded" and opened.model_factory is None:  # read a layer at a time, collapsed as it goes
+        checked = check_layered(
+            read_skeleton(opened, dtype=torch.float32), opened.inputs, layer_reader(opened), settings,
+            layer_input_shapes=opened.layer_input_shapes, rounded_to=rounded_to, progress=progress, keep=True,
         )
+        model, expected, layers = checked.model, checked.expected, checked.layers
+        assert model is not None  # kept
+        del checked
     else:
-        expected = expanded_outputs(model, opened.inputs, settings)
+        model = read_model(opened, dtype=torch.float32)
+        assert model is not None  # an architecture or a factory
+        if opened.kind == "expanded":
+            model, expected, layers = collapse_in_place(
+                model, opened.inputs, layer_reader(opened), settings, layer_input_shapes=opened.layer_input_shapes,
+                rounded_to=rounded_to, progress=progress,
+            )
+        else:
+            expected = expanded_outputs(model, opened.inputs, settings)
     proto = build_onnx(
         model,
         opened.input_shape,

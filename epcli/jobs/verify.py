@@ -81,9 +81,10 @@ def verify_files(
     read once, in the comparison dtype; its expanded outputs are taken, then each EP layer is
     checked alone and replaced by its plain layer in place (an artifact's tensors are read a
     layer at a time), so the peak is about the model in that dtype and one layer's float64
-    collapse. An embedded architecture checked in memory (no artifact, no factory) is not read whole: the
-    model runs one module at a time and each EP layer is read, run, collapsed, checked and dropped in turn
-    (:func:`~epcli.verification.layered.check_layered`), so the peak is about one layer. Without a model,
+    collapse. An embedded architecture (no factory) checked in memory or against a collapsed file is not read
+    whole: the model runs one module at a time and each EP layer is read, run, collapsed (or read from the
+    collapsed file), checked and dropped in turn (:func:`~epcli.verification.layered.check_layered`), so the
+    peak is about one layer. Without a model,
     each EP layer is read, checked and dropped in turn.
 
     ``plain_model`` names the class the user deploys (a factory building the plain model): the collapsed
@@ -195,10 +196,15 @@ def verify_files(
             f"{artifact_path.name} in {factory_name(factory)}",
             lambda: deployed_model(factory, collapsed_state, artifact_path, checkpoint.ep_layers),
         )
-    report = check_subject(
-        opened_subject(checkpoint, owned_model if has_model else None),
-        settings, collapsed_state, None, artifact_path.name, progress, batches, deployment,
-    )
+    if checkpoint.architecture is not None and model_factory is None and deployment is None:
+        report = verify_embedded(
+            checkpoint, settings, progress, batches, collapsed_state=collapsed_state, label=artifact_path.name
+        )
+    else:
+        report = check_subject(
+            opened_subject(checkpoint, owned_model if has_model else None),
+            settings, collapsed_state, None, artifact_path.name, progress, batches, deployment,
+        )
     return VerifyResult(
         checkpoint_path, artifact_path, replace(report, notes=(*report.notes, *notes)), stale, changes
     )

@@ -20,6 +20,7 @@ collapse runs, since a Python cache keyed on storage pointers cannot be traced.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Literal, NamedTuple
 
 import torch
@@ -49,6 +50,13 @@ def _count_optimizer_step(optimizer: Optimizer, args: Any, kwargs: Any) -> None:
 
 
 register_optimizer_step_post_hook(_count_optimizer_step)
+
+
+def _drain(items: list[ChainLayer]) -> Iterator[ChainLayer]:
+    """The items in order, each dropped from ``items`` as it is handed out (so nothing else keeps it alive)."""
+    items.reverse()
+    while items:
+        yield items.pop()
 
 
 def _fold(norm: _BatchNorm, dtype: torch.dtype) -> BatchNormFold:
@@ -249,21 +257,73 @@ class EPLayer(nn.Module):
         approximate spectra of ``epcli inspect``), at about half the time and memory.
         """
         with torch.no_grad():
-            return self._collapse_chain(dtype=dtype)
+            layers, skips = self._chain(dtype)
+            return self._deployed(collapse_chain(self._algebra, self._config.in_dim, layers, skips, dtype=dtype, lean=True))
 
-    def _collapse_chain(self, *, unalias: bool = True, dtype: torch.dtype = torch.float64) -> Affine:
-        """The collapse as plain tensor ops: differentiable under grad mode, traceable by dynamo."""
+    def release_collapse(self) -> Affine:
+        """:meth:`collapse`, leaving this layer on the meta device (no data): each chain layer is given back once it
+        is composed (unless something else holds its tensors), so a caller that drops the layer after collapsing
+        it never holds the whole chain beside its float64 product. Skip projections are held to the end."""
+        with torch.no_grad():
+            layers, skips = self._chain(torch.float64, detach=True)
+            self.to(device="meta")
+            self._cache = None
+            affine = collapse_chain(self._algebra, self._config.in_dim, _drain(layers), skips, lean=True)
+            return self._deployed(affine)
+
+    def streamed_collapse(self, read: Callable[[list[str]], Mapping[str, Tensor]]) -> Affine:
+        """:meth:`release_collapse` of this layer built on the meta device, with its tensors read as the collapse
+        needs them: ``read(keys)`` returns the tensors of ``keys`` (as in :meth:`state_dict`), called for the skip
+        projections first (held to the end), then for each chain layer with its batch-norm, which is given back
+        once composed. So only one chain layer is ever held beside the float64 product, not the whole layer."""
+        blocks = {name: f"layer_dict.{name}." for name in self.layer_dict}
+        keys = list(self.state_dict())
+        owned = {name: [key for key in keys if key.startswith(prefix)] for name, prefix in blocks.items()}
+        rest = [key for key in keys if not any(key.startswith(prefix) for prefix in blocks.values())]
+        self.load_state_dict({**self.state_dict(), **read(rest)}, strict=True, assign=True)
+
+        def chain() -> Iterator[ChainLayer]:
+            for (name, prefix), (layer, norm) in zip(blocks.items(), self._blocks(), strict=True):
+                block = self.layer_dict[name]
+                state = read(owned[name])
+                block.load_state_dict({key[len(prefix) :]: state[key] for key in owned[name]}, strict=True, assign=True)
+                bias = None if layer.bias is None else layer.bias.detach()
+                held = [ChainLayer(layer.weight.detach(), bias, None if norm is None else _fold(norm, torch.float64))]
+                del state, bias
+                block.to(device="meta")  # the only references left are held's: handed over below
+                yield held.pop()
+
+        with torch.no_grad():
+            layers, skips = self._chain(torch.float64, detach=True)
+            del layers  # meta stand-ins: the chain comes from the file
+            self.to(device="meta")
+            self._cache = None
+            return self._deployed(collapse_chain(self._algebra, self._config.in_dim, chain(), skips, lean=True))
+
+    def _chain(
+        self, dtype: torch.dtype, *, detach: bool = False
+    ) -> tuple[list[ChainLayer], dict[tuple[int, int], ChainLayer | None]]:
+        """The chain's layers (batch-norms folded in ``dtype``) and skips as :func:`~epcli.core.collapse_chain`
+        takes them; ``detach``: tensors that share the parameters' storage but not the parameters themselves."""
+
+        def own(tensor: Tensor | None) -> Tensor | None:
+            return tensor.detach() if detach and tensor is not None else tensor
+
         layers = []
         for layer, norm in self._blocks():
-            layers.append(ChainLayer(layer.weight, layer.bias, None if norm is None else _fold(norm, dtype)))
+            fold = None if norm is None else _fold(norm, dtype)
+            layers.append(ChainLayer(own(layer.weight), own(layer.bias), fold))  # type: ignore[arg-type]
         projections = self._projections()
         skips: dict[tuple[int, int], ChainLayer | None] = {}
         for edge in self._config.skips:
             projection = projections.get(self.skip_key(edge))
-            skips[edge] = None if projection is None else ChainLayer(projection.weight, projection.bias)
-        return self._deployed(
-            collapse_chain(self._algebra, self._config.in_dim, layers, skips, unalias=unalias, dtype=dtype)
-        )
+            skips[edge] = None if projection is None else ChainLayer(own(projection.weight), own(projection.bias))  # type: ignore[arg-type]
+        return layers, skips
+
+    def _collapse_chain(self, *, unalias: bool = True) -> Affine:
+        """The collapse as plain tensor ops: differentiable under grad mode, traceable by dynamo."""
+        layers, skips = self._chain(torch.float64)
+        return self._deployed(collapse_chain(self._algebra, self._config.in_dim, layers, skips, unalias=unalias))
 
     def _deployed(self, affine: Affine) -> Affine:
         """The collapse in the layout of the plain layer it collapses to (the algebra's own layout unless overridden)."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 import functools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -21,6 +21,7 @@ from epcli.convert import (
     expanded_layer,
     layer_prefix,
     layer_states,
+    streamed_collapse,
 )
 from epcli.errors import CheckpointError, UsageError
 from epcli.layers.base import EPLayer
@@ -29,6 +30,7 @@ from epcli.layers.registry import collapsed_has_bias, find_ep_layers, plain_laye
 from epcli.layers.summary import natural_order
 from epcli.onnx.export import OnnxSession
 from epcli.progress import ProgressCallback
+from epcli.storage.mapped_pages import trim_heap
 from epcli.verification.compare import (
     Comparison,
     VerifyReport,
@@ -41,6 +43,7 @@ from epcli.verification.expanded import ExpandedOutputs, expanded_outputs, sampl
 __all__ = [
     "DEPLOYED",
     "IN_MEMORY",
+    "LayerFile",
     "NO_ARCHITECTURE",
     "ONNX_LABEL",
     "ExpandedOutputs",
@@ -217,12 +220,15 @@ def check_layer(
     layer (given ``input_shape``), and the plain layer that takes its place: the one checked, or the same collapse
     rounded to its stored dtype first, or an empty one on the meta device that ``collapsed_state`` fills. ``run``
     is given the expanded layer first (a streamed model check runs it on its activations)."""
-    layer = expanded_layer(config, layer_state(path), dtype=settings.torch_dtype, device=settings.torch_device)
-    if run is not None:
-        run(layer)
-
     def cast(module: nn.Module) -> nn.Module:
         return module.to(device=settings.torch_device, dtype=settings.torch_dtype)
+
+    def cast_state(state: Mapping[str, Tensor]) -> dict[str, Tensor]:  # as expanded_layer casts: floating ones only
+        return {key: value.to(device=settings.torch_device, dtype=settings.torch_dtype if value.is_floating_point()
+                              else value.dtype) for key, value in state.items()}
+
+    def read() -> EPLayer:
+        return expanded_layer(config, layer_state(path), dtype=settings.torch_dtype, device=settings.torch_device)
 
     checked: nn.Module
     installed: nn.Module
@@ -231,13 +237,24 @@ def check_layer(
         checked = cast(_plain(config, collapsed_state[weight_key], collapsed_state.get(bias_key)))
         installed = plain_layer(config, bias=collapsed_has_bias(config), device="meta")
     else:
-        affine = layer.collapse()
+        # collapsed first, a chain layer read at a time and given back as the collapse goes: the expanded layer
+        # (read whole below) and the float64 product are never held together
+        state = layer_state(path)
+        listing = state.listing if isinstance(state, LayerFile) else state
+        affine = streamed_collapse(
+            config, listing, lambda keys: cast_state({key: state[key] for key in keys}), prefix=layer_prefix(path)
+        )
+        del state
         checked = installed = cast(_plain(config, affine.weight, affine.bias))
         stored = settings.torch_dtype if rounded_to is None else rounded_to[path]
         if stored != settings.torch_dtype:
             bias = None if affine.bias is None else affine.bias.to(stored)
             installed = cast(_plain(config, affine.weight.to(stored), bias))
         del affine
+        trim_heap()  # the collapse's freed blocks: the layer read next would not reuse them all
+    layer = read()
+    if run is not None:
+        run(layer)
     if input_shape is None:
         return None, installed
     expanded = functools.partial(layer, override=True)
@@ -292,15 +309,29 @@ def verify_checkpoint(
 
 
 def layer_reader(opened: CheckpointFile) -> Callable[[str], Mapping[str, Tensor]]:
-    """Reads the tensors of the EP layer at a path from the file (keys relative to the layer), as stored."""
-    keys = layer_states(opened.meta_state(), opened.ep_layers)
-    prefixes = {path: layer_prefix(path) for path in opened.ep_layers}
+    """The tensors of the EP layer at a path in the file (keys relative to the layer), as stored: a
+    :class:`LayerFile`, which reads each when it is looked up."""
+    listings = layer_states(opened.meta_state(), opened.ep_layers)
+    return lambda path: LayerFile(opened, layer_prefix(path), listings[path])
 
-    def layer_state(path: str) -> Mapping[str, Tensor]:
-        stored = opened.read(prefixes[path] + key for key in keys[path])
-        return {key[len(prefixes[path]) :]: tensor for key, tensor in stored.items()}
 
-    return layer_state
+class LayerFile(Mapping[str, Tensor]):
+    """One EP layer's tensors in an opened file (keys relative to the layer), each read when it is looked up;
+    ``listing`` holds their shapes and dtypes (meta tensors), read from nothing."""
+
+    def __init__(self, opened: CheckpointFile, prefix: str, listing: Mapping[str, Tensor]) -> None:
+        self._opened, self._prefix, self.listing = opened, prefix, listing
+
+    def __getitem__(self, key: str) -> Tensor:
+        if key not in self.listing:
+            raise KeyError(key)
+        return self._opened.read([self._prefix + key])[self._prefix + key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.listing)
+
+    def __len__(self) -> int:
+        return len(self.listing)
 
 
 def opened_subject(opened: CheckpointFile, owned_model: Callable[[torch.dtype], nn.Module] | None) -> Subject:

@@ -76,29 +76,50 @@ CHAINS: dict[str, tuple[list[int], bool, bool, dict[tuple[int, int], bool]]] = {
 }
 
 
+@pytest.fixture(params=["plain", "lean", "lean-row-by-row"])
+def lean(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
+    """The composition :func:`collapse_chain` uses: plain, or lean (blocks of rows cast as they are used, norms
+    and skips applied in place), with its default blocks (one block for these sizes) or one row per block."""
+    if request.param == "lean-row-by-row":
+        monkeypatch.setattr("epcli.core.affine._BLOCK_BYTES", 1)
+    return request.param != "plain"
+
+
+@pytest.mark.parametrize("dtype", [f64, torch.float32])
 @pytest.mark.parametrize("name", list(CHAINS))
-def test_collapse_chain_linear_matches_naive_forward(name: str, assert_scaled_close: AssertScaledClose) -> None:
+def test_collapse_chain_linear_matches_naive_forward(
+    name: str, dtype: torch.dtype, lean: bool, assert_scaled_close: AssertScaledClose
+) -> None:
+    """Float32 layers are promoted before any arithmetic (the reference runs on the same values in float64),
+    and the layers handed in are left as they were, whatever the composition overwrites."""
     sizes, bias, norm, learnable = CHAINS[name]
-    layers = [_random_layer(sizes[j + 1], sizes[j], bias, norm) for j in range(len(sizes) - 1)]
+
+    def rounded(layer: ChainLayer) -> ChainLayer:
+        def cast(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.to(dtype)
+
+        return ChainLayer(cast(layer.weight), cast(layer.bias), layer.norm)  # type: ignore[arg-type]
+
+    layers = [rounded(_random_layer(sizes[j + 1], sizes[j], bias, norm)) for j in range(len(sizes) - 1)]
     skips = {
-        (s, d): _random_layer(sizes[d], sizes[s], bias, False) if learn else None for (s, d), learn in learnable.items()
+        (s, d): rounded(_random_layer(sizes[d], sizes[s], bias, False)) if learn else None
+        for (s, d), learn in learnable.items()
     }
-    affine = collapse_chain(LINEAR, sizes[0], layers, skips)
+    given = [t.clone() for layer in [*layers, *skips.values()] if layer is not None for t in (layer.weight, layer.bias)
+             if t is not None]
+    affine = collapse_chain(LINEAR, sizes[0], list(layers), skips, lean=lean)
+    assert affine.weight.dtype == f64
+    exact = [ChainLayer(layer.weight.double(), None if layer.bias is None else layer.bias.double(), layer.norm)
+             for layer in layers]
+    exact_skips = {edge: None if p is None else ChainLayer(p.weight.double(), None if p.bias is None else p.bias.double())
+                   for edge, p in skips.items()}
     x = torch.randn(7, sizes[0], dtype=f64)
     collapsed = x @ affine.weight.T + (0 if affine.bias is None else affine.bias)
-    assert_scaled_close(collapsed, _naive_forward(x, layers, skips))
+    assert_scaled_close(collapsed, _naive_forward(x, exact, exact_skips))
     assert (affine.bias is None) == (not bias and not norm)
-
-
-def test_collapse_chain_runs_in_float64(assert_scaled_close: AssertScaledClose) -> None:
-    """Float32 inputs are promoted before any arithmetic: float32 products would miss the float64 tolerance."""
-    layers = [_random_layer(4, 4, True, False) for _ in range(3)]
-    as_float32 = [ChainLayer(layer.weight.float(), layer.bias.float()) for layer in layers]  # type: ignore[union-attr]
-    affine = collapse_chain(LINEAR, 4, as_float32, {})
-    assert affine.weight.dtype == f64 and affine.bias is not None and affine.bias.dtype == f64
-    exact = [ChainLayer(layer.weight.double(), layer.bias.double()) for layer in as_float32]  # type: ignore[union-attr]
-    x = torch.randn(5, 4, dtype=f64)
-    assert_scaled_close(x @ affine.weight.T + affine.bias, _naive_forward(x, exact, {}))
+    after = [t for layer in [*layers, *skips.values()] if layer is not None for t in (layer.weight, layer.bias)
+             if t is not None]
+    assert all(torch.equal(a, b) for a, b in zip(given, after, strict=True))
 
 
 def _storages(*tensors: Tensor | None) -> set[int]:
@@ -115,10 +136,10 @@ def _storages(*tensors: Tensor | None) -> set[int]:
     ],
     ids=["depth-1", "bias-passes-through"],
 )
-def test_collapse_chain_never_aliases_float64_inputs(chain: list[ChainLayer]) -> None:
+def test_collapse_chain_never_aliases_float64_inputs(chain: list[ChainLayer], lean: bool) -> None:
     """Float64 layers are used without copies; whatever would reach the result as it is must be copied."""
     before = [(layer.weight.clone(), None if layer.bias is None else layer.bias.clone()) for layer in chain]
-    affine = collapse_chain(LINEAR, 4, chain, {})
+    affine = collapse_chain(LINEAR, 4, chain, {}, lean=lean)
     inputs = _storages(*(t for layer in chain for t in (layer.weight, layer.bias)))
     assert not inputs & _storages(affine.weight, affine.bias)
     if len(chain) == 1:

@@ -120,6 +120,26 @@ def test_collapse_is_float64_and_matches_the_cached_weight() -> None:
     assert torch.equal(affine.bias.to(torch.float32), layer.bias)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_release_collapse_equals_collapse_and_leaves_the_layer_empty(
+    layer: EPLayer, dtype: torch.dtype, assert_scaled_close: AssertScaledClose
+) -> None:
+    """The same collapse as a copy's, checked against the expanded forward too; the layer keeps no data."""
+    layer = layer.to(dtype).eval()
+    x = _input(layer).double()
+    with torch.no_grad():
+        expanded = copy.deepcopy(layer).double()(x, override=True)
+    kept = copy.deepcopy(layer)
+    affine = layer.release_collapse()
+    reference = kept.collapse()
+    torch.testing.assert_close(affine.weight, reference.weight, rtol=0, atol=0)
+    torch.testing.assert_close(affine.bias, reference.bias, rtol=0, atol=0)
+    assert all(t.is_meta for t in (*layer.parameters(), *layer.buffers()))
+    collapsed = F.linear(x, affine.weight, affine.bias) if isinstance(layer, EPLinear) else F.conv2d(
+        x, affine.weight, affine.bias, layer.stride, layer.padding)  # type: ignore[arg-type]
+    assert_scaled_close(collapsed, expanded)
+
+
 @pytest.mark.parametrize("family", ["linear", "conv", "grouped 1-d"])
 def test_float32_collapse_is_close_to_the_float64_one(family: str, randomise_batch_norm: RandomiseBatchNorm) -> None:
     """``collapse(dtype=torch.float32)`` (inspect's approximate spectra) runs every step in float32, batch-norm

@@ -11,10 +11,13 @@ from typing import Any
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 
-from epcli import load_checkpoint, overparameterize, save_checkpoint
+from epcli import CheckpointError, load_checkpoint, overparameterize, save_checkpoint
 from epcli.checkpoint.opened import CheckpointFile
+from epcli.jobs.collapse import collapse_file
 from epcli.jobs.verify import verify_files
 from epcli.layers import EPLinear
 from epcli.verification import model_check
@@ -25,7 +28,8 @@ from epcli.verification.model_check import verify_checkpoint
 def _mlp() -> nn.Module:
     torch.manual_seed(0)
     plain = nn.Sequential(
-        nn.Linear(12, 16), nn.ReLU(), nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 8)), nn.Linear(8, 3)
+        nn.Linear(12, 16), nn.BatchNorm1d(16), nn.ReLU(),
+        nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 8)), nn.Linear(8, 3),
     )
     return overparameterize(plain, depth=3, batch_norm=True, residual=True, residual_mode="learn")
 
@@ -33,7 +37,7 @@ def _mlp() -> nn.Module:
 def _cnn() -> nn.Module:
     torch.manual_seed(0)
     plain = nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3), nn.Flatten(), nn.Linear(4 * 4 * 4, 10)
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3), nn.Flatten(), nn.Linear(4 * 4 * 4, 10)
     )
     return overparameterize(plain, depth=2, batch_norm=True)
 
@@ -60,6 +64,31 @@ def test_layered_check_reports_what_the_whole_model_check_does(name: str, dtype:
         assert [c.scope for c in layered.comparisons].count("model") == 1
         assert layered.comparisons == whole.comparisons  # every figure, to the bit
         assert layered.settings == whole.settings and layered.passed == whole.passed
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_layered_check_of_a_collapsed_file_reports_what_the_whole_model_check_does(name: str, tmp_path: Path):
+    """verify CKPT COLLAPSED reads the collapsed file a module at a time too: the same figures as the strict load
+    of the whole collapsed model; and the file's own tensors outside the EP layers are the ones compared."""
+    source = _saved(name, "float32", tmp_path)
+    collapsed = tmp_path / "collapsed.safetensors"
+    collapse_file(source, collapsed)
+    settings = VerifySettings(dtype="float32", samples=24, batch_size=8)
+    layered = verify_files(source, collapsed, settings).report
+    whole = verify_checkpoint(load_checkpoint(source), settings, collapsed_state=load_file(collapsed),
+                              label=collapsed.name)
+    assert layered.comparisons == whole.comparisons and layered.passed
+    tensors, metadata = load_file(collapsed), safe_open(str(collapsed), "pt").metadata()
+    norm = "1.weight"  # the batch-norm the model keeps plain
+    for changed in ({**tensors, norm: tensors[norm] * 0.5}, {**tensors, "extra": torch.zeros(1)}):
+        stale = tmp_path / "stale.safetensors"
+        save_file(changed, stale, metadata)
+        if "extra" in changed:
+            with pytest.raises(CheckpointError, match=r"unexpected keys \['extra'\]"):
+                verify_files(source, stale, settings)
+        else:
+            report = verify_files(source, stale, settings).report
+            assert not report.passed and not report.comparisons[-1].passed  # the whole model: the tensor is used
 
 
 def test_each_ep_layer_is_read_when_it_runs_and_freed_before_the_next(tmp_path: Path, monkeypatch: Any):
@@ -89,5 +118,8 @@ def test_each_ep_layer_is_read_when_it_runs_and_freed_before_the_next(tmp_path: 
     monkeypatch.setattr(model_check, "expanded_layer", tracked)
     report = verify_files(source, None, VerifySettings(dtype="float64", samples=16, batch_size=4)).report
     assert report.passed and [c.name for c in report.comparisons] == ["0", "2", "4", "6", "<model>"]
-    assert reads == [{"0"}, {"2"}, {"4"}, {"6"}]  # one layer per read, in the order the model runs them
-    assert alive_at_build == [0, 0, 0, 0]  # no EP layer is resident when the next one is built
+    # each read is of one layer, and the layers are read in the order the model runs them, each in one stretch (its
+    # collapse reads it a chain layer at a time, then it is read whole to run and check it)
+    assert all(len(layers) == 1 for layers in reads)
+    assert [next(iter(layers)) for i, layers in enumerate(reads) if i == 0 or layers != reads[i - 1]] == ["0", "2", "4", "6"]
+    assert alive_at_build == [0] * 4  # no EP layer is resident when the next one is built
