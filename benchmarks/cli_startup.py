@@ -6,7 +6,8 @@ Run from the repository root, with the venv that has epcli installed (about half
 
 Each candidate is a fresh subprocess, timed end to end (interpreter start included):
 ``epcli --help``, ``epcli collapse --help``, ``epcli verify --help``, a usage error
-(``epcli verify`` with no arguments, exit code 2), ``python -c "import torch"`` and, as the
+(``epcli verify`` with no arguments, exit code 2), an output name with the wrong suffix (``epcli collapse
+SAMPLE -o out.bin``, exit code 2: checked before torch is imported), ``python -c "import torch"`` and, as the
 floor no command can beat, ``python -c pass``. They run interleaved, one of each per round,
 after a warm-up round that also checks every exit code; the figures are medians.
 
@@ -33,6 +34,7 @@ ROUNDS = 10
 TARGET = 0.3
 HEAVY_MODULES = ("torch", "onnx", "onnxruntime")
 BASELINE = "python -c 'import torch'"
+SAMPLE = str(Path(__file__).resolve().parents[1] / "sample_checkpoints" / "digits_mlp.pt")
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,7 @@ def commands() -> list[Command]:
         Command("epcli collapse --help", [epcli, "collapse", "--help"]),
         Command("epcli verify --help", [epcli, "verify", "--help"]),
         Command("epcli verify (usage error)", [epcli, "verify"], exit_code=2),
+        Command("epcli collapse -o out.bin", [epcli, "collapse", SAMPLE, "-o", "out.bin"], exit_code=2),
         Command(BASELINE, [sys.executable, "-c", "import torch"]),
         Command("python -c pass (floor)", [sys.executable, "-c", "pass"]),
     ]

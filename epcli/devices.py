@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from epcli.errors import UsageError
+from epcli.text import plural
 
 __all__ = ["DEVICES", "resolve_device"]
 
@@ -25,6 +26,6 @@ def resolve_device(name: str) -> torch.device:
         except RuntimeError as e:
             raise UsageError(f"--device {name}: {e}") from e
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UsageError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) visible")
+            raise UsageError(f"--device {name}: only {plural(torch.cuda.device_count(), 'CUDA device')} visible")
         return device
     return torch.device("cpu")

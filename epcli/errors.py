@@ -15,6 +15,7 @@ __all__ = [
     "UnsafeCheckpointError",
     "ConfigError",
     "ShapeMismatchError",
+    "ModelInputError",
     "VerificationError",
     "UsageError",
     "ExportError",
@@ -52,6 +53,16 @@ class ConfigError(EpcliError, ValueError):
 
 class ShapeMismatchError(EpcliError):
     """Tensors disagree in shape with the configuration that should have produced them."""
+
+
+class ModelInputError(EpcliError):
+    """A check cannot run the model on its inputs: the model rejects them (a dtype it does not take, an id beyond
+    its embedding), or one sample alone exceeds a check's memory budget.
+
+    An unusable input (exit code 3): the inputs are the checkpoint's own specs or the samples of a file. The CLI
+    reports it as a usage error (2) when the specs are the command line's own (``--input-shape`` / ``--input``).
+    Too many samples for the budget, when one would fit, is a :class:`UsageError` (the count is the caller's).
+    """
 
 
 class VerificationError(EpcliError):

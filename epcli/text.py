@@ -11,7 +11,7 @@ from __future__ import annotations
 import reprlib
 from typing import Any
 
-__all__ = ["MAX_QUOTED_CHARS", "clip", "quote"]
+__all__ = ["MAX_QUOTED_CHARS", "clip", "plural", "quote"]
 
 MAX_QUOTED_CHARS = 120
 """The most characters of one string from a file a message shows."""
@@ -41,6 +41,12 @@ def quote(value: Any, limit: int = MAX_QUOTED_CHARS) -> str:
     except Exception:  # e.g. an int too long for str(); say what it is instead
         text = f"<a {type(value).__name__}>"
     return text if len(text) <= 2 * limit else text[: 2 * limit] + "..."
+
+
+def plural(count: int, noun: str, many: str | None = None) -> str:
+    """``count`` and ``noun`` in the number it takes: ``1 comparison``, ``3 comparisons`` (``many``: an irregular
+    plural)."""
+    return f"{count} {noun if count == 1 else many or noun + 's'}"
 
 
 def clip(text: str, limit: int = MAX_QUOTED_CHARS) -> str:

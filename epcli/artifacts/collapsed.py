@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from epcli.artifacts.names import OUTPUT_FORMATS, default_output, resolve_output
 from epcli.artifacts.provenance import provenance
 from epcli.checkpoint.load import read_checkpoint
 from epcli.checkpoint.opened import CheckpointFile
@@ -39,8 +40,7 @@ from epcli.errors import CheckpointError, UsageError
 from epcli.layers.config import EPConfig
 from epcli.layers.summary import LayerSummary, natural_order, summarize_layer
 from epcli.progress import ProgressCallback
-from epcli.storage.paths import check_output_name, check_targets, file_sha256, make_parent, prefetch_sha256
-from epcli.storage.sharded import is_index, sharded_base
+from epcli.storage.paths import check_targets, file_sha256, make_parent, prefetch_sha256
 from epcli.storage.source import TensorInfo
 from epcli.storage.writer import CheckpointWriter, output_files, stale_files
 from epcli.verification.compare import VerifySettings
@@ -61,7 +61,6 @@ __all__ = [
     "write_collapsed",
 ]
 
-OUTPUT_FORMATS = {"safetensors": ".safetensors", "pt": ".pt"}
 ERROR_SETTINGS = VerifySettings(samples=32, batch_size=32, seed=0, dtype="float64")
 """How the per-layer error of the written weights is measured: float64, so only the collapse and the cast count."""
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
@@ -105,33 +104,6 @@ class CollapseResult:
     @property
     def compression(self) -> float:
         return self.expanded_params / self.collapsed_params if self.collapsed_params else 1.0
-
-
-def default_output(source: Path, file_format: str) -> Path:
-    """``<stem>.collapsed.<format>`` beside the source (``<stem>`` of ``<stem>.safetensors.index.json`` too)."""
-    base = sharded_base(source) if is_index(source) else source
-    return source.with_name(f"{base.stem}.collapsed{OUTPUT_FORMATS[file_format]}")
-
-
-def resolve_output(source: Path, output: Path | None, file_format: str | None, option: str = "-o") -> Path:
-    """Pick the output path and check its name (what exists there is checked with the other files it implies).
-
-    ``option`` is how the user named the output (``-o``, or export's ``--safetensors``, which fixes the format).
-    """
-    if file_format is not None and file_format not in OUTPUT_FORMATS:
-        raise UsageError(f"--format must be one of {sorted(OUTPUT_FORMATS)}, got {file_format!r}")
-    if output is None:
-        return default_output(source, file_format or "safetensors")
-    example = default_output(source, file_format or "safetensors").name
-    if option == "-o" and output.suffix.lower() == ".onnx":
-        raise UsageError(f"{output}: {option} writes a collapsed checkpoint; for ONNX run epcli export CKPT --onnx {output}")
-    suffixes = OUTPUT_FORMATS.values() if option == "-o" or file_format is None else (OUTPUT_FORMATS[file_format],)
-    check_output_name(output, suffixes, option=option, example=example)
-    if file_format is not None and output.suffix != OUTPUT_FORMATS[file_format]:
-        raise UsageError(
-            f"{output}: the suffix does not match --format {file_format}; use {OUTPUT_FORMATS[file_format]}"
-        )
-    return output
 
 
 @dataclass(frozen=True)

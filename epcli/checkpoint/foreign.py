@@ -32,7 +32,7 @@ from torch import nn
 from epcli.storage.source import TensorSource, renamed
 from epcli.text import quote
 
-__all__ = ["WRAPPER_PREFIXES", "fit_hint", "match_keys"]
+__all__ = ["WRAPPER_PREFIXES", "collapsed_hint", "fit_hint", "match_keys"]
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 """Key prefixes of wrapped models: ``DistributedDataParallel`` and ``torch.compile``."""
@@ -110,6 +110,31 @@ def _saved_names(model: nn.Module, expected: dict[str, Any]) -> dict[str, str]:
 
 _CLOSEST_SHOWN = 3
 """Missing keys :func:`fit_hint` finds the closest file key for."""
+
+
+_EP_KEY = re.compile(r"(?:^|\.)(?:layer_dict|residual_dict)\.")
+"""A tensor of an expanded EP layer (its chain ``layer_dict.<i>.*`` and learnable skips ``residual_dict.*``)."""
+
+
+def collapsed_hint(file_keys: Collection[str], form: str) -> str:
+    """For a file without epcli metadata none of whose tensors belongs to an expanded EP layer: that it looks
+    already collapsed (or never had EP layers), which no ``--model`` makes readable, and where to go instead;
+    a clause starting with ``"; "`` (``""`` when some tensor is an EP layer's)."""
+    if not file_keys or any(_EP_KEY.search(key) for key in file_keys):
+        return ""
+    shown = ", ".join(quote(key, 60) for key in list(file_keys)[:3])
+    keep = (
+        "save_file(tensors, path, metadata=...) with the metadata safe_open(original).metadata() returns"
+        if form == "safetensors"
+        else "torch.save the dict torch.load returned as it is: it carries the metadata"
+    )
+    return (
+        f"; it looks like an already-collapsed (plain) model saved without epcli's metadata: its tensors ({shown}, "
+        "...) are plain layers' weights, none belongs to an expanded EP layer (layer_dict.*), so no --model makes "
+        "it readable. Run epcli verify / collapse / inspect on the expanded checkpoint it came from (epcli verify "
+        "EXPANDED), and write the collapsed file again with epcli collapse EXPANDED -o FILE; to re-save a collapsed "
+        f"file yourself, keep its metadata ({keep})"
+    )
 
 
 def fit_hint(file_keys: Collection[str], model_keys: Collection[str]) -> str:

@@ -22,7 +22,7 @@ from epcli.checkpoint.architecture import (
     ep_nodes,
 )
 from epcli.checkpoint.factory import ModelFactory, build_from_factory, factory_name
-from epcli.checkpoint.foreign import fit_hint, match_keys
+from epcli.checkpoint.foreign import collapsed_hint, fit_hint, match_keys
 from epcli.checkpoint.forward import check_forward, layer_input_shapes
 from epcli.checkpoint.inputs import InputSpec, describe_inputs, input_specs
 from epcli.checkpoint.metadata import (
@@ -271,6 +271,9 @@ def _open_foreign(
     """A checkpoint another tool wrote: EP configs and layer input shapes from the factory's model (returned too,
     so the factory is called once per open)."""
     if model_factory is None:
+        hint = collapsed_hint(source.tensors, source.form)
+        if hint:  # the usual hint (name --model) would lead back here
+            raise CheckpointError(f"has no epcli metadata ({source.found}){hint}")
         raise missing_metadata(source.found)
     if inputs is None:
         raise UsageError(
@@ -300,7 +303,7 @@ def _open_foreign(
     except EpcliError as e:
         raise type(e)(
             f"the model built by factory {factory_name(model_factory)!r} does not fit the file: {e}"
-            + fit_hint(opened.tensors, model.state_dict())
+            + (collapsed_hint(opened.tensors, source.form) or fit_hint(opened.tensors, model.state_dict()))
         ) from e
     return opened, model
 

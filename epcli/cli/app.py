@@ -106,8 +106,10 @@ class _Group(TyperGroup):
 
 
 EXIT_CODE_HELP = (
-    "Exit codes: 0 passed; 1 verification failed (out of tolerance, stale artifact); 2 command-line usage; "
-    "3 an input that cannot be used (missing, unreadable, corrupt, unsafe, unsupported, does not fit the model); "
+    "Exit codes: 0 passed; 1 verification failed (out of tolerance, stale artifact); 2 command-line usage "
+    "(including --input-shape/--input the model rejects or too big for a check, more samples than a check holds); "
+    "3 an input that cannot be used (missing, unreadable, corrupt, unsafe, unsupported, does not fit the model, "
+    "input specs recorded in the checkpoint the model rejects); "
     "4 an output that cannot be written (exists without --force, permissions, disk full, read-only directory); "
     "130 / 143 interrupted / terminated. With --json the code is also the document's exit_code."
 )

@@ -86,8 +86,13 @@ def collapse_command(
     Reads .pt, .safetensors and sharded safetensors (give the .safetensors.index.json); with --model and
     --input-shape/--input also checkpoints epcli did not write (README: "Checkpoints epcli did not write").
     """
+    from epcli.artifacts.names import resolve_output
     from epcli.storage.paths import prefetch_sha256
 
+    # the output's name and the shard size first: a usage error there fails before torch is imported
+    if output is not None:
+        resolve_output(checkpoint, output, None if file_format is None else file_format.value)
+    max_shard_bytes = None if max_shard_size is None else parse_size(max_shard_size, "--max-shard-size")
     prefetch_sha256((checkpoint,))  # the source is hashed while torch is imported (a directory is hashed later)
     from epcli.jobs.collapse import collapse_file
 
@@ -101,7 +106,7 @@ def collapse_command(
             inputs=source.inputs(),
             state_key=source.state_key,
             device=device,
-            max_shard_bytes=None if max_shard_size is None else parse_size(max_shard_size, "--max-shard-size"),
+            max_shard_bytes=max_shard_bytes,
             model_check=model_check,
             progress=progress,
         )

@@ -68,6 +68,9 @@ def compress_command(
     Exit codes: 0 written, 1 the budget cannot be met (nothing written), 2 usage, 3 unusable input, 4 unwritable
     output.
     """
+    from epcli.artifacts.names import check_compress_names
+
+    check_compress_names(checkpoint, output, onnx)  # before torch is imported
     from epcli.jobs.compress import compress_file
 
     with render.progress() as progress:

@@ -99,6 +99,9 @@ def export_command(
     `epcli verify`) before it is written; on a mismatch nothing is written and the exit code is 1. A model
     over 2 GiB is written as OUT.onnx plus OUT.onnx.data (keep them together). The ONNX metadata records the
     source's sha256, the epcli version and the errors measured."""
+    from epcli.artifacts.names import check_export_names
+
+    check_export_names(checkpoint, onnx_path, safetensors_path, dtype.value)  # before torch is imported
     from epcli.jobs.export import export_file
     from epcli.onnx.export import EXTERNAL_DATA_THRESHOLD
     from epcli.verification.compare import VerifySettings

@@ -107,11 +107,14 @@ def guarded(
     command_name = name or command.__name__.removesuffix("_command")
     output = mode or OutputMode()
 
-    def report(payload: Mapping[str, Any], code: int, error: ErrorInfo | None, outcome: Outcome | None) -> None:
-        """``outcome`` is None when the run stopped on ``error``; with an outcome, ``error`` is why it failed."""
+    def report(
+        payload: Mapping[str, Any], code: int, error: ErrorInfo | None, outcome: Outcome | None, junit: bool = True
+    ) -> None:
+        """``outcome`` is None when the run stopped on ``error``; with an outcome, ``error`` is why it failed.
+        ``junit=False``: the JUnit report's own path was refused, so it is not tried (the error said it once)."""
         tables = outcome.tables if outcome is not None else ()
         warnings = outcome.warnings if outcome is not None else ()
-        if output.junit_xml is not None:
+        if output.junit_xml is not None and junit:
             unwritable = _write_junit(output.junit_xml, command_name, tables, error if outcome is None else None)
             if unwritable is not None:
                 render.error(unwritable.message)
@@ -131,20 +134,23 @@ def guarded(
         if code != EXIT_OK:
             raise typer.Exit(code)
 
-    def fail(error: BaseException, message: str, error_type: str) -> None:
+    def fail(error: BaseException, message: str, error_type: str, junit: bool = True) -> None:
         if _debug():
             render.plain(traceback.format_exc())
         render.error(message)
         file = getattr(error, "file", None) or subject
         code = exit_code(error)
-        report({}, code, ErrorInfo(error_type, render.printable(message), file), None)
+        report({}, code, ErrorInfo(error_type, render.printable(message), file), None, junit)
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> None:
         render.configure(json_output=output.json, quiet=output.quiet)
         try:
             if output.junit_xml is not None:  # checked (and its directory made) before any work; rewritten each run
-                check_output(output.junit_xml, (".xml",), force=True, option="--junit-xml", example="report.xml")
+                try:
+                    check_output(output.junit_xml, (".xml",), force=True, option="--junit-xml", example="report.xml")
+                except EpcliError as e:  # a directory (exit 4, as for -o DIR), a wrong suffix (2): said once
+                    fail(e, str(e), type(e).__name__, junit=False)
             outcome = command(*args, **kwargs)
         except (typer.Exit, typer.Abort):
             raise

@@ -11,6 +11,7 @@ from epcli.cli import render
 from epcli.cli.guard import Outcome
 from epcli.cli.options import NO_SOURCE, ForceOption, SourceOptions, takes_source
 from epcli.cli.reports import render_record
+from epcli.text import plural
 
 __all__ = ["inspect_command"]
 
@@ -49,6 +50,10 @@ def inspect_command(
     source: SourceOptions = NO_SOURCE,
 ) -> Outcome:
     """Show what a checkpoint holds. Effective rank = exp(entropy of the normalised singular values)."""
+    if plot is not None:  # the name before torch is imported
+        from epcli.storage.paths import check_output_name
+
+        check_output_name(plot, (".png",), option="--plot", example="spectra.png")
     from epcli.jobs.inspect import inspect_file
 
     inputs = source.inputs()
@@ -81,7 +86,7 @@ def inspect_command(
         f"{result.path.name}: {written}; "
         f"input shape {list(result.input_shape)}; "
         f"architecture {architecture}; "
-        f"{result.tensor_count} tensors, {result.element_count:,} values"
+        f"{plural(result.tensor_count, 'tensor')}, {result.element_count:,} value{'' if result.element_count == 1 else 's'}"
     )
     rows = []
     for layer in result.layers:

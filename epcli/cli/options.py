@@ -23,7 +23,7 @@ import typer
 import typer.main
 from typer.core import TyperOption
 
-from epcli.errors import ConfigError, UsageError
+from epcli.errors import ConfigError, ModelInputError, UsageError
 
 if TYPE_CHECKING:
     from epcli.checkpoint.inputs import InputSpec
@@ -375,7 +375,15 @@ def takes_source(command: Callable[..., R]) -> Callable[..., R]:
     @functools.wraps(command)
     def wrapper(**kwargs: Any) -> R:
         source = SourceOptions(**{field: kwargs.pop(field) for field in names})
-        return command(**kwargs, **{name: source})
+        try:
+            return command(**kwargs, **{name: source})
+        except ModelInputError as e:
+            # the model cannot run on its inputs: the command line's fault (2) when it gave the specs the inputs
+            # were drawn from, else the checkpoint's or the --inputs file's (3, the error's own class)
+            typed = "--input-shape" if source.input_shape is not None else "--input" if source.input_specs else None
+            if typed is None or kwargs.get("samples_file") is not None:
+                raise
+            raise UsageError(f"{e} (the input was given with {typed})", file=e.file) from e
 
     wrapper.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
     wrapper.__annotations__ = {param.name: param.annotation for param in parameters}

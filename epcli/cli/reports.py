@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from epcli.cli import render
 from epcli.cli.ci_reports import Case, CaseTable
+from epcli.text import plural
 
 if TYPE_CHECKING:
     from epcli.artifacts.collapsed import CollapseResult
@@ -90,7 +91,7 @@ def render_collapse(result: CollapseResult) -> None:
     else:
         render.info(f"whole model: not checked: {result.model_check_skipped}")
     if len(result.files) > 1:
-        render.success(f"wrote {result.output} and {len(result.files) - 1} shards beside it")
+        render.success(f"wrote {result.output} and {plural(len(result.files) - 1, 'shard')} beside it")
     else:
         render.success(f"wrote {result.output}")
 
@@ -148,8 +149,12 @@ def _rule(report: VerifyReport) -> str:
     settings = report.settings
     return (
         f"|err| <= {report.tolerance.atol:g} + {report.tolerance.rtol:g}*|expanded|, "
-        f"{settings.dtype}, {settings.samples} samples, seed {settings.seed}"
+        f"{settings.dtype}, {plural(settings.samples, 'sample')}, seed {settings.seed}"
     )
+
+
+def _comparisons(report: VerifyReport) -> str:
+    return plural(len(report.comparisons), "comparison")
 
 
 def report_cases(title: str, report: VerifyReport) -> CaseTable:
@@ -177,7 +182,7 @@ def report_failure(report: VerifyReport) -> str | None:
     if report.passed:
         return None
     failed = ", ".join(c.name for c in report.failures)
-    return f"{len(report.failures)} of {len(report.comparisons)} comparisons failed ({failed}; {_rule(report)})"
+    return f"{len(report.failures)} of {_comparisons(report)} failed ({failed}; {_rule(report)})"
 
 
 def report_warnings(report: VerifyReport) -> tuple[str, ...]:
@@ -207,9 +212,9 @@ def render_report(title: str, report: VerifyReport) -> None:
     if report.model_check_skipped is not None:
         render.info(f"whole model: not compared ({report.model_check_skipped}); only the EP layers were checked")
     if report.passed:
-        render.success(f"all {len(report.comparisons)} comparisons passed ({rule})")
+        render.success(f"{'' if len(report.comparisons) == 1 else 'all '}{_comparisons(report)} passed ({rule})")
     else:
-        render.error(f"{len(report.failures)} of {len(report.comparisons)} comparisons failed ({rule})")
+        render.error(f"{len(report.failures)} of {_comparisons(report)} failed ({rule})")
 
 
 def render_record(compression: dict[str, Any]) -> None:

@@ -151,7 +151,11 @@ def verify_command(
         failure = f"{artifact} was made from another checkpoint than {checkpoint} (stale artifact)"
         render.error(failure)
     if failure is None and require_model_check and result.report.model_check_skipped is not None:
-        failure = f"the whole model was not compared ({result.report.model_check_skipped}) and --require-model-check"
+        failure = (
+            f"{checkpoint}: the whole model was not compared ({result.report.model_check_skipped}), which "
+            "--require-model-check makes a failure; name the function that builds the expanded model with --model "
+            "module:function, so the whole model is compared"
+        )
         render.error(failure)
     return Outcome(
         {

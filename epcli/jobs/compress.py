@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from epcli._version import __version__
+from epcli.artifacts.names import check_compress_names, default_compressed_output
 from epcli.checkpoint.architecture import describe_architecture
 from epcli.checkpoint.inputs import InputSpec
 from epcli.checkpoint.load import load_checkpoint
@@ -28,10 +29,10 @@ from epcli.checkpoint.metadata import build_metadata, dump_metadata
 from epcli.errors import UsageError
 from epcli.onnx.export import OnnxSession, build_onnx, check_onnx, serialize_onnx
 from epcli.storage.atomic import StagedFiles
-from epcli.storage.paths import check_output_name, check_targets, file_sha256, make_parent
-from epcli.storage.sharded import is_index, sharded_base
+from epcli.storage.paths import check_targets, file_sha256, make_parent
 from epcli.storage.source import TensorInfo
 from epcli.storage.writer import CheckpointWriter
+from epcli.text import plural
 from epcli.verification.compare import Comparison, VerifySettings
 from epcli.verification.compress import ERROR_METRIC, CompressionResult, compress_against, reference_outputs
 from epcli.verification.model_check import ONNX_LABEL, ExpandedOutputs
@@ -66,12 +67,6 @@ class CompressFileResult:
         return (self.output,) if self.onnx is None else (self.output, self.onnx)
 
 
-def default_compressed_output(source: Path) -> Path:
-    """``<stem>.compressed.safetensors`` beside the source."""
-    base = sharded_base(source) if is_index(source) else source
-    return source.with_name(f"{base.stem}.compressed.safetensors")
-
-
 def compress_file(
     source: Path,
     output: Path | None = None,
@@ -87,10 +82,7 @@ def compress_file(
     """Compress ``source`` within ``max_error`` (:data:`~epcli.verification.compress.ERROR_METRIC`) and, when
     every check is within it, write ``output`` (and ``onnx_path``). ``model_factory``, ``inputs`` and
     ``state_key`` are as in :func:`~epcli.load_checkpoint`."""
-    output = output or default_compressed_output(source)
-    check_output_name(output, (".safetensors", ".pt"), option="-o", example=default_compressed_output(source).name)
-    if onnx_path is not None:
-        check_output_name(onnx_path, (".onnx",), option="--onnx", example=f"{output.stem}.onnx")
+    output = check_compress_names(source, output, onnx_path)
     checkpoint = load_checkpoint(source, model_factory=model_factory, inputs=inputs, state_key=state_key)
     check_targets((output,) if onnx_path is None else (output, onnx_path), checkpoint.files or (source,), force)
     if checkpoint.model is None:
@@ -103,7 +95,7 @@ def compress_file(
     if samples_path is not None:
         samples = read_samples(samples_path, checkpoint.inputs)
         calibration = sample_batches(samples, _SETTINGS.batch_size)
-        measured_on = f"the {samples[0].shape[0]} samples of {samples_path.name}"
+        measured_on = f"the {plural(samples[0].shape[0], 'sample')} of {samples_path.name}"
     reference = reference_outputs(checkpoint.model, calibration, checkpoint.inputs, _SETTINGS)
     compressed, result = compress_against(reference, checkpoint.model, max_error=max_error, whiten=bool(calibration))
     reason = _refusal(result, source)

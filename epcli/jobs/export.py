@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from epcli.artifacts.collapsed import CollapseResult, OutputPlan, plan_output, write_collapsed
+from epcli.artifacts.names import check_export_names
 from epcli.artifacts.provenance import provenance
 from epcli.checkpoint.inputs import InputSpec
 from epcli.checkpoint.load import open_checkpoint, read_model, read_skeleton
@@ -50,8 +51,7 @@ from epcli.onnx.export import (
 from epcli.progress import ProgressCallback
 from epcli.storage.atomic import StagedFiles
 from epcli.storage.mapped_pages import trim_heap
-from epcli.storage.paths import check_output_name, check_targets, file_sha256, make_parent
-from epcli.storage.sharded import is_index, sharded_base
+from epcli.storage.paths import check_targets, file_sha256, make_parent
 from epcli.verification.compare import Comparison, VerifyReport, VerifySettings
 from epcli.verification.layered import check_layered
 from epcli.verification.model_check import ONNX_LABEL, collapse_in_place, expanded_outputs, layer_reader
@@ -110,15 +110,10 @@ def export_file(
     ``model_factory`` (checked before any work), ``inputs`` and ``state_key`` are as in
     :func:`~epcli.load_checkpoint`: with them ``source`` may be a checkpoint another tool wrote.
     """
-    if onnx_path is None and safetensors_path is None:
-        raise UsageError("nothing to export: give --onnx OUT.onnx and/or --safetensors OUT.safetensors")
-    if onnx_path is not None and settings.dtype != "float32":
-        raise UsageError("ONNX export is float32; run with --dtype float32")
+    check_export_names(source, onnx_path, safetensors_path, settings.dtype)  # the names, before any reading
     # the input (and a named factory) first, without reading its tensors
     opened = open_checkpoint(source, model_factory=model_factory, inputs=inputs, state_key=state_key)
     if onnx_path is not None:  # every output is checked (and its directory made) before any export work
-        example = f"{sharded_base(source).stem if is_index(source) else source.stem}.onnx"
-        check_output_name(onnx_path, (".onnx",), option="--onnx", example=example)
         external_data = external_data or _onnx_nbytes_estimate(opened) > external_threshold
         targets = (onnx_path, external_data_path(onnx_path)) if external_data else (onnx_path,)
         check_targets(targets, opened.files, force)

@@ -26,6 +26,7 @@ from epcli.layers.summary import natural_order
 from epcli.onnx.export import OnnxSession
 from epcli.progress import ProgressCallback
 from epcli.storage.paths import file_sha256
+from epcli.text import plural
 from epcli.verification.compare import SUPPORTED_DTYPES, VerifyReport, VerifySettings
 from epcli.verification.deployment import deploy_changes, deploy_notes, deployed_model
 from epcli.verification.layered import verify_embedded
@@ -98,10 +99,18 @@ def verify_files(
         )
     has_model = checkpoint.architecture is not None or model_factory is not None
     if plain_model is not None and (artifact_path is None or artifact_path.suffix == ".onnx" or not has_model):
+        onnx_artifact = artifact_path is not None and artifact_path.suffix == ".onnx"
+        given = (
+            f"{checkpoint_path} was given without a collapsed file" if artifact_path is None
+            else f"{artifact_path} is an ONNX file" if onnx_artifact
+            else f"{checkpoint_path}: {NO_ARCHITECTURE}"
+        )
         raise UsageError(
-            "--plain-model loads a collapsed file into the class you deploy and compares it with the expanded model: "
-            "give the collapsed file as the second argument (epcli verify EXPANDED COLLAPSED --plain-model ...)"
-            + ("" if has_model else f", and the expanded model ({NO_ARCHITECTURE})")
+            f"--plain-model {factory_name(plain_model)!r}: {given}; --plain-model loads a collapsed .safetensors/.pt "
+            "into the class you deploy and compares it with the expanded model: run epcli verify "
+            f"{checkpoint_path} COLLAPSED.safetensors --plain-model {factory_name(plain_model)}"
+            + ("" if has_model else " --model module:function (the function that builds the expanded model)"),
+            file=artifact_path if onnx_artifact else checkpoint_path,
         )
     batches = None
     if samples_path is not None:
@@ -313,7 +322,7 @@ def _onnx_settings(
     specs = checkpoint.inputs
     if len(session.input_names) != len(specs):
         raise CheckpointError(
-            f"{artifact_path}: the ONNX model takes {len(session.input_names)} input(s), but {checkpoint.path} takes "
+            f"{artifact_path}: the ONNX model takes {plural(len(session.input_names), 'input')}, but {checkpoint.path} takes "
             f"{describe_inputs(specs)}: the ONNX file does not match the checkpoint (exported from another model?)"
         )
     for name, shape, dtype, spec in zip(
@@ -347,8 +356,8 @@ def _onnx_settings(
         leaves = tensor_leaves(run_forward(model, *(spec.example(1, dtype=model_dtype) for spec in specs)))
     if len(leaves) != len(session.output_shapes):
         raise CheckpointError(
-            f"{artifact_path}: the ONNX model has {len(session.output_shapes)} output(s), but {checkpoint.path}'s "
-            f"model returns {len(leaves)} tensor(s): the ONNX file does not match the checkpoint"
+            f"{artifact_path}: the ONNX model has {plural(len(session.output_shapes), 'output')}, but {checkpoint.path}'s "
+            f"model returns {plural(len(leaves), 'tensor')}: the ONNX file does not match the checkpoint"
         )
     for (path, reference), out in zip(leaves, session.output_shapes, strict=True):
         if out is not None and (

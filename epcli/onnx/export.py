@@ -45,7 +45,7 @@ from epcli.errors import CheckpointError, ExportError, UsageError
 from epcli.limits import MAX_ONNX_RUN_BYTES, MAX_TIMEOUT, MIN_OPSET, is_int
 from epcli.onnx import runner
 from epcli.onnx.graph import INPUT_NAME, OUTPUT_NAME, emit_onnx
-from epcli.text import clip, quote
+from epcli.text import clip, plural, quote
 
 if TYPE_CHECKING:
     import onnx
@@ -370,7 +370,7 @@ class OnnxSession:
         description = json.loads(self._receive("loading it"))
         inputs, outputs = description["inputs"], description["outputs"]
         if not inputs or len(inputs) > expected_inputs:
-            raise CheckpointError(f"{where}: expected a model with {expected_inputs} input(s), found {len(inputs)}")
+            raise CheckpointError(f"{where}: expected a model with {plural(expected_inputs, 'input')}, found {len(inputs)}")
         if not outputs:
             raise CheckpointError(f"{where}: the model has no outputs")
         self.metadata: dict[str, str] = {clip(key): clip(value) for key, value in description["metadata"].items()}

@@ -19,7 +19,20 @@ from stat import S_ISREG
 
 from epcli.errors import OutputError, UsageError
 
-__all__ = ["check_output_name", "check_output", "check_targets", "file_sha256", "make_parent", "prefetch_sha256"]
+__all__ = [
+    "INDEX_SUFFIX",
+    "check_output_name",
+    "check_output",
+    "check_targets",
+    "file_sha256",
+    "is_index",
+    "make_parent",
+    "prefetch_sha256",
+    "sharded_base",
+]
+
+INDEX_SUFFIX = ".safetensors.index.json"
+"""The index of a sharded safetensors checkpoint (:mod:`epcli.storage.sharded` reads and writes the set)."""
 
 _Identity = tuple[int, int, int, int, int]
 _prefetched: dict[Path, tuple[_Identity, Future[str]]] = {}
@@ -77,6 +90,15 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def is_index(path: Path) -> bool:
+    return path.name.lower().endswith(INDEX_SUFFIX)
+
+
+def sharded_base(index: Path) -> Path:
+    """``<stem>.safetensors.index.json`` -> ``<stem>.safetensors``, the name the set stands for."""
+    return index.with_name(index.name[: -len(".index.json")])
 
 
 def check_output(path: Path, suffixes: Iterable[str], *, force: bool, option: str, example: str) -> None:

@@ -22,6 +22,7 @@ from typing import Any
 
 from epcli.errors import CheckpointError, EpcliError
 from epcli.limits import MAX_INDEX_BYTES, MAX_TENSORS, check_count, loads_json
+from epcli.storage.paths import INDEX_SUFFIX, is_index, sharded_base
 from epcli.storage.safetensors_io import METADATA_KEY, SafetensorsHeader, read_header
 from epcli.text import quote
 
@@ -41,23 +42,13 @@ __all__ = [
     "sharded_base",
 ]
 
-INDEX_SUFFIX = ".safetensors.index.json"
 SHARD_OF_KEY = "epcli_shard_of"
 """``__metadata__`` key of a shard: the file name of its index."""
-
-
-def is_index(path: Path) -> bool:
-    return path.name.lower().endswith(INDEX_SUFFIX)
 
 
 def index_path(output: Path) -> Path:
     """``<stem>.safetensors`` -> ``<stem>.safetensors.index.json``."""
     return output.with_name(output.name + ".index.json")
-
-
-def sharded_base(index: Path) -> Path:
-    """``<stem>.safetensors.index.json`` -> ``<stem>.safetensors``, the name the set stands for."""
-    return index.with_name(index.name[: -len(".index.json")])
 
 
 def shard_paths(output: Path, count: int) -> list[Path]:

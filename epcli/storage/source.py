@@ -38,7 +38,7 @@ from epcli.storage.safetensors_io import (
 )
 from epcli.storage.sharded import INDEX_SUFFIX, SHARD_OF_KEY, is_index, read_index
 from epcli.storage.torch_io import read_pt
-from epcli.text import quote
+from epcli.text import plural, quote
 
 __all__ = ["HF_FILES", "SUFFIXES", "TensorInfo", "TensorSource", "check_finite", "directory_file", "open_source", "renamed"]
 
@@ -197,7 +197,7 @@ def _open_safetensors(path: Path) -> TensorSource:
         if index is not None:
             raise CheckpointError(f"is one shard of a sharded checkpoint; open its index {quote(index)} instead")
     infos = _infos(header)
-    found = f"it holds {len(header.tensors)} tensors and no {METADATA_KEY!r} entry in __metadata__"
+    found = f"it holds {plural(len(header.tensors), 'tensor')} and no {METADATA_KEY!r} entry in __metadata__"
     return TensorSource(
         path, text, infos, (path,), lambda keys, dtype: read_tensors(path, header, keys, dtype), found, "safetensors"
     )
@@ -226,7 +226,7 @@ def _open_index(path: Path) -> TensorSource:
                     raise CheckpointError(f"shard {quote(shard.name)}: {e}") from e
         return out
 
-    found = f'its "metadata" has no {METADATA_KEY!r} entry ({len(infos)} tensors)'
+    found = f'its "metadata" has no {METADATA_KEY!r} entry ({plural(len(infos), "tensor")})'
     return TensorSource(path, index.metadata, infos, (path, *index.headers), read, found, "sharded safetensors")
 
 
@@ -247,7 +247,7 @@ def _open_dcp(path: Path) -> TensorSource:
     def read(keys: list[str], dtype: torch.dtype | None) -> dict[str, Tensor]:
         return {key: _copy(t, dtype) for key, t in read_dcp_tensors(path, listing, keys).items()}
 
-    found = f"a torch.distributed.checkpoint directory of {len(infos)} tensors"
+    found = f"a torch.distributed.checkpoint directory of {plural(len(infos), 'tensor')}"
     return TensorSource(path, None, infos, files, read, found, "torch.distributed.checkpoint")
 
 

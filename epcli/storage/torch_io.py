@@ -37,7 +37,7 @@ from epcli.limits import (
 )
 from epcli.storage.pt_archive import check_archive
 from epcli.storage.raw import RawCheckpoint, missing_metadata
-from epcli.text import quote
+from epcli.text import plural, quote
 
 __all__ = ["METADATA_KEY", "MIN_TORCH", "STATE_KEY", "read_pt", "read_pt_tensor", "write_pt"]
 
@@ -185,7 +185,7 @@ def _unpack(content: Any, state_key: str | None = None) -> RawCheckpoint:
         where = "it"
     if isinstance(content, Mapping) and content and all(isinstance(v, Tensor) for v in content.values()):
         state = _checked_state(dict(content), "state_dict")
-        return RawCheckpoint(None, state, f"{where} holds a plain state_dict of {len(content)} tensors")
+        return RawCheckpoint(None, state, f"{where} holds a plain state_dict of {plural(len(content), 'tensor')}")
     if isinstance(content, Mapping):
         tensors = [k for k, v in content.items() if isinstance(v, Mapping)]
         raise missing_metadata(

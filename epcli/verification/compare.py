@@ -18,9 +18,9 @@ from torch import Tensor
 from epcli.checkpoint.inputs import InputSpec, random_inputs, tensor_leaves
 from epcli.checkpoint.user_code import run_forward
 from epcli.devices import resolve_device
-from epcli.errors import ShapeMismatchError, UsageError
+from epcli.errors import ModelInputError, ShapeMismatchError, UsageError
 from epcli.limits import MAX_CHECK_BYTES, MAX_SAMPLES, is_int
-from epcli.text import quote
+from epcli.text import plural, quote
 
 __all__ = [
     "DEFAULT_TOLERANCES",
@@ -176,19 +176,28 @@ def fit_batch(settings: VerifySettings, *, run_bytes: int, held_bytes: int, what
 
     A check holds ``held_bytes`` per sample for all its samples (the inputs and expected outputs kept to compare
     against) and runs batches that cost ``run_bytes`` per sample (every module's output, the comparison's
-    temporaries). What does not fit with a batch of one is refused, naming ``what`` (the inputs) and the budget.
+    temporaries). What does not fit with a batch of one is refused, naming ``what`` (the inputs) and the budget:
+    a :class:`UsageError` when fewer samples would fit (the count is the caller's: ``--samples``, or the samples of
+    ``--inputs``), a :class:`ModelInputError` when one sample alone does not (the input's shape is too big).
     """
     held = settings.samples * held_bytes
     batch = (MAX_CHECK_BYTES - held) // max(run_bytes, 1)
     if batch < 1:
-        holding = f"{held / 2**20:.0f} MiB to hold {settings.samples} samples' inputs and outputs and " if held else ""
+        fitting = (MAX_CHECK_BYTES - run_bytes) // held_bytes if held_bytes else 0  # samples a batch of one allows
+        count = settings.samples if fitting >= 1 else 1
+        holding = (
+            f"{count * held_bytes / 2**20:.0f} MiB to hold the inputs and outputs of {plural(count, 'sample')} and "
+            if held else ""
+        )
         skip = ", or skip the whole-model check (collapse --no-model-check)" if held else ""
-        raise UsageError(
+        needs = (
             f"a check on {what} needs {holding}{run_bytes / 2**20:.0f} MiB per sample for a forward pass (every "
             "module's output and the comparison's float64 copies), more than a "
-            f"check's memory budget of {MAX_CHECK_BYTES // 2**20} MiB (epcli's limit, MAX_CHECK_BYTES); give fewer "
-            f"--samples or a smaller input shape{skip}"
+            f"check's memory budget of {MAX_CHECK_BYTES // 2**20} MiB (epcli's limit, MAX_CHECK_BYTES)"
         )
+        if fitting >= 1:
+            raise UsageError(f"{needs}; give fewer samples (--samples, or fewer in the --inputs file): {fitting} fit{skip}")
+        raise ModelInputError(f"{needs}, even with one sample; give a smaller input shape{skip}")
     return replace(settings, batch_size=min(settings.batch_size, batch))
 
 

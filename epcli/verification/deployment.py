@@ -14,10 +14,10 @@ from pathlib import Path
 from torch import Tensor, nn
 
 from epcli.checkpoint.factory import ModelFactory, build_from_factory, factory_name
-from epcli.errors import VerificationError
+from epcli.errors import EpcliError, VerificationError
 from epcli.layers.config import EPConfig
 from epcli.layers.summary import natural_order
-from epcli.text import quote
+from epcli.text import plural, quote
 
 __all__ = ["deploy_changes", "deploy_notes", "deployed_model"]
 
@@ -46,7 +46,24 @@ def deployed_model(
     A key the class does not have, or lacks, raises :class:`VerificationError` naming the keys and, where the
     configs explain them, the layers whose collapse changed the architecture.
     """
-    model = build_from_factory(factory)
+    try:
+        model = build_from_factory(factory)
+    except EpcliError as e:
+        raise type(e)(f"--plain-model: {e}", file=e.file) from e
+    own = model.state_dict()
+    resized = [
+        f"{quote(key, 80)} is {list(tensor.shape)} in {artifact.name}, {list(own[key].shape)} in the class"
+        for key, tensor in state.items()
+        if key in own and tuple(own[key].shape) != tuple(tensor.shape)
+    ]
+    if resized:  # load_state_dict would raise a RuntimeError listing them
+        raise VerificationError(
+            f"{artifact} does not fit --plain-model {factory_name(factory)!r}: {'; '.join(resized[:_SHOWN_KEYS])}"
+            f"{f'; ... ({len(resized)} in all)' if len(resized) > _SHOWN_KEYS else ''}; the class is not the one "
+            "the expanded model was collapsed into: give --plain-model the function that builds the model you deploy "
+            "for this checkpoint, with the same layer sizes",
+            file=artifact,
+        )
     missing, unexpected = model.load_state_dict(dict(state), strict=False)
     if missing or unexpected:
         parts = [
@@ -57,14 +74,18 @@ def deployed_model(
         ]
         changed = deploy_changes(ep_layers)
         cause = (
-            f"; the collapse changed the architecture of {len(changed)} layer(s) ({', '.join(map(repr, list(changed)[:3]))}"
+            f"; the collapse changed the architecture of {plural(len(changed), 'layer')} "
+            f"({', '.join(map(repr, list(changed)[:3]))}"
             f"{', ...' if len(changed) > 3 else ''}: {next(iter(changed.values()))[0]}); overparameterize without "
             "allow_new_bias=True, or deploy a class that has those parameters"
             if changed
-            else ""
+            else f"; the class's state_dict keys differ from {artifact.name}'s (unexpected: in the file, not in the "
+            "class; missing: in the class, not in the file): give --plain-model the function that builds the model "
+            "you deploy, with the module names of the expanded model"
         )
         raise VerificationError(
             f"{artifact} does not load strictly into --plain-model {factory_name(factory)!r}: {'; '.join(parts)}"
-            + cause
+            + cause,
+            file=artifact,
         )
     return model.eval()

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from epcli.checkpoint.inputs import InputSpec, describe_inputs, tensor_leaves
 from epcli.checkpoint.user_code import run_forward
 from epcli.convert import expanded_eval
-from epcli.errors import EpcliError, UsageError
+from epcli.errors import EpcliError, ModelInputError
 from epcli.text import quote
 from epcli.verification.compare import (
     COMPARE_BYTES,
@@ -62,12 +62,12 @@ def expanded_outputs(
 
 @contextlib.contextmanager
 def rejected_inputs(specs: Sequence[InputSpec], batches: Sequence[tuple[Tensor, ...]] | None) -> Iterator[None]:
-    """The model's own errors on its inputs as a :class:`UsageError` saying what it takes."""
+    """The model's own errors on its inputs as a :class:`ModelInputError` saying what it takes."""
     try:
         yield
     except (IndexError, RuntimeError) as e:  # an id beyond an embedding, a dtype a kernel does not take
         given = "the samples of --inputs" if batches is not None else "its inputs"
-        raise UsageError(
+        raise ModelInputError(
             f"the model rejected {given} ({describe_inputs(specs)}: each input's dtype and, for integers, its range "
             f"[low, high)): {quote(f'{type(e).__name__}: {e}', 300)}; give inputs in the dtype and range the model "
             "takes (e.g. token ids in [0, vocab_size) as int64)"

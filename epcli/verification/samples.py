@@ -30,7 +30,7 @@ from epcli.limits import MAX_CHECK_BYTES, MAX_TENSORS, check_count, check_tensor
 from epcli.storage.safetensors_io import read_header, read_tensors
 from epcli.storage.source import check_finite
 from epcli.storage.torch_io import read_pt
-from epcli.text import quote
+from epcli.text import plural, quote
 
 __all__ = ["SAMPLE_SUFFIXES", "read_samples", "sample_batches"]
 
@@ -148,8 +148,8 @@ def _npz_header(archive: Any, info: Any) -> tuple[Any, tuple[int, ...], bool, in
 def _checked(tensors: Mapping[str, Tensor], specs: Sequence[InputSpec]) -> tuple[Tensor, ...]:
     if len(tensors) != len(specs):
         raise CheckpointError(
-            f"holds {len(tensors)} tensors {quote(sorted(tensors))}, but the model takes {len(specs)} inputs; give "
-            "one tensor per model input, batch first"
+            f"holds {plural(len(tensors), 'tensor')} {quote(sorted(tensors))}, but the model takes "
+            f"{plural(len(specs), 'input')}; give one tensor per model input, batch first"
         )
     if len(specs) == 1:
         ordered = list(tensors.values())

@@ -209,7 +209,7 @@ def test_bad_inputs_in_a_file_are_refused(two_heads: nn.Module, tmp_path: Path, 
         ({"input_0": torch.zeros(2, 5), "input_1": torch.zeros(2, 4)}, "input 0 has dtype float32, but the model"),
         ({"input_0": torch.full((2, 5), 11), "input_1": torch.zeros(2, 4)}, r"values 11..11, outside .*\[0, 11\)"),
         ({"input_0": torch.zeros(2, 5, dtype=torch.int64), "input_1": torch.zeros(3, 4)}, "different batch sizes"),
-        ({"input_0": torch.zeros(2, 5, dtype=torch.int64)}, "holds 1 tensors .* takes 2 inputs"),
+        ({"input_0": torch.zeros(2, 5, dtype=torch.int64)}, "holds 1 tensor .* takes 2 inputs"),
     ],
 )
 def test_samples_that_do_not_fit_the_specs_are_named(tmp_path: Path, tensors: dict[str, Tensor], match: str):

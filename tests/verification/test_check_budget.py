@@ -13,7 +13,7 @@ from torch import nn
 
 import epcli
 from epcli import EPConv1d, EPLinear, InputSpec
-from epcli.errors import UsageError
+from epcli.errors import ModelInputError, UsageError
 from epcli.limits import MAX_CHECK_BYTES
 from epcli.verification.compare import VerifySettings, fit_batch
 from epcli.verification.model_check import expanded_outputs
@@ -26,8 +26,19 @@ def test_fit_batch_cuts_the_batch_to_the_room_left_and_refuses_what_cannot_fit()
     assert fit_batch(settings, run_bytes=1, held_bytes=0, what="x").batch_size == 32
     fitted = fit_batch(settings, run_bytes=MAX_CHECK_BYTES // 8, held_bytes=MAX_CHECK_BYTES // 20, what="x")
     assert fitted.batch_size == 4  # half the budget is held, the rest takes 4 samples
-    with pytest.raises(UsageError, match=r"a check on input_shape=\[1, 2\] needs 1 MiB to hold 10 samples"):
+    with pytest.raises(ModelInputError, match=r"a check on input_shape=\[1, 2\] needs 0 MiB to hold the inputs and "
+                       r"outputs of 1 sample and 768 MiB per sample .* even with one sample; give a smaller input"):
         fit_batch(settings, run_bytes=MAX_CHECK_BYTES, held_bytes=2**17, what="input_shape=[1, 2]")
+
+
+def test_fit_batch_says_how_many_samples_fit_when_the_count_is_the_cause():
+    """Fewer samples would fit: the count is the caller's (--samples, or the --inputs file), a usage error (2);
+    one sample that cannot fit is the input's (ModelInputError, 3) -- neither is a subclass of the other."""
+    settings = VerifySettings(samples=10, batch_size=32)
+    with pytest.raises(UsageError, match=r"needs 480 MiB to hold the inputs and outputs of 10 samples and 384 MiB "
+                       r"per sample .*; give fewer samples \(--samples, or fewer in the --inputs file\): 8 fit"):
+        fit_batch(settings, run_bytes=MAX_CHECK_BYTES // 2, held_bytes=MAX_CHECK_BYTES // 16, what="x")
+    assert not issubclass(ModelInputError, UsageError) and not issubclass(UsageError, ModelInputError)
 
 
 def test_a_wide_input_runs_in_smaller_batches():
@@ -39,7 +50,7 @@ def test_a_wide_input_runs_in_smaller_batches():
 
 def test_an_input_that_cannot_fit_is_refused_before_anything_runs():
     model = nn.Sequential(EPConv1d(1, 1, 3, depth=2, padding=1))
-    with pytest.raises(UsageError, match=r"input_shape=\[1, 67108864\] needs .* memory budget of 768 MiB"):
+    with pytest.raises(ModelInputError, match=r"input_shape=\[1, 67108864\] needs .* memory budget of 768 MiB"):
         expanded_outputs(model, (InputSpec((1, 2**26)),), VerifySettings(samples=64))
 
 
@@ -55,14 +66,14 @@ class _Tokens(nn.Module):
 
 def test_ids_beyond_the_embedding_are_named_with_their_range():
     spec = InputSpec((4,), torch.int64, 0, 2**53)
-    with pytest.raises(UsageError, match=r"the model rejected its inputs \(inputs=\[int64\[4\]:0:9.0072e\+15\].*"
+    with pytest.raises(ModelInputError, match=r"the model rejected its inputs \(inputs=\[int64\[4\]:0:9.0072e\+15\].*"
                        r"IndexError: index out of range"):
         expanded_outputs(_Tokens(), (spec,), VerifySettings(samples=4))
 
 
 def test_ids_of_a_dtype_the_model_does_not_take_are_named():
     spec = InputSpec((4,), torch.int8, 0, 17)
-    with pytest.raises(UsageError, match=r"the model rejected its inputs \(inputs=\[int8\[4\]:0:17\].*CharTensor"):
+    with pytest.raises(ModelInputError, match=r"the model rejected its inputs \(inputs=\[int8\[4\]:0:17\].*CharTensor"):
         expanded_outputs(_Tokens(), (spec,), VerifySettings(samples=4))
 
 
