@@ -70,7 +70,7 @@ def _compress(checkpoint: Path, output: Path, factory: str) -> dict[str, Any]:
     run = subprocess.run(
         [sys.executable, "-m", "epcli", "compress", str(checkpoint), "-o", str(output), "--model", factory,
          "--max-error", str(BUDGET), "--json"],
-        capture_output=True, text=True, env=env, timeout=600, stdin=subprocess.DEVNULL,
+        capture_output=True, text=True, env=env, timeout=1800, stdin=subprocess.DEVNULL,  # UNet: 69 evaluations
     )
     document: dict[str, Any] = json.loads(run.stdout)
     assert run.returncode == document["exit_code"], run.stderr
