@@ -28,6 +28,7 @@ from epcli.checkpoint.inputs import InputSpec, describe_inputs, input_specs
 from epcli.checkpoint.metadata import (
     Metadata,
     checked_config,
+    compression_record,
     missing_metadata,
     parse_metadata,
 )
@@ -37,6 +38,7 @@ from epcli.convert import (
     layer_prefix,
     layer_states,
 )
+from epcli.convert.compress import factored_skeleton
 from epcli.errors import CheckpointError, EpcliError, ShapeMismatchError, UsageError
 from epcli.layers.config import EPConfig
 from epcli.layers.registry import (
@@ -329,19 +331,28 @@ def _check_ep_tensors(meta: Metadata | CheckpointFile, state: Mapping[str, Tenso
 
 
 def _skeleton(
-    meta: Metadata | CheckpointFile,
+    meta: CheckpointFile,
     state: Mapping[str, Tensor],
     model_factory: ModelFactory | None,
     built: nn.Module | None = None,
 ) -> BuiltModel | None:
     """The model, from the user's factory (``built``: what it returned already) or the embedded architecture (on
-    meta), checked against ``state``'s keys and shapes."""
+    meta), checked against ``state``'s keys and shapes.
+
+    For a collapsed file the factory's EP model is collapsed, and for a compressed one (``epcli compress``) the
+    layers its provenance records as factored become low-rank modules at the recorded ranks."""
     expected_layers = {} if meta.kind == "collapsed" else meta.ep_layers
     if model_factory is not None:
         model = built if built is not None else build_from_factory(model_factory)
         source = f"the model built by factory {factory_name(model_factory)!r}"
         if meta.kind == "collapsed" and find_ep_layers(model):
             model = collapse_model(model)  # the factory builds the EP model; the file holds its plain form
+        record = compression_record(meta.metadata.get("provenance") or {}) if meta.kind == "collapsed" else None
+        if record is not None:
+            try:
+                model = factored_skeleton(model, record.ranks)
+            except CheckpointError as e:
+                raise CheckpointError(f"{source} {e}") from e
     elif meta.architecture is not None:
         source = "the embedded architecture"
         _compare_layers(_spec_layers(meta.architecture), expected_layers, source)  # before building anything

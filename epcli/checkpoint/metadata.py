@@ -27,6 +27,7 @@ from epcli.errors import CheckpointError, ConfigError
 from epcli.layers.config import CONFIG_VERSION, EPConfig
 from epcli.layers.registry import class_name, config_from_dict
 from epcli.limits import (
+    MAX_ARCHITECTURE_NODES,
     MAX_EP_LAYERS,
     MAX_FEATURES,
     MAX_METADATA_CHARS,
@@ -46,10 +47,12 @@ __all__ = [
     "READABLE_FORMAT_VERSIONS",
     "FOREIGN_HINT",
     "SAVE_HINT",
+    "CompressionRecord",
     "Metadata",
     "RawCheckpoint",
     "build_metadata",
     "checked_config",
+    "compression_record",
     "dump_metadata",
     "missing_metadata",
     "parse_metadata",
@@ -84,6 +87,15 @@ class Metadata:
     architecture: dict[str, Any] | None
     provenance: dict[str, Any]
     document: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class CompressionRecord:
+    """What ``epcli compress`` records of a file it wrote (``provenance.compression``), checked: the budget the
+    whole model was compressed to, and the rank (per group) of each factored layer, by module path."""
+
+    max_error: float
+    ranks: dict[str, int]
 
 
 # ---- writing ---------------------------------------------------------------------------------
@@ -195,6 +207,43 @@ def parse_metadata(text: str) -> Metadata:
     inputs = _inputs(document[_INPUTS_KEY], input_shape) if _INPUTS_KEY in keys else (InputSpec(input_shape),)
     configs, shapes = _parse_layers(document["ep_layers"])
     return Metadata(document["kind"], input_shape, inputs, configs, shapes, architecture, provenance, document)
+
+
+_RECOMPRESS = "compress the checkpoint again with epcli compress"
+
+
+def compression_record(provenance: Mapping[str, Any]) -> CompressionRecord | None:
+    """The compression a file records in its ``provenance`` (None: it is not from ``epcli compress``), checked:
+    ``max_error`` a finite number >= 0, ``layers`` an object of module path -> ``{"rank": int >= 1 or null}``
+    (null: the layer was kept whole). Errors name the key but not the file, which the caller adds."""
+    compression = provenance.get("compression")
+    if compression is None:
+        return None
+    where = "provenance.compression"
+    if not isinstance(compression, dict):
+        raise CheckpointError(f"{where} must be an object, got {type(compression).__name__}; {_RECOMPRESS}")
+    budget = compression.get("max_error")
+    if not isinstance(budget, (int, float)) or isinstance(budget, bool) or not 0 <= budget < math.inf:
+        raise CheckpointError(f"{where}.max_error must be a number >= 0, got {quote(budget)}; {_RECOMPRESS}")
+    layers = compression.get("layers")
+    if not isinstance(layers, dict):
+        raise CheckpointError(
+            f"{where}.layers must be an object (module path -> rank), got {quote(layers)}; it says which layers are "
+            f"factored and at which rank; {_RECOMPRESS}"
+        )
+    check_count(len(layers), MAX_ARCHITECTURE_NODES, f"the number of {where}.layers")
+    ranks: dict[str, int] = {}
+    for path, entry in layers.items():
+        check_name_length(path, f"{where}.layers path")
+        rank = entry.get("rank") if isinstance(entry, dict) else None
+        if not isinstance(entry, dict) or (rank is not None and not (is_int(rank) and 1 <= rank <= MAX_FEATURES)):
+            raise CheckpointError(
+                f"{where}.layers[{quote(path)}] must be an object whose rank is a whole number from 1 to "
+                f"{MAX_FEATURES} (or null: kept whole), got {quote(entry)}; {_RECOMPRESS}"
+            )
+        if rank is not None:
+            ranks[path] = int(rank)
+    return CompressionRecord(float(budget), ranks)
 
 
 def _inputs(value: Any, input_shape: tuple[int, ...]) -> tuple[InputSpec, ...]:

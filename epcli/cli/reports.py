@@ -12,7 +12,7 @@ from epcli.text import plural
 
 if TYPE_CHECKING:
     from epcli.artifacts.collapsed import CollapseResult
-    from epcli.verification.compare import VerifyReport
+    from epcli.verification.compare import Comparison, VerifyReport
 
 __all__ = [
     "collapse_cases",
@@ -116,12 +116,16 @@ def collapse_warnings(result: CollapseResult) -> tuple[str, ...]:
 
 
 def report_payload(report: VerifyReport) -> dict[str, Any]:
+    """The comparison's keys of a JSON document; ``atol`` / ``rtol`` are null when a budget (``max_error``) is the
+    rule, and ``max_error`` null when they are."""
     settings = report.settings
+    budget = report.max_error
     return {
         "passed": report.passed,
-        "pass_rule": "|collapsed - expanded| <= atol + rtol * |expanded|",
-        "atol": report.tolerance.atol,
-        "rtol": report.tolerance.rtol,
+        "pass_rule": report.pass_rule,
+        "atol": report.tolerance.atol if budget is None else None,
+        "rtol": report.tolerance.rtol if budget is None else None,
+        "max_error": budget,
         "dtype": settings.dtype,
         "samples": settings.samples,
         "batch_size": settings.batch_size,
@@ -145,11 +149,28 @@ def report_payload(report: VerifyReport) -> dict[str, Any]:
     }
 
 
+def _threshold(report: VerifyReport) -> str:
+    """The rule's numbers: the budget, or atol and rtol."""
+    if report.max_error is not None:
+        return f"max |err| / max |expanded| <= {report.max_error:g}"
+    return f"|err| <= {report.tolerance.atol:g} + {report.tolerance.rtol:g}*|expanded|"
+
+
 def _rule(report: VerifyReport) -> str:
     settings = report.settings
+    return f"{_threshold(report)}, {settings.dtype}, {plural(settings.samples, 'sample')}, seed {settings.seed}"
+
+
+def _failure(report: VerifyReport, c: Comparison) -> str:
+    """Why one comparison failed, with what would have passed."""
+    if report.max_error is not None:
+        return (
+            f"max |err| {c.max_abs_error:.3g}, max rel err {c.max_rel_error:.3g}: over the budget "
+            f"({_threshold(report)})"
+        )
     return (
-        f"|err| <= {report.tolerance.atol:g} + {report.tolerance.rtol:g}*|expanded|, "
-        f"{settings.dtype}, {plural(settings.samples, 'sample')}, seed {settings.seed}"
+        f"max |err| {c.max_abs_error:.3g}, max rel err {c.max_rel_error:.3g}: out of tolerance (atol "
+        f"{report.tolerance.atol:g}, rtol {report.tolerance.rtol:g}; it would pass at atol {c.min_atol:.3g})"
     )
 
 
@@ -160,15 +181,11 @@ def _comparisons(report: VerifyReport) -> str:
 def report_cases(title: str, report: VerifyReport) -> CaseTable:
     """One case per comparison; a failure carries its numbers and the tolerance; the whole model is a skipped case
     when it was not compared."""
-    tolerance = f"atol {report.tolerance.atol:g}, rtol {report.tolerance.rtol:g}"
     cases = [
         Case(
             c.name,
             (c.candidate, f"{c.max_abs_error:.3g}", f"{c.mean_abs_error:.3g}", f"{c.max_rel_error:.3g}", f"{c.min_atol:.3g}"),
-            failure=None
-            if c.passed
-            else f"max |err| {c.max_abs_error:.3g}, max rel err {c.max_rel_error:.3g}: out of tolerance ({tolerance}; "
-            f"it would pass at atol {c.min_atol:.3g})",
+            failure=None if c.passed else _failure(report, c),
         )
         for c in report.comparisons
     ]

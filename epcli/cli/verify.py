@@ -47,6 +47,8 @@ Pass rule, per element: |collapsed - expanded| <= atol + rtol * |expanded|.
 Default tolerances: float32 atol=1e-4 rtol=1e-4; float64 atol=1e-10 rtol=1e-9.
 A model stored in bfloat16 or float16 is judged at no less than 8 of its epsilons:
 atol = rtol = 0.0625 (bfloat16), 0.0078125 (float16).
+A compressed ARTIFACT (from epcli compress) is compared as a whole model and passes
+when max |compressed - expanded| / max |expanded| <= the budget it records.
 
 An .onnx file is untrusted input: its input and output are checked against the
 checkpoint before it runs, and each run is stopped after --timeout seconds.

@@ -14,7 +14,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -22,11 +22,17 @@ from torch import Tensor, nn
 from epcli.convert.model import replaced_copy
 from epcli.core.lowrank import DEFAULT_RIDGE, Truncation, conv_factors, group_matrices, truncation, whitening
 from epcli.core.spectrum import spectrum
+from epcli.errors import CheckpointError
 from epcli.layers.lowrank import LOW_RANK, LowRankConv, LowRankLinear
+from epcli.layers.registry import is_transformers_conv1d
 
-__all__ = ["LayerPlan", "factored_copy", "layer_plans"]
+__all__ = ["LayerPlan", "factored_copy", "factored_skeleton", "layer_plans"]
 
 Plain = nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d
+"""A layer compress factors: one of these (matched exactly: a subclass may have its own forward), or transformers'
+``Conv1D`` (GPT-2's linear layer, weight stored ``[in, out]``), which is typed as ``nn.Linear`` here: code tells
+the two kinds apart by ``isinstance(layer, _CONVS)`` and reads weights through :func:`_weight`."""
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 @dataclass(frozen=True)
@@ -84,10 +90,30 @@ class LayerPlan:
         return next((r for r in range(1, self.rank_limit + 1) if self.tails[r] <= threshold), None)
 
 
+def _is_plain(module: nn.Module) -> bool:
+    return type(module) in LOW_RANK or is_transformers_conv1d(type(module))
+
+
+def _weight(layer: Plain) -> Tensor:
+    """The weight as ``nn.Linear`` / ``nn.ConvNd`` store it, ``[out, in/g, *kernel]`` (``Conv1D``'s, transposed)."""
+    weight: Tensor = layer.weight
+    return weight.T if is_transformers_conv1d(type(layer)) else weight
+
+
 def _compressible(model: nn.Module) -> dict[str, Plain]:
-    """Every plain Linear / ConvNd, except the halves of a layer factored already."""
+    """Every plain layer, except the halves of a layer factored already and a layer whose weight is tied to another
+    module's (GPT-2's and nanoGPT's ``lm_head`` shares the token embedding's): the shared weight stays stored for
+    the other module, so factoring it would add parameters, not save them."""
     halves = {id(half) for m in model.modules() if isinstance(m, (LowRankLinear, LowRankConv)) for half in m.children()}
-    return {name: m for name, m in model.named_modules() if type(m) in LOW_RANK and id(m) not in halves}
+    owners: dict[int, int] = {}
+    for module in model.modules():  # each module once, however often it occurs
+        for parameter in module.parameters(recurse=False):
+            owners[id(parameter)] = owners.get(id(parameter), 0) + 1
+    return {
+        name: cast(Plain, m)
+        for name, m in model.named_modules()
+        if _is_plain(m) and id(m) not in halves and owners[id(m.weight)] == 1
+    }
 
 
 def layer_plans(
@@ -104,7 +130,7 @@ def layer_plans(
     plans = {}
     for path, layer in layers.items():
         groups = getattr(layer, "groups", 1)
-        weight = layer.weight.detach()
+        weight = _weight(layer).detach()
         cuts = []
         for index, matrix in enumerate(group_matrices(weight, groups)):
             gram = grams[path][index] if whiten and path in grams else None
@@ -129,8 +155,7 @@ def _recording(
 
     def hook(path: str, layer: Plain) -> Any:
         def record(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> None:
-            out_channels = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
-            positions[path] = output.numel() // max(1, output.shape[0] * out_channels)
+            positions[path] = output.numel() // max(1, output.shape[0] * _weight(layer).shape[0])
             if whiten:
                 rows = _input_rows(layer, args[0])
                 sums = grams.setdefault(path, [torch.zeros(0)] * len(rows))
@@ -153,8 +178,8 @@ def _input_rows(layer: Plain, x: Tensor) -> list[Tensor]:
     padding (any mode) and dilation are those of the layer, in 1, 2 or 3 dimensions alike.
     """
     x = x.detach().to(torch.float64)
-    if isinstance(layer, nn.Linear):
-        return [x.reshape(-1, layer.in_features)]  # [m, in]
+    if not isinstance(layer, _CONVS):  # nn.Linear or Conv1D
+        return [x.reshape(-1, _weight(layer).shape[1])]  # [m, in]
     per_group = layer.in_channels // layer.groups
     kernel = tuple(layer.kernel_size)
     size = per_group * math.prod(kernel)
@@ -179,18 +204,57 @@ def factored_copy(model: nn.Module, plans: Mapping[str, LayerPlan], ranks: Mappi
     return replaced_copy(model, replacements)
 
 
+def factored_skeleton(model: nn.Module, ranks: Mapping[str, int]) -> nn.Module:
+    """A copy of ``model`` in which the layer at each path of ``ranks`` is its low-rank module at that rank (per
+    group), on the meta device: the skeleton a compressed file's tensors are loaded into (strictly).
+
+    Raises :class:`~epcli.errors.CheckpointError` naming the path when ``model`` has no module there, the module
+    is not a layer ``epcli compress`` factors, or the rank is over the layer's full rank."""
+    modules = dict(model.named_modules())
+    replacements: dict[int, nn.Module] = {}
+    for path, rank in ranks.items():
+        layer = modules.get(path)
+        if layer is None:
+            raise CheckpointError(
+                f"has no module {path!r}, which the file records as factored at rank {rank}; build the model the "
+                "file was compressed from"
+            )
+        if not _is_plain(layer):
+            raise CheckpointError(
+                f"has a {type(layer).__name__} at {path!r}, which the file records as a factored Linear, Conv1d/2d/3d "
+                f"or transformers Conv1D (rank {rank}); build the model the file was compressed from"
+            )
+        weight = _weight(cast(Plain, layer))
+        out, per_group, *kernel = weight.shape
+        full_rank = min(out // getattr(layer, "groups", 1), per_group * math.prod(kernel))
+        if rank > full_rank:
+            raise CheckpointError(
+                f"has a {type(layer).__name__} at {path!r} of full rank {full_rank} (weight {list(weight.shape)}), "
+                f"which the file records as factored at rank {rank}; build the model the file was compressed from"
+            )
+        replacements[id(layer)] = _low_rank(cast(Plain, layer), rank, device="meta")
+    return replaced_copy(model, replacements)
+
+
+def _low_rank(layer: Plain, rank: int, **factory: Any) -> LowRankLinear | LowRankConv:
+    """The factored module that replaces ``layer`` at ``rank`` (per group), its weights not yet set."""
+    bias = layer.bias is not None
+    if not isinstance(layer, _CONVS):  # nn.Linear or Conv1D
+        out, features = _weight(layer).shape
+        return LowRankLinear(features, rank, out, bias, **factory)
+    module: LowRankConv = LOW_RANK[type(layer)](
+        layer.in_channels, rank, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
+        layer.dilation, layer.groups, bias, layer.padding_mode, **factory,
+    )  # type: ignore[assignment]
+    return module
+
+
 def _factored(layer: Plain, plan: LayerPlan, rank: int) -> nn.Module:
     weight = layer.weight
-    factory = {"device": weight.device, "dtype": weight.dtype}
-    module: LowRankLinear | LowRankConv
-    if isinstance(layer, nn.Linear):
-        module = LowRankLinear(layer.in_features, rank, layer.out_features, layer.bias is not None, **factory)
+    module = _low_rank(layer, rank, device=weight.device, dtype=weight.dtype)
+    if not isinstance(layer, _CONVS):
         up, down = plan.truncations[0].factors(rank)
     else:
-        module = LOW_RANK[type(layer)](
-            layer.in_channels, rank, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
-            layer.dilation, layer.groups, layer.bias is not None, layer.padding_mode, **factory,
-        )  # type: ignore[assignment]
         down, up = conv_factors(weight, layer.groups, plan.truncations, rank)
     with torch.no_grad():
         module.down.weight.copy_(down)

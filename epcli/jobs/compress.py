@@ -141,8 +141,8 @@ def _refusal(result: CompressionResult, source: Path) -> str | None:
     configurations are accepted)."""
     if not result.factored:
         return (
-            f"{source}: no layer can be factored (to fewer parameters) within --max-error {result.max_error:g}; "
-            "nothing was written; raise --max-error"
+            f"{source}: no layer can be factored (to fewer parameters) within --max-error {result.max_error:g}: "
+            "each was measured alone at its largest rank that saves; nothing was written; raise --max-error"
         )
     return None
 

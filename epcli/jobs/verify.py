@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -12,7 +11,8 @@ from torch import Tensor, nn
 
 from epcli.checkpoint.factory import ModelFactory, factory_name
 from epcli.checkpoint.inputs import InputSpec, describe_inputs, tensor_leaves
-from epcli.checkpoint.load import load_checkpoint, open_checkpoint, read_model
+from epcli.checkpoint.load import open_checkpoint, read_model
+from epcli.checkpoint.metadata import compression_record
 from epcli.checkpoint.opened import CheckpointFile
 from epcli.checkpoint.user_code import run_forward
 from epcli.convert import (
@@ -179,12 +179,15 @@ def verify_files(
             f"{artifact_path}: expected a collapsed checkpoint (from epcli collapse), found an expanded one"
         )
     stale, stale_note = _stale_artifact(checkpoint, artifact_path, artifact.metadata.get("provenance"))
-    compression = (artifact.metadata.get("provenance") or {}).get("compression")
-    if isinstance(compression, Mapping):  # from epcli compress: its layers are factored, so only the whole model
+    try:
+        compression = compression_record(artifact.metadata.get("provenance") or {})
+    except CheckpointError as e:
+        raise CheckpointError(f"{artifact_path}: {e}", file=artifact_path) from e
+    if compression is not None:  # from epcli compress: its layers are factored, so only the whole model
         if not has_model:
             raise UsageError(f"{checkpoint_path}: {NO_ARCHITECTURE}, so a compressed artifact cannot be compared")
-        report = _compressed_report(checkpoint, artifact_path, owned_model(settings.torch_dtype), compression,
-                                    settings, batches)
+        report = _compressed_report(checkpoint, replace(artifact, model_factory=model_factory),
+                                    owned_model(settings.torch_dtype), compression.max_error, settings, batches)
         notes.extend([stale_note] if stale_note else [])
         return VerifyResult(checkpoint_path, artifact_path, replace(report, notes=(*report.notes, *notes)), stale)
     if set(artifact.ep_layers) != set(checkpoint.ep_layers):
@@ -221,33 +224,31 @@ def verify_files(
 
 def _compressed_report(
     checkpoint: CheckpointFile,
-    artifact_path: Path,
+    artifact: CheckpointFile,
     model: nn.Module,
-    compression: Mapping[str, object],
+    budget: float,
     settings: VerifySettings,
     batches: Sequence[tuple[Tensor, ...]] | None,
 ) -> VerifyReport:
-    """The whole expanded model against a compressed artifact, judged by the budget the artifact records (its
-    max relative error), not atol / rtol: a low-rank model is meant to differ, by at most that much."""
-    budget = compression.get("max_error")
-    if not isinstance(budget, (int, float)) or isinstance(budget, bool) or not 0 <= budget < math.inf:
-        raise CheckpointError(
-            f"{artifact_path}: provenance.compression.max_error must be a number >= 0, got {budget!r}; "
-            "compress the checkpoint again"
-        )
+    """The whole expanded model against a compressed artifact (rebuilt from its embedded architecture, or from the
+    factory ``artifact`` carries with the recorded layers factored), judged by the budget the artifact records
+    (its max relative error), not atol / rtol: a low-rank model is meant to differ, by at most that much."""
     expected = expanded_outputs(model, checkpoint.inputs, settings, batches)
     del model
-    compressed = load_checkpoint(artifact_path).model
+    compressed = read_model(artifact, dtype=settings.torch_dtype)
     if compressed is None:
-        raise CheckpointError(f"{artifact_path}: a compressed file without its architecture cannot be compared")
-    compressed = compressed.to(device=settings.torch_device, dtype=settings.torch_dtype).eval()
-    comparisons = expected.compare(compressed, artifact_path.name, settings)
+        raise UsageError(
+            f"{artifact.path}: a compressed file without an embedded architecture is rebuilt from the model's "
+            "factory; name it with --model module:function"
+        )
+    compressed = compressed.to(device=settings.torch_device).eval()
+    comparisons = expected.compare(compressed, artifact.path.name, settings)
     judged = tuple(replace(c, passed=c.max_rel_error <= budget) for c in comparisons)
-    note = (
-        f"{artifact_path.name} is compressed (low-rank layers): only the whole model is compared, and it passes "
-        f"when max |error| / max |expanded| <= {budget:g}, the budget it was compressed to (not atol / rtol)"
-    )
-    return VerifyReport(settings, settings.tolerance, judged, notes=(note,))
+    notes = [f"{artifact.path.name} is compressed (low-rank layers): only the whole model is compared, against the "
+             "budget it was compressed to"]
+    if settings.atol is not None or settings.rtol is not None:
+        notes.append("--atol / --rtol do not apply to a compressed artifact, which passes by its budget")
+    return VerifyReport(settings, settings.tolerance, judged, notes=tuple(notes), max_error=budget)
 
 
 class _ArtifactState(Mapping[str, Tensor]):

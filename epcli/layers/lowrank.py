@@ -4,7 +4,8 @@ Each holds two plain layers, ``down`` then ``up`` (state-dict keys ``<path>.down
 ``<path>.up.bias``), so it exports to ONNX and runs anywhere as two ordinary ops: ``LowRankLinear`` is
 ``Linear(in, r, bias=False)`` then ``Linear(r, out)``; ``LowRankConv{1,2,3}d`` is the original conv's window
 (kernel, stride, padding, dilation, groups, padding mode) to ``groups * rank`` channels without bias, then a
-pointwise conv (same groups) back to ``out`` channels with the bias.
+pointwise conv (same groups) back to ``out`` channels with the bias. ``weight`` is the equivalent dense weight,
+composed when read (it is not stored).
 """
 
 from __future__ import annotations
@@ -30,6 +31,12 @@ class LowRankLinear(nn.Module):
     @property
     def bias(self) -> Tensor | None:
         return self.up.bias
+
+    @property
+    def weight(self) -> Tensor:
+        """The equivalent ``[out, in]`` weight, composed on each access: for model code that reads a layer's
+        weight (its dtype, device or shape), as it would on the ``nn.Linear`` this replaced."""
+        return self.up.weight @ self.down.weight  # [out, rank] @ [rank, in]
 
     def forward(self, x: Tensor) -> Tensor:
         return self.up(self.down(x))  # type: ignore[no-any-return]
@@ -68,6 +75,15 @@ class LowRankConv(nn.Module):
     dilation = property(lambda self: self.down.dilation)
     padding_mode = property(lambda self: self.down.padding_mode)
     bias = property(lambda self: self.up.bias)
+
+    @property
+    def weight(self) -> Tensor:
+        """The equivalent ``[out, in/g, *kernel]`` weight, composed on each access: for model code that reads a
+        conv's weight (ViT casts its input to the patch embedding's ``weight.dtype``)."""
+        down, groups = self.down.weight, self.groups  # [g * rank, in/g, *kernel]
+        per_group = down.reshape(groups, self.rank, -1)  # [g, rank, in/g * K]
+        up = self.up.weight.reshape(groups, self.out_channels // groups, self.rank)  # [g, out/g, rank]
+        return (up @ per_group).reshape(self.out_channels, *down.shape[1:])  # [out, in/g, *kernel]
 
     def forward(self, x: Tensor) -> Tensor:
         return self.up(self.down(x))  # type: ignore[no-any-return]

@@ -23,6 +23,7 @@ from epcli.limits import MAX_CHECK_BYTES, MAX_SAMPLES, is_int
 from epcli.text import plural, quote
 
 __all__ = [
+    "BUDGET_RULE",
     "DEFAULT_TOLERANCES",
     "PASS_RULE",
     "STORAGE_TOLERANCES",
@@ -39,6 +40,8 @@ __all__ = [
 ]
 
 PASS_RULE = "|collapsed - expanded| <= atol + rtol * |expanded|, for every element"
+BUDGET_RULE = "max |compressed - expanded| / max |expanded| <= max_error, for every output"
+"""How a compressed artifact is judged: by the budget it was compressed to (``max_error``), not atol / rtol."""
 
 
 @dataclass(frozen=True)
@@ -156,6 +159,12 @@ class VerifyReport:
     comparisons: tuple[Comparison, ...]
     model_check_skipped: str | None = None
     notes: tuple[str, ...] = ()
+    max_error: float | None = None
+    """The budget a compressed artifact is judged by (:data:`BUDGET_RULE`); None: ``tolerance`` (:data:`PASS_RULE`)."""
+
+    @property
+    def pass_rule(self) -> str:
+        return PASS_RULE if self.max_error is None else BUDGET_RULE
 
     @property
     def passed(self) -> bool:

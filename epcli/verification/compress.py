@@ -7,7 +7,10 @@ Ranks are allocated by one global threshold ``t`` on normalised (whitened) singu
 keeps the fewest values that discard at most a fraction ``t`` of its energy, and is factored only where that
 saves parameters (and so MACs). The threshold is bisected over the finitely many values where some layer's rank
 changes, each candidate judged by the real error of the whole model against the original on the calibration
-batches; only measured configurations are accepted, so the result is within the budget on those batches.
+batches. A layer's energy does not say how much its error moves the model's output, so each layer the threshold
+leaves whole is then tried alone on top, at its largest rank that saves, and kept where the whole model stays
+within the budget: when nothing is factored, every layer was measured alone and failed. Only measured
+configurations are accepted, so the result is within the budget on those batches.
 """
 
 from __future__ import annotations
@@ -71,7 +74,7 @@ class CompressionResult:
     model_max_rel_error: float
     model_max_abs_error: float
     samples: int
-    threshold: float | None  # the energy threshold chosen; None: no layer is factored
+    threshold: float | None  # the energy threshold chosen; None: none factors a layer (one may be factored alone)
     evaluations: int  # whole-model measurements made
 
     @property
@@ -159,20 +162,29 @@ def compress_against(
         measured[0] += 1
         return measure_model(reference, candidate, settings)
 
-    def passes(index: int) -> bool:
-        return _rel(measure(factored_copy(work, plans, ranks_at(index)))) <= max_error
+    def passes(ranks: dict[str, int]) -> bool:
+        return _rel(measure(factored_copy(work, plans, ranks))) <= max_error
 
     low, high = -1, len(thresholds)  # -1: nothing factored, within any budget but float rounding
     while high - low > 1:
         middle = (low + high) // 2
-        low, high = (middle, high) if passes(middle) else (low, middle)
+        low, high = (middle, high) if passes(ranks_at(middle)) else (low, middle)
+    ranks, added = ranks_at(low), []
+    for path in sorted(plans, key=lambda path: plans[path].tails[plans[path].rank_limit]):  # least energy lost first
+        plan = plans[path]
+        if path not in ranks and plan.rank_limit >= 1 and passes({**ranks, path: plan.rank_limit}):
+            ranks[path] = plan.rank_limit
+            added.append(path)
     while True:  # the result in its own dtype: step back while its rounding breaks the budget
-        compressed = factored_copy(collapsed, plans, ranks_at(low)).eval()
+        compressed = factored_copy(collapsed, plans, ranks).eval()
         final = measure(compressed)
-        if _rel(final) <= max_error or low < 0:
+        if _rel(final) <= max_error or not ranks:
             break
-        low -= 1
-    ranks = ranks_at(low)
+        if added:
+            del ranks[added.pop()]
+        else:
+            low -= 1
+            ranks = ranks_at(low)
     result = CompressionResult(
         layers=tuple(_layer(plan, ranks.get(path)) for path, plan in plans.items()),
         method="whitened" if whiten else "svd",

@@ -130,3 +130,92 @@ def test_an_existing_output_needs_force(samples, invoke):
     run = invoke("compress", samples.mlp, "--max-error", "0.5")
     assert run.returncode == 4 and "--force" in run.stderr, run.describe()
     assert out.read_bytes() == b"precious"
+
+
+def _rewritten(path, out, change):
+    """A copy of the compressed file at ``out`` whose metadata ``change`` edited (a damaged or forged record)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), "pt") as handle:
+        metadata = handle.metadata()
+    document = json.loads(metadata["epcli"])
+    change(document["provenance"]["compression"])
+    save_file(load_file(str(path)), str(out), metadata={**metadata, "epcli": json.dumps(document)})
+    return out
+
+
+@pytest.fixture
+def compressed_custom(custom_model, invoke, json_doc):
+    """The custom-forward model (no architecture embedded: only its factory rebuilds it) compressed."""
+    out = custom_model.dir / "custom.small.safetensors"
+    run = invoke("compress", custom_model.path, "--model", custom_model.factory, "--max-error", "0.5", "-o", out,
+                 "--json")
+    assert run.returncode == 0, run.describe()
+    document = json_doc(run.stdout)
+    assert document["files"] == [str(out)] and document["params_after"] < document["params_before"]
+    return custom_model, out, document
+
+
+def test_a_compressed_file_of_a_factory_model_is_verified_inspected_and_exported(compressed_custom, invoke, json_doc):
+    custom, out, document = compressed_custom
+    factory = ("--model", custom.factory)
+    ranks = {layer["path"]: layer["rank"] for layer in document["layers"] if layer["rank"] is not None}
+    rebuilt = epcli.load_checkpoint(out, model_factory=custom.factory).model
+    assert {path: module.rank for path, module in rebuilt.named_modules() if isinstance(module, epcli.LowRankLinear)} == ranks
+
+    verify = invoke("verify", custom.path, out, *factory, "--json")
+    assert verify.returncode == 0, verify.describe()
+    report = json_doc(verify.stdout)
+    assert report["pass_rule"] == "max |compressed - expanded| / max |expanded| <= max_error, for every output"
+    assert (report["max_error"], report["atol"], report["rtol"]) == (0.5, None, None)
+    (model,) = report["comparisons"]
+    assert model["max_rel_error"] == pytest.approx(document["model_max_rel_error"], rel=1e-3)
+    assert "max |err| / max |expanded| <= 0.5, float32" in verify.stderr
+
+    assert invoke("inspect", out, *factory).returncode == 0
+    export = invoke("export", out, *factory, "--onnx", custom.dir / "small.onnx")
+    assert export.returncode == 0 and (custom.dir / "small.onnx").is_file(), export.describe()
+
+
+def test_a_compressed_file_over_its_budget_fails_by_the_budget(compressed_custom, invoke, json_doc, tmp_path):
+    custom, out, document = compressed_custom
+    tight = _rewritten(out, tmp_path / "tight.safetensors", lambda record: record.update(max_error=1e-9))
+    junit = tmp_path / "verify.xml"
+    run = invoke("verify", custom.path, tight, "--model", custom.factory, "--json", "--atol", "1", "--junit-xml", junit)
+    assert run.returncode == 1, run.describe()
+    report = json_doc(run.stdout)
+    assert report["passed"] is False and report["max_error"] == 1e-9
+    assert "1 of 1 comparisons failed (max |err| / max |expanded| <= 1e-09, float32" in run.stderr
+    assert "over the budget (max |err| / max |expanded| &lt;= 1e-09)" in junit.read_text()
+    assert any("--atol / --rtol do not apply" in note for note in report["notes"])
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda record: record.pop("layers"), "provenance.compression.layers must be an object"),
+        (lambda record: record["layers"].update(body={"rank": "two"}), "provenance.compression.layers['body'] must"),
+        (lambda record: record["layers"].update(nowhere={"rank": 1}), "has no module 'nowhere'"),
+        (lambda record: record["layers"].update(body={"rank": 99}), "at 'body' of full rank 6"),
+        (lambda record: record.update(max_error="1%"), "provenance.compression.max_error must be a number"),
+    ],
+)
+def test_a_damaged_compression_record_is_named(compressed_custom, invoke, json_doc, tmp_path, change, message):
+    custom, out, _ = compressed_custom
+    damaged = _rewritten(out, tmp_path / "damaged.safetensors", change)
+    run = invoke("verify", custom.path, damaged, "--model", custom.factory, "--json")
+    assert run.returncode == 3, run.describe()
+    error = json_doc(run.stdout)["error"]
+    assert message in error["message"] and str(damaged) in error["message"], error
+    assert "compress" in error["message"]  # the fix: compress again, or build the model it was compressed from
+
+
+def test_ranks_that_do_not_match_the_tensors_name_the_key(compressed_custom, invoke, json_doc, tmp_path):
+    custom, out, document = compressed_custom
+    (path, rank), *_ = ((layer["path"], layer["rank"]) for layer in document["layers"] if layer["rank"] is not None)
+    forged = _rewritten(out, tmp_path / "forged.safetensors", lambda record: record["layers"][path].update(rank=rank - 1 or 2))
+    run = invoke("verify", custom.path, forged, "--model", custom.factory, "--json")
+    assert run.returncode == 3, run.describe()
+    message = json_doc(run.stdout)["error"]["message"]
+    assert str(forged) in message and f"{path}.down.weight" in message and custom.factory in message

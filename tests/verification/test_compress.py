@@ -127,3 +127,41 @@ def test_a_compressed_model_is_not_factored_again():
     again, second = compress_model(compressed, max_error=0.02, calibration=calibration)
     assert second.layers == () and second.factored == ()
     assert isinstance(again[0], LowRankLinear) and again[0].rank == compressed[0].rank
+
+
+class _Loud(nn.Module):
+    """Two branches: ``loud`` (a nearly low-rank weight whose output is 100x larger) and ``quiet`` (a flat spectrum)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.loud, self.quiet = nn.Linear(16, 16), nn.Linear(16, 16)
+        with torch.no_grad():
+            self.loud.weight.copy_(_low_rank(16, 16, 6, noise=0.05))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([100 * self.loud(x), self.quiet(x)], dim=-1)
+
+
+def test_a_layer_the_energy_threshold_passes_over_is_factored_alone():
+    """``loud`` loses the least energy, so every threshold that factors anything factors it, and the model then
+    misses the budget; ``quiet`` alone stays within it. Nothing factored would be the wrong answer."""
+    model = _Loud().eval()
+    compressed, result = compress_model(model, max_error=0.01, inputs=[InputSpec((16,))])
+    assert result.ranks == {"quiet": 7} and result.threshold is None  # 7: the largest rank that saves
+    assert isinstance(compressed.quiet, LowRankLinear) and type(compressed.loud) is nn.Linear
+    assert result.model_max_rel_error <= 0.01
+    x = torch.randn(32, 16, generator=torch.Generator().manual_seed(3))
+    assert _error(model, compressed, x) <= 0.02
+
+
+def test_the_factored_modules_weight_is_the_dense_weight_they_compute():
+    """Model code reads ``layer.weight`` (ViT: its dtype); it is the product of the factors, as the layer runs."""
+    torch.manual_seed(0)
+    linear = LowRankLinear(6, 2, 5)
+    x = torch.randn(3, 6)
+    torch.testing.assert_close(linear(x), x @ linear.weight.T + linear.bias)
+    conv = LowRankConv2d(4, 2, 6, 3, padding=1, groups=2)
+    image = torch.randn(2, 4, 5, 5)
+    torch.testing.assert_close(conv(image), nn.functional.conv2d(image, conv.weight, conv.bias, padding=1, groups=2))
+    assert conv.weight.shape == (6, 2, 3, 3)
