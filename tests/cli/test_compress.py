@@ -186,7 +186,7 @@ def test_a_compressed_file_over_its_budget_fails_by_the_budget(compressed_custom
     assert run.returncode == 1, run.describe()
     report = json_doc(run.stdout)
     assert report["passed"] is False and report["max_error"] == 1e-9
-    assert "1 of 1 comparisons failed (max |err| / max |expanded| <= 1e-09, float32" in run.stderr
+    assert "1 of 1 comparison failed (max |err| / max |expanded| <= 1e-09, float32" in run.stderr
     assert "over the budget (max |err| / max |expanded| &lt;= 1e-09)" in junit.read_text()
     assert any("--atol / --rtol do not apply" in note for note in report["notes"])
 
