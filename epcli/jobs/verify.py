@@ -97,6 +97,12 @@ def verify_files(
             f"{checkpoint_path}: this is a collapsed checkpoint; pass the expanded checkpoint first and the "
             "collapsed file as the second argument (epcli verify EXPANDED [ARTIFACT])"
         )
+    if not checkpoint.ep_layers:  # the model compared with itself: a pass would say nothing
+        raise CheckpointError(
+            f"{checkpoint_path}: holds no EP layers, so there is nothing to verify"
+            + (f"; does --model {model_factory} build the plain model instead of the EP one?" if model_factory else ""),
+            file=checkpoint_path,
+        )
     has_model = checkpoint.architecture is not None or model_factory is not None
     if plain_model is not None and (artifact_path is None or artifact_path.suffix == ".onnx" or not has_model):
         onnx_artifact = artifact_path is not None and artifact_path.suffix == ".onnx"

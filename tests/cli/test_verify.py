@@ -519,3 +519,21 @@ def test_a_layer_repeated_under_one_parent_is_replaced_everywhere():
     assert type(collapsed[0]) is nn.Linear and collapsed[2] is collapsed[0]
     assert not any(isinstance(m, epcli.EPLinear) for m in collapsed.modules())
     torch.testing.assert_close(collapsed(x.double()).float(), expanded, atol=1e-6, rtol=1e-6)
+
+
+def test_a_model_without_ep_layers_is_refused_not_compared_with_itself(tmp_path, monkeypatch, invoke, json_doc):
+    """A factory of the plain class (a common slip) builds a model with nothing to collapse: comparing it with
+    itself would pass and say nothing, so verify refuses, naming the file and the factory."""
+    import torch
+    from safetensors.torch import save_file
+
+    name = f"epcli_plain_{abs(hash(str(tmp_path))) % 10**8}"
+    (tmp_path / f"{name}.py").write_text("import torch\n\ndef build():\n    return torch.nn.Sequential(torch.nn.Linear(4, 3))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    source = tmp_path / "plain.safetensors"
+    save_file({"0.weight": torch.randn(3, 4), "0.bias": torch.randn(3)}, source)
+    run = invoke("verify", source, "--model", f"{name}:build", "--input-shape", "4", "--json")
+    assert run.returncode == 3, run.describe()
+    error = json_doc(run.stdout)["error"]
+    assert error["type"] == "CheckpointError" and error["file"] == str(source)
+    assert "holds no EP layers" in error["message"] and f"--model {name}:build" in error["message"]
