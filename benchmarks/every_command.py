@@ -12,12 +12,12 @@ dir, then runs each command once in a fresh process forked from a small wrapper 
 
 Each command's peak RSS is printed above the ``import torch`` floor as a multiple of the input, and its wall time
 as a multiple of ``epcli collapse``'s (the commands run in the listed order, once, so on a loaded machine read the
-time ratios as rough). Targets: verify / export / inspect at most 1.0x the input above the floor,
+time ratios as rough). Targets: verify / verify COLLAPSED / export at most 0.5x the input above the floor,
 inspect no slower than collapse, collapse within 1.3x of the bare script (that one is measured in rounds by
 ``large_collapse.py``), save at most 0.5x the model.
 
-Run from the repository root: ``python benchmarks/every_command.py`` (4 GiB: about 15 minutes on 2 cores and
-a peak of about 1.0x the input above the floor for verify; ``--layers 16`` for a 1 GiB rehearsal).
+Run from the repository root: ``python benchmarks/every_command.py`` (4 GiB: about 15 minutes on 2 cores;
+``--layers 16`` for a 1 GiB rehearsal, ``--layers 4`` for 256 MiB).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from _timing import machine_summary
 from inspect_and_save import SAVE
 from large_collapse import BARE, DEPTH, MULTI_LAYERS, MULTI_WIDTH, build, cache_bytecode, run
 
-MEMORY_TARGETS = {"verify": 1.0, "verify COLLAPSED": 1.0, "export --onnx": 1.0}  # x input, above the floor
+MEMORY_TARGETS = {"verify": 0.5, "verify COLLAPSED": 0.5, "export --onnx": 0.5}  # x input, above the floor
 TIME_TARGETS = {"inspect": 1.0}  # x collapse's wall time
 
 
