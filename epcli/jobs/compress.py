@@ -24,8 +24,9 @@ from epcli._version import __version__
 from epcli.artifacts.names import check_compress_names, default_compressed_output
 from epcli.checkpoint.architecture import describe_architecture
 from epcli.checkpoint.inputs import InputSpec
-from epcli.checkpoint.load import load_checkpoint
+from epcli.checkpoint.load import open_checkpoint, read_model
 from epcli.checkpoint.metadata import build_metadata, dump_metadata
+from epcli.convert import collapse_model
 from epcli.errors import UsageError
 from epcli.onnx.export import OnnxSession, build_onnx, check_onnx, serialize_onnx
 from epcli.storage.atomic import StagedFiles
@@ -83,9 +84,11 @@ def compress_file(
     every check is within it, write ``output`` (and ``onnx_path``). ``model_factory``, ``inputs`` and
     ``state_key`` are as in :func:`~epcli.load_checkpoint`."""
     output = check_compress_names(source, output, onnx_path)
-    checkpoint = load_checkpoint(source, model_factory=model_factory, inputs=inputs, state_key=state_key)
-    check_targets((output,) if onnx_path is None else (output, onnx_path), checkpoint.files or (source,), force)
-    if checkpoint.model is None:
+    opened = open_checkpoint(source, model_factory=model_factory, inputs=inputs, state_key=state_key)
+    files, specs = opened.files or (source,), opened.inputs
+    check_targets((output,) if onnx_path is None else (output, onnx_path), files, force)
+    model = read_model(opened)  # the one copy of the data: no state dict beside it
+    if model is None:
         raise UsageError(
             f"{source}: no architecture is embedded, so there is no whole model to compress and measure; "
             "name a factory with --model module:function"
@@ -93,15 +96,18 @@ def compress_file(
     calibration = None
     measured_on = f"{_SETTINGS.samples} seeded standard-normal samples (give --inputs FILE for real data)"
     if samples_path is not None:
-        samples = read_samples(samples_path, checkpoint.inputs)
+        samples = read_samples(samples_path, specs)
         calibration = sample_batches(samples, _SETTINGS.batch_size)
         measured_on = f"the {plural(samples[0].shape[0], 'sample')} of {samples_path.name}"
-    reference = reference_outputs(checkpoint.model, calibration, checkpoint.inputs, _SETTINGS)
-    compressed, result = compress_against(reference, checkpoint.model, max_error=max_error, whiten=bool(calibration))
+    collapsed = collapse_model(model)  # first: the float64 reference run then takes the expanded model over
+    reference = reference_outputs(model, calibration, specs, _SETTINGS, consume=True)
+    del model
+    compressed, result = compress_against(reference, collapsed, max_error=max_error, whiten=bool(calibration))
+    del collapsed
     reason = _refusal(result, source)
     onnx_bytes, onnx_error = None, None
     if reason is None and onnx_path is not None:
-        onnx_bytes, onnx_error = _onnx(compressed, checkpoint.inputs, reference)
+        onnx_bytes, onnx_error = _onnx(compressed, specs, reference)
         if onnx_error > max_error:
             reason = (
                 f"{onnx_path}: onnxruntime's output is off by {onnx_error:.3g} (relative), over --max-error "
@@ -113,10 +119,10 @@ def compress_file(
     if onnx_path is not None:
         make_parent(onnx_path)
     architecture = describe_architecture(compressed)
-    hashes = {path.name: file_sha256(path) for path in checkpoint.files or (source,)}
+    hashes = {path.name: file_sha256(path) for path in files}
     metadata = build_metadata(
         kind="collapsed",
-        inputs=checkpoint.inputs,
+        inputs=specs,
         ep_layers={},  # every EP layer was collapsed, and its plain layer may be factored: none is left
         layer_input_shapes={},
         architecture=architecture,

@@ -132,11 +132,18 @@ def compress_model(
 
 
 def reference_outputs(
-    model: nn.Module, calibration: Calibration | None, inputs: Sequence[InputSpec] | None, settings: VerifySettings
+    model: nn.Module,
+    calibration: Calibration | None,
+    inputs: Sequence[InputSpec] | None,
+    settings: VerifySettings,
+    *,
+    consume: bool = False,
 ) -> ExpandedOutputs:
     """The original model's float64 outputs on the calibration batches, or on seeded batches drawn from ``inputs``
-    as ``settings`` says: what every candidate is measured against (``model`` is not touched)."""
-    return expanded_outputs(copy.deepcopy(model), (), settings, _batches(calibration, inputs, settings))
+    as ``settings`` says: what every candidate is measured against. ``model`` is not touched, unless ``consume``
+    (a caller that drops it afterwards): then it is cast in place instead of copied."""
+    owned = model if consume else copy.deepcopy(model)
+    return expanded_outputs(owned, (), settings, _batches(calibration, inputs, settings))
 
 
 def compress_against(
