@@ -18,7 +18,7 @@ from epcli.checkpoint.architecture import node_name
 from epcli.checkpoint.inputs import InputSpec, describe_inputs
 from epcli.checkpoint.user_code import MODEL_FORWARD, user_code
 from epcli.convert import expanded_eval
-from epcli.errors import CheckpointError, ConfigError
+from epcli.errors import CheckpointError, ConfigError, ModelInputError
 from epcli.layers.registry import find_ep_layers
 from epcli.limits import check_sample_shape
 from epcli.text import quote
@@ -108,7 +108,7 @@ def layer_input_shapes(model: nn.Module, specs: Sequence[InputSpec]) -> dict[str
                     model(*batch)
             except Exception as e:  # the user's forward may fail in any way on a wrong shape
                 shapes = ", ".join(f"{list(t.shape)} {str(t.dtype).removeprefix('torch.')}" for t in batch)
-                raise ConfigError(
+                raise ModelInputError(
                     f"the model's forward fails on a batch of shape {shapes} ({given}): "
                     f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}; pass the shape "
                     "of one sample without the batch dimension (token ids and other non-float inputs: --input "

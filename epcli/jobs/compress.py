@@ -28,7 +28,15 @@ from epcli.checkpoint.load import open_checkpoint, read_model
 from epcli.checkpoint.metadata import build_metadata, dump_metadata
 from epcli.convert import collapse_model
 from epcli.errors import UsageError
-from epcli.onnx.export import OnnxSession, build_onnx, check_onnx, serialize_onnx
+from epcli.onnx.export import (
+    OnnxSession,
+    build_onnx,
+    check_onnx,
+    metadata_strings,
+    parse_onnx,
+    serialize_onnx,
+    set_onnx_metadata,
+)
 from epcli.storage.atomic import StagedFiles
 from epcli.storage.paths import check_targets, file_sha256, make_parent
 from epcli.storage.source import TensorInfo
@@ -131,8 +139,11 @@ def compress_file(
     state = {key: value.detach().cpu().contiguous() for key, value in compressed.state_dict().items()}
     layout = {key: TensorInfo(tuple(value.shape), value.dtype) for key, value in state.items()}
     with StagedFiles(overwrite=force) as staged:
-        if onnx_path is not None and onnx_bytes is not None:
-            data = onnx_bytes
+        if onnx_path is not None and onnx_bytes is not None:  # the same record as the checkpoint: verify reads it
+            proto = parse_onnx(onnx_bytes)
+            set_onnx_metadata(proto, metadata_strings(_provenance(source, hashes, result, measured_on, onnx_error)))
+            data = serialize_onnx(proto)
+            del proto
             staged.write(onnx_path, lambda handle: handle.write(data))
         with CheckpointWriter(output, layout, overwrite=force) as writer:
             for key, value in state.items():

@@ -17,7 +17,6 @@ records (metadata does not change what runs).
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -42,6 +41,7 @@ from epcli.onnx.export import (
     check_onnx,
     external_data_path,
     initializer_nbytes,
+    metadata_strings,
     parse_onnx,
     save_external,
     serialize_onnx,
@@ -284,7 +284,4 @@ def _metadata(opened: CheckpointFile, sources: Sequence[Path], report: VerifyRep
         "rtol": report.tolerance.rtol,
         "model_check_skipped": report.model_check_skipped,
     }
-    return {
-        key: value if isinstance(value, str) else json.dumps(value, sort_keys=True, allow_nan=False)
-        for key, value in record.items()
-    }
+    return metadata_strings(record)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+import json
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from torch import Tensor, nn
 from epcli.checkpoint.factory import ModelFactory, factory_name
 from epcli.checkpoint.inputs import InputSpec, describe_inputs, tensor_leaves
 from epcli.checkpoint.load import open_checkpoint, read_model
-from epcli.checkpoint.metadata import compression_record
+from epcli.checkpoint.metadata import CompressionRecord, compression_record
 from epcli.checkpoint.opened import CheckpointFile
 from epcli.checkpoint.user_code import run_forward
 from epcli.convert import (
@@ -26,13 +27,15 @@ from epcli.layers.summary import natural_order
 from epcli.onnx.export import OnnxSession
 from epcli.progress import ProgressCallback
 from epcli.storage.paths import file_sha256
-from epcli.text import plural
+from epcli.text import plural, quote
 from epcli.verification.compare import SUPPORTED_DTYPES, VerifyReport, VerifySettings
 from epcli.verification.deployment import deploy_changes, deploy_notes, deployed_model
 from epcli.verification.layered import verify_embedded
 from epcli.verification.model_check import (
     IN_MEMORY,
     NO_ARCHITECTURE,
+    ONNX_LABEL,
+    ExpandedOutputs,
     check_subject,
     expanded_outputs,
     opened_subject,
@@ -159,6 +162,15 @@ def verify_files(
 
         first = session()
         stale, stale_note = _stale_artifact(checkpoint, artifact_path, first.metadata)  # epcli's own export
+        record = _onnx_compression(first.metadata, artifact_path)
+        if record is not None:  # from epcli compress --onnx: only the whole model, judged by its budget
+            settings = _onnx_settings(first, model, checkpoint, artifact_path, settings)
+            del first
+            expected = expanded_outputs(model, checkpoint.inputs, settings, batches)
+            del model
+            report = _by_budget(expected, session(), artifact_path, record.max_error, settings)
+            notes.extend([stale_note] if stale_note else [])
+            return VerifyResult(checkpoint_path, artifact_path, replace(report, notes=(*report.notes, *notes)), stale)
         try:
             settings = _onnx_settings(first, model, checkpoint, artifact_path, settings)
             del first  # opened again after the layers: its weights are not held beside the expanded model
@@ -247,14 +259,33 @@ def _compressed_report(
             f"{artifact.path}: a compressed file without an embedded architecture is rebuilt from the model's "
             "factory; name it with --model module:function"
         )
-    compressed = compressed.to(device=settings.torch_device).eval()
-    comparisons = expected.compare(compressed, artifact.path.name, settings)
-    judged = tuple(replace(c, passed=c.max_rel_error <= budget) for c in comparisons)
-    notes = [f"{artifact.path.name} is compressed (low-rank layers): only the whole model is compared, against the "
+    return _by_budget(expected, compressed.to(device=settings.torch_device).eval(), artifact.path, budget, settings)
+
+
+def _by_budget(
+    expected: ExpandedOutputs, candidate: Callable[..., object], artifact: Path, budget: float, settings: VerifySettings
+) -> VerifyReport:
+    """The whole expanded model against a compressed artifact (a model, or its ONNX session), judged by the
+    budget it was compressed to."""
+    label = ONNX_LABEL if artifact.suffix == ".onnx" else artifact.name
+    judged = tuple(replace(c, passed=c.max_rel_error <= budget) for c in expected.compare(candidate, label, settings))
+    notes = [f"{artifact.name} is compressed (low-rank layers): only the whole model is compared, against the "
              "budget it was compressed to"]
     if settings.atol is not None or settings.rtol is not None:
         notes.append("--atol / --rtol do not apply to a compressed artifact, which passes by its budget")
     return VerifyReport(settings, settings.tolerance, judged, notes=tuple(notes), max_error=budget)
+
+
+def _onnx_compression(metadata: Mapping[str, str], artifact: Path) -> CompressionRecord | None:
+    """The compression an ONNX file from ``epcli compress --onnx`` records (None: any other ONNX file)."""
+    raw = metadata.get("compression")
+    if raw is None:
+        return None
+    try:
+        record = compression_record({"compression": json.loads(raw)})
+    except (ValueError, CheckpointError) as e:
+        raise CheckpointError(f"{artifact}: its compression metadata is unusable: {e}", file=artifact) from e
+    return record
 
 
 class _ArtifactState(Mapping[str, Tensor]):
@@ -287,11 +318,13 @@ def _stale_artifact(checkpoint: CheckpointFile, artifact_path: Path, provenance:
         return False, None
     name = provenance.get("source_name")
     made_from = (
-        f"{name!r} (sha256 {recorded[:16]}...)" if isinstance(name, str) else f"a file with sha256 {recorded[:16]}..."
+        f"{quote(name)} (sha256 {quote(recorded[:16])}...)" if isinstance(name, str)
+        else f"a file with sha256 {quote(recorded[:16])}..."
     )
+    again = "compress" if "compression" in provenance else "collapse" if artifact_path.suffix != ".onnx" else "export"
     return True, (
-        f"{artifact_path} is stale: it was collapsed from {made_from}, not from {checkpoint_path} "
-        f"(sha256 {actual[:16]}...); collapse this checkpoint again"
+        f"{artifact_path} is stale: it was made from {made_from}, not from {checkpoint_path} "
+        f"(sha256 {actual[:16]}...); {again} this checkpoint again"
     )
 
 

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from epcli.checkpoint.inputs import InputSpec, Leaves, describe_inputs, tensor_leaves
 from epcli.checkpoint.user_code import MODEL_FORWARD, run_forward, user_code
 from epcli.errors import CheckpointError, ExportError, UsageError
-from epcli.limits import MAX_ONNX_RUN_BYTES, MAX_TIMEOUT, MIN_OPSET, is_int
+from epcli.limits import MAX_METADATA_CHARS, MAX_ONNX_RUN_BYTES, MAX_TIMEOUT, MIN_OPSET, is_int
 from epcli.onnx import runner
 from epcli.onnx.graph import INPUT_NAME, OUTPUT_NAME, emit_onnx
 from epcli.text import clip, plural, quote
@@ -230,6 +230,14 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def metadata_strings(record: Mapping[str, object]) -> dict[str, str]:
+    """A provenance record as ONNX ``metadata_props``: strings as they are, other values as JSON."""
+    return {
+        key: value if isinstance(value, str) else json.dumps(value, sort_keys=True, allow_nan=False)
+        for key, value in record.items()
+    }
+
+
 def set_onnx_metadata(proto: onnx.ModelProto, values: Mapping[str, str]) -> None:
     """Set ``metadata_props`` (string to string, in key order so the bytes are deterministic)."""
     kept = [entry for entry in proto.metadata_props if entry.key not in values]
@@ -341,8 +349,9 @@ class OnnxSession:
     :data:`~epcli.limits.MAX_ONNX_RUN_BYTES` plus twice the model's bytes, and loading it
     and every run are bounded by ``timeout`` seconds (the child is killed). Every failure,
     the bound hit included, is a :class:`CheckpointError` naming the file; what the file
-    says comes back cut short (metadata keys and values by :func:`~epcli.text.clip`, names
-    in onnxruntime's errors by :func:`~epcli.text.quote`), as messages echo it.
+    says comes back cut short (metadata keys by :func:`~epcli.text.clip` and values to
+    :data:`~epcli.limits.MAX_METADATA_CHARS`, which a message echoing one must quote; names in
+    onnxruntime's errors by :func:`~epcli.text.quote`).
     """
 
     def __init__(self, model: bytes | Path, *, timeout: float | None = None, expected_inputs: int = 1) -> None:
@@ -373,7 +382,9 @@ class OnnxSession:
             raise CheckpointError(f"{where}: expected a model with {plural(expected_inputs, 'input')}, found {len(inputs)}")
         if not outputs:
             raise CheckpointError(f"{where}: the model has no outputs")
-        self.metadata: dict[str, str] = {clip(key): clip(value) for key, value in description["metadata"].items()}
+        self.metadata: dict[str, str] = {  # whole values: a compression record is read from them
+            clip(key): clip(value, MAX_METADATA_CHARS) for key, value in description["metadata"].items()
+        }
         self.input_names = [clip(name) for name, _, _ in inputs]  # for messages: the child feeds its own
         self.numpy_dtypes = [_NUMPY_TYPES.get(kind) for _, kind, _ in inputs]
         unsupported = [kind for (_, kind, _), dtype in zip(inputs, self.numpy_dtypes, strict=True) if dtype is None]

@@ -12,7 +12,16 @@ import torch
 from safetensors import safe_open
 from torch import Tensor, nn
 
-from epcli import CheckpointError, ConfigError, EpcliError, EPLinear, InputSpec, load_checkpoint, save_checkpoint
+from epcli import (
+    CheckpointError,
+    ConfigError,
+    EpcliError,
+    EPLinear,
+    InputSpec,
+    ModelInputError,
+    load_checkpoint,
+    save_checkpoint,
+)
 from epcli.checkpoint.inputs import describe_inputs, parse_input, random_inputs, tensor_leaves
 from epcli.convert import collapse_state_dict
 from epcli.verification.compare import VerifySettings, random_batches
@@ -175,7 +184,7 @@ def test_a_per_sample_scalar_input_round_trips_and_a_plain_file_cannot_claim_one
 
 
 def test_integer_inputs_are_required_for_an_embedding(two_heads: nn.Module, tmp_path: Path):
-    with pytest.raises(ConfigError, match=r"inputs=\[InputSpec"):
+    with pytest.raises(ModelInputError, match=r"inputs=\[InputSpec"):  # the model rejects float inputs
         save_checkpoint(two_heads, tmp_path / "x.safetensors", input_shape=(5,))
     with pytest.raises(ConfigError, match="exactly one of input_shape"):
         save_checkpoint(two_heads, tmp_path / "x.safetensors", input_shape=(5,), inputs=SPECS)

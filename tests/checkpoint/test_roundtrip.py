@@ -14,7 +14,15 @@ import torch
 from torch import nn
 
 import epcli
-from epcli import CheckpointError, ConfigError, EPConv2dConfig, EPLinearConfig, OutputError, ShapeMismatchError
+from epcli import (
+    CheckpointError,
+    ConfigError,
+    EPConv2dConfig,
+    EPLinearConfig,
+    ModelInputError,
+    OutputError,
+    ShapeMismatchError,
+)
 from epcli.checkpoint.architecture import describe_architecture
 from epcli.storage.atomic import atomic_write
 
@@ -210,7 +218,7 @@ def test_bad_input_shape_is_refused_before_writing(tmp_path: Path, make_model, s
 
 def test_a_forward_that_fails_on_the_input_shape_names_the_shape(tmp_path: Path, make_model):
     model, _ = make_model("mlp")
-    with pytest.raises(ConfigError, match=r"batch of shape \[2, 5\].*input_shape=\[5\]"):
+    with pytest.raises(ModelInputError, match=r"batch of shape \[2, 5\].*input_shape=\[5\]"):
         epcli.save_checkpoint(model, tmp_path / "m.pt", input_shape=(5,))
     assert not list(tmp_path.iterdir())
 

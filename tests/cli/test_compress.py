@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -69,6 +70,21 @@ def test_subprocess_compress_mlp_with_onnx(samples, run_epcli, json_doc):
     (from_onnx,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     np.testing.assert_allclose(from_onnx, got.numpy(), atol=1e-4, rtol=1e-4)
     assert _accuracy(compressed.model, (64,)) >= _accuracy(original.model, (64,)) - 0.02
+
+    # the ONNX carries the checkpoint's record, so verify judges it by its budget, on the samples it was made on
+    props = {entry.key: entry.value for entry in onnx.load(str(onnx_out)).metadata_props}
+    assert json.loads(props["compression"]) == recorded and props["source_sha256"] == recorded_source(compressed)
+    run = run_epcli("verify", samples.mlp, onnx_out, "--inputs", inputs, "--json")
+    assert run.returncode == 0, run.describe()
+    report = json_doc(run.stdout)
+    assert report["max_error"] == 0.1 and report["artifact_stale"] is False
+    assert [c["name"] for c in report["comparisons"]] == ["<model>"]
+    assert report["comparisons"][0]["max_rel_error"] == pytest.approx(document["onnx_max_rel_error"], rel=1e-3)
+
+
+def recorded_source(checkpoint: epcli.Checkpoint) -> str:
+    source: str = checkpoint.metadata["provenance"]["source_sha256"]
+    return source
 
 
 def test_cnn_within_budget_keeps_its_accuracy(samples, invoke, json_doc):
