@@ -13,21 +13,23 @@ import os
 import zlib
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
-import torch
-from torch import Tensor, nn
 
-RandomiseBatchNorm = Callable[[nn.Module], None]
-AssertScaledClose = Callable[[Tensor, Tensor], None]
+if TYPE_CHECKING:  # torch is imported where it is used: the pytest-xdist controller loads this file, runs no test,
+    # and starts its workers only once it has (an `import torch` here delayed every run by ~1.5 s)
+    from torch import Tensor, nn
 
-TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
-    torch.float64: (1e-10, 1e-10),
-    torch.float32: (1e-5, 1e-5),
+RandomiseBatchNorm = Callable[["nn.Module"], None]
+AssertScaledClose = Callable[["Tensor", "Tensor"], None]
+
+TOLERANCES: dict[str, tuple[float, float]] = {
+    "torch.float64": (1e-10, 1e-10),
+    "torch.float32": (1e-5, 1e-5),
 }
-"""dtype under test -> (rtol, atol relative to the largest |expected|) for "collapsed equals expanded".
+"""dtype under test (``str(dtype)``) -> (rtol, atol relative to the largest |expected|) for "collapsed equals expanded".
 
 The collapse is exact up to rounding, and rounding error is relative to the size of the
 values involved, so the absolute tolerance follows the output's magnitude.
@@ -40,6 +42,8 @@ def seed_torch(request: pytest.FixtureRequest) -> None:
 
     Not autouse: directories opt in from their own conftest, leaving other tests' RNG alone.
     """
+    import torch
+
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
 
 
@@ -49,6 +53,9 @@ def _randomise_batch_norm(module: nn.Module) -> None:
     Fresh batch-norms are the identity in eval mode (mean 0, var 1, gamma 1, beta 0),
     which would hide any mistake in how the collapse folds them.
     """
+    import torch
+    from torch import nn
+
     with torch.no_grad():
         for norm in module.modules():
             if isinstance(norm, nn.modules.batchnorm._BatchNorm):
@@ -69,7 +76,9 @@ def _assert_scaled_close(actual: Tensor, expected: Tensor) -> None:
     A float32 result may be checked against a float64 reference: that isolates its own
     rounding from the reference's.
     """
-    rtol, atol_scale = TOLERANCES[actual.dtype]
+    import torch
+
+    rtol, atol_scale = TOLERANCES[str(actual.dtype)]
     scale = expected.detach().abs().max().item() if expected.numel() else 0.0
     torch.testing.assert_close(actual.to(expected.dtype), expected, rtol=rtol, atol=atol_scale * scale)
 
@@ -88,6 +97,8 @@ def pytest_configure(config: pytest.Config) -> None:
     """Under pytest-xdist each worker computes on one thread: two workers already fill two cores, and more
     threads than cores made torch's spin-waiting threads slow everything down."""
     if hasattr(config, "workerinput"):
+        import torch
+
         torch.set_num_threads(1)
 
 
@@ -101,8 +112,25 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+TESTS = os.path.dirname(os.path.abspath(__file__))
+RUN_FIRST = ("cli", "zoo")
+"""Directories of ``tests/`` whose files start real ``epcli`` processes or build real models: they run first.
+
+Under pytest-xdist the suite is shared out a file at a time (``--dist loadfile`` in ``pyproject.toml``: a module's
+fixtures, such as a batch of subprocess runs, are made once, on one worker), each worker taking the next file when
+it is done. With the files that take tens of seconds handed out first, the quick unit-test files fill the end and
+both workers finish together; in collection order one worker ended up with every CLI file in a row."""
+
+
+def _runs_first(item: pytest.Item) -> bool:
+    return os.path.relpath(item.path, TESTS).split(os.sep)[0] in RUN_FIRST
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """``@pytest.mark.slow`` tests are skipped unless ``--exhaustive``: they would take a large share of the run."""
+    """``@pytest.mark.slow`` tests are skipped unless ``--exhaustive``: they would take a large share of the run.
+
+    The files of :data:`RUN_FIRST` are moved to the front (a stable sort: otherwise collection order)."""
+    items.sort(key=lambda item: not _runs_first(item))
     if config.getoption("exhaustive"):
         return
     skip = pytest.mark.skip(reason="slow: runs with --exhaustive (EPCLI_EXHAUSTIVE=1), as the scheduled CI job does")

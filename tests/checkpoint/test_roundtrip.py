@@ -242,37 +242,44 @@ _CHILD = textwrap.dedent(
     import importlib.util, json, sys
     import epcli, torch
 
-    checkpoint_path, input_path, output_path, test_dir = sys.argv[1:]
-    checkpoint = epcli.load_checkpoint(checkpoint_path)
+    test_dir, input_path, *pairs = sys.argv[1:]  # then (checkpoint, output) pairs
     x = torch.load(input_path, weights_only=True)
-    with torch.no_grad():
-        torch.save(checkpoint.model(x), output_path)
+    types = []
+    for checkpoint_path, output_path in zip(pairs[::2], pairs[1::2]):
+        checkpoint = epcli.load_checkpoint(checkpoint_path)
+        with torch.no_grad():
+            torch.save(checkpoint.model(x), output_path)
+        types.append(type(checkpoint.model).__name__)
     importable = [name for name in ("conftest", "test_roundtrip", "tests") if importlib.util.find_spec(name)]
     from_tests = sorted(
         name for name, module in list(sys.modules.items())
         if (getattr(module, "__file__", None) or "").startswith(test_dir)
     )
-    print(json.dumps({"importable": importable, "from_tests": from_tests, "type": type(checkpoint.model).__name__}))
+    print(json.dumps({"importable": importable, "from_tests": from_tests, "types": types}))
     """
 )
 
 
-@pytest.mark.parametrize("suffix", FORMATS)
-def test_fresh_process_that_imports_only_epcli_rebuilds_the_model(tmp_path: Path, make_model, suffix: str):
+def test_fresh_process_that_imports_only_epcli_rebuilds_the_model(tmp_path: Path, make_model):
+    """One child process (it pays for ``import torch`` once) rebuilds the model from each format in turn."""
     model, shape = make_model("cnn", torch.float64)
-    path = epcli.save_checkpoint(model, tmp_path / f"m{suffix}", input_shape=shape)
+    paths = [epcli.save_checkpoint(model, tmp_path / f"m{suffix}", input_shape=shape) for suffix in FORMATS]
+    outputs = [tmp_path / f"y{suffix}.pt" for suffix in FORMATS]
     x = torch.randn(5, *shape, dtype=torch.float64)
     torch.save(x, tmp_path / "x.pt")
     test_dir = str(Path(__file__).resolve().parent.parent)
 
     # -I: no PYTHONPATH, no user site, no script directory; cwd is tmp_path, so the test tree is out of reach
+    pairs = [str(p) for pair in zip(paths, outputs) for p in pair]
     result = subprocess.run(
-        [sys.executable, "-I", "-c", _CHILD, str(path), str(tmp_path / "x.pt"), str(tmp_path / "y.pt"), test_dir],
+        [sys.executable, "-I", "-c", _CHILD, test_dir, str(tmp_path / "x.pt"), *pairs],
         cwd=tmp_path, capture_output=True, text=True, timeout=120,
     )
 
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert report == {"importable": [], "from_tests": [], "type": "Sequential"}
+    assert report == {"importable": [], "from_tests": [], "types": ["Sequential"] * len(FORMATS)}
     with torch.no_grad():
-        torch.testing.assert_close(torch.load(tmp_path / "y.pt", weights_only=True), model(x), rtol=0, atol=0)
+        expected = model(x)
+    for output in outputs:
+        torch.testing.assert_close(torch.load(output, weights_only=True), expected, rtol=0, atol=0, msg=str(output))

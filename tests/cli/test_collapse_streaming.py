@@ -18,6 +18,7 @@ import os
 import shutil
 import struct
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -593,26 +594,37 @@ def test_model_check_false_in_process(mixed, tmp_path):
     assert result.model_max_abs_error is None and "--no-model-check" in result.model_check_skipped
 
 
-# ---- determinism -----------------------------------------------------------------------------
-def test_outputs_are_byte_identical_across_runs(mixed, tmp_path, run_epcli_many, invoke):
-    """Same source bytes and name, other directory, other process: the same files, shard by shard."""
-    dirs = [tmp_path / "a", tmp_path / "b"]
-    for directory in dirs:
+# ---- one real process, two tests ---------------------------------------------------------------
+REAL_PROCESS_ARGS = ("--max-shard-size", "1", "--no-model-check")  # one tensor per shard
+
+
+@pytest.fixture(scope="module")
+def real_process(tmp_path_factory: pytest.TempPathFactory, run_epcli) -> SimpleNamespace:
+    """``epcli collapse a/model.safetensors -o a/shards.safetensors --max-shard-size 1 --no-model-check`` of the mixed
+    model, run once: its human output and its files are checked by the two tests below. ``b`` holds a copy of the
+    same source for in-process runs."""
+    root = tmp_path_factory.mktemp("real_process")
+    a, b = root / "a", root / "b"
+    for directory in (a, b):
         directory.mkdir()
-        shutil.copyfile(mixed, directory / "model.safetensors")
-    a, b = dirs
+    source = _save("mixed", a / "model.safetensors")
+    shutil.copyfile(source, b / "model.safetensors")
+    run = run_epcli("collapse", source, "-o", a / "shards.safetensors", *REAL_PROCESS_ARGS)
+    return SimpleNamespace(a=a, b=b, source=source, run=run)
+
+
+# ---- determinism -----------------------------------------------------------------------------
+def test_outputs_are_byte_identical_across_runs(real_process, invoke):
+    """Same source bytes and name, other directory, other process: the same files, shard by shard."""
+    a, b = real_process.a, real_process.b
 
     # one other process (the sharded output: its shards, index and the spool code of the single file);
     # the single file from two in-process runs
-    runs = run_epcli_many(
-        [["collapse", a / "model.safetensors", "-o", a / "shards.safetensors", "--max-shard-size", str(SHARD_LIMIT)]]
-    )
-    runs += [
+    runs = [
+        real_process.run,
         invoke("collapse", a / "model.safetensors", "-o", a / "single.safetensors"),
         invoke("collapse", b / "model.safetensors", "-o", b / "single.safetensors"),
-        invoke(
-            "collapse", b / "model.safetensors", "-o", b / "shards.safetensors", "--max-shard-size", str(SHARD_LIMIT)
-        ),
+        invoke("collapse", b / "model.safetensors", "-o", b / "shards.safetensors", *REAL_PROCESS_ARGS),
     ]
 
     assert all(r.returncode == 0 for r in runs), [r.describe() for r in runs]
@@ -747,15 +759,13 @@ def test_unwritable_output_directory_fails_cleanly(mixed, tmp_path, invoke, flat
 
 
 # ---- human output ----------------------------------------------------------------------------
-def test_human_output_in_a_real_process(mixed, tmp_path, run_epcli, flat):
-    output = tmp_path / "out.safetensors"
-
-    run = run_epcli("collapse", mixed, "-o", output, "--max-shard-size", "1", "--no-model-check")
+def test_human_output_in_a_real_process(real_process, flat):
+    run = real_process.run
 
     assert run.returncode == 0, run.describe()
     assert run.stderr == "", "the report is stdout's"
     text = flat(run.stdout)
     assert "not checked" in text and "--no-model-check" in text, run.stdout
-    shards = len(_reference(mixed))  # one tensor per shard
+    shards = len(_reference(real_process.source))  # one tensor per shard
     assert f"and {shards} shards" in text, run.stdout
     assert "Traceback" not in run.stdout and "\x1b" not in run.stdout

@@ -5,12 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def test_factory_module_is_found_in_the_working_directory(custom_model, run_epcli):
+def test_factory_module_is_found_in_the_working_directory(custom_model, run_epcli, json_doc):
+    """Also the installed script's verify of a custom model with a factory (a factory found on PYTHONPATH by a real
+    process: tests/cli/test_foreign.py and tests/cli/test_user_code.py)."""
     run = run_epcli(
-        "verify", custom_model.path, "--model", custom_model.factory, "--samples", "8", cwd=custom_model.dir
+        "verify", custom_model.path, "--model", custom_model.factory, "--samples", "8", "--json", cwd=custom_model.dir
     )
     assert run.returncode == 0, run
-    assert "<model>" in run.stdout + run.stderr  # the whole model was built by the factory and compared
+    document = json_doc(run.stdout)  # the whole model was built by the factory and compared
+    assert [(c["name"], c["scope"]) for c in document["comparisons"]] == [("body", "layer"), ("<model>", "model")]
 
 
 def test_elsewhere_the_error_names_the_working_directory(custom_model, run_epcli, flat, tmp_path: Path):

@@ -1,14 +1,15 @@
 """Every command opens its checkpoint (and its artifact) once and hands the opened file down.
 
 For a checkpoint epcli did not write, opening calls the user's ``--model`` factory (and runs its forward to
-learn each EP layer's input shape); the factory here appends a line to a counter file each time it is called,
-through the real ``epcli`` subprocess. For epcli's own files, the in-process runs count how often a file's
-bytes are opened (:func:`epcli.storage.source.open_source`).
+learn each EP layer's input shape); the factory here appends a line to a counter file each time it is called.
+For epcli's own files, the runs count how often a file's bytes are opened
+(:func:`epcli.storage.source.open_source`). Every run is in-process: what is counted is the command's work, not
+the process around it (exit codes and streams of real processes are tests/cli/test_cli_behaviour.py's).
 """
 
 from __future__ import annotations
 
-import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -61,18 +62,24 @@ def _builds(counter: Path) -> int:
     return len(counter.read_text().splitlines()) if counter.exists() else 0
 
 
-def test_each_command_calls_the_factory_once(foreign: SimpleNamespace, run_epcli_many: Callable[..., list[Any]]):
+def test_each_command_calls_the_factory_once(
+    foreign: SimpleNamespace, invoke: Callable[..., Any], monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+):
     """One build per command: opening needs the model once (its EP configs, and its forward for each layer's input
     shape), and that same model, filled with the file's tensors, is the one checked, exported or verified.
 
     ``export --onnx --safetensors`` needs two: the ONNX export collapses its model in place, and the safetensors
-    output's whole-model check then needs the expanded model again (rather than two copies held at once)."""
+    output's whole-model check then needs the expanded model again (rather than two copies held at once).
+
+    In-process: the factory module is imported once and stays in ``sys.modules``, but every command calls
+    ``build`` itself, so each counter file still sees exactly that command's builds."""
     root = foreign.root
     source = ("--model", foreign.factory, "--input-shape", "6")
-    pythonpath = os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))
+    monkeypatch.syspath_prepend(str(root))
+    request.addfinalizer(lambda: sys.modules.pop(foreign.factory.split(":")[0], None))
 
     def env(label: str) -> dict[str, str | None]:
-        return {"EPCLI_TEST_BUILDS": str(root / f"{label}.count"), "PYTHONPATH": pythonpath}
+        return {"EPCLI_TEST_BUILDS": str(root / f"{label}.count")}
 
     first = {"collapse": ["collapse", root / "plain.pt", "-o", root / "collapsed.safetensors", *source]}
     after = {  # verify with an artifact needs the collapsed file
@@ -87,8 +94,8 @@ def test_each_command_calls_the_factory_once(foreign: SimpleNamespace, run_epcli
         ],
     }
     for commands in (first, after):
-        runs = run_epcli_many(list(commands.values()), envs=[env(label) for label in commands], workers=2)
-        for run in runs:
+        for label, argv in commands.items():
+            run = invoke(*argv, env=env(label))
             assert run.returncode == 0, run.describe()
     counts = {label: _builds(root / f"{label}.count") for label in (*first, *after)}
     assert counts == {**dict.fromkeys(counts, 1), "export-both": 2}

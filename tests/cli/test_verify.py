@@ -79,21 +79,6 @@ def test_subprocess_tampered_artifact_exits_1_and_names_the_layer(
     assert document["artifact"] == str(tampered)
 
 
-def test_subprocess_custom_model_with_factory(custom_model, run_epcli, json_doc):
-    run = run_epcli(
-        "verify",
-        custom_model.path,
-        "--model",
-        custom_model.factory,
-        "--json",
-        env={"PYTHONPATH": custom_model.pythonpath},
-    )
-
-    assert run.returncode == 0, run.describe()
-    document = json_doc(run.stdout)
-    assert [(c["name"], c["scope"]) for c in document["comparisons"]] == [("body", "layer"), ("<model>", "model")]
-
-
 # ---- in memory -------------------------------------------------------------------------------
 @pytest.mark.parametrize("stem", ["digits_mlp", "digits_cnn"])
 def test_in_memory_json_report(stem, artifacts, invoke, json_doc, golden, schema_of):
