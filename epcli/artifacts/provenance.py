@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from pathlib import Path
 
 from epcli._version import __version__
 from epcli.verification.compare import VerifySettings
 
-__all__ = ["provenance"]
+__all__ = ["metadata_strings", "provenance"]
 
 
 def provenance(
@@ -34,3 +35,11 @@ def provenance(
     if len(hashes) > 1:
         record["source_files_sha256"] = dict(hashes)
     return record
+
+
+def metadata_strings(record: Mapping[str, object]) -> dict[str, str]:
+    """A provenance record as ONNX ``metadata_props``: strings as they are, other values as JSON."""
+    return {
+        key: value if isinstance(value, str) else json.dumps(value, sort_keys=True, allow_nan=False)
+        for key, value in record.items()
+    }

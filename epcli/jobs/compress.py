@@ -22,6 +22,7 @@ from torch import nn
 
 from epcli._version import __version__
 from epcli.artifacts.names import check_compress_names, default_compressed_output
+from epcli.artifacts.provenance import metadata_strings
 from epcli.checkpoint.architecture import describe_architecture
 from epcli.checkpoint.inputs import InputSpec
 from epcli.checkpoint.load import open_checkpoint, read_model
@@ -32,7 +33,6 @@ from epcli.onnx.export import (
     OnnxSession,
     build_onnx,
     check_onnx,
-    metadata_strings,
     parse_onnx,
     serialize_onnx,
     set_onnx_metadata,

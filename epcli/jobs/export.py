@@ -26,7 +26,7 @@ import torch
 
 from epcli.artifacts.collapsed import CollapseResult, OutputPlan, plan_output, write_collapsed
 from epcli.artifacts.names import check_export_names
-from epcli.artifacts.provenance import provenance
+from epcli.artifacts.provenance import metadata_strings, provenance
 from epcli.checkpoint.inputs import InputSpec
 from epcli.checkpoint.load import open_checkpoint, read_model, read_skeleton
 from epcli.checkpoint.opened import CheckpointFile
@@ -41,7 +41,6 @@ from epcli.onnx.export import (
     check_onnx,
     external_data_path,
     initializer_nbytes,
-    metadata_strings,
     parse_onnx,
     save_external,
     serialize_onnx,

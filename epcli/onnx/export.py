@@ -230,14 +230,6 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def metadata_strings(record: Mapping[str, object]) -> dict[str, str]:
-    """A provenance record as ONNX ``metadata_props``: strings as they are, other values as JSON."""
-    return {
-        key: value if isinstance(value, str) else json.dumps(value, sort_keys=True, allow_nan=False)
-        for key, value in record.items()
-    }
-
-
 def set_onnx_metadata(proto: onnx.ModelProto, values: Mapping[str, str]) -> None:
     """Set ``metadata_props`` (string to string, in key order so the bytes are deterministic)."""
     kept = [entry for entry in proto.metadata_props if entry.key not in values]
