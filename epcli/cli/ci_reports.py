@@ -115,7 +115,7 @@ def step_summary(command: str, tables: Sequence[CaseTable], verdict: str, warnin
             result = "failed" if case.failure is not None else "skipped" if case.skipped is not None else "passed"
             lines.append("| " + " | ".join(_cell(text) for text in (case.name, *case.cells, result)) + " |")
         lines.append("")
-    lines += [verdict, ""]
+    lines += [_cell(verdict), ""]  # a failure names <model>
     lines += [f"- warning: {_cell(text)}" for text in warnings]
     return "\n".join(lines).rstrip("\n") + "\n\n"
 

@@ -274,7 +274,7 @@ def test_github_actions_annotations_and_step_summary(samples, tmp_path, invoke):
     text = summary.read_text()
     assert text.startswith("earlier step\n") and text.count("### epcli verify") == 2
     assert "| compared | candidate | max \\|err\\|" in text and "**failed** (exit code 1)" in text
-    assert "| &lt;model&gt; |" in text and "| <model> |" not in text  # a bare <model> reads as an HTML tag
+    assert "| &lt;model&gt; |" in text and "<model>" not in text  # a bare <model> reads as an HTML tag, footer too
     assert "**failed** (exit code 3)" in text
 
 
