@@ -38,7 +38,7 @@ from epcli.limits import (
     loads_json,
 )
 from epcli.storage.raw import FOREIGN_HINT, SAVE_HINT, RawCheckpoint, missing_metadata
-from epcli.text import quote
+from epcli.text import clip, quote
 
 __all__ = [
     "FORMAT_NAME",
@@ -96,6 +96,8 @@ class CompressionRecord:
 
     max_error: float
     ranks: dict[str, int]
+    samples_file: str | None = None
+    """The name of the ``--inputs`` file the budget was measured on (None: seeded random inputs)."""
 
 
 # ---- writing ---------------------------------------------------------------------------------
@@ -243,7 +245,10 @@ def compression_record(provenance: Mapping[str, Any]) -> CompressionRecord | Non
             )
         if rank is not None:
             ranks[path] = int(rank)
-    return CompressionRecord(float(budget), ranks)
+    samples_file = compression.get("samples_file")
+    if samples_file is not None and not isinstance(samples_file, str):
+        raise CheckpointError(f"{where}.samples_file must be a file name or null, got {quote(samples_file)}; {_RECOMPRESS}")
+    return CompressionRecord(float(budget), ranks, None if samples_file is None else clip(samples_file))
 
 
 def _inputs(value: Any, input_shape: tuple[int, ...]) -> tuple[InputSpec, ...]:

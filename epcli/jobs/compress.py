@@ -128,20 +128,22 @@ def compress_file(
         make_parent(onnx_path)
     architecture = describe_architecture(compressed)
     hashes = {path.name: file_sha256(path) for path in files}
+    samples_file = None if samples_path is None else samples_path.name
+    record = _provenance(source, hashes, result, measured_on, samples_file, onnx_error)  # the file's and the ONNX's
     metadata = build_metadata(
         kind="collapsed",
         inputs=specs,
         ep_layers={},  # every EP layer was collapsed, and its plain layer may be factored: none is left
         layer_input_shapes={},
         architecture=architecture,
-        provenance=_provenance(source, hashes, result, measured_on, onnx_error),
+        provenance=record,
     )
     state = {key: value.detach().cpu().contiguous() for key, value in compressed.state_dict().items()}
     layout = {key: TensorInfo(tuple(value.shape), value.dtype) for key, value in state.items()}
     with StagedFiles(overwrite=force) as staged:
         if onnx_path is not None and onnx_bytes is not None:  # the same record as the checkpoint: verify reads it
             proto = parse_onnx(onnx_bytes)
-            set_onnx_metadata(proto, metadata_strings(_provenance(source, hashes, result, measured_on, onnx_error)))
+            set_onnx_metadata(proto, metadata_strings(record))
             data = serialize_onnx(proto)
             del proto
             staged.write(onnx_path, lambda handle: handle.write(data))
@@ -180,6 +182,7 @@ def _provenance(
     hashes: dict[str, str],
     result: CompressionResult,
     measured_on: str,
+    samples_file: str | None,
     onnx_error: float | None,
 ) -> dict[str, object]:
     """What a compressed file records of its making: the source by sha256, the budget and how it was measured,
@@ -193,6 +196,7 @@ def _provenance(
             "max_error": result.max_error,
             "error_metric": ERROR_METRIC,
             "measured_on": measured_on,
+            "samples_file": samples_file,
             "samples": result.samples,
             "threshold": result.threshold,
             "layers": {

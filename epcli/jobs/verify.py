@@ -168,7 +168,7 @@ def verify_files(
             del first
             expected = expanded_outputs(model, checkpoint.inputs, settings, batches)
             del model
-            report = _by_budget(expected, session(), artifact_path, record.max_error, settings)
+            report = _by_budget(expected, session(), artifact_path, record, settings, batches is not None)
             notes.extend([stale_note] if stale_note else [])
             return VerifyResult(checkpoint_path, artifact_path, replace(report, notes=(*report.notes, *notes)), stale)
         try:
@@ -205,7 +205,7 @@ def verify_files(
         if not has_model:
             raise UsageError(f"{checkpoint_path}: {NO_ARCHITECTURE}, so a compressed artifact cannot be compared")
         report = _compressed_report(checkpoint, replace(artifact, model_factory=model_factory),
-                                    owned_model(settings.torch_dtype), compression.max_error, settings, batches)
+                                    owned_model(settings.torch_dtype), compression, settings, batches)
         notes.extend([stale_note] if stale_note else [])
         return VerifyResult(checkpoint_path, artifact_path, replace(report, notes=(*report.notes, *notes)), stale)
     if set(artifact.ep_layers) != set(checkpoint.ep_layers):
@@ -244,7 +244,7 @@ def _compressed_report(
     checkpoint: CheckpointFile,
     artifact: CheckpointFile,
     model: nn.Module,
-    budget: float,
+    record: CompressionRecord,
     settings: VerifySettings,
     batches: Sequence[tuple[Tensor, ...]] | None,
 ) -> VerifyReport:
@@ -259,18 +259,30 @@ def _compressed_report(
             f"{artifact.path}: a compressed file without an embedded architecture is rebuilt from the model's "
             "factory; name it with --model module:function"
         )
-    return _by_budget(expected, compressed.to(device=settings.torch_device).eval(), artifact.path, budget, settings)
+    return _by_budget(expected, compressed.to(device=settings.torch_device).eval(), artifact.path, record, settings,
+                      batches is not None)
 
 
 def _by_budget(
-    expected: ExpandedOutputs, candidate: Callable[..., object], artifact: Path, budget: float, settings: VerifySettings
+    expected: ExpandedOutputs,
+    candidate: Callable[..., object],
+    artifact: Path,
+    record: CompressionRecord,
+    settings: VerifySettings,
+    given_samples: bool,
 ) -> VerifyReport:
     """The whole expanded model against a compressed artifact (a model, or its ONNX session), judged by the
     budget it was compressed to."""
     label = ONNX_LABEL if artifact.suffix == ".onnx" else artifact.name
+    budget = record.max_error
     judged = tuple(replace(c, passed=c.max_rel_error <= budget) for c in expected.compare(candidate, label, settings))
     notes = [f"{artifact.name} is compressed (low-rank layers): only the whole model is compared, against the "
              "budget it was compressed to"]
+    if record.samples_file is not None and not given_samples:
+        notes.append(
+            f"{artifact.name} was compressed within its budget on the samples of {quote(record.samples_file)}, and is "
+            f"compared here on seeded random inputs, on which it may not be: pass --inputs {quote(record.samples_file)}"
+        )
     if settings.atol is not None or settings.rtol is not None:
         notes.append("--atol / --rtol do not apply to a compressed artifact, which passes by its budget")
     return VerifyReport(settings, settings.tolerance, judged, notes=tuple(notes), max_error=budget)

@@ -40,7 +40,7 @@ def _accuracy(model: torch.nn.Module, shape: tuple[int, ...]) -> float:
         return float((model(x.reshape(-1, *shape)).argmax(1) == y).float().mean())
 
 
-def test_subprocess_compress_mlp_with_onnx(samples, run_epcli, json_doc):
+def test_subprocess_compress_mlp_with_onnx(samples, run_epcli, invoke, json_doc):
     inputs = _inputs(samples.dir, (64,))
     out, onnx_out = samples.dir / "mlp.small.safetensors", samples.dir / "mlp.small.onnx"
 
@@ -80,6 +80,9 @@ def test_subprocess_compress_mlp_with_onnx(samples, run_epcli, json_doc):
     assert report["max_error"] == 0.1 and report["artifact_stale"] is False
     assert [c["name"] for c in report["comparisons"]] == ["<model>"]
     assert report["comparisons"][0]["max_rel_error"] == pytest.approx(document["onnx_max_rel_error"], rel=1e-3)
+    elsewhere = json_doc(invoke("verify", samples.mlp, out, "--json").stdout)  # on random inputs: said, with the fix
+    assert any(f"pass --inputs '{inputs.name}'" in warning for warning in elsewhere["warnings"])
+    assert recorded["samples_file"] == inputs.name  # the ONNX holds the same record
 
 
 def recorded_source(checkpoint: epcli.Checkpoint) -> str:
