@@ -87,7 +87,7 @@ def compress_command(
             state_key=source.state_key,
         )
     render_compress(result)
-    failure = None if result.written else f"nothing was written: {result.reason or 'the error budget cannot be met'}"
+    failure = None if result.written else result.reason or "the error budget cannot be met; nothing was written"
     return Outcome(compress_payload(result), failure=failure)
 
 
