@@ -53,6 +53,8 @@ def _every_type() -> nn.Module:
             nn.Linear(60, 8),  # 4 channels x 3 x 5
             LowRankLinear(8, 3, 8),
             nn.BatchNorm1d(8, affine=False),
+            nn.LayerNorm(8, eps=1e-3),
+            nn.LayerNorm([8], elementwise_affine=True, bias=False),
             nn.GELU(approximate="tanh"),
             EPLinear(8, 8, depth=3, residual=True, residual_intervals=[1, -1], batch_norm=True),
             nn.SiLU(),
@@ -169,11 +171,11 @@ def _with_extra_parameter() -> nn.Module:
         nn.Sequential(_MyLinear(3, 3)),
         nn.ModuleList([nn.Linear(3, 3)]),
         nn.Sequential(nn.MaxPool2d(2, return_indices=True)),
-        nn.Sequential(nn.LayerNorm(3)),
+        nn.Sequential(nn.GroupNorm(1, 3)),
         _with_extra_parameter(),
         nn.Sequential(EPLinear(3, 4, weight_layout="in_out")),  # collapses to transformers' Conv1D
     ],
-    ids=["custom-forward", "sequential-subclass", "linear-subclass", "module-list", "return-indices", "layer-norm",
+    ids=["custom-forward", "sequential-subclass", "linear-subclass", "module-list", "return-indices", "group-norm",
          "extra-parameter", "collapses-to-conv1d"],
 )
 def test_unsupported_models_have_no_spec(model: nn.Module):
