@@ -130,7 +130,7 @@ def export_command(
     failure = None
     if result.onnx is not None:
         onnx = result.onnx
-        title = f"Export {checkpoint.name}: expanded vs {onnx.output} in onnxruntime"
+        title = f"Export {checkpoint.name}: {onnx.reference} vs {onnx.output} in onnxruntime"
         render_report(title, onnx.report)
         tables.append(report_cases(title, onnx.report))
         warnings += report_warnings(onnx.report)

@@ -70,6 +70,9 @@ class OnnxExportResult:
     report: VerifyReport
     external_data: bool = False
     files: tuple[Path, ...] = ()
+    reference: str = "expanded"
+    """What the ONNX file was compared with: the ``expanded`` model, or the ``collapsed`` / ``compressed`` model
+    of a file that already is one."""
 
 
 @dataclass(frozen=True)
@@ -192,7 +195,9 @@ def _export_onnx(
         settings = settings.for_model(opened.meta_state().values())
     layers: tuple[Comparison, ...] = ()
     stored = opened.meta_state()
-    rounded_to = {path: collapsed_dtype(path, stored) for path in opened.ep_layers}  # as collapse writes it
+    rounded_to = {  # as collapse writes it
+        path: collapsed_dtype(path, stored) for path in (opened.ep_layers if opened.kind == "expanded" else ())
+    }
     if opened.kind == "expanded" and opened.model_factory is None:  # read a layer at a time, collapsed as it goes
         checked = check_layered(
             read_skeleton(opened, dtype=torch.float32), opened.inputs, layer_reader(opened), settings,
@@ -265,7 +270,17 @@ def _export_onnx(
         report=report,
         external_data=external,
         files=files,
+        reference=_reference_kind(opened),
     )
+
+
+def _reference_kind(opened: CheckpointFile) -> str:
+    """What the model the ONNX file is compared with is: expanded, collapsed, or compressed (a collapsed file with
+    a compression record)."""
+    if opened.kind == "expanded":
+        return "expanded"
+    provenance = opened.metadata.get("provenance")
+    return "compressed" if isinstance(provenance, dict) and "compression" in provenance else "collapsed"
 
 
 def _metadata(opened: CheckpointFile, sources: Sequence[Path], report: VerifyReport) -> dict[str, str]:

@@ -263,3 +263,21 @@ def test_onnx_of_a_bfloat16_checkpoint_holds_its_layers_as_collapse_stores_them(
     stored = epcli.load_checkpoint(source).model
     assert np.array_equal(exported, collapse_model(stored)[0].weight.detach().float().numpy())
     assert not np.array_equal(exported, collapse_model(stored.float())[0].weight.detach().numpy())
+
+
+def test_a_collapsed_file_exports_to_onnx_compared_with_itself(artifacts, tmp_path, invoke):
+    """A file that is already collapsed exports too: the report says it compared the collapsed model (there is no
+    expanded one), and the ONNX file computes what the collapsed torch model does."""
+    import torch
+
+    collapsed = artifacts.collapsed["digits_mlp"]
+    out = tmp_path / "from_collapsed.onnx"
+    run = invoke("export", collapsed, "--onnx", out)
+    assert run.returncode == 0, run.describe()
+    assert f"Export {collapsed.name}: collapsed vs {out} in onnxruntime" in run.stdout + run.stderr
+    model = epcli.load_checkpoint(collapsed).model
+    x = torch.randn(5, 64)
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        np.testing.assert_allclose(got, model(x).numpy(), rtol=1e-5, atol=1e-5)
