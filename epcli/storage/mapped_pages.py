@@ -19,7 +19,7 @@ import ctypes
 import mmap
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -77,13 +77,9 @@ def trim_heap() -> None:
     Call it between phases whose buffers differ in size: the next phase's large blocks are
     mapped afresh and would not reuse the pages the last one freed, so both would count.
     """
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        trim = ctypes.CDLL(None).malloc_trim
-    except AttributeError:  # not glibc (musl)
-        return
-    trim(0)
+    trim = _glibc("malloc_trim")
+    if trim is not None:
+        trim(0)
 
 
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
@@ -99,10 +95,14 @@ def map_large_blocks(threshold: int = LARGE_BLOCK_BYTES) -> None:
     once freed: the process holds the high-water mark of many layers instead of one (about 1.5x one layer's
     collapse, measured on 2048 x 2048 layers). A fixed threshold turns that adaptation off.
     """
+    mallopt = _glibc("mallopt")
+    if mallopt is not None:
+        mallopt(_M_MMAP_THRESHOLD, threshold)
+
+
+def _glibc(name: str) -> Callable[..., int] | None:
+    """The C library's function ``name`` on Linux with glibc; None elsewhere (another OS, musl)."""
     if not sys.platform.startswith("linux"):
-        return
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except AttributeError:  # not glibc (musl)
-        return
-    mallopt(_M_MMAP_THRESHOLD, threshold)
+        return None
+    function: Callable[..., int] | None = getattr(ctypes.CDLL(None), name, None)
+    return function
