@@ -327,6 +327,9 @@ class LayerFile(Mapping[str, Tensor]):
             raise KeyError(key)
         return self._opened.read([self._prefix + key])[self._prefix + key]
 
+    def __contains__(self, key: object) -> bool:  # from the listing: Mapping's own would read the tensor
+        return key in self.listing
+
     def __iter__(self) -> Iterator[str]:
         return iter(self.listing)
 
