@@ -279,15 +279,8 @@ _TYPES: tuple[_ModuleType, ...] = (
     _conv(nn.Conv2d, 2),
     _conv(nn.Conv3d, 3),
     _ModuleType(nn.BatchNorm1d, _NORM_ARGS),
-    _ModuleType(
-        nn.LayerNorm,
-        (
-            _Arg("normalized_shape", _int_list(1)),
-            _Arg("eps", _real(positive=True)),
-            _Arg("elementwise_affine", _bool),
-            _Arg("bias", _bool, _has_bias),
-        ),
-    ),
+    _ModuleType(nn.LayerNorm, (_Arg("normalized_shape", _int_list(1)), _Arg("eps", _real(positive=True)),
+                               _Arg("elementwise_affine", _bool), _Arg("bias", _bool, _has_bias))),
     _ModuleType(nn.BatchNorm2d, _NORM_ARGS),
     _ModuleType(nn.BatchNorm3d, _NORM_ARGS),
     _ModuleType(nn.ReLU, (_INPLACE,)),
