@@ -33,7 +33,7 @@ from epcli.convert import (
     layer_prefix,
     unwrap_model,
 )
-from epcli.errors import CheckpointError, ShapeMismatchError, UsageError
+from epcli.errors import CheckpointError, EpcliError, ShapeMismatchError, UsageError
 from epcli.layers.config import EPConfig
 from epcli.layers.registry import (
     check_state,
@@ -76,9 +76,12 @@ def save_checkpoint(
         )
     path = Path(path)
     model = unwrap_model(model)
-    specs = input_specs(input_shape, inputs)
-    layers = find_ep_layers(model)
-    layer_shapes = layer_input_shapes(model, specs)
+    try:  # the file is named: nothing was written, and this is what it was for
+        specs = input_specs(input_shape, inputs)
+        layers = find_ep_layers(model)
+        layer_shapes = layer_input_shapes(model, specs)
+    except EpcliError as e:
+        raise type(e)(f"{path}: not written: {e}", file=path) from e
     # the model's own tensors, not copies: the writer streams them to the file one at a time
     state = _tensors_only(model.state_dict())
     check_finite(state, "the model")

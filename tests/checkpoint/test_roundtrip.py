@@ -218,8 +218,9 @@ def test_bad_input_shape_is_refused_before_writing(tmp_path: Path, make_model, s
 
 def test_a_forward_that_fails_on_the_input_shape_names_the_shape(tmp_path: Path, make_model):
     model, _ = make_model("mlp")
-    with pytest.raises(ModelInputError, match=r"batch of shape \[2, 5\].*input_shape=\[5\]"):
+    with pytest.raises(ModelInputError, match=r"m\.pt: not written: .*batch of shape \[2, 5\].*input_shape=\[5\]") as e:
         epcli.save_checkpoint(model, tmp_path / "m.pt", input_shape=(5,))
+    assert e.value.file == str(tmp_path / "m.pt")
     assert not list(tmp_path.iterdir())
 
 
