@@ -70,17 +70,19 @@ def streamed_collapse(
     listing: Mapping[str, Tensor],
     read: Callable[[list[str]], Mapping[str, Tensor]],
     *,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
     prefix: str = "",
 ) -> Affine:
-    """The float64 collapse of the EP layer whose tensors ``read(keys)`` returns (keys relative to the layer,
-    tensors in the dtype and on the device to collapse from), read one chain layer at a time and given back once
-    composed (:meth:`EPLayer.streamed_collapse`): for a layer too large to hold beside its collapse.
+    """The float64 collapse of the EP layer whose tensors ``read(keys)`` returns (keys relative to the layer),
+    cast to ``dtype`` / ``device`` as :func:`expanded_layer` casts them, read one chain layer at a time and given
+    back once composed (:meth:`EPLayer.streamed_collapse`): for a layer too large to hold beside its collapse.
 
     ``listing`` maps the layer's keys to tensors of the stored shapes and dtypes (meta ones do, so nothing need be
     read); it is checked against the config first, errors naming keys as ``prefix + key``.
     """
     check_state(expected_state(config), {k: v for k, v in listing.items() if k not in _STALE_KEYS}, prefix=prefix)
-    return build_layer(config, device="meta").streamed_collapse(read)
+    return build_layer(config, device="meta").streamed_collapse(read, dtype=dtype, device=device)
 
 
 def collapse_layer(

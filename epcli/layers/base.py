@@ -20,7 +20,7 @@ collapse runs, since a Python cache keyed on storage pointers cannot be traced.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Literal, NamedTuple
 
 import torch
@@ -266,39 +266,51 @@ class EPLayer(nn.Module):
         it never holds the whole chain beside its float64 product. Skip projections are held to the end."""
         with torch.no_grad():
             layers, skips = self._chain(torch.float64, detach=True)
-            self.to(device="meta")
-            self._cache = None
-            affine = collapse_chain(self._algebra, self._config.in_dim, _drain(layers), skips, lean=True)
-            return self._deployed(affine)
+            return self._released(_drain(layers), skips)
 
-    def streamed_collapse(self, read: Callable[[list[str]], Mapping[str, Tensor]]) -> Affine:
+    def streamed_collapse(
+        self,
+        read: Callable[[list[str]], Mapping[str, Tensor]],
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> Affine:
         """:meth:`release_collapse` of this layer built on the meta device, with its tensors read as the collapse
         needs them: ``read(keys)`` returns the tensors of ``keys`` (as in :meth:`state_dict`), called for the skip
         projections first (held to the end), then for each chain layer with its batch-norm, which is given back
-        once composed. So only one chain layer is ever held beside the float64 product, not the whole layer."""
+        once composed. So only one chain layer is ever held beside the float64 product, not the whole layer.
+        What is read is cast to ``dtype`` / ``device`` as ``Module.to`` casts (floating tensors only)."""
         blocks = {name: f"layer_dict.{name}." for name in self.layer_dict}
         keys = list(self.state_dict())
         owned = {name: [key for key in keys if key.startswith(prefix)] for name, prefix in blocks.items()}
         rest = [key for key in keys if not any(key.startswith(prefix) for prefix in blocks.values())]
-        self.load_state_dict({**self.state_dict(), **read(rest)}, strict=True, assign=True)
+        if rest:  # the skip projections
+            self.load_state_dict({**self.state_dict(), **read(rest)}, strict=True, assign=True)
+            self.residual_dict.to(device=device, dtype=dtype)  # the blocks are still on the meta device
 
         def chain() -> Iterator[ChainLayer]:
             for (name, prefix), (layer, norm) in zip(blocks.items(), self._blocks(), strict=True):
                 block = self.layer_dict[name]
                 state = read(owned[name])
                 block.load_state_dict({key[len(prefix) :]: state[key] for key in owned[name]}, strict=True, assign=True)
+                del state
+                block.to(device=device, dtype=dtype)
                 bias = None if layer.bias is None else layer.bias.detach()
                 held = [ChainLayer(layer.weight.detach(), bias, None if norm is None else _fold(norm, torch.float64))]
-                del state, bias
+                del bias
                 block.to(device="meta")  # the only references left are held's: handed over below
                 yield held.pop()
 
         with torch.no_grad():
-            layers, skips = self._chain(torch.float64, detach=True)
-            del layers  # meta stand-ins: the chain comes from the file
-            self.to(device="meta")
-            self._cache = None
-            return self._deployed(collapse_chain(self._algebra, self._config.in_dim, chain(), skips, lean=True))
+            _, skips = self._chain(torch.float64, detach=True)  # the chain's own entries are meta stand-ins
+            return self._released(chain(), skips)
+
+    def _released(self, layers: Iterable[ChainLayer], skips: dict[tuple[int, int], ChainLayer | None]) -> Affine:
+        """The collapse of ``layers`` and ``skips`` (this layer's, detached), with this layer emptied first so that
+        they hold the only references: each chain layer is given back once composed."""
+        self.to(device="meta")
+        self._cache = None
+        return self._deployed(collapse_chain(self._algebra, self._config.in_dim, layers, skips, lean=True))
 
     def _chain(
         self, dtype: torch.dtype, *, detach: bool = False

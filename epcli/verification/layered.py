@@ -25,7 +25,7 @@ from epcli.storage.mapped_pages import trim_heap
 from epcli.text import quote
 from epcli.verification.compare import Comparison, VerifyReport, VerifySettings
 from epcli.verification.expanded import ExpandedOutputs, drawn_batches, rejected_inputs
-from epcli.verification.model_check import IN_MEMORY, check_layer, layer_reader
+from epcli.verification.model_check import IN_MEMORY, check_layer, layer_reader, put_module
 
 __all__ = ["LayeredCheck", "check_layered", "verify_embedded"]
 
@@ -140,7 +140,7 @@ def check_layered(
             plain = _filled(plain, path, collapsed_state).to(device=settings.torch_device, dtype=settings.torch_dtype)
         run_collapsed(plain)
         if keep:
-            model = plain if not path else _put(model, path, plain)
+            model = put_module(model, path, plain)
         del plain  # before the next layer is read
         trim_heap()  # and this one's freed blocks given back, or the next layer's would come on top of them
     return LayeredCheck(
@@ -192,11 +192,6 @@ def _filled(plain: nn.Module, path: str, collapsed_state: Mapping[str, Tensor]) 
     except RuntimeError as e:
         raise CheckpointError(f"the collapsed tensors of layer {path!r} do not fit its plain layer: {e}") from e
     return plain
-
-
-def _put(model: nn.Module, path: str, module: nn.Module) -> nn.Module:
-    model.set_submodule(path, module)
-    return model
 
 
 def _stages(module: nn.Module, path: str) -> Iterator[tuple[str, nn.Module]]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 import functools
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -56,6 +56,7 @@ __all__ = [
     "expanded_outputs",
     "layer_reader",
     "opened_subject",
+    "put_module",
     "verify_checkpoint",
 ]
 
@@ -170,7 +171,7 @@ def collapse_in_place(
               if id(module) in owners.values()]
     del found
     for name, _ in places:  # the expanded parameters are not needed any more
-        model = _put(model, name, nn.Identity())
+        model = put_module(model, name, nn.Identity())
     comparisons: list[Comparison] = []
     plain: dict[int, nn.Module] = {}
     for path in natural_order(configs):
@@ -186,7 +187,7 @@ def collapse_in_place(
             plain.setdefault(owners[path], installed)
             del installed  # before the next layer is read
     for name, owner in places:
-        model = _put(model, name, plain[owner])
+        model = put_module(model, name, plain[owner])
     if collapsed_state is not None:
         try:  # the given tensors as they are: collapsing the model again would be wasted work
             model.load_state_dict(collapsed_state, strict=True, assign=True)
@@ -196,7 +197,7 @@ def collapse_in_place(
     return collapsed, expected, tuple(comparisons)
 
 
-def _put(model: nn.Module, path: str, module: nn.Module) -> nn.Module:
+def put_module(model: nn.Module, path: str, module: nn.Module) -> nn.Module:
     """``model`` with ``module`` at ``path`` (the root: ``module`` itself)."""
     if not path:
         return module
@@ -223,12 +224,9 @@ def check_layer(
     def cast(module: nn.Module) -> nn.Module:
         return module.to(device=settings.torch_device, dtype=settings.torch_dtype)
 
-    def cast_state(state: Mapping[str, Tensor]) -> dict[str, Tensor]:  # as expanded_layer casts: floating ones only
-        return {key: value.to(device=settings.torch_device, dtype=settings.torch_dtype if value.is_floating_point()
-                              else value.dtype) for key, value in state.items()}
-
     def read() -> EPLayer:
-        return expanded_layer(config, layer_state(path), dtype=settings.torch_dtype, device=settings.torch_device)
+        state = layer_state(path)
+        return expanded_layer(config, _tensors(state, list(state)), dtype=settings.torch_dtype, device=settings.torch_device)
 
     checked: nn.Module
     installed: nn.Module
@@ -240,9 +238,9 @@ def check_layer(
         # collapsed first, a chain layer read at a time and given back as the collapse goes: the expanded layer
         # (read whole below) and the float64 product are never held together
         state = layer_state(path)
-        listing = state.listing if isinstance(state, LayerFile) else state
         affine = streamed_collapse(
-            config, listing, lambda keys: cast_state({key: state[key] for key in keys}), prefix=layer_prefix(path)
+            config, state.listing if isinstance(state, LayerFile) else state, lambda keys: _tensors(state, keys),
+            dtype=settings.torch_dtype, device=settings.torch_device, prefix=layer_prefix(path),
         )
         del state
         checked = installed = cast(_plain(config, affine.weight, affine.bias))
@@ -325,7 +323,12 @@ class LayerFile(Mapping[str, Tensor]):
     def __getitem__(self, key: str) -> Tensor:
         if key not in self.listing:
             raise KeyError(key)
-        return self._opened.read([self._prefix + key])[self._prefix + key]
+        return self.read([key])[key]
+
+    def read(self, keys: Iterable[str]) -> dict[str, Tensor]:
+        """The tensors of ``keys`` in one read of the file."""
+        stored = self._opened.read(self._prefix + key for key in keys)
+        return {key[len(self._prefix) :]: tensor for key, tensor in stored.items()}
 
     def __contains__(self, key: object) -> bool:  # from the listing: Mapping's own would read the tensor
         return key in self.listing
@@ -335,6 +338,13 @@ class LayerFile(Mapping[str, Tensor]):
 
     def __len__(self) -> int:
         return len(self.listing)
+
+
+def _tensors(state: Mapping[str, Tensor], keys: Iterable[str]) -> dict[str, Tensor]:
+    """``keys`` of one EP layer's ``state``: a :class:`LayerFile`'s in one read, any other mapping's looked up."""
+    if isinstance(state, LayerFile):
+        return state.read(keys)
+    return {key: state[key] for key in keys}
 
 
 def opened_subject(opened: CheckpointFile, owned_model: Callable[[torch.dtype], nn.Module] | None) -> Subject:

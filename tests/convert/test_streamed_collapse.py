@@ -50,9 +50,11 @@ def test_streamed_collapse_reads_a_chain_layer_at_a_time_and_equals_the_collapse
     weight, bias = collapse_layer(layer.config, state)
     torch.testing.assert_close(affine.weight.to(weight.dtype), weight, rtol=0, atol=0)
     torch.testing.assert_close(None if affine.bias is None else affine.bias.to(weight.dtype), bias, rtol=0, atol=0)
-    # everything outside the chain first, then each chain layer with its batch-norm, in order, each key once
+    # everything outside the chain first (when there is anything), then each chain layer with its batch-norm, in
+    # order, each key once
     blocks = [[key for key in state if key.startswith(f"layer_dict.{j}.")] for j in range(layer.config.depth)]
-    assert reads == [[key for key in state if not key.startswith("layer_dict.")], *blocks]
+    rest = [key for key in state if not key.startswith("layer_dict.")]
+    assert reads == [*([rest] if rest else []), *blocks]
     x = torch.randn(4, *((layer.in_features,) if isinstance(layer, EPLinear) else (2, 7, 6)), dtype=torch.float64)
     with torch.no_grad():
         expanded = layer.double()(x, override=True)
