@@ -131,13 +131,11 @@ def check_layered(
         config = found[path].config
         comparison, plain = check_layer(
             path, config, layer_state, layer_settings, input_shape=layer_input_shapes[path],
-            collapsed_state=collapsed_state, rounded_to=rounded_to, label=label,
+            collapsed_state=collapsed_state, rounded_to=rounded_to, label=label, filled=True,
             run=lambda layer: run_expanded(functools.partial(layer, override=True)),
         )
         assert comparison is not None  # an input shape was given
         comparisons[path] = comparison
-        if collapsed_state is not None:  # check_layer leaves it empty, to be filled from the file
-            plain = _filled(plain, path, collapsed_state).to(device=settings.torch_device, dtype=settings.torch_dtype)
         run_collapsed(plain)
         if keep:
             model = put_module(model, path, plain)
@@ -180,18 +178,6 @@ def _loaded(module: nn.Module, path: str, collapsed_state: Mapping[str, Tensor],
     except RuntimeError as e:
         raise CheckpointError(f"the collapsed tensors of {path or '<model>'!r} do not fit the module: {e}") from e
     return twin.to(device=settings.torch_device, dtype=settings.torch_dtype)
-
-
-def _filled(plain: nn.Module, path: str, collapsed_state: Mapping[str, Tensor]) -> nn.Module:
-    """The empty plain layer at ``path`` holding the collapsed tensors, loaded strictly as they are."""
-    weight_key, bias_key = collapsed_keys(path)
-    bias = collapsed_state.get(bias_key)
-    tensors = {"weight": collapsed_state[weight_key], **({} if bias is None else {"bias": bias})}
-    try:
-        plain.load_state_dict(tensors, strict=True, assign=True)
-    except RuntimeError as e:
-        raise CheckpointError(f"the collapsed tensors of layer {path!r} do not fit its plain layer: {e}") from e
-    return plain
 
 
 def _stages(module: nn.Module, path: str) -> Iterator[tuple[str, nn.Module]]:

@@ -216,11 +216,13 @@ def check_layer(
     rounded_to: Mapping[str, torch.dtype] | None,
     label: str,
     run: Callable[[EPLayer], None] | None = None,
+    filled: bool = False,
 ) -> tuple[Comparison | None, nn.Module]:
     """The EP layer at ``path``, built from its own tensors in the comparison dtype: checked alone against its plain
     layer (given ``input_shape``), and the plain layer that takes its place: the one checked, or the same collapse
-    rounded to its stored dtype first, or an empty one on the meta device that ``collapsed_state`` fills. ``run``
-    is given the expanded layer first (a streamed model check runs it on its activations)."""
+    rounded to its stored dtype first, or an empty one on the meta device that ``collapsed_state`` fills (with
+    ``filled``, the checked one holding ``collapsed_state``'s tensors, for a caller that runs it). ``run`` is given
+    the expanded layer first (a streamed model check runs it on its activations)."""
     def cast(module: nn.Module) -> nn.Module:
         return module.to(device=settings.torch_device, dtype=settings.torch_dtype)
 
@@ -233,7 +235,7 @@ def check_layer(
     if collapsed_state is not None:
         weight_key, bias_key = collapsed_keys(path)
         checked = cast(_plain(config, collapsed_state[weight_key], collapsed_state.get(bias_key)))
-        installed = plain_layer(config, bias=collapsed_has_bias(config), device="meta")
+        installed = checked if filled else plain_layer(config, bias=collapsed_has_bias(config), device="meta")
     else:
         # collapsed first, a chain layer read at a time and given back as the collapse goes: the expanded layer
         # (read whole below) and the float64 product are never held together
