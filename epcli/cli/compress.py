@@ -46,7 +46,8 @@ def compress_command(
             metavar="FILE",
             help="Your own samples (.safetensors, .npz or .pt dict; one tensor per model input, batch first): the "
             "error is measured on them and each layer's truncation is whitened by its inputs on them. Default: "
-            "64 seeded standard-normal samples and plain SVD truncation.",
+            "64 seeded random samples of the input specs (standard normal for float inputs, uniform in "
+            "[low, high) for integer ones) and plain SVD truncation.",
             show_default=False,
         ),
     ] = None,

@@ -102,7 +102,7 @@ def compress_file(
             "name a factory with --model module:function"
         )
     calibration = None
-    measured_on = f"{_SETTINGS.samples} seeded standard-normal samples (give --inputs FILE for real data)"
+    measured_on = f"{_SETTINGS.samples} seeded random samples of the input specs (give --inputs FILE for real data)"
     if samples_path is not None:
         samples = read_samples(samples_path, specs)
         calibration = sample_batches(samples, _SETTINGS.batch_size)
