@@ -6,18 +6,20 @@ dir, then runs each command once in a fresh process forked from a small wrapper 
 
 * the floors: ``python -c "import torch"`` and the bare script (read, compose in float64, write);
 * ``epcli collapse``, ``epcli inspect``, ``epcli verify CKPT`` (collapsed in memory), ``epcli verify CKPT
-  COLLAPSED``, ``epcli export CKPT --onnx OUT.onnx`` (with its validation in onnxruntime);
+  COLLAPSED``, ``epcli export CKPT --onnx OUT.onnx`` (with its validation in onnxruntime), ``epcli compress CKPT
+  --max-error 0.5`` (random weights: a loose budget, so that layers are factored);
 * ``epcli.save_checkpoint`` of the same model (peak above the child's RSS right before the call, measured inside
   the child, as a multiple of the model's tensor bytes).
 
 Each command's peak RSS is printed above the ``import torch`` floor as a multiple of the input, and its wall time
 as a multiple of ``epcli collapse``'s (the commands run in the listed order, once, so on a loaded machine read the
-time ratios as rough). Targets: verify / verify COLLAPSED / export at most 0.5x the input above the floor,
+time ratios as rough). Targets: verify / verify COLLAPSED / export / compress at most 0.5x the input above the floor,
 inspect no slower than collapse, collapse within 1.3x of the bare script (that one is measured in rounds by
 ``large_collapse.py``), save at most 0.5x the model.
 
-Run from the repository root: ``python benchmarks/every_command.py`` (4 GiB: about 15 minutes on 2 cores;
-``--layers 16`` for a 1 GiB rehearsal, ``--layers 4`` for 256 MiB).
+Run from the repository root: ``python benchmarks/every_command.py`` (4 GiB: about 15 minutes on 2 cores without
+compress, whose SVD of each layer adds several seconds per layer; ``--layers 16`` for a 1 GiB rehearsal,
+``--layers 4`` for 256 MiB, ``--layers 16 --width 1024`` for 256 MiB in smaller layers).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from _timing import machine_summary
 from inspect_and_save import SAVE
 from large_collapse import BARE, DEPTH, MULTI_LAYERS, MULTI_WIDTH, build, cache_bytecode, run
 
-MEMORY_TARGETS = {"verify": 0.5, "verify COLLAPSED": 0.5, "export --onnx": 0.5}  # x input, above the floor
+MEMORY_TARGETS = {"verify": 0.5, "verify COLLAPSED": 0.5, "export --onnx": 0.5, "compress": 0.5}  # x input, above the floor
 TIME_TARGETS = {"inspect": 1.0}  # x collapse's wall time
 
 
@@ -61,12 +63,15 @@ def main() -> None:
             "verify": [*epcli, "verify", str(source)],
             "verify COLLAPSED": [*epcli, "verify", str(source), str(collapsed)],
             "export --onnx": [*epcli, "export", str(source), "--onnx", str(onnx)],
+            "compress": [*epcli, "compress", str(source), "-o", str(directory / "compressed.safetensors"),
+                         "--max-error", "0.5"],
         }
         print(f"input {source.name}: {size / 2**30:.2f} GiB ({args.layers} x EPLinear({args.width}, {args.width}, "
               f"depth={DEPTH}), float32)\n")
         results: dict[str, tuple[float, int]] = {}
         for name, command in commands.items():
-            # verify exits 1 when a float32 comparison misses its default tolerance: measured all the same
+            # verify exits 1 when a float32 comparison misses its default tolerance, compress when nothing can be
+            # factored within the budget: measured all the same
             results[name] = run(command, accepted="0,1")
             onnx.with_name(onnx.name + ".data").unlink(missing_ok=True)
         floor, collapse_seconds = results["import torch"][1], results["collapse"][0]

@@ -139,3 +139,13 @@ class Checkpoint:
     files: tuple[Path, ...] = ()
     """Every file read: the one file, an index and its shards, a folder's or DCP directory's files (first: the
     one that identifies it, whose sha256 provenance records)."""
+
+    def __repr__(self) -> str:
+        """A summary: the default repr would print every tensor of the state dict and the whole module tree."""
+        model = "None" if self.model is None else type(self.model).__name__
+        size = sum(t.numel() * t.element_size() for t in self.state_dict.values())
+        inputs = ", ".join(map(str, self.inputs))
+        return (
+            f"Checkpoint(path={str(self.path)!r}, kind={self.kind!r}, model={model}, "
+            f"tensors={len(self.state_dict)} ({size:,} bytes), ep_layers={list(self.ep_layers)}, inputs=[{inputs}])"
+        )

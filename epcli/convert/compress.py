@@ -1,9 +1,10 @@
 """Low-rank factoring of a plain model's Linear / ConvNd layers at chosen ranks (the transform, not the search).
 
 :func:`layer_plans` runs the model once on calibration batches (recording each layer's output positions, for
-MACs, and with ``whiten`` the Gram matrix of its inputs) and takes the SVD of every layer's (whitened) weight;
-:func:`factored_copy` then builds the model with chosen layers replaced by their
-:mod:`~epcli.layers.lowrank` modules. Which ranks to choose, measured on the whole model, is
+MACs, and with ``whiten`` the Gram matrix of its inputs) and keeps, from the SVD of every layer's (whitened)
+weight, its factors at the largest rank that saves, in the layer's dtype; :func:`factored` then puts chosen
+layers' :mod:`~epcli.layers.lowrank` modules, views of those factors, in the model's place for a measurement, and
+:func:`factor_in_place` for good. Which ranks to choose, measured on the whole model, is
 :func:`epcli.verification.compress.compress_model`'s job.
 """
 
@@ -20,13 +21,13 @@ import torch
 from torch import Tensor, nn
 
 from epcli.convert.model import replaced_copy
-from epcli.core.lowrank import DEFAULT_RIDGE, Truncation, conv_factors, group_matrices, truncation, whitening
+from epcli.core.lowrank import DEFAULT_RIDGE, Factors, conv_factors, group_matrices, truncation, whitening
 from epcli.core.spectrum import spectrum
 from epcli.errors import CheckpointError
 from epcli.layers.lowrank import LOW_RANK, LowRankConv, LowRankLinear
 from epcli.layers.registry import is_transformers_conv1d
 
-__all__ = ["LayerPlan", "factored_copy", "factored_skeleton", "layer_plans"]
+__all__ = ["LayerPlan", "factor_in_place", "factored", "factored_skeleton", "in_model_dtype", "layer_plans"]
 
 Plain = nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d
 """A layer compress factors: one of these (matched exactly: a subclass may have its own forward), or transformers'
@@ -37,12 +38,13 @@ _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 @dataclass(frozen=True)
 class LayerPlan:
-    """One plain layer's SVDs (one per group) and costs; ``positions`` is how often its weight is applied per
-    sample (output pixels of a conv, tokens of a Linear), so MACs are ``weight elements * positions``."""
+    """One plain layer's factors up to :attr:`rank_limit` (one per group) and costs; ``positions`` is how often its
+    weight is applied per sample (output pixels of a conv, tokens of a Linear), so MACs are ``weight elements *
+    positions``."""
 
     path: str
     layer_type: str
-    truncations: tuple[Truncation, ...]
+    factors: tuple[Factors, ...]
     params: int
     weight_numel: int
     positions: int
@@ -50,11 +52,11 @@ class LayerPlan:
 
     @property
     def full_rank(self) -> int:
-        return self.truncations[0].full_rank
+        return self.factors[0].full_rank
 
     @property
     def groups(self) -> int:
-        return len(self.truncations)
+        return len(self.factors)
 
     @property
     def macs(self) -> int:
@@ -63,12 +65,10 @@ class LayerPlan:
     @property
     def rank_limit(self) -> int:
         """The largest rank whose factors hold fewer weights (and so take fewer MACs) than the layer."""
-        out = self.truncations[0].u.shape[0] * self.groups
-        per_rank = self.groups * self.truncations[0].vh.shape[1] + out  # down's g * n and up's out weights
-        return min(self.full_rank, (self.weight_numel - 1) // per_rank)
+        return self.factors[0].limit
 
     def factored_weights(self, rank: int) -> int:
-        return rank * (self.groups * self.truncations[0].vh.shape[1] + self.truncations[0].u.shape[0] * self.groups)
+        return rank * _per_rank(self.groups, self.factors[0].b.shape[0], self.factors[0].a.shape[1])
 
     def factored_params(self, rank: int) -> int:
         return self.params - self.weight_numel + self.factored_weights(rank)
@@ -80,7 +80,7 @@ class LayerPlan:
     def tails(self) -> tuple[float, ...]:
         """``tails[r]``: the fraction of the layer's (whitened) energy that keeping ``r`` values per group
         discards, for ``r`` up to the full rank."""
-        energies = torch.stack([t.singular_values.square() for t in self.truncations]).sum(0)  # [k]
+        energies = torch.stack([f.singular_values.square() for f in self.factors]).sum(0)  # [k]
         total = float(energies.sum())
         discarded = energies.flip(0).cumsum(0).flip(0).tolist() + [0.0]  # discarded[r] = sum_{i >= r}
         return tuple(d / total if total > 0 else 0.0 for d in discarded)
@@ -88,6 +88,16 @@ class LayerPlan:
     def rank_at(self, threshold: float) -> int | None:
         """The smallest rank discarding at most ``threshold`` of the energy, or None when it would not save."""
         return next((r for r in range(1, self.rank_limit + 1) if self.tails[r] <= threshold), None)
+
+
+def _per_rank(groups: int, out_per_group: int, n: int) -> int:
+    """Weights a factored layer holds per unit of rank: ``down``'s ``g * n`` and ``up``'s ``out``."""
+    return groups * (n + out_per_group)
+
+
+def _rank_limit(weight_numel: int, groups: int, out_per_group: int, n: int) -> int:
+    """The largest rank whose factors hold fewer weights than the layer's ``weight_numel``."""
+    return min(out_per_group, n, (weight_numel - 1) // _per_rank(groups, out_per_group, n))
 
 
 def _is_plain(module: nn.Module) -> bool:
@@ -119,26 +129,44 @@ def _compressible(model: nn.Module) -> dict[str, Plain]:
 def layer_plans(
     model: nn.Module, batches: Sequence[tuple[Tensor, ...]], *, whiten: bool, ridge: float = DEFAULT_RIDGE
 ) -> dict[str, LayerPlan]:
-    """Every plain Linear / ConvNd of ``model`` (float64, eval mode) with its SVDs, after one pass over ``batches``
-    (whitened by the layer's input Gram matrix when ``whiten``)."""
+    """Every plain Linear / ConvNd of ``model`` (eval mode) with its factors, after one pass over ``batches``
+    (whitened by the layer's input Gram matrix when ``whiten``).
+
+    Each SVD is taken in the layer's precision (at least float32: see :mod:`epcli.core.lowrank`) and dropped once
+    its factors at the rank limit are kept, in the layer's dtype: only one layer's SVD is ever held, and the
+    factors kept are fewer weights than the layer's. Whitening takes one pass per layer, each recording only that
+    layer's float64 Gram matrix (larger than its weight), which is dropped with its SVD."""
     layers = _compressible(model)
     grams: dict[str, list[Tensor]] = {}
     positions: dict[str, int] = {}
-    with _recording(layers, grams, positions, whiten=whiten), torch.no_grad():
-        for batch in batches:
-            model(*batch)
+
+    def run(gram_of: str | None) -> None:
+        with _recording(layers, grams, positions, gram_of=gram_of), torch.no_grad():
+            for batch in batches:
+                model(*in_model_dtype(model, batch))
+
+    if not whiten:
+        run(None)
     plans = {}
     for path, layer in layers.items():
+        if whiten:
+            run(path)
         groups = getattr(layer, "groups", 1)
         weight = _weight(layer).detach()
-        cuts = []
-        for index, matrix in enumerate(group_matrices(weight, groups)):
-            gram = grams[path][index] if whiten and path in grams else None
-            cuts.append(truncation(matrix, None if gram is None else whitening(gram, ridge)))
+        matrices = group_matrices(weight, groups)
+        limit = _rank_limit(weight.numel(), groups, *matrices[0].shape)
+        precision = torch.promote_types(weight.dtype, torch.float32)
+        kept = []
+        for index, matrix in enumerate(matrices):
+            gram = grams[path][index] if path in grams else None  # a layer the model never ran: plain
+            cut = truncation(matrix, None if gram is None else whitening(gram, ridge), precision=precision)
+            kept.append(cut.kept(limit, weight.dtype))
+            del cut  # before the next group's SVD
+        grams.pop(path, None)
         plans[path] = LayerPlan(
             path=path,
             layer_type=type(layer).__name__,
-            truncations=tuple(cuts),
+            factors=tuple(kept),
             params=sum(p.numel() for p in layer.parameters()),
             weight_numel=weight.numel(),
             positions=positions.get(path, 1),
@@ -147,16 +175,23 @@ def layer_plans(
     return plans
 
 
+def in_model_dtype(model: nn.Module, batch: Sequence[Tensor]) -> tuple[Tensor, ...]:
+    """``batch`` (e.g. float64 calibration inputs) with its floating tensors cast to the model's dtype."""
+    dtype = next((p.dtype for p in model.parameters()), torch.float64)
+    return tuple(t.to(dtype) if t.is_floating_point() else t for t in batch)
+
+
 @contextmanager
 def _recording(
-    layers: Mapping[str, Plain], grams: dict[str, list[Tensor]], positions: dict[str, int], *, whiten: bool
+    layers: Mapping[str, Plain], grams: dict[str, list[Tensor]], positions: dict[str, int], *, gram_of: str | None
 ) -> Iterator[None]:
-    """Forward hooks that add each layer's input Gram matrices (per group) and note its output positions."""
+    """Forward hooks that note each layer's output positions, and add the input Gram matrices (per group) of the
+    layer at ``gram_of``."""
 
     def hook(path: str, layer: Plain) -> Any:
         def record(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> None:
             positions[path] = output.numel() // max(1, output.shape[0] * _weight(layer).shape[0])
-            if whiten:
+            if path == gram_of:
                 rows = _input_rows(layer, args[0])
                 sums = grams.setdefault(path, [torch.zeros(0)] * len(rows))
                 grams[path] = [s + r.T @ r if s.numel() else r.T @ r for s, r in zip(sums, rows, strict=True)]
@@ -196,12 +231,52 @@ def _input_rows(layer: Plain, x: Tensor) -> list[Tensor]:
     return rows
 
 
-def factored_copy(model: nn.Module, plans: Mapping[str, LayerPlan], ranks: Mapping[str, int]) -> nn.Module:
-    """A copy of ``model`` (input untouched; dtype and device kept) in which each layer at a path of ``ranks`` is
-    its low-rank module at that rank (per group), built from ``plans``' float64 SVDs and cast at the end."""
+@contextmanager
+def factored(model: nn.Module, plans: Mapping[str, LayerPlan], ranks: Mapping[str, int]) -> Iterator[nn.Module]:
+    """``model`` with each layer at a path of ``ranks`` replaced, while the block runs, by its low-rank module at
+    that rank (per group), whose weights are views of ``plans``' factors: a candidate measured without a copy of
+    the model or of its weights. Yields the model to run (the root's replacement when the root is replaced)."""
     layers = _compressible(model)
     replacements = {id(layers[path]): _factored(layers[path], plans[path], rank) for path, rank in ranks.items()}
-    return replaced_copy(model, replacements)
+    swapped = _swap(model, replacements)
+    try:
+        yield replacements.get(id(model), model)
+    finally:
+        _swap(model, {id(new): old for old, new in swapped})
+
+
+def factor_in_place(model: nn.Module, plans: dict[str, LayerPlan], ranks: Mapping[str, int]) -> nn.Module:
+    """``model`` with each layer at a path of ``ranks`` replaced by its low-rank module at that rank, holding copies
+    of the factors; returns the model (the replacement when it is the root).
+
+    ``plans`` is consumed: each layer's plan is dropped once its module is built, and with it the factors, so the
+    copies and the layer they replace are never held together with every plan."""
+    layers = _compressible(model)
+    for path in [path for path in plans if path not in ranks]:
+        del plans[path]
+    for path, rank in ranks.items():
+        layer = layers.pop(path)
+        module = _factored(layer, plans.pop(path), rank, copied=True)
+        _swap(model, {id(layer): module})
+        if layer is model:
+            model = module
+        del layer, module
+    return model
+
+
+def _swap(model: nn.Module, replacements: Mapping[int, nn.Module]) -> list[tuple[nn.Module, nn.Module]]:
+    """Put each replacement wherever its module (by ``id``) is a child, however often; returns the pairs swapped,
+    (old, new), once each."""
+    swapped: dict[int, tuple[nn.Module, nn.Module]] = {}
+    for parent in list(model.modules()):
+        for name, child in list(parent._modules.items()):  # every name, a module held twice included
+            if child is not None and id(child) in replacements:
+                new = replacements[id(child)]
+                parent._modules[name] = new
+                swapped.setdefault(id(child), (child, new))
+    if id(model) in replacements:
+        swapped.setdefault(id(model), (model, replacements[id(model)]))
+    return list(swapped.values())
 
 
 def factored_skeleton(model: nn.Module, ranks: Mapping[str, int]) -> nn.Module:
@@ -249,16 +324,16 @@ def _low_rank(layer: Plain, rank: int, **factory: Any) -> LowRankLinear | LowRan
     return module
 
 
-def _factored(layer: Plain, plan: LayerPlan, rank: int) -> nn.Module:
+def _factored(layer: Plain, plan: LayerPlan, rank: int, *, copied: bool = False) -> nn.Module:
+    """The low-rank module at ``rank``, its weights views of the plan's factors (``copied``: copies of them, which
+    own their memory), its bias the layer's own."""
     weight = layer.weight
-    module = _low_rank(layer, rank, device=weight.device, dtype=weight.dtype)
+    module = _low_rank(layer, rank, device="meta", dtype=weight.dtype)
     if not isinstance(layer, _CONVS):
-        up, down = plan.truncations[0].factors(rank)
+        up, down = plan.factors[0].factors(rank)
     else:
-        down, up = conv_factors(weight, layer.groups, plan.truncations, rank)
-    with torch.no_grad():
-        module.down.weight.copy_(down)
-        module.up.weight.copy_(up)
-        if layer.bias is not None and module.up.bias is not None:
-            module.up.bias.copy_(layer.bias)
+        down, up = conv_factors(weight, layer.groups, plan.factors, rank)
+    module.down.weight = nn.Parameter(down.clone() if copied else down, requires_grad=copied)
+    module.up.weight = nn.Parameter(up.clone() if copied else up, requires_grad=copied)
+    module.up.bias = layer.bias
     return module.train(layer.training)

@@ -25,10 +25,8 @@ from epcli.artifacts.names import check_compress_names, default_compressed_outpu
 from epcli.artifacts.provenance import metadata_strings
 from epcli.checkpoint.architecture import describe_architecture
 from epcli.checkpoint.inputs import InputSpec
-from epcli.checkpoint.load import open_checkpoint, read_model
+from epcli.checkpoint.load import open_checkpoint
 from epcli.checkpoint.metadata import build_metadata, dump_metadata
-from epcli.convert import collapse_model
-from epcli.errors import UsageError
 from epcli.onnx.export import (
     OnnxSession,
     build_onnx,
@@ -43,7 +41,8 @@ from epcli.storage.source import TensorInfo
 from epcli.storage.writer import CheckpointWriter
 from epcli.text import plural
 from epcli.verification.compare import Comparison, VerifySettings
-from epcli.verification.compress import ERROR_METRIC, CompressionResult, compress_against, reference_outputs
+from epcli.verification.compress import ERROR_METRIC, CompressionResult, compress_against
+from epcli.verification.layered import collapse_opened
 from epcli.verification.model_check import ONNX_LABEL, ExpandedOutputs
 from epcli.verification.samples import read_samples, sample_batches
 
@@ -95,23 +94,18 @@ def compress_file(
     opened = open_checkpoint(source, model_factory=model_factory, inputs=inputs, state_key=state_key)
     files, specs = opened.files or (source,), opened.inputs
     check_targets((output,) if onnx_path is None else (output, onnx_path), files, force)
-    model = read_model(opened)  # the one copy of the data: no state dict beside it
-    if model is None:
-        raise UsageError(
-            f"{source}: no architecture is embedded, so there is no whole model to compress and measure; "
-            "name a factory with --model module:function"
-        )
     calibration = None
     measured_on = f"{_SETTINGS.samples} seeded random samples of the input specs (give --inputs FILE for real data)"
     if samples_path is not None:
         samples = read_samples(samples_path, specs)
         calibration = sample_batches(samples, _SETTINGS.batch_size)
         measured_on = f"the {plural(samples[0].shape[0], 'sample')} of {samples_path.name}"
-    collapsed = collapse_model(model)  # first: the float64 reference run then takes the expanded model over
-    reference = reference_outputs(model, calibration, specs, _SETTINGS, consume=True)
-    del model
-    compressed, result = compress_against(reference, collapsed, max_error=max_error, whiten=bool(calibration))
+    # the float64 reference and the collapse in one pass, an EP layer at a time when the architecture is embedded
+    collapsed = collapse_opened(opened, _SETTINGS, what="compress and measure", batches=calibration, as_stored=True)
+    reference, model = collapsed.expected, collapsed.model
     del collapsed
+    compressed, result = compress_against(reference, model, max_error=max_error, whiten=bool(calibration), consume=True)
+    del model
     reason = _refusal(result, source)
     onnx_bytes, onnx_error = None, None
     if reason is None and onnx_path is not None:

@@ -203,7 +203,10 @@ def verify_files(
         raise CheckpointError(f"{artifact_path}: {e}", file=artifact_path) from e
     if compression is not None:  # from epcli compress: its layers are factored, so only the whole model
         if not has_model:
-            raise UsageError(f"{checkpoint_path}: {NO_ARCHITECTURE}, so a compressed artifact cannot be compared")
+            raise UsageError(
+                f"{checkpoint_path}: {NO_ARCHITECTURE}, so a compressed artifact cannot be compared; name the "
+                "factory that builds the model with --model module:function"
+            )
         report = _compressed_report(checkpoint, replace(artifact, model_factory=model_factory),
                                     owned_model(settings.torch_dtype), compression, settings, batches)
         notes.extend([stale_note] if stale_note else [])

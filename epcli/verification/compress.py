@@ -25,9 +25,10 @@ from torch import Tensor, nn
 
 from epcli.checkpoint.inputs import InputSpec, random_inputs
 from epcli.convert import collapse_model
-from epcli.convert.compress import LayerPlan, factored_copy, layer_plans
+from epcli.convert.compress import LayerPlan, factor_in_place, factored, in_model_dtype, layer_plans
 from epcli.core.lowrank import DEFAULT_RIDGE
 from epcli.errors import UsageError
+from epcli.layers.registry import find_ep_layers
 from epcli.verification.compare import Comparison, VerifySettings
 from epcli.verification.model_check import ExpandedOutputs, expanded_outputs
 from epcli.verification.samples import sample_batches
@@ -122,7 +123,7 @@ def compress_model(
 
     ``calibration`` (one tensor, batch first, or batches as tuples of model inputs) is what the error is
     measured on, and whitens each layer's truncation by its own inputs ("whitened"); without it the error is
-    measured on ``samples`` seeded standard-normal inputs drawn from ``inputs`` and the truncation is plain
+    measured on ``samples`` seeded random inputs drawn from ``inputs`` and the truncation is plain
     ("svd"). ``max_error=0`` keeps every layer whole (no truncation is exact in floating point).
     """
     _check_budget(max_error)  # before the reference run
@@ -147,17 +148,32 @@ def reference_outputs(
 
 
 def compress_against(
-    reference: ExpandedOutputs, model: nn.Module, *, max_error: float, whiten: bool, ridge: float = DEFAULT_RIDGE
+    reference: ExpandedOutputs,
+    model: nn.Module,
+    *,
+    max_error: float,
+    whiten: bool,
+    ridge: float = DEFAULT_RIDGE,
+    consume: bool = False,
 ) -> tuple[nn.Module, CompressionResult]:
     """:func:`compress_model` with the reference outputs given (e.g. to measure an export against them too);
-    ``whiten`` whitens each truncation by the layer's inputs on the reference's batches."""
+    ``whiten`` whitens each truncation by the layer's inputs on the reference's batches. ``model`` is not touched,
+    unless ``consume`` (a caller that drops it afterwards, its EP layers collapsed already): then it is factored in
+    place, and no copy of it is ever made.
+
+    Every candidate is measured in the model's own dtype, as it will be stored, with its factored layers views of
+    the factors put in the model's place for the measurement (:func:`~epcli.convert.compress.factored`): the
+    peak is the collapsed model, its factors (fewer weights than its layers) and one layer's SVD."""
     _check_budget(max_error)
+    if find_ep_layers(model):
+        model = collapse_model(model)  # a new model
+    elif not consume:
+        model = copy.deepcopy(model)
+    model.eval()
     settings = VerifySettings(samples=1, dtype="float64")  # the batches are given: only the dtype matters
-    collapsed = collapse_model(model)
-    work = copy.deepcopy(collapsed).to(torch.float64).eval()
-    plans = layer_plans(work, reference.batches, whiten=whiten, ridge=ridge)
+    plans = layer_plans(model, reference.batches, whiten=whiten, ridge=ridge)
     thresholds = sorted({p.tails[r] for p in plans.values() for r in range(1, p.rank_limit + 1)})
-    measured = [0]  # whole-model measurements made
+    measured: dict[tuple[tuple[str, int], ...], tuple[Comparison, ...]] = {}
 
     def ranks_at(index: int) -> dict[str, int]:
         if index < 0:
@@ -165,33 +181,26 @@ def compress_against(
         chosen = {path: plan.rank_at(thresholds[index]) for path, plan in plans.items()}
         return {path: rank for path, rank in chosen.items() if rank is not None}
 
-    def measure(candidate: nn.Module) -> tuple[Comparison, ...]:
-        measured[0] += 1
-        return measure_model(reference, candidate, settings)
+    def measure(ranks: dict[str, int]) -> tuple[Comparison, ...]:
+        key = tuple(sorted(ranks.items()))
+        if key not in measured:
+            with factored(model, plans, ranks) as candidate:
+                measured[key] = measure_model(reference, candidate, settings)
+        return measured[key]
 
     def passes(ranks: dict[str, int]) -> bool:
-        return _rel(measure(factored_copy(work, plans, ranks))) <= max_error
+        return _rel(measure(ranks)) <= max_error
 
-    low, high = -1, len(thresholds)  # -1: nothing factored, within any budget but float rounding
+    low, high = -1, len(thresholds)  # -1: nothing factored, within any budget but the dtype's rounding
     while high - low > 1:
         middle = (low + high) // 2
         low, high = (middle, high) if passes(ranks_at(middle)) else (low, middle)
-    ranks, added = ranks_at(low), []
+    ranks = ranks_at(low)
     for path in sorted(plans, key=lambda path: plans[path].tails[plans[path].rank_limit]):  # least energy lost first
         plan = plans[path]
         if path not in ranks and plan.rank_limit >= 1 and passes({**ranks, path: plan.rank_limit}):
             ranks[path] = plan.rank_limit
-            added.append(path)
-    while True:  # the result in its own dtype: step back while its rounding breaks the budget
-        compressed = factored_copy(collapsed, plans, ranks).eval()
-        final = measure(compressed)
-        if _rel(final) <= max_error or not ranks:
-            break
-        if added:
-            del ranks[added.pop()]
-        else:
-            low -= 1
-            ranks = ranks_at(low)
+    final = measure(ranks)  # measured already, unless nothing passed: then the model as it is
     result = CompressionResult(
         layers=tuple(_layer(plan, ranks.get(path)) for path, plan in plans.items()),
         method="whitened" if whiten else "svd",
@@ -200,19 +209,16 @@ def compress_against(
         model_max_abs_error=max((c.max_abs_error for c in final), default=0.0),
         samples=final[0].samples if final else 0,
         threshold=None if low < 0 else thresholds[low],
-        evaluations=measured[0],
+        evaluations=len(measured),
     )
-    return compressed, result
+    return factor_in_place(model, plans, ranks), result  # the plans are dropped as their layers are factored
 
 
 def measure_model(
     reference: ExpandedOutputs, candidate: nn.Module, settings: VerifySettings
 ) -> tuple[Comparison, ...]:
     """``candidate`` (in its own dtype: float64 inputs are cast to it) against the reference outputs."""
-    dtype = next((p.dtype for p in candidate.parameters()), torch.float64)
-    run: Callable[..., object] = lambda *batch: candidate(  # noqa: E731
-        *(t.to(dtype) if t.is_floating_point() else t for t in batch)
-    )
+    run: Callable[..., object] = lambda *batch: candidate(*in_model_dtype(candidate, batch))  # noqa: E731
     return reference.compare(run, "compressed", settings)
 
 

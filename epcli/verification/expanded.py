@@ -66,7 +66,7 @@ def rejected_inputs(specs: Sequence[InputSpec], batches: Sequence[tuple[Tensor, 
     try:
         yield
     except (IndexError, RuntimeError) as e:  # an id beyond an embedding, a dtype a kernel does not take
-        given = "the samples of --inputs" if batches is not None else "its inputs"
+        given = "the given samples" if batches is not None else "its inputs"
         raise ModelInputError(
             f"the model rejected {given} ({describe_inputs(specs)}: each input's dtype and, for integers, its range "
             f"[low, high)): {quote(f'{type(e).__name__}: {e}', 300)}; give inputs in the dtype and range the model "

@@ -12,11 +12,12 @@ import torch
 from torch import Tensor, nn
 
 from epcli.checkpoint.inputs import InputSpec
-from epcli.checkpoint.load import read_skeleton
+from epcli.checkpoint.load import read_model, read_skeleton
 from epcli.checkpoint.opened import CheckpointFile
+from epcli.checkpoint.save import collapsed_layout
 from epcli.checkpoint.user_code import run_forward
-from epcli.convert import collapsed_keys, expanded_eval, layer_prefix
-from epcli.errors import CheckpointError
+from epcli.convert import collapsed_dtype, collapsed_keys, expanded_eval, layer_prefix
+from epcli.errors import CheckpointError, UsageError
 from epcli.layers.base import EPLayer
 from epcli.layers.registry import collapsed_has_bias, find_ep_layers
 from epcli.layers.summary import natural_order
@@ -24,10 +25,10 @@ from epcli.progress import ProgressCallback
 from epcli.storage.mapped_pages import trim_heap
 from epcli.text import quote
 from epcli.verification.compare import Comparison, VerifyReport, VerifySettings
-from epcli.verification.expanded import ExpandedOutputs, drawn_batches, rejected_inputs
-from epcli.verification.model_check import IN_MEMORY, check_layer, layer_reader, put_module
+from epcli.verification.expanded import ExpandedOutputs, drawn_batches, expanded_outputs, rejected_inputs
+from epcli.verification.model_check import IN_MEMORY, check_layer, collapse_in_place, layer_reader, put_module
 
-__all__ = ["LayeredCheck", "check_layered", "verify_embedded"]
+__all__ = ["CollapsedModel", "LayeredCheck", "check_layered", "collapse_opened", "verify_embedded"]
 
 
 def verify_embedded(
@@ -60,6 +61,86 @@ def verify_embedded(
 
 
 @dataclass(frozen=True)
+class CollapsedModel:
+    """An opened checkpoint's collapsed model (in the comparison dtype, each collapsed layer rounded through its
+    stored dtype), the original model's outputs it is measured against, and each EP layer's check alone."""
+
+    model: nn.Module
+    expected: ExpandedOutputs
+    layers: tuple[Comparison, ...]
+
+
+def collapse_opened(
+    opened: CheckpointFile,
+    settings: VerifySettings,
+    *,
+    what: str,
+    batches: Sequence[tuple[Tensor, ...]] | None = None,
+    progress: ProgressCallback | None = None,
+    as_stored: bool = False,
+) -> CollapsedModel:
+    """The collapsed model of ``opened`` and the outputs of the model it stores, in one copy, for a job that goes on
+    with the collapsed model (``what`` it does with it, for the error when there is no model). The model is in the
+    comparison dtype, or with ``as_stored`` each of its tensors in the dtype the file stores it in (a collapsed
+    layer: that of its first weight, as ``epcli collapse`` writes it), the model a collapsed file would hold.
+
+    An embedded architecture runs a module at a time, each EP layer read when it runs and collapsed in its place
+    (:func:`check_layered`), so the expanded model is never held at all; a factory's model is read once and
+    collapsed in place (:func:`~epcli.verification.model_check.collapse_in_place`); a collapsed file's model is
+    its own reference. Either way the expanded model is never held beside a copy of itself."""
+    if opened.architecture is None and opened.model_factory is None:
+        raise UsageError(
+            f"{opened.path}: no architecture is embedded, so there is no whole model to {what}; "
+            "name a factory with --model module:function"
+        )
+    stored = opened.meta_state()
+    rounded_to = {  # as collapse writes it
+        path: collapsed_dtype(path, stored) for path in (opened.ep_layers if opened.kind == "expanded" else ())
+    }
+    if opened.kind == "expanded" and opened.model_factory is None:
+        checked = check_layered(
+            read_skeleton(opened, dtype=settings.torch_dtype), opened.inputs, layer_reader(opened), settings,
+            layer_input_shapes=opened.layer_input_shapes, rounded_to=rounded_to, progress=progress, keep=True,
+            stored=as_stored, batches=batches,
+        )
+        assert checked.model is not None  # kept
+        model, expected, layers = checked.model, checked.expected, checked.layers
+    else:
+        read = read_model(opened, dtype=settings.torch_dtype)
+        assert read is not None  # an architecture or a factory
+        if opened.kind == "expanded":
+            model, expected, layers = collapse_in_place(
+                read, opened.inputs, layer_reader(opened), settings, layer_input_shapes=opened.layer_input_shapes,
+                rounded_to=rounded_to, progress=progress, batches=batches,
+            )
+        else:
+            model, expected, layers = read, expanded_outputs(read, opened.inputs, settings, batches), ()
+    return CollapsedModel(_as_stored(model, opened) if as_stored else model, expected, layers)
+
+
+def _as_stored(model: nn.Module, opened: CheckpointFile) -> nn.Module:
+    """``model`` (collapsed) with each floating tensor in the dtype the file stores it in, or the least precise
+    stored dtype for a tensor the file does not hold under that name (e.g. a factory's renamed keys)."""
+    stored = opened.meta_state()
+    layout = collapsed_layout(stored, opened.ep_layers) if opened.kind == "expanded" else stored
+    least = max((t.dtype for t in stored.values() if t.is_floating_point()), key=lambda d: torch.finfo(d).eps,
+                default=torch.float32)
+
+    def dtype(name: str) -> torch.dtype:
+        found = layout.get(name)
+        return found.dtype if found is not None and found.is_floating_point() else least
+
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            parameter.data = parameter.data.to(dtype(name))
+        for name, buffer in list(model.named_buffers()):
+            if buffer.is_floating_point():
+                owner, _, leaf = name.rpartition(".")
+                model.get_submodule(owner)._buffers[leaf] = buffer.to(dtype(name))  # persistent or not, as it was
+    return model
+
+
+@dataclass(frozen=True)
 class LayeredCheck:
     """What :func:`check_layered` measured: each EP layer alone (in path order), the expanded model's outputs,
     the collapsed model's on the same batches, and the collapsed model itself when it was kept."""
@@ -83,6 +164,7 @@ def check_layered(
     collapsed_state: Mapping[str, Tensor] | None = None,
     rounded_to: Mapping[str, torch.dtype] | None = None,
     keep: bool = False,
+    stored: bool = False,
 ) -> LayeredCheck:
     """The checks of :func:`~.model_check.collapse_in_place`, for an ``nn.Sequential`` tree whose EP layers hold
     no data (:func:`~epcli.checkpoint.load.read_skeleton`), run one module at a time on every batch.
@@ -93,7 +175,8 @@ def check_layered(
     with its float64 collapse, and two activations of every sample. Each module sees the tensors the whole model
     would give it, so the figures are the same. ``keep`` puts each plain layer in the model (rounded as
     ``rounded_to`` says, as in :func:`~.model_check.check_layer`), for a caller that goes on with the collapsed
-    model (an ONNX export); then the collapsed layers add up as the check goes.
+    model (an ONNX export); then the collapsed layers add up as the check goes. With ``stored`` too, each is kept
+    in its stored dtype (``rounded_to``'s), as the file will hold it, not in the comparison dtype.
     """
     model.to(device=settings.torch_device, dtype=settings.torch_dtype).eval()
     found = find_ep_layers(model)
@@ -136,10 +219,11 @@ def check_layered(
         )
         assert comparison is not None  # an input shape was given
         comparisons[path] = comparison
-        run_collapsed(plain)
+        runnable = plain if _dtype(plain) == settings.torch_dtype else copy.deepcopy(plain).to(settings.torch_dtype)
+        run_collapsed(runnable)
         if keep:
-            model = put_module(model, path, plain)
-        del plain  # before the next layer is read
+            model = put_module(model, path, plain if stored else runnable)
+        del plain, runnable  # before the next layer is read
         trim_heap()  # and this one's freed blocks given back, or the next layer's would come on top of them
     return LayeredCheck(
         tuple(comparisons[path] for path in natural_order(comparisons)),
@@ -147,6 +231,10 @@ def check_layered(
         [output for (output,) in collapsed],
         model if keep else None,
     )
+
+
+def _dtype(module: nn.Module) -> torch.dtype:
+    return next(module.parameters()).dtype
 
 
 def _check_keys(

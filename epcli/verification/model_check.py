@@ -220,7 +220,7 @@ def check_layer(
 ) -> tuple[Comparison | None, nn.Module]:
     """The EP layer at ``path``, built from its own tensors in the comparison dtype: checked alone against its plain
     layer (given ``input_shape``), and the plain layer that takes its place: the one checked, or the same collapse
-    rounded to its stored dtype first, or an empty one on the meta device that ``collapsed_state`` fills (with
+    rounded to (and held in) its stored dtype, or an empty one on the meta device that ``collapsed_state`` fills (with
     ``filled``, the checked one holding ``collapsed_state``'s tensors, for a caller that runs it). ``run`` is given
     the expanded layer first (a streamed model check runs it on its activations)."""
     def cast(module: nn.Module) -> nn.Module:
@@ -228,7 +228,8 @@ def check_layer(
 
     def read() -> EPLayer:
         state = layer_state(path)
-        return expanded_layer(config, _tensors(state, list(state)), dtype=settings.torch_dtype, device=settings.torch_device)
+        tensors = _tensors(state, list(state), widened_to=settings.torch_dtype)
+        return expanded_layer(config, tensors, dtype=settings.torch_dtype, device=settings.torch_device)
 
     checked: nn.Module
     installed: nn.Module
@@ -247,9 +248,9 @@ def check_layer(
         del state
         checked = installed = cast(_plain(config, affine.weight, affine.bias))
         stored = settings.torch_dtype if rounded_to is None else rounded_to[path]
-        if stored != settings.torch_dtype:
+        if stored != settings.torch_dtype:  # held in its stored dtype: the comparison's copy is a caller's to make
             bias = None if affine.bias is None else affine.bias.to(stored)
-            installed = cast(_plain(config, affine.weight.to(stored), bias))
+            installed = _plain(config, affine.weight.to(stored), bias).to(device=settings.torch_device)
         del affine
         trim_heap()  # the collapse's freed blocks: the layer read next would not reuse them all
     layer = read()
@@ -327,9 +328,9 @@ class LayerFile(Mapping[str, Tensor]):
             raise KeyError(key)
         return self.read([key])[key]
 
-    def read(self, keys: Iterable[str]) -> dict[str, Tensor]:
-        """The tensors of ``keys`` in one read of the file."""
-        stored = self._opened.read(self._prefix + key for key in keys)
+    def read(self, keys: Iterable[str], *, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+        """The tensors of ``keys`` in one read of the file (floating ones cast to ``dtype`` one at a time)."""
+        stored = self._opened.read((self._prefix + key for key in keys), dtype=dtype)
         return {key[len(self._prefix) :]: tensor for key, tensor in stored.items()}
 
     def __contains__(self, key: object) -> bool:  # from the listing: Mapping's own would read the tensor
@@ -342,10 +343,19 @@ class LayerFile(Mapping[str, Tensor]):
         return len(self.listing)
 
 
-def _tensors(state: Mapping[str, Tensor], keys: Iterable[str]) -> dict[str, Tensor]:
-    """``keys`` of one EP layer's ``state``: a :class:`LayerFile`'s in one read, any other mapping's looked up."""
+def _tensors(
+    state: Mapping[str, Tensor], keys: Iterable[str], *, widened_to: torch.dtype | None = None
+) -> dict[str, Tensor]:
+    """``keys`` of one EP layer's ``state``: a :class:`LayerFile`'s in one read, any other mapping's looked up.
+
+    With ``widened_to``, a file's floating tensors stored no more precisely are cast to it as they are read, so the
+    layer never exists whole in both dtypes (a narrowing cast is left to the caller: the file's tensors are
+    checked finite as stored)."""
     if isinstance(state, LayerFile):
-        return state.read(keys)
+        keys = list(keys)
+        stored = [state.listing[key].dtype for key in keys if state.listing[key].is_floating_point()]
+        widen = widened_to is not None and all(torch.finfo(d).eps >= torch.finfo(widened_to).eps for d in stored)
+        return state.read(keys, dtype=widened_to if widen else None)
     return {key: state[key] for key in keys}
 
 

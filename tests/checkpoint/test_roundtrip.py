@@ -284,3 +284,13 @@ def test_fresh_process_that_imports_only_epcli_rebuilds_the_model(tmp_path: Path
         expected = model(x)
     for output in outputs:
         torch.testing.assert_close(torch.load(output, weights_only=True), expected, rtol=0, atol=0, msg=str(output))
+
+
+def test_a_checkpoints_repr_is_a_summary_not_its_tensors(tmp_path: Path):
+    model = nn.Sequential(epcli.EPLinear(300, 200, depth=3), nn.ReLU(), nn.Linear(200, 4)).eval()
+    checkpoint = epcli.load_checkpoint(epcli.save_checkpoint(model, tmp_path / "m.safetensors", input_shape=(300,)))
+    text = repr(checkpoint)
+    size = sum(t.numel() * t.element_size() for t in checkpoint.state_dict.values())
+    assert text.startswith("Checkpoint(") and "m.safetensors" in text and "kind='expanded'" in text
+    assert f"tensors={len(checkpoint.state_dict)} ({size:,} bytes)" in text and "ep_layers=['0']" in text
+    assert "tensor(" not in text and len(text) < 300

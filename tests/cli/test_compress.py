@@ -193,6 +193,8 @@ def test_a_compressed_file_of_a_factory_model_is_verified_inspected_and_exported
     assert "max |err| / max |expanded| <= 0.5, float32" in verify.stderr
 
     assert invoke("inspect", out, *factory).returncode == 0
+    without = invoke("verify", custom.path, out)
+    assert without.returncode == 2 and "name the factory that builds the model with --model module:function" in without.stderr
     export = invoke("export", out, *factory, "--onnx", custom.dir / "small.onnx")
     assert export.returncode == 0 and (custom.dir / "small.onnx").is_file(), export.describe()
 

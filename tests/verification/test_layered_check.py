@@ -16,12 +16,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from epcli import CheckpointError, load_checkpoint, overparameterize, save_checkpoint
+from epcli.checkpoint.load import open_checkpoint
 from epcli.checkpoint.opened import CheckpointFile
 from epcli.jobs.collapse import collapse_file
 from epcli.jobs.verify import verify_files
 from epcli.layers import EPLinear
 from epcli.verification import model_check
 from epcli.verification.compare import VerifySettings
+from epcli.verification.layered import collapse_opened
 from epcli.verification.model_check import verify_checkpoint
 
 
@@ -123,3 +125,25 @@ def test_each_ep_layer_is_read_when_it_runs_and_freed_before_the_next(tmp_path: 
     assert all(len(layers) == 1 for layers in reads)
     assert [next(iter(layers)) for i, layers in enumerate(reads) if i == 0 or layers != reads[i - 1]] == ["0", "2", "4", "6"]
     assert alive_at_build == [0] * 4  # no EP layer is resident when the next one is built
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_the_collapsed_model_as_stored_holds_what_collapse_writes(name: str, dtype: str, tmp_path: Path):
+    """compress's starting point, built a layer at a time while the float64 reference runs, is bit for bit the
+    file ``epcli collapse`` writes (each tensor in its stored dtype), and the reference is the expanded model's."""
+    source = _saved(name, dtype, tmp_path)
+    written = load_file(collapse_file(source, tmp_path / "collapsed.safetensors").output)
+    settings = VerifySettings(samples=8, batch_size=4, seed=0, dtype="float64")
+
+    collapsed = collapse_opened(open_checkpoint(source), settings, what="test", as_stored=True)
+
+    state = collapsed.model.state_dict()
+    assert set(state) == set(written)
+    for key, value in written.items():
+        assert state[key].dtype == value.dtype, key
+        torch.testing.assert_close(state[key], value, rtol=0, atol=0)
+    expanded = load_checkpoint(source).model.to(torch.float64).eval()
+    with torch.no_grad():
+        for batch, output in zip(collapsed.expected.batches, collapsed.expected.outputs, strict=True):
+            torch.testing.assert_close(output, expanded(*batch), rtol=1e-12, atol=1e-12)
