@@ -1,18 +1,17 @@
 """``epcli export``: deployment artifacts of the collapsed model.
 
-ONNX is validated in onnxruntime against the torch model before anything is
-written; both output paths are checked before any work, and the safetensors
+ONNX is validated in onnxruntime against the torch model before anything is moved
+into place; both output paths are checked before any work, and the safetensors
 file is written only after the ONNX file passed, so a failed run leaves nothing
 half-done behind.
 
-A model over protobuf's 2 GiB limit (or any, with ``external_data=True``) is
-written as ``NAME.onnx`` plus ``NAME.onnx.data``: both are written in a scratch
-directory beside the output under their final names (the model names its data
-file), checked there with ``onnx.checker`` and run in onnxruntime from that
-path, then moved into place together, the data file first; on any failure
-neither is left. The ONNX carries the provenance a collapsed safetensors file
-does, in ``metadata_props``; the validation result is added after the run it
-records (metadata does not change what runs).
+The ONNX file is written in a scratch directory beside the output under its final name, a tensor at a time
+(:mod:`epcli.onnx.files`), checked there with ``onnx.checker`` and run in onnxruntime from that path, then moved
+into place; on any failure nothing is left. A model over protobuf's 2 GiB limit (or any, with
+``external_data=True``) is written as ``NAME.onnx`` plus ``NAME.onnx.data`` (the model names its data file), and
+the pair is moved together, the data file first. The ONNX carries the provenance a collapsed safetensors file
+does, in ``metadata_props``; the validation result is added after the run it records (metadata does not change
+what runs), by rewriting only the file's tail.
 """
 
 from __future__ import annotations
@@ -35,18 +34,15 @@ from epcli.convert import collapsed_dtype
 from epcli.errors import UsageError
 from epcli.onnx.export import (
     DEFAULT_OPSET,
+    EXPORTED,
     EXTERNAL_DATA_THRESHOLD,
     OnnxSession,
     build_onnx,
     check_onnx,
     external_data_path,
     initializer_nbytes,
-    parse_onnx,
-    save_external,
-    serialize_onnx,
-    set_onnx_metadata,
-    write_onnx,
 )
+from epcli.onnx.files import save_external, write_metadata, write_onnx
 from epcli.progress import ProgressCallback
 from epcli.storage.atomic import StagedFiles
 from epcli.storage.mapped_pages import trim_heap
@@ -181,7 +177,9 @@ def _export_onnx(
     An embedded architecture runs a module at a time, each EP layer read when it runs and collapsed in its place
     (:func:`~epcli.verification.layered.check_layered`), so the expanded model is never held at all; a factory's
     model is read once and collapsed in place (:func:`~epcli.verification.model_check.collapse_in_place`). Either
-    way the expanded model is never held beside a copy of itself, nor beside the ONNX weights.
+    way the expanded model is never held beside a copy of itself, nor beside the ONNX weights. The collapsed
+    model's tensors are freed as the ONNX model takes its copies, and that model as soon as it is written, so
+    the checker and onnxruntime (which read the file) run beside no copy of the weights.
     """
     if opened.architecture is None and opened.model_factory is None:
         raise UsageError(
@@ -222,45 +220,37 @@ def _export_onnx(
         opset=plan.opset,
         dynamic_batch=not plan.static_batch,
         inputs=opened.inputs,
+        consume=True,
     )
-    del model  # the proto holds the weights now
-    trim_heap()  # the collapse's and the model's freed blocks: serialising maps its own
+    del model  # the proto holds the weights now (an emitted model's were freed one by one as they were copied)
+    trim_heap()  # the collapse's and the model's freed blocks: the checker and onnxruntime map their own
     op_types = tuple(node.op_type for node in proto.graph.node)
     external = plan.external_data or initializer_nbytes(proto) > plan.external_threshold
     data_path = external_data_path(output)
     if external and not plan.external_data:  # the estimate from the file's shapes fell short
         check_targets((data_path,), plan.sources, plan.force)
-    source: bytes | Path
-    if external:  # the pair sits together under its final names while it is checked and run
-        scratch = staged.scratch(output)
-        source = temp = scratch / output.name
-        save_external(proto, temp)
-    else:  # only the bytes are kept while onnxruntime loads its own copy; the proto is parsed from them again
-        source = serialize_onnx(proto)
-        del proto
-        check_onnx(source)  # the bytes: checking a proto would serialise it again
+    # written under its final name in a scratch directory (a model names its data file), a tensor at a time, and
+    # dropped: the checker and onnxruntime read the file, and only its small tail is rewritten for the metadata
+    scratch = staged.scratch(output)
+    written = (save_external if external else write_onnx)(proto, scratch / output.name)
+    del proto
+    check_onnx(written.path)
     if progress is not None:
         progress(len(layers), len(layers) + 1, "checking the whole model in onnxruntime")
     trim_heap()  # what the checker parsed and freed: onnxruntime maps its own
-    session = OnnxSession(source, timeout=plan.timeout, expected_inputs=len(opened.inputs))
+    session = OnnxSession(  # a single file is named as when it was run from memory
+        written.path, timeout=plan.timeout, expected_inputs=len(opened.inputs), name=None if external else EXPORTED
+    )
     report = VerifyReport(settings, settings.tolerance, (*layers, *expected.compare(session, ONNX_LABEL, settings)))
     del session
     files: tuple[Path, ...] = ()
     if report.passed:
-        if isinstance(source, bytes):
-            proto = parse_onnx(source)
-        del source
-        set_onnx_metadata(proto, _metadata(opened, plan.sources, report))
-        if external:
-            write_onnx(proto, temp)
+        write_metadata(written, _metadata(opened, plan.sources, report))
+        if external:  # checked again, as small as it is; a single file's checked bytes differ only in metadata
+            check_onnx(written.path)
             staged.add(data_path, scratch / data_path.name)  # the data first: the model is what readers open
-            staged.add(output, temp)
-            files = (output, data_path)
-        else:
-            data = serialize_onnx(proto)
-            del proto
-            staged.write(output, lambda handle: handle.write(data))
-            files = (output,)
+        staged.add(output, written.path)
+        files = (output, data_path) if external else (output,)
     return OnnxExportResult(
         output=output,
         written=report.passed,

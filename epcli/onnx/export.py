@@ -6,15 +6,7 @@ written node by node (``onnx_graph``); anything else goes through
 serialised deterministically, so the same model gives the same bytes. Each ONNX
 output is named by its tensor's path in the model's output (:func:`output_name`:
 ``output``, ``output.logits``, ``output[0]``), and :class:`OnnxSession` gives them back
-under those paths, whatever their count. Bytes
-stay in memory until they are checked and validated, so a caller can refuse to
-write a file that does not pass.
-
-A model whose weights exceed protobuf's 2 GiB limit cannot be one serialised
-message: :func:`save_external` writes it the ONNX way, as ``NAME.onnx`` plus
-``NAME.onnx.data`` beside it holding every tensor of at least
-:data:`EXTERNAL_TENSOR_MIN_BYTES` (the model names the file by its relative
-location, so the pair must stay together), and checks it on the path.
+under those paths, whatever their count. Files are written by :mod:`epcli.onnx.files`.
 """
 
 from __future__ import annotations
@@ -24,7 +16,6 @@ import io
 import json
 import logging
 import math
-import os
 import re
 import select
 import signal
@@ -52,8 +43,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_OPSET",
+    "EXPORTED",
     "EXTERNAL_DATA_THRESHOLD",
-    "EXTERNAL_TENSOR_MIN_BYTES",
     "INPUT_NAME",
     "OUTPUT_NAME",
     "OnnxSession",
@@ -66,18 +57,16 @@ __all__ = [
     "output_name",
     "output_path",
     "parse_onnx",
-    "save_external",
     "serialize_onnx",
     "set_onnx_metadata",
-    "write_onnx",
 ]
 
 DEFAULT_OPSET = 18
+EXPORTED = "the exported ONNX model"
+"""What messages call a model epcli exported and has not written yet."""
 EXTERNAL_DATA_THRESHOLD = 2**31 - 2**26
 """Initializer bytes above which a model is written with external data: protobuf refuses messages over 2 GiB,
 and 64 MiB are left for the graph, the small tensors kept inline and the metadata."""
-EXTERNAL_TENSOR_MIN_BYTES = 1024
-"""Tensors of at least this many bytes go to the external data file (onnx's own default); smaller ones stay inline."""
 
 
 @contextlib.contextmanager
@@ -122,9 +111,11 @@ def build_onnx(
     opset: int = DEFAULT_OPSET,
     dynamic_batch: bool = True,
     inputs: Sequence[InputSpec] | None = None,
+    consume: bool = False,
 ) -> onnx.ModelProto:
     """The ONNX model of ``model`` (emitted node by node when it takes one float input, else traced), not yet
-    checked (:func:`check_onnx`); ``inputs`` as for :func:`export_onnx_bytes`."""
+    checked (:func:`check_onnx`); ``inputs`` as for :func:`export_onnx_bytes`. With ``consume``, a model emitted
+    node by node is left without its tensors, each freed as it is copied (:func:`~epcli.onnx.graph.emit_onnx`)."""
     newest = _newest_opset()
     if not is_int(opset) or not MIN_OPSET <= opset <= newest:
         raise UsageError(
@@ -134,7 +125,7 @@ def build_onnx(
     model = model.eval()
     specs = tuple(inputs) if inputs is not None else (InputSpec(tuple(input_shape)),)
     one_float = len(specs) == 1 and specs[0].is_float
-    proto = emit_onnx(model, input_shape, opset=opset, dynamic_batch=dynamic_batch) if one_float else None
+    proto = emit_onnx(model, input_shape, opset=opset, dynamic_batch=dynamic_batch, consume=consume) if one_float else None
     if proto is None:
         proto = _traced(model, specs, opset=opset, dynamic_batch=dynamic_batch)
     return proto
@@ -155,7 +146,7 @@ def check_onnx(proto: onnx.ModelProto | bytes | Path) -> None:
         onnx.checker.check_model(proto if not isinstance(proto, Path) else str(proto), full_check=True)
     except Exception as e:
         where = f"{proto}: " if isinstance(proto, Path) else ""
-        raise ExportError(f"{where}the exported ONNX model does not pass onnx.checker: {e}") from e
+        raise ExportError(f"{where}{EXPORTED} does not pass onnx.checker: {e}") from e
 
 
 def serialize_onnx(proto: onnx.ModelProto) -> bytes:
@@ -184,50 +175,8 @@ def initializer_nbytes(proto: onnx.ModelProto) -> int:
 
 
 def external_data_path(path: Path) -> Path:
-    """``NAME.onnx.data`` beside ``NAME.onnx``: where :func:`save_external` puts the tensors."""
+    """``NAME.onnx.data`` beside ``NAME.onnx``: where :func:`~epcli.onnx.files.save_external` puts the tensors."""
     return path.with_name(f"{path.name}.data")
-
-
-def save_external(proto: onnx.ModelProto, path: Path, *, min_tensor_bytes: int = EXTERNAL_TENSOR_MIN_BYTES) -> Path:
-    """Write ``proto`` as ``path`` plus its external data file (returned), fsync both, check them on the path.
-
-    Tensors of at least ``min_tensor_bytes`` move to the data file one at a time,
-    each leaving the model as it is written, so the weights are not held twice.
-    ``proto`` is changed in place (its big tensors then point into the file), so
-    writing it again with :func:`write_onnx` keeps the same data file.
-    """
-    from onnx import external_data_helper
-
-    data = external_data_path(path)
-    external_data_helper.convert_model_to_external_data(
-        proto, all_tensors_to_one_file=True, location=data.name, size_threshold=min_tensor_bytes
-    )
-    try:
-        data.write_bytes(b"")  # onnx appends: start empty (and a model with no big tensor still gets its pair)
-        external_data_helper.write_external_data_tensors(proto, str(path.parent))
-        _fsync(data)
-    except OSError as e:
-        raise ExportError(f"cannot write {data}: {e.strerror or e}") from e
-    write_onnx(proto, path)
-    return data
-
-
-def write_onnx(proto: onnx.ModelProto, path: Path) -> None:
-    """Serialise ``proto`` to ``path``, fsync it, and check it there (the path form also checks external data)."""
-    try:
-        path.write_bytes(serialize_onnx(proto))
-        _fsync(path)
-    except OSError as e:
-        raise ExportError(f"cannot write {path}: {e.strerror or e}") from e
-    check_onnx(path)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def set_onnx_metadata(proto: onnx.ModelProto, values: Mapping[str, str]) -> None:
@@ -343,15 +292,18 @@ class OnnxSession:
     the bound hit included, is a :class:`CheckpointError` naming the file; what the file
     says comes back cut short (metadata keys by :func:`~epcli.text.clip` and values to
     :data:`~epcli.limits.MAX_METADATA_CHARS`, which a message echoing one must quote; names in
-    onnxruntime's errors by :func:`~epcli.text.quote`).
+    onnxruntime's errors by :func:`~epcli.text.quote`). Messages call the model ``name``, by default its path
+    (``the exported ONNX model`` for bytes).
     """
 
-    def __init__(self, model: bytes | Path, *, timeout: float | None = None, expected_inputs: int = 1) -> None:
+    def __init__(
+        self, model: bytes | Path, *, timeout: float | None = None, expected_inputs: int = 1, name: str | None = None
+    ) -> None:
         if timeout is not None and not (isinstance(timeout, (int, float)) and 0 < timeout <= MAX_TIMEOUT):
             raise UsageError(
                 f"timeout must be a number of seconds > 0 and <= {MAX_TIMEOUT:g} (epcli's limit), got {quote(timeout)}"
             )
-        self.where = where = "the exported ONNX model" if isinstance(model, bytes) else str(model)
+        self.where = where = name or (EXPORTED if isinstance(model, bytes) else str(model))
         self.timeout = timeout
         if isinstance(model, Path) and not model.is_file():  # onnxruntime's own text would be "NO_SUCHFILE ..."
             what = "is a directory, not an ONNX file" if model.is_dir() else "no such file; check the path"

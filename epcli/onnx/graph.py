@@ -16,6 +16,7 @@ shapes it sees.
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -286,12 +287,14 @@ def _probe(model: nn.Module, leaves: Sequence[tuple[str, nn.Module]], example: T
 
 
 def emit_onnx(
-    model: nn.Module, input_shape: Sequence[int], *, opset: int, dynamic_batch: bool
+    model: nn.Module, input_shape: Sequence[int], *, opset: int, dynamic_batch: bool, consume: bool = False
 ) -> onnx.ModelProto | None:
     """The ONNX model of a plain ``nn.Sequential`` tree (float32, eval mode), or None when it has no direct form.
 
     Input :data:`INPUT_NAME` is ``[batch, *input_shape]`` (``batch`` symbolic with ``dynamic_batch``, else 1),
-    output :data:`OUTPUT_NAME`. None means: trace it with ``torch.onnx.export`` instead.
+    output :data:`OUTPUT_NAME`. None means: trace it with ``torch.onnx.export`` instead. With ``consume``, an
+    emitted model's parameters and buffers are taken out of ``model`` (left empty) and each is freed once its copy
+    is in the ONNX model, so the weights are never held twice.
     """
     from onnx import TensorProto, helper, numpy_helper
 
@@ -330,6 +333,13 @@ def emit_onnx(
         producer_name="epcli",
     )
     proto.ir_version = helper.find_min_ir_version_for(proto.opset_import)
-    for name, array in graph.initializers:
+    if consume:  # the arrays (views of the tensors) are then the tensors' last references
+        for module in model.modules():
+            for name in [*module._parameters, *module._buffers]:
+                delattr(module, name)
+    initializers, graph.initializers = deque(graph.initializers), []
+    while initializers:
+        name, array = initializers.popleft()
         proto.graph.initializer.append(numpy_helper.from_array(array, name))
+        del array
     return proto

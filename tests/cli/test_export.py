@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import weakref
 
 import numpy as np
 import onnx
@@ -239,6 +240,35 @@ def test_a_failure_while_writing_safetensors_leaves_no_onnx_either(samples, tmp_
         export_job.export_file(samples.mlp, onnx_path=onnx_path, safetensors_path=safetensors_path,
                                settings=VerifySettings())
     assert sorted(p.name for p in out.iterdir()) == []
+
+
+def test_the_torch_weights_are_freed_before_onnxruntime_loads(samples, tmp_path, monkeypatch):
+    """Peak memory: the collapsed model's tensors die as the ONNX model takes its copies, and onnxruntime reads the
+    written file, so epcli holds no copy of the weights while it runs."""
+    import epcli.jobs.export as export_job
+    from epcli.verification.compare import VerifySettings
+
+    tensors: list[weakref.ref[torch.Tensor]] = []
+    alive: list[int] = []
+    build, session = export_job.build_onnx, export_job.OnnxSession
+
+    def recording_build(model, *args, **kwargs):
+        tensors.extend(weakref.ref(tensor) for tensor in [*model.parameters(), *model.buffers()])
+        proto = build(model, *args, **kwargs)
+        alive.append(sum(ref() is not None for ref in tensors))  # the caller still holds the model
+        return proto
+
+    def counting_session(model, *args, **kwargs):
+        alive.append(sum(ref() is not None for ref in tensors))
+        assert isinstance(model, os.PathLike), "onnxruntime reads the file, not bytes held by epcli"
+        return session(model, *args, **kwargs)
+
+    monkeypatch.setattr(export_job, "build_onnx", recording_build)
+    monkeypatch.setattr(export_job, "OnnxSession", counting_session)
+    result = export_job.export_file(samples.mlp, onnx_path=tmp_path / "m.onnx", safetensors_path=None,
+                                    settings=VerifySettings())
+
+    assert result.passed and tensors and alive == [0, 0]
 
 
 def test_onnx_of_a_bfloat16_checkpoint_holds_its_layers_as_collapse_stores_them(tmp_path):
