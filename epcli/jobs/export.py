@@ -21,16 +21,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import torch
-
 from epcli.artifacts.collapsed import CollapseResult, OutputPlan, plan_output, write_collapsed
 from epcli.artifacts.names import check_export_names
 from epcli.artifacts.provenance import metadata_strings, provenance
 from epcli.checkpoint.inputs import InputSpec
-from epcli.checkpoint.load import open_checkpoint, read_model, read_skeleton
+from epcli.checkpoint.load import open_checkpoint
 from epcli.checkpoint.opened import CheckpointFile
 from epcli.checkpoint.save import collapsed_layout
-from epcli.convert import collapsed_dtype
 from epcli.errors import UsageError
 from epcli.onnx.export import (
     DEFAULT_OPSET,
@@ -47,9 +44,9 @@ from epcli.progress import ProgressCallback
 from epcli.storage.atomic import StagedFiles
 from epcli.storage.mapped_pages import trim_heap
 from epcli.storage.paths import check_targets, file_sha256, make_parent
-from epcli.verification.compare import Comparison, VerifyReport, VerifySettings
-from epcli.verification.layered import check_layered
-from epcli.verification.model_check import ONNX_LABEL, collapse_in_place, expanded_outputs, layer_reader
+from epcli.verification.compare import VerifyReport, VerifySettings
+from epcli.verification.layered import collapse_opened
+from epcli.verification.model_check import ONNX_LABEL
 
 __all__ = ["ExportResult", "OnnxExportResult", "export_file"]
 
@@ -174,46 +171,19 @@ def _export_onnx(
     check with onnx.checker, compare in onnxruntime against those outputs, then stage the files in ``staged`` (the
     caller commits them).
 
-    An embedded architecture runs a module at a time, each EP layer read when it runs and collapsed in its place
-    (:func:`~epcli.verification.layered.check_layered`), so the expanded model is never held at all; a factory's
-    model is read once and collapsed in place (:func:`~epcli.verification.model_check.collapse_in_place`). Either
-    way the expanded model is never held beside a copy of itself, nor beside the ONNX weights. The collapsed
-    model's tensors are freed as the ONNX model takes its copies, and that model as soon as it is written, so
-    the checker and onnxruntime (which read the file) run beside no copy of the weights.
+    The model is collapsed as :func:`~epcli.verification.layered.collapse_opened` says (an embedded architecture a
+    module at a time), so the expanded model is never held beside a copy of itself, nor beside the ONNX weights.
+    The collapsed model's tensors are freed as the ONNX model takes its copies, and that model as soon as it is
+    written, so the checker and onnxruntime (which read the file) run beside no copy of the weights.
     """
-    if opened.architecture is None and opened.model_factory is None:
-        raise UsageError(
-            f"{opened.path}: no architecture is embedded, so there is no whole model to export; "
-            "name a factory with --model module:function"
-        )
     output = plan.output
     if plan.static_batch:
         settings = replace(settings, batch_size=1)
     if settings.model_dtype is None:  # default tolerances follow the stored precision (bfloat16 / float16)
         settings = settings.for_model(opened.meta_state().values())
-    layers: tuple[Comparison, ...] = ()
-    stored = opened.meta_state()
-    rounded_to = {  # as collapse writes it
-        path: collapsed_dtype(path, stored) for path in (opened.ep_layers if opened.kind == "expanded" else ())
-    }
-    if opened.kind == "expanded" and opened.model_factory is None:  # read a layer at a time, collapsed as it goes
-        checked = check_layered(
-            read_skeleton(opened, dtype=torch.float32), opened.inputs, layer_reader(opened), settings,
-            layer_input_shapes=opened.layer_input_shapes, rounded_to=rounded_to, progress=progress, keep=True,
-        )
-        model, expected, layers = checked.model, checked.expected, checked.layers
-        assert model is not None  # kept
-        del checked
-    else:
-        model = read_model(opened, dtype=torch.float32)
-        assert model is not None  # an architecture or a factory
-        if opened.kind == "expanded":
-            model, expected, layers = collapse_in_place(
-                model, opened.inputs, layer_reader(opened), settings, layer_input_shapes=opened.layer_input_shapes,
-                rounded_to=rounded_to, progress=progress,
-            )
-        else:
-            expected = expanded_outputs(model, opened.inputs, settings)
+    collapsed = collapse_opened(opened, settings, what="export", progress=progress)
+    model, expected, layers = collapsed.model, collapsed.expected, collapsed.layers
+    del collapsed
     proto = build_onnx(
         model,
         opened.input_shape,

@@ -70,7 +70,7 @@ def test_export_output_problems_are_found_before_any_export_work(case, samples, 
     def no_work(*args, **kwargs):
         raise AssertionError("the export ran before the output path was checked")
 
-    monkeypatch.setattr(export_job, "read_model", no_work)
+    monkeypatch.setattr(export_job, "collapse_opened", no_work)
     monkeypatch.setattr(export_job, "build_onnx", no_work)
     target = {
         "exists": samples.dir / "taken.onnx",
