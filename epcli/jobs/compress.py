@@ -1,9 +1,10 @@
 """``epcli compress``: a checkpoint in, a smaller low-rank one out, verified end to end before anything is written.
 
-The model is loaded (expanded or collapsed; it needs an embedded architecture or a ``--model`` factory), its EP
-layers collapsed, and its plain Linear / ConvNd layers factored by :func:`~epcli.verification.compress.
-compress_model` within the error budget, measured against the original model on the user's samples (``--inputs``,
-which also whiten the truncation) or on seeded random inputs. The compressed model as it will be stored is that
+The model (expanded or collapsed; it needs an embedded architecture or a ``--model`` factory) is run for the
+reference outputs and collapsed in one pass (:func:`~epcli.verification.layered.collapse_opened`: an embedded
+architecture an EP layer at a time), then its plain Linear / ConvNd layers are factored by
+:func:`~epcli.verification.compress.compress_against` within the error budget, measured against the original
+model on the user's samples (``--inputs``, which also whiten the truncation) or on seeded random inputs. The compressed model as it will be stored is that
 measurement's candidate, and the optional ONNX is run in onnxruntime against the same reference: only when every
 check is within the budget are the files written (the ONNX staged, committed after the checkpoint). The output is
 a self-describing epcli file of kind ``collapsed`` with no EP layers left, the low-rank modules in its
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -27,6 +28,7 @@ from epcli.checkpoint.architecture import describe_architecture
 from epcli.checkpoint.inputs import InputSpec
 from epcli.checkpoint.load import open_checkpoint
 from epcli.checkpoint.metadata import build_metadata, dump_metadata
+from epcli.checkpoint.opened import CheckpointFile
 from epcli.onnx.export import (
     OnnxSession,
     build_onnx,
@@ -50,8 +52,11 @@ __all__ = ["DEFAULT_MAX_ERROR", "CompressFileResult", "compress_file", "default_
 
 DEFAULT_MAX_ERROR = 0.01
 """The default budget: the whole model's outputs move by at most 1% of their largest magnitude."""
-_SETTINGS = VerifySettings(samples=64, batch_size=64, seed=0, dtype="float64")
-"""How random inputs are drawn when no samples are given; batches of the user's samples are this size too."""
+_SETTINGS = VerifySettings(samples=64, batch_size=64, seed=0, dtype="float32")
+"""How random inputs are drawn when no samples are given; batches of the user's samples are this size too. The
+reference runs in the model's stored precision (:func:`_reference_dtype`), as ``export`` validates: a float64
+reference of a float32 model would hold its largest layer (or a factory's whole model) twice as large, for
+differences (about 1e-6) far below any budget worth compressing to."""
 
 
 @dataclass(frozen=True)
@@ -94,14 +99,15 @@ def compress_file(
     opened = open_checkpoint(source, model_factory=model_factory, inputs=inputs, state_key=state_key)
     files, specs = opened.files or (source,), opened.inputs
     check_targets((output,) if onnx_path is None else (output, onnx_path), files, force)
+    settings = replace(_SETTINGS, dtype=_reference_dtype(opened))
     calibration = None
-    measured_on = f"{_SETTINGS.samples} seeded random samples of the input specs (give --inputs FILE for real data)"
+    measured_on = f"{settings.samples} seeded random samples of the input specs (give --inputs FILE for real data)"
     if samples_path is not None:
         samples = read_samples(samples_path, specs)
-        calibration = sample_batches(samples, _SETTINGS.batch_size)
+        calibration = sample_batches(samples, settings.batch_size)
         measured_on = f"the {plural(samples[0].shape[0], 'sample')} of {samples_path.name}"
     # the float64 reference and the collapse in one pass, an EP layer at a time when the architecture is embedded
-    collapsed = collapse_opened(opened, _SETTINGS, what="compress and measure", batches=calibration, as_stored=True)
+    collapsed = collapse_opened(opened, settings, what="compress and measure", batches=calibration, as_stored=True)
     reference, model = collapsed.expected, collapsed.model
     del collapsed
     compressed, result = compress_against(reference, model, max_error=max_error, whiten=bool(calibration), consume=True)
@@ -109,7 +115,7 @@ def compress_file(
     reason = _refusal(result, source)
     onnx_bytes, onnx_error = None, None
     if reason is None and onnx_path is not None:
-        onnx_bytes, onnx_error = _onnx(compressed, specs, reference)
+        onnx_bytes, onnx_error = _onnx(compressed, specs, reference, settings)
         if onnx_error > max_error:
             reason = (
                 f"{onnx_path}: onnxruntime's output is off by {onnx_error:.3g} (relative), over --max-error "
@@ -160,14 +166,22 @@ def _refusal(result: CompressionResult, source: Path) -> str | None:
     return None
 
 
-def _onnx(compressed: nn.Module, specs: Sequence[InputSpec], reference: ExpandedOutputs) -> tuple[bytes, float]:
+def _reference_dtype(opened: CheckpointFile) -> str:
+    """float64 for a model with float64 tensors, else float32 (float32, bfloat16 and float16 models)."""
+    stored = {t.dtype for t in opened.meta_state().values()}
+    return "float64" if torch.float64 in stored else "float32"
+
+
+def _onnx(
+    compressed: nn.Module, specs: Sequence[InputSpec], reference: ExpandedOutputs, settings: VerifySettings
+) -> tuple[bytes, float]:
     """The compressed model as ONNX (float32, checked) and its whole-model error in onnxruntime against the
     original model's outputs that the search measured against."""
     model = copy.deepcopy(compressed).to(torch.float32).eval()
     data = serialize_onnx(build_onnx(model, specs[0].shape, inputs=specs))
     check_onnx(data)
     session = OnnxSession(data, expected_inputs=len(specs))
-    comparisons: tuple[Comparison, ...] = reference.compare(session, ONNX_LABEL, _SETTINGS)
+    comparisons: tuple[Comparison, ...] = reference.compare(session, ONNX_LABEL, settings)
     return data, max(c.max_rel_error for c in comparisons)
 
 
