@@ -95,8 +95,13 @@ GridAxes = Callable[[Any], Sequence[Hashable]]
 
 def pytest_configure(config: pytest.Config) -> None:
     """Under pytest-xdist each worker computes on one thread: two workers already fill two cores, and more
-    threads than cores made torch's spin-waiting threads slow everything down."""
+    threads than cores made torch's spin-waiting threads slow everything down.
+
+    The processes the tests start (``epcli`` runs, fresh interpreters) inherit ``OMP_NUM_THREADS=1`` (unless it is
+    set already) for the same reason: they run beside both workers, and their tiny models gain nothing from a
+    second thread (its spin-waiting cost a verify run 0.2-1 CPU-s beside a busy worker)."""
     if hasattr(config, "workerinput"):
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
         import torch
 
         torch.set_num_threads(1)

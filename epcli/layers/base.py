@@ -302,8 +302,9 @@ class EPLayer(nn.Module):
                 yield held.pop()
 
         with torch.no_grad():
-            _, skips = self._chain(torch.float64, detach=True)  # the chain's own entries are meta stand-ins
-            return self._released(chain(), skips)
+            # the skips only: the chain's own layers are meta stand-ins here, and folding their batch-norms on the
+            # meta device would import torch._dynamo (about 1 s) for nothing
+            return self._released(chain(), self._skips(detach=True))
 
     def _released(self, layers: Iterable[ChainLayer], skips: dict[tuple[int, int], ChainLayer | None]) -> Affine:
         """The collapse of ``layers`` and ``skips`` (this layer's, detached), with this layer emptied first so that
@@ -325,12 +326,20 @@ class EPLayer(nn.Module):
         for layer, norm in self._blocks():
             fold = None if norm is None else _fold(norm, dtype)
             layers.append(ChainLayer(own(layer.weight), own(layer.bias), fold))  # type: ignore[arg-type]
+        return layers, self._skips(detach=detach)
+
+    def _skips(self, *, detach: bool = False) -> dict[tuple[int, int], ChainLayer | None]:
+        """The skips of :meth:`_chain`: each edge's projection (None for an identity skip)."""
+
+        def own(tensor: Tensor | None) -> Tensor | None:
+            return tensor.detach() if detach and tensor is not None else tensor
+
         projections = self._projections()
         skips: dict[tuple[int, int], ChainLayer | None] = {}
         for edge in self._config.skips:
             projection = projections.get(self.skip_key(edge))
             skips[edge] = None if projection is None else ChainLayer(own(projection.weight), own(projection.bias))  # type: ignore[arg-type]
-        return layers, skips
+        return skips
 
     def _collapse_chain(self, *, unalias: bool = True) -> Affine:
         """The collapse as plain tensor ops: differentiable under grad mode, traceable by dynamo."""
