@@ -4,11 +4,11 @@ The model (expanded or collapsed; it needs an embedded architecture or a ``--mod
 reference outputs and collapsed in one pass (:func:`~epcli.verification.layered.collapse_opened`: an embedded
 architecture an EP layer at a time), then its plain Linear / ConvNd layers are factored by
 :func:`~epcli.verification.compress.compress_against` within the error budget, measured against the original
-model on the user's samples (``--inputs``, which also whiten the truncation) or on seeded random inputs. The compressed model as it will be stored is that
-measurement's candidate, and the optional ONNX is run in onnxruntime against the same reference: only when every
-check is within the budget are the files written (the ONNX staged, committed after the checkpoint). The output is
-a self-describing epcli file of kind ``collapsed`` with no EP layers left, the low-rank modules in its
-architecture, and the ranks and errors in its provenance.
+model on the user's samples (``--inputs``, which also whiten the truncation) or on seeded random inputs. The
+compressed model as it will be stored is that measurement's candidate, and the optional ONNX is run in
+onnxruntime against the same reference: only when every check is within the budget are the files written (the
+ONNX staged, committed after the checkpoint). The output is a self-describing epcli file of kind ``collapsed``
+with no EP layers left, the low-rank modules in its architecture, and the ranks and errors in its provenance.
 """
 
 from __future__ import annotations

@@ -59,6 +59,11 @@ def _drain(items: list[ChainLayer]) -> Iterator[ChainLayer]:
         yield items.pop()
 
 
+def _own(tensor: Tensor | None, detach: bool) -> Tensor | None:
+    """``tensor`` itself, or with ``detach`` a tensor sharing its storage but not the parameter."""
+    return tensor.detach() if detach and tensor is not None else tensor
+
+
 def _fold(norm: _BatchNorm, dtype: torch.dtype) -> BatchNormFold:
     """Eval-mode batch-norm as scale/shift, computed in ``dtype`` (float64 but for analysis) with the module's own
     eps; the casts keep autograd history (no copy when a tensor already is in ``dtype``)."""
@@ -318,27 +323,22 @@ class EPLayer(nn.Module):
     ) -> tuple[list[ChainLayer], dict[tuple[int, int], ChainLayer | None]]:
         """The chain's layers (batch-norms folded in ``dtype``) and skips as :func:`~epcli.core.collapse_chain`
         takes them; ``detach``: tensors that share the parameters' storage but not the parameters themselves."""
-
-        def own(tensor: Tensor | None) -> Tensor | None:
-            return tensor.detach() if detach and tensor is not None else tensor
-
         layers = []
         for layer, norm in self._blocks():
             fold = None if norm is None else _fold(norm, dtype)
-            layers.append(ChainLayer(own(layer.weight), own(layer.bias), fold))  # type: ignore[arg-type]
+            layers.append(ChainLayer(_own(layer.weight, detach), _own(layer.bias, detach), fold))  # type: ignore[arg-type]
         return layers, self._skips(detach=detach)
 
     def _skips(self, *, detach: bool = False) -> dict[tuple[int, int], ChainLayer | None]:
         """The skips of :meth:`_chain`: each edge's projection (None for an identity skip)."""
-
-        def own(tensor: Tensor | None) -> Tensor | None:
-            return tensor.detach() if detach and tensor is not None else tensor
-
         projections = self._projections()
         skips: dict[tuple[int, int], ChainLayer | None] = {}
         for edge in self._config.skips:
             projection = projections.get(self.skip_key(edge))
-            skips[edge] = None if projection is None else ChainLayer(own(projection.weight), own(projection.bias))  # type: ignore[arg-type]
+            skips[edge] = (
+                None if projection is None
+                else ChainLayer(_own(projection.weight, detach), _own(projection.bias, detach))  # type: ignore[arg-type]
+            )
         return skips
 
     def _collapse_chain(self, *, unalias: bool = True) -> Affine:
