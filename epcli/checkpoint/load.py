@@ -49,6 +49,7 @@ from epcli.layers.registry import (
     output_shape,
 )
 from epcli.limits import check_sample_shape
+from epcli.storage.paths import source_problem
 from epcli.storage.source import (
     SUFFIXES,
     TensorInfo,
@@ -232,14 +233,9 @@ def _open(
     path: Path, model_factory: ModelFactory | None, inputs: Sequence[InputSpec] | None, state_key: str | None
 ) -> tuple[CheckpointFile, nn.Module | None]:
     """The opened file, and the factory's model when opening a foreign file built it (for :func:`_skeleton`)."""
-    if not path.exists():
-        raise CheckpointError("no such file; check the path")
-    if not path.is_file() and not path.is_dir():
-        raise CheckpointError("is not a regular file")
-    if path.is_file() and path.stat().st_size == 0:
-        raise CheckpointError(
-            "is empty (0 bytes); it was not written completely: save it again with epcli.save_checkpoint"
-        )
+    problem = source_problem(path)
+    if problem is not None:
+        raise CheckpointError(problem)
     source = open_source(path, state_key=state_key)
     if source.metadata is None:
         return _open_foreign(path, source, model_factory, inputs)

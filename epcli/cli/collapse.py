@@ -16,6 +16,7 @@ from epcli.cli.options import (
     DeviceOption,
     ForceOption,
     SourceOptions,
+    check_source,
     choice,
     parse_size,
     takes_source,
@@ -94,6 +95,7 @@ def collapse_command(
         resolve_output(checkpoint, output, None if file_format is None else file_format.value)
     max_shard_bytes = None if max_shard_size is None else parse_size(max_shard_size, "--max-shard-size")
     prefetch_sha256((checkpoint,))  # the source is hashed while torch is imported (a directory is hashed later)
+    check_source(checkpoint)  # before torch is imported
     from epcli.jobs.collapse import collapse_file
 
     with render.progress() as progress:

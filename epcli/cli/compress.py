@@ -9,7 +9,7 @@ import typer
 
 from epcli.cli import render
 from epcli.cli.guard import Outcome
-from epcli.cli.options import NO_SOURCE, CheckpointArg, ForceOption, SourceOptions, non_negative, takes_source
+from epcli.cli.options import NO_SOURCE, CheckpointArg, ForceOption, SourceOptions, check_source, non_negative, takes_source
 
 if TYPE_CHECKING:
     from epcli.jobs.compress import CompressFileResult
@@ -72,6 +72,7 @@ def compress_command(
     from epcli.artifacts.names import check_compress_names
 
     check_compress_names(checkpoint, output, onnx)  # before torch is imported
+    check_source(checkpoint)  # before torch is imported
     from epcli.jobs.compress import compress_file
 
     with render.progress() as progress:

@@ -21,6 +21,7 @@ from epcli.cli.options import (
     Seed,
     SourceOptions,
     Timeout,
+    check_source,
     choice,
     takes_source,
     whole_number,
@@ -102,6 +103,7 @@ def export_command(
     from epcli.artifacts.names import check_export_names
 
     check_export_names(checkpoint, onnx_path, safetensors_path, dtype.value)  # before torch is imported
+    check_source(checkpoint)  # before torch is imported
     from epcli.jobs.export import export_file
     from epcli.onnx.export import EXTERNAL_DATA_THRESHOLD
     from epcli.verification.compare import VerifySettings

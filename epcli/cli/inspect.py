@@ -9,7 +9,7 @@ import typer
 
 from epcli.cli import render
 from epcli.cli.guard import Outcome
-from epcli.cli.options import NO_SOURCE, ForceOption, SourceOptions, takes_source
+from epcli.cli.options import NO_SOURCE, ForceOption, SourceOptions, check_source, takes_source
 from epcli.cli.reports import render_record
 from epcli.text import plural
 
@@ -54,6 +54,7 @@ def inspect_command(
         from epcli.storage.paths import check_output_name
 
         check_output_name(plot, (".png",), option="--plot", example="spectra.png")
+    check_source(checkpoint)  # before torch is imported
     from epcli.jobs.inspect import inspect_file
 
     inputs = source.inputs()

@@ -23,7 +23,7 @@ import typer
 import typer.main
 from typer.core import TyperOption
 
-from epcli.errors import ConfigError, ModelInputError, UsageError
+from epcli.errors import CheckpointError, ConfigError, ModelInputError, UsageError
 
 if TYPE_CHECKING:
     from epcli.checkpoint.inputs import InputSpec
@@ -403,6 +403,16 @@ _UNITS = {
     "gib": 2**30,
     "tib": 2**40,
 }
+
+
+def check_source(path: Path) -> None:
+    """The checkpoint argument exists and is not empty, before torch is imported (a mistyped path fails at once,
+    with the error opening it would give)."""
+    from epcli.storage.paths import source_problem
+
+    problem = source_problem(path)
+    if problem is not None:
+        raise CheckpointError(f"{path}: {problem}")
 
 
 def parse_size(text: str, option: str) -> int:

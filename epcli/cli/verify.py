@@ -21,6 +21,7 @@ from epcli.cli.options import (
     Seed,
     SourceOptions,
     Timeout,
+    check_source,
     choice,
     takes_source,
 )
@@ -127,6 +128,7 @@ def verify_command(
             f"{', '.join(ARTIFACT_SUFFIXES)}",
             file=artifact,
         )
+    check_source(checkpoint)  # before torch is imported
     from epcli.jobs.verify import verify_files
     from epcli.verification.compare import VerifySettings
 

@@ -38,6 +38,18 @@ _Identity = tuple[int, int, int, int, int]
 _prefetched: dict[Path, tuple[_Identity, Future[str]]] = {}
 
 
+def source_problem(path: Path) -> str | None:
+    """What makes ``path`` unreadable as an input before anything is parsed (missing, not a file or directory,
+    empty), or None: checked without torch, so a mistyped path fails at once."""
+    if not path.exists():
+        return "no such file; check the path"
+    if not path.is_file() and not path.is_dir():
+        return "is not a regular file"
+    if path.is_file() and path.stat().st_size == 0:
+        return "is empty (0 bytes); it was not written completely: save it again with epcli.save_checkpoint"
+    return None
+
+
 def file_sha256(path: Path) -> str:
     """The file's sha256; taken from :func:`prefetch_sha256` when that hashed this very file (unchanged since)."""
     entry = _prefetched.pop(path.resolve(), None)

@@ -35,6 +35,25 @@ def test_output_name_usage_errors_do_not_import_torch(samples, tmp_path):
         (["compress", mlp, "--onnx", "out.bin"], 2, "for --onnx"),
         (["inspect", mlp, "--plot", "spectra.bin"], 2, "for --plot"),
     ]
+    _fail_without_torch(runs, tmp_path)
+    assert not list(tmp_path.glob("out.*")) and not list(tmp_path.glob("spectra.*"))
+
+
+def test_a_missing_or_empty_checkpoint_fails_before_torch_is_imported(samples, tmp_path):
+    """The error opening the file would give (exit 3), at once: a mistyped path costs no ``import torch``."""
+    (tmp_path / "empty.pt").write_bytes(b"")
+    runs = [
+        ([command, "missing.pt", *extra], 3, "missing.pt: no such file; check the path")
+        for command, extra in [("collapse", []), ("verify", []), ("export", ["--onnx", "m.onnx"]), ("inspect", []),
+                               ("compress", [])]
+    ]
+    runs.append((["collapse", "empty.pt"], 3, "empty.pt: is empty (0 bytes)"))
+    runs.append((["verify", "missing.pt", str(samples.mlp)], 3, "missing.pt: no such file"))
+    _fail_without_torch(runs, tmp_path)
+
+
+def _fail_without_torch(runs: list[tuple[list[str], int, str]], cwd: Path) -> None:
+    """Each run exits with its code and says its text, in one process that never imports torch (nor onnx)."""
     code = textwrap.dedent(
         f"""
         import json, sys
@@ -48,14 +67,13 @@ def test_output_name_usage_errors_do_not_import_torch(samples, tmp_path):
         print(json.dumps({{"results": results, "heavy": heavy}}))
         """
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=cwd, timeout=120)
 
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     for (args, expected, text), (exit_code, stderr) in zip(runs, report["results"], strict=True):
         assert exit_code == expected and text in " ".join(stderr.split()), (args, exit_code, stderr)
-    assert report["heavy"] == [], f"heavy modules imported before an output-name error: {report['heavy']}"
-    assert not list(tmp_path.glob("out.*")) and not list(tmp_path.glob("spectra.*"))
+    assert report["heavy"] == [], f"heavy modules imported before the error: {report['heavy']}"
 
 
 # ---- 2. --junit-xml DIR: one line, exit 4 like -o DIR ----------------------------------------------------------
