@@ -6,11 +6,11 @@ comparison engine (:func:`~epcli.verification.compare.compare_outputs`), which s
 Ranks are allocated by one global threshold ``t`` on normalised (whitened) singular-value energy: every layer
 keeps the fewest values that discard at most a fraction ``t`` of its energy, and is factored only where that
 saves parameters (and so MACs). The threshold is bisected over the finitely many values where some layer's rank
-changes, each candidate judged by the real error of the whole model against the original on the calibration
-batches. A layer's energy does not say how much its error moves the model's output, so each layer the threshold
-leaves whole is then tried alone on top, at its largest rank that saves, and kept where the whole model stays
-within the budget: when nothing is factored, every layer was measured alone and failed. Only measured
-configurations are accepted, so the result is within the budget on those batches.
+changes, each candidate judged by the real error of the whole model, in the dtypes it will be stored in, against
+the original on the calibration batches. A layer's energy does not say how much its error moves the model's
+output, so each layer the threshold leaves whole is then tried alone on top, at its largest rank that saves, and
+kept where the whole model stays within the budget: when nothing is factored, every layer was measured alone and
+failed. Only measured configurations are accepted, so the result is within the budget on those batches.
 """
 
 from __future__ import annotations
