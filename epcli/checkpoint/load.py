@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import fields
 from pathlib import Path
@@ -148,17 +148,29 @@ def read_model(opened: CheckpointFile, *, dtype: torch.dtype | None = None) -> n
 
     Unlike :func:`load_checkpoint` no state dict is kept beside the model, and the file is read about
     :data:`_READ_GROUP_BYTES` at a time, each tensor checked finite as stored and then cast, so the peak is
-    the model in ``dtype`` (plus one group), not the file twice.
+    the model in ``dtype`` (plus one group), not the file twice. A factory's model, which holds its initial
+    values, takes each tensor of the same shape and dtype into its own as the group is read, so those values are
+    never held beside the file's either.
     """
     built = _built(opened)
     if built is None:
         return None
+    own = built[0].state_dict(keep_vars=True)  # a factory's model holds real tensors: read into them
     state: dict[str, Tensor] = {}
+    filled: set[str] = set()
     for keys in _byte_groups(opened.tensors, _READ_GROUP_BYTES):
         for key, tensor in opened.read(keys).items():
-            state[key] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+            tensor = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+            target = own.get(key)
+            if target is not None and not target.is_meta and (target.shape, target.dtype) == (tensor.shape, tensor.dtype):
+                with torch.no_grad():
+                    target.copy_(tensor)  # the factory's initial values are not held beside the file's
+                filled.add(key)
+            else:
+                state[key] = tensor
+    del own
     with _naming(opened.path):
-        model = _fill(*built, state, copy=False)
+        model = _fill(*built, state, copy=False, filled=filled)
         del state
         if opened.architecture is not None and opened.model_factory is None:
             check_forward(model, opened.inputs, built[1])
@@ -191,7 +203,7 @@ def read_skeleton(opened: CheckpointFile, *, dtype: torch.dtype) -> nn.Module:
     return model.to(dtype=dtype)  # buffers the file does not hold
 
 
-_READ_GROUP_BYTES = 64 * 2**20
+_READ_GROUP_BYTES = 16 * 2**20
 """:func:`read_model` reads the file in groups of tensors of about this many bytes."""
 
 
@@ -364,13 +376,21 @@ def _skeleton(
     return model, source
 
 
-def _fill(model: nn.Module, source: str, state: Mapping[str, Tensor], *, copy: bool = True) -> nn.Module:
-    """Load the file's tensors into the model (strictly), which then owns copies of them (``copy=False``: the
-    tensors themselves, when nothing else keeps them); eval mode."""
+def _fill(
+    model: nn.Module, source: str, state: Mapping[str, Tensor], *, copy: bool = True, filled: Collection[str] = ()
+) -> nn.Module:
+    """Load the file's tensors into the model (strictly: with the keys ``filled`` already, every key), which then
+    owns copies of them (``copy=False``: the tensors themselves, when nothing else keeps them); eval mode."""
     # assign: parameters take the file's tensors (and dtypes); copies, so the model never aliases .state_dict
-    model.load_state_dict(
-        {key: value.clone() for key, value in state.items()} if copy else dict(state), strict=True, assign=True
-    )
+    given = {key: value.clone() for key, value in state.items()} if copy else dict(state)
+    if not filled:
+        model.load_state_dict(given, strict=True, assign=True)
+    else:
+        missing, unexpected = model.load_state_dict(given, strict=False, assign=True)
+        missing = [key for key in missing if key not in filled]
+        if missing or unexpected:
+            raise CheckpointError(f"{source} does not match the file's tensors: missing keys {missing[:8]}, "
+                                  f"unexpected keys {unexpected[:8]}")
     left_on_meta = [name for name, t in itertools.chain(model.named_parameters(), model.named_buffers()) if t.is_meta]
     if left_on_meta:
         raise CheckpointError(f"{source} has tensors the file does not store: {left_on_meta[:8]}")

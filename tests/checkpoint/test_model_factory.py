@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import textwrap
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import torch
 
 import epcli
 from epcli import CheckpointError, UsageError
+from epcli.checkpoint.load import open_checkpoint, read_model
 
 _MODULE = textwrap.dedent(
     """
@@ -152,3 +154,23 @@ def test_a_file_never_names_code_to_import(tmp_path: Path, rewrite, factory_modu
     with pytest.raises(CheckpointError, match="unknown module type"):
         epcli.load_checkpoint(path)
     assert factory_module not in sys.modules
+
+
+def test_the_file_is_read_into_the_factorys_own_tensors(custom_checkpoint, factory_module: str):
+    """A factory's model holds its initial values; ``read_model`` copies the file's tensors into those very tensors
+    (their storage kept), so the initial values are never held beside the file's: one copy of the model."""
+    path, model = custom_checkpoint
+    pointers: dict[str, int] = {}
+
+    def build() -> torch.nn.Module:
+        made = importlib.import_module(factory_module).build()
+        pointers.update({key: tensor.data_ptr() for key, tensor in made.state_dict().items()})
+        return made
+
+    loaded = read_model(open_checkpoint(path, model_factory=build))
+
+    assert loaded is not None
+    state = loaded.state_dict()
+    assert {key: tensor.data_ptr() for key, tensor in state.items()} == pointers
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(state[key], value, rtol=0, atol=0)
