@@ -82,6 +82,10 @@ class CheckpointFile:
         """Bytes of tensor data in the file(s)."""
         return self.source.nbytes
 
+    def __repr__(self) -> str:
+        """A summary: the default repr would print the metadata (twice) and the file's listing."""
+        return _summary(self, len(self.tensors), self.nbytes, f"foreign={self.foreign}")
+
     def keep_model(self, built: BuiltModel | None) -> None:
         """Keep the model the open built and checked, for :meth:`take_model`."""
         self._kept.built = built
@@ -142,10 +146,16 @@ class Checkpoint:
 
     def __repr__(self) -> str:
         """A summary: the default repr would print every tensor of the state dict and the whole module tree."""
-        model = "None" if self.model is None else type(self.model).__name__
         size = sum(t.numel() * t.element_size() for t in self.state_dict.values())
-        inputs = ", ".join(map(str, self.inputs))
-        return (
-            f"Checkpoint(path={str(self.path)!r}, kind={self.kind!r}, model={model}, "
-            f"tensors={len(self.state_dict)} ({size:,} bytes), ep_layers={list(self.ep_layers)}, inputs=[{inputs}])"
-        )
+        model = "None" if self.model is None else type(self.model).__name__
+        return _summary(self, len(self.state_dict), size, f"model={model}")
+
+
+def _summary(opened: Checkpoint | CheckpointFile, count: int, nbytes: int, extra: str) -> str:
+    """``Checkpoint(path=..., kind=..., ...)``: what a reader of the object wants to see first."""
+    provenance = opened.metadata.get("provenance")
+    compressed = " (compressed)" if isinstance(provenance, dict) and "compression" in provenance else ""
+    return (
+        f"{type(opened).__name__}(path={str(opened.path)!r}, kind={opened.kind!r}{compressed}, {extra}, tensors={count} "
+        f"({nbytes:,} bytes), ep_layers={list(opened.ep_layers)}, inputs=[{', '.join(map(str, opened.inputs))}])"
+    )

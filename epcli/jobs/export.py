@@ -17,7 +17,7 @@ what runs), by rewriting only the file's tail.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -251,8 +251,17 @@ def _metadata(opened: CheckpointFile, sources: Sequence[Path], report: VerifyRep
     record = provenance(
         opened.path, hashes, report.settings, layer_errors, max(model_errors) if model_errors else None
     )
+    made = opened.metadata.get("provenance")
+    if opened.kind == "collapsed" and isinstance(made, Mapping) and isinstance(made.get("source_sha256"), str):
+        # the ONNX of a collapsed (or compressed) file stands for the expanded checkpoint that file was made from:
+        # `epcli verify EXPANDED OUT.onnx` then knows it is not stale, and judges a compressed one by its budget
+        record["exported_from"] = {"name": opened.path.name, "sha256": record["source_sha256"]}
+        record.pop("source_files_sha256", None)  # the collapsed file's shards: the origin's are copied below
+        origin = ("source_name", "source_sha256", "source_files_sha256", "compression")
+        record.update({key: made[key] for key in origin if key in made})
     record["validation"] = {
         "passed": report.passed,
+        "reference": _reference_kind(opened),
         "candidate": ONNX_LABEL,
         "atol": report.tolerance.atol,
         "rtol": report.tolerance.rtol,

@@ -121,10 +121,12 @@ def compress_model(
     Linear / ConvNd layers replaced by :class:`~epcli.LowRankLinear` / ``LowRankConv{1,2,3}d`` where that saves
     parameters, at ranks keeping the whole model's :data:`ERROR_METRIC` within ``max_error``.
 
-    ``calibration`` (one tensor, batch first, or batches as tuples of model inputs) is what the error is
+    ``calibration`` (one tensor, batch first, or batches: each a tensor or a tuple of model inputs) is what the error is
     measured on, and whitens each layer's truncation by its own inputs ("whitened"); without it the error is
     measured on ``samples`` seeded random inputs drawn from ``inputs`` and the truncation is plain
-    ("svd"). ``max_error=0`` keeps every layer whole (no truncation is exact in floating point).
+    ("svd"). ``max_error=0`` keeps every layer whole (no truncation is exact in floating point). When no layer
+    can be factored within the budget, the model comes back whole and ``result.factored`` is empty (the command
+    line refuses to write such a file).
     """
     _check_budget(max_error)  # before the reference run
     settings = VerifySettings(samples=samples, batch_size=batch_size, seed=seed, dtype="float64")
@@ -239,7 +241,7 @@ def _batches(
     if isinstance(calibration, Tensor):
         return sample_batches((calibration,), settings.batch_size)
     if calibration is not None:
-        batches = [tuple(batch) for batch in calibration]
+        batches = [(batch,) if isinstance(batch, Tensor) else tuple(batch) for batch in calibration]
         if not batches:
             raise UsageError("calibration holds no batches; give at least one sample")
         return batches

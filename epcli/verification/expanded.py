@@ -67,10 +67,13 @@ def rejected_inputs(specs: Sequence[InputSpec], batches: Sequence[tuple[Tensor, 
         yield
     except (IndexError, RuntimeError) as e:  # an id beyond an embedding, a dtype a kernel does not take
         given = "the given samples" if batches is not None else "its inputs"
+        if specs:
+            described = f"{describe_inputs(specs)}: each input's dtype and, for integers, its range [low, high)"
+        else:  # samples without specs (compress_model's calibration): what they are
+            described = "; ".join(f"{t.dtype} {list(t.shape)}" for t in (batches or [()])[0]) or "no inputs"
         raise ModelInputError(
-            f"the model rejected {given} ({describe_inputs(specs)}: each input's dtype and, for integers, its range "
-            f"[low, high)): {quote(f'{type(e).__name__}: {e}', 300)}; give inputs in the dtype and range the model "
-            "takes (e.g. token ids in [0, vocab_size) as int64)"
+            f"the model rejected {given} ({described}): {quote(f'{type(e).__name__}: {e}', 300)}; give inputs in "
+            "the shape, dtype and range the model takes (e.g. token ids in [0, vocab_size) as int64)"
         ) from e
 
 

@@ -24,6 +24,7 @@ from epcli import (
     ShapeMismatchError,
 )
 from epcli.checkpoint.architecture import describe_architecture
+from epcli.checkpoint.load import open_checkpoint
 from epcli.storage.atomic import atomic_write
 
 FORMATS = [".pt", ".safetensors"]
@@ -294,3 +295,5 @@ def test_a_checkpoints_repr_is_a_summary_not_its_tensors(tmp_path: Path):
     assert text.startswith("Checkpoint(") and "m.safetensors" in text and "kind='expanded'" in text
     assert f"tensors={len(checkpoint.state_dict)} ({size:,} bytes)" in text and "ep_layers=['0']" in text
     assert "tensor(" not in text and len(text) < 300
+    opened = repr(open_checkpoint(checkpoint.path))
+    assert opened.startswith("CheckpointFile(") and "foreign=False" in opened and len(opened) < 300

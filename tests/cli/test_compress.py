@@ -197,6 +197,11 @@ def test_a_compressed_file_of_a_factory_model_is_verified_inspected_and_exported
     assert without.returncode == 2 and "name the factory that builds the model with --model module:function" in without.stderr
     export = invoke("export", out, *factory, "--onnx", custom.dir / "small.onnx")
     assert export.returncode == 0 and (custom.dir / "small.onnx").is_file(), export.describe()
+    # its ONNX stands for the expanded checkpoint it was compressed from: not stale, judged by the budget
+    onnx_verify = invoke("verify", custom.path, custom.dir / "small.onnx", *factory, "--json")
+    assert onnx_verify.returncode == 0, onnx_verify.describe()
+    checked = json_doc(onnx_verify.stdout)
+    assert checked["artifact_stale"] is False and checked["max_error"] == 0.5
 
 
 def test_a_compressed_file_over_its_budget_fails_by_the_budget(compressed_custom, invoke, json_doc, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import weakref
 
@@ -297,7 +298,8 @@ def test_onnx_of_a_bfloat16_checkpoint_holds_its_layers_as_collapse_stores_them(
 
 def test_a_collapsed_file_exports_to_onnx_compared_with_itself(artifacts, tmp_path, invoke):
     """A file that is already collapsed exports too: the report says it compared the collapsed model (there is no
-    expanded one), and the ONNX file computes what the collapsed torch model does."""
+    expanded one), the ONNX file computes what the collapsed torch model does, and it verifies against the expanded
+    checkpoint the collapsed file was made from (not stale: its metadata names that origin)."""
     import torch
 
     collapsed = artifacts.collapsed["digits_mlp"]
@@ -311,3 +313,10 @@ def test_a_collapsed_file_exports_to_onnx_compared_with_itself(artifacts, tmp_pa
     (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     with torch.no_grad():
         np.testing.assert_allclose(got, model(x).numpy(), rtol=1e-5, atol=1e-5)
+    # the ONNX stands for the expanded checkpoint the collapsed file was made from
+    verify = invoke("verify", artifacts.sources["digits_mlp"], out, "--json")
+    assert verify.returncode == 0, verify.describe()
+    assert json.loads(verify.stdout)["artifact_stale"] is False
+    metadata = {p.key: p.value for p in onnx.load(str(out), load_external_data=False).metadata_props}
+    assert json.loads(metadata["exported_from"])["name"] == collapsed.name
+    assert metadata["source_name"] == artifacts.sources["digits_mlp"].name

@@ -11,7 +11,7 @@ from torch import nn
 
 from epcli import EPConv2d, EPLinear, InputSpec, LowRankConv2d, LowRankLinear, compress_model
 from epcli.checkpoint.architecture import build_architecture, describe_architecture
-from epcli.errors import UsageError
+from epcli.errors import ModelInputError, UsageError
 from epcli.layers.base import EPLayer
 
 
@@ -165,3 +165,12 @@ def test_the_factored_modules_weight_is_the_dense_weight_they_compute():
     image = torch.randn(2, 4, 5, 5)
     torch.testing.assert_close(conv(image), nn.functional.conv2d(image, conv.weight, conv.bias, padding=1, groups=2))
     assert conv.weight.shape == (6, 2, 3, 3)
+
+
+def test_calibration_batches_may_be_plain_tensors_and_a_wrong_shape_is_named():
+    model, calibration = _mlp(), _data(128, 1)
+    _, as_tensor = compress_model(model, max_error=0.02, calibration=calibration, batch_size=64)
+    _, as_batches = compress_model(model, max_error=0.02, calibration=list(calibration.split(64)))
+    assert as_batches.ranks == as_tensor.ranks and as_batches.samples == 128
+    with pytest.raises(ModelInputError, match=r"the given samples \(torch.float32 \[8, 32\]\)"):
+        compress_model(model, max_error=0.02, calibration=torch.randn(8, 32))
