@@ -6,6 +6,7 @@ device, so a hostile config cannot make it allocate memory; tensor data stays in
 
 from __future__ import annotations
 
+import collections
 import itertools
 import os
 from collections.abc import Collection, Iterator, Mapping, Sequence
@@ -156,13 +157,17 @@ def read_model(opened: CheckpointFile, *, dtype: torch.dtype | None = None) -> n
     if built is None:
         return None
     own = built[0].state_dict(keep_vars=True)  # a factory's model holds real tensors: read into them
+    held = collections.Counter(id(tensor) for tensor in own.values())
     state: dict[str, Tensor] = {}
     filled: set[str] = set()
     for keys in _byte_groups(opened.tensors, _READ_GROUP_BYTES):
         for key, tensor in opened.read(keys).items():
             tensor = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
             target = own.get(key)
-            if target is not None and not target.is_meta and (target.shape, target.dtype) == (tensor.shape, tensor.dtype):
+            if (  # a tensor held under two keys (a tie) is assigned: the file may store two different tensors
+                target is not None and not target.is_meta and held[id(target)] == 1
+                and (target.shape, target.dtype) == (tensor.shape, tensor.dtype)
+            ):
                 with torch.no_grad():
                     target.copy_(tensor)  # the factory's initial values are not held beside the file's
                 filled.add(key)

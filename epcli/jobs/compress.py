@@ -106,7 +106,7 @@ def compress_file(
         samples = read_samples(samples_path, specs)
         calibration = sample_batches(samples, settings.batch_size)
         measured_on = f"the {plural(samples[0].shape[0], 'sample')} of {samples_path.name}"
-    # the float64 reference and the collapse in one pass, an EP layer at a time when the architecture is embedded
+    # the reference and the collapse in one pass, an EP layer at a time when the architecture is embedded
     collapsed = collapse_opened(opened, settings, what="compress and measure", batches=calibration, as_stored=True)
     reference, model = collapsed.expected, collapsed.model
     del collapsed

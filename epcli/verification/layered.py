@@ -63,7 +63,8 @@ def verify_embedded(
 @dataclass(frozen=True)
 class CollapsedModel:
     """An opened checkpoint's collapsed model (in the comparison dtype, each collapsed layer rounded through its
-    stored dtype), the original model's outputs it is measured against, and each EP layer's check alone."""
+    stored dtype; or in the stored dtypes), the original model's outputs it is measured against, and each EP
+    layer's check alone."""
 
     model: nn.Module
     expected: ExpandedOutputs

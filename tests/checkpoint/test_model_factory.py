@@ -174,3 +174,28 @@ def test_the_file_is_read_into_the_factorys_own_tensors(custom_checkpoint, facto
     assert {key: tensor.data_ptr() for key, tensor in state.items()} == pointers
     for key, value in model.state_dict().items():
         torch.testing.assert_close(state[key], value, rtol=0, atol=0)
+
+
+def test_a_weight_the_factory_ties_takes_each_of_the_files_tensors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A factory that ties two layers' weights, for a file that stores two different tensors under their names: each
+    key gets its own tensor (the tie is not copied into twice, the last one winning)."""
+    (tmp_path / "tied_models.py").write_text(textwrap.dedent(
+        """
+        from torch import nn
+        from epcli import EPLinear
+
+        def build():
+            model = nn.Sequential(EPLinear(4, 4, depth=2), nn.Linear(4, 4), nn.Linear(4, 4))
+            model[2].weight = model[1].weight
+            return model
+        """
+    ))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    untied = torch.nn.Sequential(epcli.EPLinear(4, 4, depth=2), torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    path = epcli.save_checkpoint(untied, tmp_path / "untied.safetensors", input_shape=(4,))
+
+    loaded = read_model(open_checkpoint(path, model_factory="tied_models:build"))
+
+    assert loaded is not None
+    for key, value in untied.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[key], value, rtol=0, atol=0)
