@@ -88,6 +88,11 @@ def check_export_names(source: Path, onnx_path: Path | None, safetensors_path: P
 def check_compress_names(source: Path, output: Path | None, onnx_path: Path | None) -> Path:
     """The compressed file's name (default: :func:`default_compressed_output`) and the ONNX one's; returns the first."""
     output = output or default_compressed_output(source)
+    if output.suffix.lower() == ".onnx":
+        raise UsageError(
+            f"{output}: -o writes the compressed checkpoint; for ONNX add --onnx {output} (with -o NAME.safetensors, "
+            "or the default name beside the source)"
+        )
     check_output_name(output, (".safetensors", ".pt"), option="-o", example=default_compressed_output(source).name)
     if onnx_path is not None:
         check_output_name(onnx_path, (".onnx",), option="--onnx", example=f"{output.stem}.onnx")

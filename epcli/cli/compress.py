@@ -73,6 +73,13 @@ def compress_command(
 
     check_compress_names(checkpoint, output, onnx)  # before torch is imported
     check_source(checkpoint)  # before torch is imported
+    warnings: tuple[str, ...] = ()
+    if max_error >= 1:  # "1.5" meant as 1.5%: allowed, but said at once
+        warnings = (
+            f"--max-error {max_error:g} lets the outputs move by {max_error:g} times their largest magnitude; "
+            "the budget is a fraction (0.01 is 1%)",
+        )
+        render.warning(warnings[0])
     from epcli.jobs.compress import compress_file
 
     with render.progress() as progress:
@@ -90,7 +97,7 @@ def compress_command(
         )
     render_compress(result)
     failure = None if result.written else result.reason or "the error budget cannot be met; nothing was written"
-    return Outcome(compress_payload(result), failure=failure)
+    return Outcome(compress_payload(result), failure=failure, warnings=warnings)
 
 
 def compress_payload(result: CompressFileResult) -> dict[str, Any]:

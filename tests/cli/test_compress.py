@@ -245,3 +245,12 @@ def test_ranks_that_do_not_match_the_tensors_name_the_key(compressed_custom, inv
     assert run.returncode == 3, run.describe()
     message = json_doc(run.stdout)["error"]["message"]
     assert str(forged) in message and f"{path}.down.weight" in message and custom.factory in message
+
+
+def test_a_budget_of_1_or_more_is_warned_about(samples, invoke, json_doc, flat):
+    """1.5 meant as 1.5%: allowed (the outputs may move by 1.5 times their magnitude), but said in the log and JSON."""
+    run = invoke("compress", samples.mlp, "-o", samples.dir / "loose.safetensors", "--max-error", "1.5", "--json")
+    assert run.returncode == 0, run.describe()
+    text = "--max-error 1.5 lets the outputs move by 1.5 times their largest magnitude; the budget is a fraction"
+    assert text in flat(run.stderr)
+    assert any(text in warning for warning in json_doc(run.stdout)["warnings"])

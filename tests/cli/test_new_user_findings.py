@@ -32,6 +32,7 @@ def test_output_name_usage_errors_do_not_import_torch(samples, tmp_path):
         (["export", mlp, "--safetensors", "out.bin"], 2, "for --safetensors"),
         (["export", mlp], 2, "nothing to export"),
         (["compress", mlp, "-o", "out.bin"], 2, "for -o"),
+        (["compress", mlp, "-o", "out.onnx"], 2, "for ONNX add --onnx out.onnx"),
         (["compress", mlp, "--onnx", "out.bin"], 2, "for --onnx"),
         (["inspect", mlp, "--plot", "spectra.bin"], 2, "for --plot"),
     ]
