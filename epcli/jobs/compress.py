@@ -29,14 +29,8 @@ from epcli.checkpoint.inputs import InputSpec
 from epcli.checkpoint.load import open_checkpoint
 from epcli.checkpoint.metadata import build_metadata, dump_metadata
 from epcli.checkpoint.opened import CheckpointFile
-from epcli.onnx.export import (
-    OnnxSession,
-    build_onnx,
-    check_onnx,
-    parse_onnx,
-    serialize_onnx,
-    set_onnx_metadata,
-)
+from epcli.onnx.export import EXPORTED, OnnxSession, build_onnx, check_onnx
+from epcli.onnx.files import WrittenOnnx, write_metadata, write_onnx
 from epcli.storage.atomic import StagedFiles
 from epcli.storage.paths import check_targets, file_sha256, make_parent
 from epcli.storage.source import TensorInfo
@@ -113,40 +107,38 @@ def compress_file(
     compressed, result = compress_against(reference, model, max_error=max_error, whiten=bool(calibration), consume=True)
     del model
     reason = _refusal(result, source)
-    onnx_bytes, onnx_error = None, None
     if reason is None and onnx_path is not None:
-        onnx_bytes, onnx_error = _onnx(compressed, specs, reference, settings)
-        if onnx_error > max_error:
-            reason = (
-                f"{onnx_path}: onnxruntime's output is off by {onnx_error:.3g} (relative), over --max-error "
-                f"{max_error:g}; nothing was written"
-            )
-    if reason is not None:
-        return CompressFileResult(source, output, onnx_path, False, result, measured_on, onnx_error, reason)
-    make_parent(output)
-    if onnx_path is not None:
-        make_parent(onnx_path)
-    architecture = describe_architecture(compressed)
-    hashes = {path.name: file_sha256(path) for path in files}
-    samples_file = None if samples_path is None else samples_path.name
-    record = _provenance(source, hashes, result, measured_on, samples_file, onnx_error)  # the file's and the ONNX's
-    metadata = build_metadata(
-        kind="collapsed",
-        inputs=specs,
-        ep_layers={},  # every EP layer was collapsed, and its plain layer may be factored: none is left
-        layer_input_shapes={},
-        architecture=architecture,
-        provenance=record,
-    )
-    state = {key: value.detach().cpu().contiguous() for key, value in compressed.state_dict().items()}
-    layout = {key: TensorInfo(tuple(value.shape), value.dtype) for key, value in state.items()}
+        make_parent(onnx_path)  # the ONNX's scratch directory sits beside it
+    # the ONNX is written in a scratch directory while it is checked and run, and committed only with the checkpoint
     with StagedFiles(overwrite=force) as staged:
-        if onnx_path is not None and onnx_bytes is not None:  # the same record as the checkpoint: verify reads it
-            proto = parse_onnx(onnx_bytes)
-            set_onnx_metadata(proto, metadata_strings(record))
-            data = serialize_onnx(proto)
-            del proto
-            staged.write(onnx_path, lambda handle: handle.write(data))
+        written, onnx_error = None, None
+        if reason is None and onnx_path is not None:
+            written, onnx_error = _onnx(compressed, specs, reference, settings, staged.scratch(onnx_path) / onnx_path.name)
+            if onnx_error > max_error:
+                reason = (
+                    f"{onnx_path}: onnxruntime's output is off by {onnx_error:.3g} (relative), over --max-error "
+                    f"{max_error:g}; nothing was written"
+                )
+        if reason is not None:
+            return CompressFileResult(source, output, onnx_path, False, result, measured_on, onnx_error, reason)
+        make_parent(output)
+        architecture = describe_architecture(compressed)
+        hashes = {path.name: file_sha256(path) for path in files}
+        samples_file = None if samples_path is None else samples_path.name
+        record = _provenance(source, hashes, result, measured_on, samples_file, onnx_error)  # the file's and the ONNX's
+        metadata = build_metadata(
+            kind="collapsed",
+            inputs=specs,
+            ep_layers={},  # every EP layer was collapsed, and its plain layer may be factored: none is left
+            layer_input_shapes={},
+            architecture=architecture,
+            provenance=record,
+        )
+        state = {key: value.detach().cpu().contiguous() for key, value in compressed.state_dict().items()}
+        layout = {key: TensorInfo(tuple(value.shape), value.dtype) for key, value in state.items()}
+        if onnx_path is not None and written is not None:  # the same record as the checkpoint: verify reads it
+            write_metadata(written, metadata_strings(record))
+            staged.add(onnx_path, written.path)
         with CheckpointWriter(output, layout, overwrite=force) as writer:
             for key, value in state.items():
                 writer.add(key, value)
@@ -173,16 +165,24 @@ def _reference_dtype(opened: CheckpointFile) -> str:
 
 
 def _onnx(
-    compressed: nn.Module, specs: Sequence[InputSpec], reference: ExpandedOutputs, settings: VerifySettings
-) -> tuple[bytes, float]:
-    """The compressed model as ONNX (float32, checked) and its whole-model error in onnxruntime against the
-    original model's outputs that the search measured against."""
+    compressed: nn.Module,
+    specs: Sequence[InputSpec],
+    reference: ExpandedOutputs,
+    settings: VerifySettings,
+    path: Path,
+) -> tuple[WrittenOnnx, float]:
+    """The compressed model as ONNX (float32), written to ``path`` (a scratch file) a tensor at a time and checked
+    there, and its whole-model error in onnxruntime against the original model's outputs that the search measured
+    against."""
     model = copy.deepcopy(compressed).to(torch.float32).eval()
-    data = serialize_onnx(build_onnx(model, specs[0].shape, inputs=specs))
-    check_onnx(data)
-    session = OnnxSession(data, expected_inputs=len(specs))
+    proto = build_onnx(model, specs[0].shape, inputs=specs, consume=True)
+    del model
+    written = write_onnx(proto, path)
+    del proto
+    check_onnx(written.path)
+    session = OnnxSession(written.path, expected_inputs=len(specs), name=EXPORTED)
     comparisons: tuple[Comparison, ...] = reference.compare(session, ONNX_LABEL, settings)
-    return data, max(c.max_rel_error for c in comparisons)
+    return written, max(c.max_rel_error for c in comparisons)
 
 
 def _provenance(

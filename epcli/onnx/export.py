@@ -56,7 +56,6 @@ __all__ = [
     "onnx_op_types",
     "output_name",
     "output_path",
-    "parse_onnx",
     "serialize_onnx",
     "set_onnx_metadata",
 ]
@@ -153,14 +152,6 @@ def serialize_onnx(proto: onnx.ModelProto) -> bytes:
     """Deterministic bytes: the same model gives the same file."""
     data: bytes = proto.SerializeToString(deterministic=True)
     return data
-
-
-def parse_onnx(data: bytes) -> onnx.ModelProto:
-    """The model :func:`serialize_onnx` gave ``data`` for (serialising it again gives the same bytes)."""
-    import onnx
-
-    proto: onnx.ModelProto = onnx.ModelProto.FromString(data)
-    return proto
 
 
 def initializer_nbytes(proto: onnx.ModelProto) -> int:
