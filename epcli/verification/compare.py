@@ -35,6 +35,7 @@ __all__ = [
     "compare",
     "compare_outputs",
     "fit_batch",
+    "least_precise",
     "random_batches",
     "seeded_batches",
 ]
@@ -98,11 +99,8 @@ class VerifySettings:
 
     def for_model(self, tensors: Iterable[Tensor]) -> VerifySettings:
         """These settings with ``model_dtype`` set from the model's floating tensors: the least precise one."""
-        floating = {t.dtype for t in tensors if t.is_floating_point()}
-        if not floating:
-            return self
-        least = max(floating, key=lambda dtype: torch.finfo(dtype).eps)
-        return replace(self, model_dtype=str(least).removeprefix("torch."))
+        least = least_precise(tensors)
+        return self if least is None else replace(self, model_dtype=str(least).removeprefix("torch."))
 
     @property
     def tolerance(self) -> Tolerance:
@@ -348,3 +346,9 @@ class _Errors:
             min_atol=max(self.min_atol, 0.0),
             passed=self.min_atol <= tolerance.atol,
         )
+
+
+def least_precise(tensors: Iterable[Tensor]) -> torch.dtype | None:
+    """The dtype of the least precise floating tensor (largest epsilon); None when none is floating."""
+    floating = {t.dtype for t in tensors if t.is_floating_point()}
+    return max(floating, key=lambda dtype: torch.finfo(dtype).eps) if floating else None

@@ -24,7 +24,7 @@ from epcli.layers.summary import natural_order
 from epcli.progress import ProgressCallback
 from epcli.storage.mapped_pages import trim_heap
 from epcli.text import quote
-from epcli.verification.compare import Comparison, VerifyReport, VerifySettings
+from epcli.verification.compare import Comparison, VerifyReport, VerifySettings, least_precise
 from epcli.verification.expanded import ExpandedOutputs, drawn_batches, expanded_outputs, rejected_inputs
 from epcli.verification.model_check import IN_MEMORY, check_layer, collapse_in_place, layer_reader, put_module
 
@@ -124,8 +124,7 @@ def _as_stored(model: nn.Module, opened: CheckpointFile) -> nn.Module:
     stored dtype for a tensor the file does not hold under that name (e.g. a factory's renamed keys)."""
     stored = opened.meta_state()
     layout = collapsed_layout(stored, opened.ep_layers) if opened.kind == "expanded" else stored
-    least = max((t.dtype for t in stored.values() if t.is_floating_point()), key=lambda d: torch.finfo(d).eps,
-                default=torch.float32)
+    least = least_precise(stored.values()) or torch.float32
 
     def dtype(name: str) -> torch.dtype:
         found = layout.get(name)
