@@ -20,8 +20,9 @@ inspect no slower than collapse, collapse within 1.3x of the bare script (that o
 ``large_collapse.py``), save at most 0.5x the model.
 
 Run from the repository root: ``python benchmarks/every_command.py`` (4 GiB: about 15 minutes on 2 cores without
-compress, whose SVD of each layer adds several seconds per layer; ``--layers 16`` for a 1 GiB rehearsal,
-``--layers 4`` for 256 MiB, ``--layers 16 --width 1024`` for 256 MiB in smaller layers).
+compress, whose decomposition of each layer adds several seconds per layer; ``--layers 16`` for a 1 GiB
+rehearsal, ``--layers 4`` for 256 MiB, ``--layers 16 --width 1024`` for 256 MiB in smaller layers; ``--only ROW
+...`` for some rows, beside the ``import torch`` floor and ``collapse``).
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=MULTI_LAYERS)
     parser.add_argument("--width", type=int, default=MULTI_WIDTH)
+    parser.add_argument("--only", nargs="+", metavar="COMMAND",
+                        help='only these rows (e.g. --only compress "export --onnx"), beside the torch floor and collapse')
     args = parser.parse_args()
     print(machine_summary())
     with tempfile.TemporaryDirectory() as temp:
@@ -77,6 +80,11 @@ def main() -> None:
                          "--max-error", "0.5"],
             "verify --model": [*epcli, "verify", str(source), "--model", "bigfactory:make"],
         }
+        if args.only:
+            unknown = set(args.only) - set(commands)
+            if unknown:
+                parser.error(f"no row {sorted(unknown)}; the rows are {list(commands)}")
+            commands = {name: c for name, c in commands.items() if name in {"import torch", "collapse", *args.only}}
         (directory / "bigfactory.py").write_text(FACTORY.format(width=args.width, depth=DEPTH, layers=args.layers))
         print(f"input {source.name}: {size / 2**30:.2f} GiB ({args.layers} x EPLinear({args.width}, {args.width}, "
               f"depth={DEPTH}), float32)\n")
@@ -98,6 +106,8 @@ def main() -> None:
                 verdict = f"time <= {TIME_TARGETS[name]}x collapse: {'met' if ratio <= TIME_TARGETS[name] else 'NOT met'}"
             print(f"| `{name}` | {seconds:.1f} s | {ratio:.2f}x | {peak / 2**20:,.0f} MiB | "
                   f"{max(0, peak - floor) / 2**20:,.0f} MiB = {above:.2f}x | {verdict} |")
+        if args.only:
+            return
         report = directory / "save.json"
         seconds, peak = run([sys.executable, str(directory / "save.py"), str(args.layers), str(args.width),
                              str(directory / "saved.safetensors"), str(report)])

@@ -6,6 +6,9 @@ weight, its factors at the largest rank that saves, in the layer's dtype; :func:
 layers' :mod:`~epcli.layers.lowrank` modules, views of those factors, in the model's place for a measurement, and
 :func:`factor_in_place` for good. Which ranks to choose, measured on the whole model, is
 :func:`epcli.verification.compress.compress_model`'s job.
+
+Given a :class:`~epcli.storage.scratch.ScratchTensors`, the layers' weights (:func:`offload_layers`) and their
+factors wait on disk between uses, so that only one layer's weights, or one candidate's factors, are ever held.
 """
 
 from __future__ import annotations
@@ -21,19 +24,45 @@ import torch
 from torch import Tensor, nn
 
 from epcli.convert.model import replaced_copy
-from epcli.core.lowrank import DEFAULT_RIDGE, Factors, conv_factors, group_matrices, truncation, whitening
+from epcli.convert.offload import offload, offloaded_weight, restore
+from epcli.core.lowrank import DEFAULT_RIDGE, Factors, conv_factors, eigenbasis, group_matrices, ridged
 from epcli.core.spectrum import spectrum
 from epcli.errors import CheckpointError
 from epcli.layers.lowrank import LOW_RANK, LowRankConv, LowRankLinear
 from epcli.layers.registry import is_transformers_conv1d
+from epcli.storage.scratch import ScratchTensors
 
-__all__ = ["LayerPlan", "factor_in_place", "factored", "factored_skeleton", "in_model_dtype", "layer_plans"]
+__all__ = [
+    "LayerPlan", "ParkedFactors", "factor_in_place", "factored", "factored_skeleton", "in_model_dtype", "layer_plans",
+    "offload_layers",
+]
 
 Plain = nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d
 """A layer compress factors: one of these (matched exactly: a subclass may have its own forward), or transformers'
 ``Conv1D`` (GPT-2's linear layer, weight stored ``[in, out]``), which is typed as ``nn.Linear`` here: code tells
 the two kinds apart by ``isinstance(layer, _CONVS)`` and reads weights through :func:`_weight`."""
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+@dataclass(frozen=True)
+class ParkedFactors(Factors):
+    """:class:`~epcli.core.lowrank.Factors` whose ``B`` (transposed) and ``A`` wait in a scratch store, so that
+    the factors at rank ``r`` are the first ``r`` rows of each; ``b`` and ``a`` are meta tensors of their shapes.
+    Cutting reads them: new tensors, not views."""
+
+    store: ScratchTensors
+    keys: tuple[int, int]  # B^T [limit, out], A [limit, n]
+
+    @classmethod
+    def park(cls, factors: Factors, store: ScratchTensors) -> ParkedFactors:
+        keys = store.put(factors.b.T), store.put(factors.a)
+        b, a = (torch.empty(t.shape, dtype=t.dtype, device="meta") for t in (factors.b, factors.a))
+        return cls(b, a, factors.energies, factors.total, factors.full_rank, store, keys)
+
+    def factors(self, rank: int) -> tuple[Tensor, Tensor]:
+        """``B [out, rank]`` (a transposed view of what was read), ``A [rank, n]``."""
+        super().factors(rank)  # the range check
+        return self.store.get(self.keys[0], rows=rank).T, self.store.get(self.keys[1], rows=rank)
 
 
 @dataclass(frozen=True)
@@ -68,7 +97,7 @@ class LayerPlan:
         return self.factors[0].limit
 
     def factored_weights(self, rank: int) -> int:
-        return rank * _per_rank(self.groups, self.factors[0].b.shape[0], self.factors[0].a.shape[1])
+        return rank * _per_rank(self.groups, *self.factors[0].shape)
 
     def factored_params(self, rank: int) -> int:
         return self.params - self.weight_numel + self.factored_weights(rank)
@@ -79,11 +108,11 @@ class LayerPlan:
     @cached_property
     def tails(self) -> tuple[float, ...]:
         """``tails[r]``: the fraction of the layer's (whitened) energy that keeping ``r`` values per group
-        discards, for ``r`` up to the full rank."""
-        energies = torch.stack([f.singular_values.square() for f in self.factors]).sum(0)  # [k]
-        total = float(energies.sum())
-        discarded = energies.flip(0).cumsum(0).flip(0).tolist() + [0.0]  # discarded[r] = sum_{i >= r}
-        return tuple(d / total if total > 0 else 0.0 for d in discarded)
+        discards, for ``r`` up to the rank limit."""
+        total = sum(f.total for f in self.factors)
+        zero = torch.zeros(1, dtype=torch.float64)
+        kept = torch.stack([torch.cat([zero, f.energies.cumsum(0)]) for f in self.factors]).sum(0)  # kept[r]
+        return tuple(max(total - k, 0.0) / total if total > 0 else 0.0 for k in kept.tolist())
 
     def rank_at(self, threshold: float) -> int | None:
         """The smallest rank discarding at most ``threshold`` of the energy, or None when it would not save."""
@@ -126,16 +155,30 @@ def _compressible(model: nn.Module) -> dict[str, Plain]:
     }
 
 
+def offload_layers(model: nn.Module, store: ScratchTensors) -> None:
+    """Park the weight of every layer :func:`layer_plans` would factor in ``store``, read back only while the
+    layer runs (:mod:`~epcli.convert.offload`), until :func:`factor_in_place` builds the result. For models
+    whose code epcli knows (an embedded architecture): user code may read a weight outside its layer's forward."""
+    for layer in _compressible(model).values():
+        offload(layer, store)
+
+
 def layer_plans(
-    model: nn.Module, batches: Sequence[tuple[Tensor, ...]], *, whiten: bool, ridge: float = DEFAULT_RIDGE
+    model: nn.Module,
+    batches: Sequence[tuple[Tensor, ...]],
+    *,
+    whiten: bool,
+    ridge: float = DEFAULT_RIDGE,
+    scratch: ScratchTensors | None = None,
 ) -> dict[str, LayerPlan]:
     """Every plain Linear / ConvNd of ``model`` (eval mode) with its factors, after one pass over ``batches``
     (whitened by the layer's input Gram matrix when ``whiten``).
 
-    Each SVD is taken in the layer's precision (at least float32: see :mod:`epcli.core.lowrank`) and dropped once
-    its factors at the rank limit are kept, in the layer's dtype: only one layer's SVD is ever held, and the
-    factors kept are fewer weights than the layer's. Whitening takes one pass per layer, each recording only that
-    layer's float64 Gram matrix (larger than its weight), which is dropped with its SVD."""
+    Each layer's factors at the rank limit (:func:`~epcli.core.lowrank.eigenbasis`, in float64) are kept in the
+    layer's dtype (parked in ``scratch`` when given), and the decomposition dropped: only one layer's is ever
+    held, and the factors kept are fewer weights than the layer's. Whitening takes one pass per layer, each
+    recording only that layer's float64 Gram matrix (larger than its weight), which is dropped with its
+    decomposition."""
     layers = _compressible(model)
     grams: dict[str, list[Tensor]] = {}
     positions: dict[str, int] = {}
@@ -152,17 +195,17 @@ def layer_plans(
         if whiten:
             run(path)
         groups = getattr(layer, "groups", 1)
-        weight = _weight(layer).detach()
-        matrices = group_matrices(weight, groups)
-        limit = _rank_limit(weight.numel(), groups, *matrices[0].shape)
-        precision = torch.promote_types(weight.dtype, torch.float32)
+        weight = _weight(layer)  # its shape and dtype: an offloaded layer's weight is read when needed
+        limit = _rank_limit(weight.numel(), groups, weight.shape[0] // groups, weight[0].numel())
         kept = []
-        for index, matrix in enumerate(matrices):
-            gram = grams[path][index] if path in grams else None  # a layer the model never ran: plain
-            cut = truncation(matrix, None if gram is None else whitening(gram, ridge), precision=precision)
-            kept.append(cut.kept(limit, weight.dtype))
-            del cut  # before the next group's SVD
-        grams.pop(path, None)
+        layer_grams: list[Tensor | None] = list(grams.pop(path, [None] * groups))  # a layer never run: plain
+        for index in range(groups):
+            # the weight read and the Gram matrix taken are let go before the eigensolve; the weight is read again
+            basis = eigenbasis(_group(layer, groups, index), _covariance(layer_grams, ridge), limit=limit)
+            factors = basis.factors(_group(layer, groups, index), weight.dtype)
+            del basis
+            kept.append(factors if scratch is None else ParkedFactors.park(factors, scratch))
+            del factors  # before the next group's
         plans[path] = LayerPlan(
             path=path,
             layer_type=type(layer).__name__,
@@ -170,9 +213,26 @@ def layer_plans(
             params=sum(p.numel() for p in layer.parameters()),
             weight_numel=weight.numel(),
             positions=positions.get(path, 1),
-            effective_rank=spectrum(weight).effective_rank,
+            effective_rank=spectrum(_read_weight(layer)).effective_rank,
         )
     return plans
+
+
+def _covariance(grams: list[Tensor | None], ridge: float) -> Tensor | None:
+    """The next group's Gram matrix, taken from ``grams`` and ridged (None: plain truncation)."""
+    gram = grams.pop(0)
+    return None if gram is None else ridged(gram, ridge)
+
+
+def _read_weight(layer: Plain) -> Tensor:
+    """:func:`_weight`'s values: read from the scratch store when the layer is offloaded."""
+    weight = offloaded_weight(layer)
+    return weight.T if is_transformers_conv1d(type(layer)) else weight
+
+
+def _group(layer: Plain, groups: int, index: int) -> Tensor:
+    """Group ``index``'s weight matrix ``[out/g, in/g * K]``, freshly read when the layer is offloaded."""
+    return group_matrices(_read_weight(layer), groups)[index]
 
 
 def in_model_dtype(model: nn.Module, batch: Sequence[Tensor]) -> tuple[Tensor, ...]:
@@ -250,7 +310,8 @@ def factor_in_place(model: nn.Module, plans: dict[str, LayerPlan], ranks: Mappin
     of the factors; returns the model (the replacement when it is the root).
 
     ``plans`` is consumed: each layer's plan is dropped once its module is built, and with it the factors, so the
-    copies and the layer they replace are never held together with every plan."""
+    copies and the layer they replace are never held together with every plan. Layers left whole that were
+    offloaded (:func:`offload_layers`) read their weights back."""
     layers = _compressible(model)
     for path in [path for path in plans if path not in ranks]:
         del plans[path]
@@ -261,6 +322,8 @@ def factor_in_place(model: nn.Module, plans: dict[str, LayerPlan], ranks: Mappin
         if layer is model:
             model = module
         del layer, module
+    for module in model.modules():
+        restore(module)
     return model
 
 
@@ -325,15 +388,18 @@ def _low_rank(layer: Plain, rank: int, **factory: Any) -> LowRankLinear | LowRan
 
 
 def _factored(layer: Plain, plan: LayerPlan, rank: int, *, copied: bool = False) -> nn.Module:
-    """The low-rank module at ``rank``, its weights views of the plan's factors (``copied``: copies of them, which
-    own their memory), its bias the layer's own."""
+    """The low-rank module at ``rank``, its weights views of the plan's factors, or what was read of parked ones
+    (``copied``: tensors that own their memory, contiguous), its bias the layer's own."""
     weight = layer.weight
     module = _low_rank(layer, rank, device="meta", dtype=weight.dtype)
     if not isinstance(layer, _CONVS):
         up, down = plan.factors[0].factors(rank)
     else:
         down, up = conv_factors(weight, layer.groups, plan.factors, rank)
-    module.down.weight = nn.Parameter(down.clone() if copied else down, requires_grad=copied)
-    module.up.weight = nn.Parameter(up.clone() if copied else up, requires_grad=copied)
+    if copied:  # read factors are copies already
+        parked = isinstance(plan.factors[0], ParkedFactors)
+        down, up = (t.contiguous() if parked else t.clone(memory_format=torch.contiguous_format) for t in (down, up))
+    module.down.weight = nn.Parameter(down, requires_grad=copied)
+    module.up.weight = nn.Parameter(up, requires_grad=copied)
     module.up.bias = layer.bias
     return module.train(layer.training)

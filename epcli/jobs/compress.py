@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -32,7 +33,8 @@ from epcli.checkpoint.opened import CheckpointFile
 from epcli.onnx.export import EXPORTED, OnnxSession, build_onnx, check_onnx
 from epcli.onnx.files import WrittenOnnx, write_metadata, write_onnx
 from epcli.storage.atomic import StagedFiles
-from epcli.storage.paths import check_targets, file_sha256, make_parent
+from epcli.storage.paths import check_targets, existing_ancestor, file_sha256, make_parent
+from epcli.storage.scratch import ScratchTensors
 from epcli.storage.source import TensorInfo
 from epcli.storage.writer import CheckpointWriter
 from epcli.text import plural
@@ -100,12 +102,20 @@ def compress_file(
         samples = read_samples(samples_path, specs)
         calibration = sample_batches(samples, settings.batch_size)
         measured_on = f"the {plural(samples[0].shape[0], 'sample')} of {samples_path.name}"
-    # the reference and the collapse in one pass, an EP layer at a time when the architecture is embedded
-    collapsed = collapse_opened(opened, settings, what="compress and measure", batches=calibration, as_stored=True)
-    reference, model = collapsed.expected, collapsed.model
-    del collapsed
-    compressed, result = compress_against(reference, model, max_error=max_error, whiten=bool(calibration), consume=True)
-    del model
+    # a model epcli builds from an embedded architecture is held a layer at a time: the other layers' weights and
+    # factors wait in a scratch file beside the output (user code may read a weight outside its layer's forward)
+    parked = opened.model_factory is None
+    with ScratchTensors(existing_ancestor(output.parent)) if parked else nullcontext() as scratch:
+        # the reference and the collapse in one pass, an EP layer at a time when the architecture is embedded
+        collapsed = collapse_opened(
+            opened, settings, what="compress and measure", batches=calibration, as_stored=True, scratch=scratch
+        )
+        reference, model = collapsed.expected, collapsed.model
+        del collapsed
+        compressed, result = compress_against(
+            reference, model, max_error=max_error, whiten=bool(calibration), consume=True, scratch=scratch
+        )
+        del model
     reason = _refusal(result, source)
     if reason is None and onnx_path is not None:
         make_parent(onnx_path)  # the ONNX's scratch directory sits beside it

@@ -94,7 +94,12 @@ def map_large_blocks(threshold: int = LARGE_BLOCK_BYTES) -> None:
     collapses and frees one large layer after another serves the later ones from its heap and keeps their pages
     once freed: the process holds the high-water mark of many layers instead of one (about 1.5x one layer's
     collapse, measured on 2048 x 2048 layers). A fixed threshold turns that adaptation off.
+
+    MKL (torch's BLAS) keeps its own pool of the buffers its large products used, about one layer's worth on
+    2048 x 2048 layers; unless the environment says otherwise, its fast memory manager is turned off too, which
+    must happen before torch is imported.
     """
+    os.environ.setdefault("MKL_DISABLE_FAST_MM", "1")
     mallopt = _glibc("mallopt")
     if mallopt is not None:
         mallopt(_M_MMAP_THRESHOLD, threshold)

@@ -24,6 +24,7 @@ __all__ = [
     "check_output_name",
     "check_output",
     "check_targets",
+    "existing_ancestor",
     "file_sha256",
     "is_index",
     "make_parent",
@@ -148,6 +149,15 @@ def check_targets(targets: Iterable[Path], sources: Iterable[Path], force: bool)
             )
         if target.exists() and not force:
             raise OutputError(f"{target} already exists; pass --force to overwrite it", file=target)
+
+
+def existing_ancestor(directory: Path) -> Path:
+    """``directory``, or its nearest ancestor that exists: where a job may keep scratch files for an output whose
+    directory is created only when the output is written (a refused run creates nothing)."""
+    directory = directory.absolute()
+    while not directory.is_dir() and directory != directory.parent:
+        directory = directory.parent
+    return directory
 
 
 def make_parent(path: Path) -> None:

@@ -25,10 +25,11 @@ from torch import Tensor, nn
 
 from epcli.checkpoint.inputs import InputSpec, random_inputs
 from epcli.convert import collapse_model
-from epcli.convert.compress import LayerPlan, factor_in_place, factored, in_model_dtype, layer_plans
+from epcli.convert.compress import LayerPlan, factor_in_place, factored, in_model_dtype, layer_plans, offload_layers
 from epcli.core.lowrank import DEFAULT_RIDGE
 from epcli.errors import UsageError
 from epcli.layers.registry import find_ep_layers
+from epcli.storage.scratch import ScratchTensors
 from epcli.verification.compare import Comparison, VerifySettings
 from epcli.verification.model_check import ExpandedOutputs, expanded_outputs
 from epcli.verification.samples import sample_batches
@@ -157,6 +158,7 @@ def compress_against(
     whiten: bool,
     ridge: float = DEFAULT_RIDGE,
     consume: bool = False,
+    scratch: ScratchTensors | None = None,
 ) -> tuple[nn.Module, CompressionResult]:
     """:func:`compress_model` with the reference outputs given (e.g. to measure an export against them too);
     ``whiten`` whitens each truncation by the layer's inputs on the reference's batches. ``model`` is not touched,
@@ -165,15 +167,20 @@ def compress_against(
 
     Every candidate is measured in the model's own dtype, as it will be stored, with its factored layers views of
     the factors put in the model's place for the measurement (:func:`~epcli.convert.compress.factored`): the
-    peak is the collapsed model, its factors (fewer weights than its layers) and one layer's SVD."""
+    peak is the collapsed model, its factors (fewer weights than its layers) and one layer's SVD. With
+    ``scratch`` (for a model built from an embedded architecture: see
+    :func:`~epcli.convert.compress.offload_layers`), the layers' weights and factors wait there between uses, and
+    the peak is one layer's SVD, or one candidate's factors."""
     _check_budget(max_error)
     if find_ep_layers(model):
         model = collapse_model(model)  # a new model
     elif not consume:
         model = copy.deepcopy(model)
     model.eval()
+    if scratch is not None:
+        offload_layers(model, scratch)
     settings = VerifySettings(samples=1, dtype="float64")  # the batches are given: only the dtype matters
-    plans = layer_plans(model, reference.batches, whiten=whiten, ridge=ridge)
+    plans = layer_plans(model, reference.batches, whiten=whiten, ridge=ridge, scratch=scratch)
     thresholds = sorted({p.tails[r] for p in plans.values() for r in range(1, p.rank_limit + 1)})
     measured: dict[tuple[tuple[str, int], ...], tuple[Comparison, ...]] = {}
 

@@ -17,12 +17,14 @@ from epcli.checkpoint.opened import CheckpointFile
 from epcli.checkpoint.save import collapsed_layout
 from epcli.checkpoint.user_code import run_forward
 from epcli.convert import collapsed_dtype, collapsed_keys, expanded_eval, layer_prefix
+from epcli.convert.offload import offload
 from epcli.errors import CheckpointError, UsageError
 from epcli.layers.base import EPLayer
 from epcli.layers.registry import collapsed_has_bias, find_ep_layers
 from epcli.layers.summary import natural_order
 from epcli.progress import ProgressCallback
 from epcli.storage.mapped_pages import trim_heap
+from epcli.storage.scratch import ScratchTensors
 from epcli.text import quote
 from epcli.verification.compare import Comparison, VerifyReport, VerifySettings, least_precise
 from epcli.verification.expanded import ExpandedOutputs, drawn_batches, expanded_outputs, rejected_inputs
@@ -79,6 +81,7 @@ def collapse_opened(
     batches: Sequence[tuple[Tensor, ...]] | None = None,
     progress: ProgressCallback | None = None,
     as_stored: bool = False,
+    scratch: ScratchTensors | None = None,
 ) -> CollapsedModel:
     """The collapsed model of ``opened`` and the outputs of the model it stores, in one copy, for a job that goes on
     with the collapsed model (``what`` it does with it, for the error when there is no model). The model is in the
@@ -86,9 +89,10 @@ def collapse_opened(
     layer: that of its first weight, as ``epcli collapse`` writes it), the model a collapsed file would hold.
 
     An embedded architecture runs a module at a time, each EP layer read when it runs and collapsed in its place
-    (:func:`check_layered`), so the expanded model is never held at all; a factory's model is read once and
-    collapsed in place (:func:`~epcli.verification.model_check.collapse_in_place`); a collapsed file's model is
-    its own reference. Either way the expanded model is never held beside a copy of itself."""
+    (:func:`check_layered`; with ``scratch``, each collapsed layer's weight is then parked there and read back
+    while the layer runs, :mod:`~epcli.convert.offload`), so the expanded model is never held at all; a
+    factory's model is read once and collapsed in place (:func:`~epcli.verification.model_check.collapse_in_place`);
+    a collapsed file's model is its own reference. Either way the expanded model is never held beside a copy of itself."""
     if opened.architecture is None and opened.model_factory is None:
         raise UsageError(
             f"{opened.path}: no architecture is embedded, so there is no whole model to {what}; "
@@ -102,7 +106,7 @@ def collapse_opened(
         checked = check_layered(
             read_skeleton(opened, dtype=settings.torch_dtype), opened.inputs, layer_reader(opened), settings,
             layer_input_shapes=opened.layer_input_shapes, rounded_to=rounded_to, progress=progress, keep=True,
-            stored=as_stored, batches=batches,
+            stored=as_stored, batches=batches, scratch=scratch,
         )
         assert checked.model is not None  # kept
         model, expected, layers = checked.model, checked.expected, checked.layers
@@ -165,6 +169,7 @@ def check_layered(
     rounded_to: Mapping[str, torch.dtype] | None = None,
     keep: bool = False,
     stored: bool = False,
+    scratch: ScratchTensors | None = None,
 ) -> LayeredCheck:
     """The checks of :func:`~.model_check.collapse_in_place`, for an ``nn.Sequential`` tree whose EP layers hold
     no data (:func:`~epcli.checkpoint.load.read_skeleton`), run one module at a time on every batch.
@@ -176,7 +181,9 @@ def check_layered(
     would give it, so the figures are the same. ``keep`` puts each plain layer in the model (rounded as
     ``rounded_to`` says, as in :func:`~.model_check.check_layer`), for a caller that goes on with the collapsed
     model (an ONNX export); then the collapsed layers add up as the check goes. With ``stored`` too, each is kept
-    in its stored dtype (``rounded_to``'s), as the file will hold it, not in the comparison dtype.
+    in its stored dtype (``rounded_to``'s), as the file will hold it, not in the comparison dtype. With
+    ``scratch`` too, each kept layer's weight is parked there (:func:`~epcli.convert.offload.offload`), so they
+    do not add up.
     """
     model.to(device=settings.torch_device, dtype=settings.torch_dtype).eval()
     found = find_ep_layers(model)
@@ -222,7 +229,10 @@ def check_layered(
         runnable = plain if _dtype(plain) == settings.torch_dtype else copy.deepcopy(plain).to(settings.torch_dtype)
         run_collapsed(runnable)
         if keep:
-            model = put_module(model, path, plain if stored else runnable)
+            kept = plain if stored else runnable
+            if scratch is not None:
+                offload(kept, scratch)
+            model = put_module(model, path, kept)
         del plain, runnable  # before the next layer is read
         trim_heap()  # and this one's freed blocks given back, or the next layer's would come on top of them
     return LayeredCheck(

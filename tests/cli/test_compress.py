@@ -124,10 +124,13 @@ def test_zero_budget_is_refused_and_writes_nothing(samples, invoke, json_doc):
 
 
 def test_without_samples_plain_svd_on_random_inputs(samples, invoke, json_doc):
+    before = set(samples.dir.iterdir())
     run = invoke("compress", samples.mlp, "--max-error", "0.5", "--json")
     document = json_doc(run.stdout)
     assert document["method"] == "svd" and "64 seeded random samples of the input specs" in document["measured_on"]
     assert document["model_max_rel_error"] <= 0.5 and (run.returncode == 0) == document["passed"]
+    # the weights parked while searching leave nothing behind (the scratch file has no name)
+    assert set(samples.dir.iterdir()) - before == {Path(file) for file in document["files"]}
 
 
 @pytest.mark.parametrize(
