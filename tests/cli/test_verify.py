@@ -464,6 +464,37 @@ def test_user_samples_are_what_the_model_is_compared_on(custom_model, tmp_path, 
     assert model["max_abs_error"] == _reference_model_error(checkpoint, "float32", batches) > 0
 
 
+@pytest.mark.parametrize("form", ["bare tensor .pt", ".npy"])
+def test_a_samples_file_of_another_form_says_what_inputs_takes(form, samples, tmp_path, invoke, json_doc):
+    """``torch.save(x, path)`` or ``numpy.save``: one unnamed array, not a file of named tensors. The error says what
+    --inputs takes and how to write one (not the checkpoint loader's "no epcli metadata"), and the file written as
+    it says is taken."""
+    import torch
+
+    x = torch.randn(8, 64, generator=torch.Generator().manual_seed(2))
+    given, fixed = (tmp_path / "x.pt", tmp_path / "x_fixed.pt") if form.endswith(".pt") else (
+        tmp_path / "x.npy", tmp_path / "x_fixed.npz")
+    if form.endswith(".pt"):
+        torch.save(x, given)
+        torch.save({"x": x}, fixed)
+    else:
+        np.save(given, x.numpy())
+        np.savez(fixed, x=x.numpy())
+
+    run = invoke("verify", samples.mlp, "--inputs", given, "--json")
+
+    assert run.returncode == 3, run.describe()
+    error = json_doc(run.stdout)["error"]
+    assert error["type"] == "CheckpointError" and error["file"] == str(given)
+    message = error["message"]
+    assert message.startswith(f"{given} (--inputs): ") and "epcli metadata" not in message
+    assert ("holds one bare tensor (shape [8, 64])" if form.endswith(".pt") else "is one .npy array") in message
+    assert "--inputs takes a .npz, .safetensors or .pt file holding one tensor per model input, batch first" in message
+    assert "numpy.savez(path, x=array) or torch.save({'x': tensor}, path)" in message
+    followed = invoke("verify", samples.mlp, "--inputs", fixed, "--json")
+    assert followed.returncode == 0 and json_doc(followed.stdout)["samples"] == 8, followed.describe()
+
+
 def test_an_artifact_whose_plain_tensors_differ_fails_the_model_check_only(custom_model, invoke, json_doc):
     """The whole model runs the artifact's own tensors, not only its collapsed layers: a changed head (no EP layer)
     passes every layer check and fails the model."""
