@@ -129,6 +129,10 @@ def verify_command(
             file=artifact,
         )
     check_source(checkpoint)  # before torch is imported
+    if artifact is not None:
+        from epcli.artifacts.names import remake_artifact
+
+        check_source(artifact, remake_artifact(checkpoint, artifact))
     from epcli.jobs.verify import verify_files
     from epcli.verification.compare import VerifySettings
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from epcli.artifacts.names import remake_artifact
 from epcli.checkpoint.factory import ModelFactory, factory_name
 from epcli.checkpoint.inputs import InputSpec, describe_inputs, tensor_leaves
 from epcli.checkpoint.load import open_checkpoint, read_model
@@ -26,7 +27,7 @@ from epcli.errors import CheckpointError, ShapeMismatchError, UsageError
 from epcli.layers.summary import natural_order
 from epcli.onnx.export import OnnxSession
 from epcli.progress import ProgressCallback
-from epcli.storage.paths import file_sha256
+from epcli.storage.paths import file_sha256, source_problem
 from epcli.text import plural, quote
 from epcli.verification.compare import SUPPORTED_DTYPES, VerifyReport, VerifySettings
 from epcli.verification.deployment import deploy_changes, deploy_notes, deployed_model
@@ -95,6 +96,9 @@ def verify_files(
     artifact is loaded into it with ``strict=True`` and compared with the expanded model end to end.
     """
     checkpoint = open_checkpoint(checkpoint_path, model_factory=model_factory, inputs=inputs, state_key=state_key)
+    problem = None if artifact_path is None else source_problem(artifact_path, remake_artifact(checkpoint_path, artifact_path))
+    if problem is not None:  # an artifact is written again by the command that made it, not saved as a checkpoint
+        raise CheckpointError(f"{artifact_path}: {problem}", file=artifact_path)
     if checkpoint.kind != "expanded":
         raise UsageError(
             f"{checkpoint_path}: this is a collapsed checkpoint; pass the expanded checkpoint first and the "
