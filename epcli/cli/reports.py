@@ -210,7 +210,12 @@ def report_warnings(report: VerifyReport) -> tuple[str, ...]:
 
 def render_report(title: str, report: VerifyReport) -> None:
     """The comparison table under ``title`` (which says what was compared with what), then the verdict."""
-    default = report.comparisons[0].candidate if report.comparisons else ""
+    if not report.comparisons:  # an artifact that does not fit (another model's): its notes say why, the caller fails
+        render.info(title)
+        for note in report.notes:
+            render.warning(note)
+        return
+    default = report.comparisons[0].candidate
     rows = [
         (
             c.name if c.candidate == default else f"{c.name} via {c.candidate}",

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from epcli.cli import render
+from epcli.cli.ci_reports import Case
 from epcli.cli.guard import Outcome
 from epcli.cli.options import (
     NO_SOURCE,
@@ -32,6 +34,9 @@ __all__ = ["verify_command"]
 
 ARTIFACT_SUFFIXES = (".safetensors", ".pt", ".pth", ".safetensors.index.json", ".onnx")
 """What ARTIFACT may be: a collapsed checkpoint (as epcli collapse writes it) or an ONNX file."""
+
+ARTIFACT_CASE = "<artifact>"
+"""The JUnit case (and step-summary row) of the artifact's provenance: failed when it is stale."""
 
 # Defaults are repeated here (not imported) so --help needs no torch; tests pin them to epcli.verification.compare.
 HELP = """Compare the expanded model with its collapsed form on seeded random inputs.
@@ -155,9 +160,15 @@ def verify_command(
     title = f"Verify {_names(checkpoint, artifact)}: expanded vs {_compared(artifact)}"
     render_report(title, result.report)
     failure = report_failure(result.report)
-    if failure is None and result.artifact_stale:
-        failure = f"{artifact} was made from another checkpoint than {checkpoint} (stale artifact)"
-        render.error(failure)
+    cases = report_cases(title, result.report)
+    if result.artifact_stale:  # a failure of its own in CI reports: the comparisons may all have passed, or not run
+        stale = f"{artifact} was made from another checkpoint than {checkpoint} (stale artifact" + (
+            ")" if result.report.comparisons else "; it does not fit this checkpoint's model, so nothing was compared)"
+        )
+        cases = replace(cases, cases=(*cases.cases, Case(ARTIFACT_CASE, (str(artifact), "-", "-", "-", "-"), stale)))
+        if failure is None:
+            failure = stale
+            render.error(failure)
     if failure is None and require_model_check and result.report.model_check_skipped is not None:
         failure = (
             f"{checkpoint}: the whole model was not compared ({result.report.model_check_skipped}), which "
@@ -175,7 +186,7 @@ def verify_command(
             **report_payload(result.report),
         },
         failure=failure,
-        tables=(report_cases(title, result.report),),
+        tables=(cases,),
         warnings=report_warnings(result.report),
     )
 

@@ -99,6 +99,8 @@ ROWS = {
     "out-of-tolerance": (lambda s, e, o, a: ["verify", s.mlp, "--samples", "8", "--atol", "0", "--rtol", "0"], 1,
                          "VerificationError"),
     "stale-artifact": (lambda s, e, o, a: ["verify", o, a, "--samples", "8"], 1, "VerificationError"),
+    "another-models-artifact": (lambda s, e, o, a: ["verify", s.mlp, s.dir / "cnn.collapsed.safetensors", "--samples",
+                                                    "8"], 1, "VerificationError"),
     "budget-not-met": (lambda s, e, o, a: ["compress", s.mlp, "--max-error", "0"], 1, "VerificationError"),
     "usage": (lambda s, e, o, a: ["verify", s.mlp, "--samples", "0"], 2, "UsageError"),
     "swapped-arguments": (lambda s, e, o, a: ["verify", s.dir / "m.onnx", s.mlp], 2, "UsageError"),
@@ -117,6 +119,8 @@ def test_exit_code_table(row, gate, invoke, json_doc):
     (samples.dir / "corrupt.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{not json")
     if row == "stale-artifact":
         assert invoke("collapse", samples.mlp, "-o", artifact).returncode == 0
+    if row == "another-models-artifact":  # stale too: it records the CNN as its source
+        assert invoke("collapse", samples.cnn, "-o", samples.dir / "cnn.collapsed.safetensors").returncode == 0
     build, code, error_type = ROWS[row]
     argv = build(samples, existing, other, artifact)
 
@@ -130,12 +134,15 @@ def test_exit_code_table(row, gate, invoke, json_doc):
     assert existing.read_bytes() == b"keep"
 
 
-def test_exit_codes_in_real_processes(gate, run_epcli_many, tmp_path):
-    """The codes the shell sees, for a few rows (the rest run in-process above)."""
+def test_exit_codes_in_real_processes(gate, run_epcli_many, tmp_path, invoke):
+    """The codes the shell sees, for a few rows (the rest run in-process above); exit 1 is another model's collapse,
+    which is stale (it records the CNN as its source) and does not fit the MLP."""
     samples, existing, _, _ = gate
+    another = samples.dir / "cnn.collapsed.safetensors"
+    assert invoke("collapse", samples.cnn, "-o", another).returncode == 0
     runs = run_epcli_many(
         [
-            ["verify", samples.mlp, "--samples", "8", "--atol", "0", "--rtol", "0", "-q"],
+            ["verify", samples.mlp, another, "--samples", "8", "-q"],
             ["verify", samples.mlp, "--samples", "8", "--bogus"],
             ["collapse", tmp_path / "missing.pt"],
             ["collapse", samples.mlp, "-o", existing],
