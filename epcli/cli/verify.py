@@ -19,13 +19,13 @@ from epcli.cli.options import (
     DeviceOption,
     Dtype,
     Rtol,
-    Samples,
     Seed,
     SourceOptions,
     Timeout,
     check_source,
     choice,
     takes_source,
+    whole_number,
 )
 from epcli.cli.reports import render_report, report_cases, report_failure, report_payload, report_warnings
 from epcli.errors import CheckpointError, UsageError
@@ -35,6 +35,8 @@ __all__ = ["verify_command"]
 ARTIFACT_SUFFIXES = (".safetensors", ".pt", ".pth", ".safetensors.index.json", ".onnx")
 """What ARTIFACT may be: a collapsed checkpoint (as epcli collapse writes it) or an ONNX file."""
 
+DEFAULT_SAMPLES = 64
+"""--samples without --inputs (as export's); repeated here so --help needs no torch."""
 ARTIFACT_CASE = "<artifact>"
 """The JUnit case (and step-summary row) of the artifact's provenance: failed when it is stale."""
 
@@ -81,7 +83,17 @@ def verify_command(
     ] = None,
     atol: Atol = None,
     rtol: Rtol = None,
-    samples: Samples = 64,
+    samples: Annotated[
+        int | None,
+        typer.Option(
+            "--samples",
+            metavar="N",
+            parser=whole_number(1),
+            show_default=False,
+            help=f"Number of random input samples; not with --inputs, whose samples are all compared. [default: "
+            f"{DEFAULT_SAMPLES}]",
+        ),
+    ] = None,
     batch_size: BatchSize = 32,
     seed: Seed = 0,
     dtype: Annotated[
@@ -133,6 +145,11 @@ def verify_command(
             f"{', '.join(ARTIFACT_SUFFIXES)}",
             file=artifact,
         )
+    if samples is not None and samples_file is not None:  # the file's samples are all compared: N would be ignored
+        raise UsageError(
+            f"give the samples either with --samples {samples} (seeded random ones) or with --inputs {samples_file} "
+            f"(yours: every sample of the file is compared), not both; drop --samples"
+        )
     check_source(checkpoint)  # before torch is imported
     if artifact is not None:
         from epcli.artifacts.names import remake_artifact
@@ -142,7 +159,13 @@ def verify_command(
     from epcli.verification.compare import VerifySettings
 
     settings = VerifySettings(
-        samples=samples, batch_size=batch_size, seed=seed, dtype=dtype.value, atol=atol, rtol=rtol, device=device
+        samples=DEFAULT_SAMPLES if samples is None else samples,
+        batch_size=batch_size,
+        seed=seed,
+        dtype=dtype.value,
+        atol=atol,
+        rtol=rtol,
+        device=device,
     )
     with render.progress() as progress:
         result = verify_files(

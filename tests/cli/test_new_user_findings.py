@@ -79,6 +79,18 @@ def test_the_library_says_how_to_write_an_empty_artifact_again(samples, tmp_path
     )
 
 
+def test_samples_with_inputs_is_a_usage_error_before_torch(samples, tmp_path):
+    """--samples N would be ignored (every sample of --inputs FILE is compared): refused as --input-shape with --input
+    is, from the command line alone, before torch is imported; the default 64 is the library's."""
+    from epcli.cli.verify import DEFAULT_SAMPLES
+    from epcli.verification.compare import VerifySettings
+
+    assert DEFAULT_SAMPLES == VerifySettings().samples
+    message = ("give the samples either with --samples 5 (seeded random ones) or with --inputs x.npz (yours: every "
+               "sample of the file is compared), not both; drop --samples")
+    _fail_without_torch([(["verify", str(samples.mlp), "--inputs", "x.npz", "--samples", "5"], 2, message)], tmp_path)
+
+
 def _fail_without_torch(runs: list[tuple[list[str], int, str]], cwd: Path) -> None:
     """Each run exits with its code and says its text, in one process that never imports torch (nor onnx)."""
     code = textwrap.dedent(
