@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -12,6 +13,9 @@ from epcli.cli.guard import Outcome
 from epcli.cli.options import NO_SOURCE, ForceOption, SourceOptions, check_source, takes_source
 from epcli.cli.reports import render_record
 from epcli.text import plural
+
+if TYPE_CHECKING:
+    from epcli.checkpoint.inputs import InputSpec
 
 __all__ = ["inspect_command"]
 
@@ -85,7 +89,7 @@ def inspect_command(
         render.info(note)
     render.info(
         f"{result.path.name}: {written}; "
-        f"input shape {list(result.input_shape)}; "
+        f"{_inputs(result.inputs)}; "
         f"architecture {architecture}; "
         f"{plural(result.tensor_count, 'tensor')}, {result.element_count:,} value{'' if result.element_count == 1 else 's'}"
     )
@@ -123,6 +127,18 @@ def inspect_command(
     return Outcome(_payload(result), warnings=tuple(meta.get("notes", [])))
 
 
+def _inputs(specs: Sequence[InputSpec]) -> str:
+    """``input float32[64]``, ``input int64[16] with values in [0, 50257)``: each input's dtype and shape, and its
+    range when the spec records one (token ids), which a shape alone does not say."""
+
+    def one(spec: InputSpec) -> str:
+        text = f"{spec.name}[{','.join(map(str, spec.shape))}]"
+        bounded = spec.low is not None and spec.high is not None and spec.name != "bool"  # a bool is 0 or 1
+        return f"{text} with values in [{spec.low:g}, {spec.high:g})" if bounded else text
+
+    return f"input{'s' if len(specs) > 1 else ''} {' and '.join(one(spec) for spec in specs)}"
+
+
 def _payload(result: Any) -> dict[str, Any]:
     return {
         "checkpoint": str(result.path),
@@ -131,6 +147,7 @@ def _payload(result: Any) -> dict[str, Any]:
         "epcli_version": result.metadata.get("epcli_version"),
         "torch_version": result.metadata.get("torch_version"),
         "input_shape": list(result.input_shape),
+        "inputs": [spec.to_dict() for spec in result.inputs],
         "has_architecture": result.has_architecture,
         "tensor_count": result.tensor_count,
         "element_count": result.element_count,

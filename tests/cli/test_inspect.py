@@ -103,6 +103,27 @@ def test_inspect_with_a_factory_checks_it_against_the_file(custom_model, invoke,
     assert wrong.returncode == 3 and str(custom_model.path) in flat(wrong.stderr), wrong.describe()
 
 
+def test_inspect_shows_each_inputs_dtype_and_range(tmp_path, artifacts, invoke, json_doc):
+    """Token ids are not "[16]": the report says int64 and the ids' range, and the JSON holds the specs; a plain
+    float input says float32 and no range."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(17, 8), epcli.EPLinear(8, 8, depth=2)).eval()
+    path = epcli.save_checkpoint(model, tmp_path / "tokens.safetensors",
+                                 inputs=[epcli.InputSpec((16,), torch.int64, 0, 17)])
+
+    tokens = invoke("inspect", path, "--json")
+    plain = invoke("inspect", artifacts.sources["digits_mlp"], "--json")
+
+    assert tokens.returncode == 0 and plain.returncode == 0, (tokens.describe(), plain.describe())
+    assert "; input int64[16] with values in [0, 17); " in tokens.stderr.replace("\n", "")
+    assert json_doc(tokens.stdout)["inputs"] == [{"shape": [16], "dtype": "int64", "low": 0, "high": 17}]
+    assert "; input float32[64]; " in plain.stderr.replace("\n", "")
+    assert json_doc(plain.stdout)["inputs"] == [{"shape": [64], "dtype": "float32", "low": None, "high": None}]
+
+
 def test_inspect_without_json_prints_the_report_on_stdout(artifacts, invoke):
     run = invoke("inspect", artifacts.sources["digits_mlp"])
 
