@@ -16,6 +16,7 @@ from epcli.text import plural
 
 if TYPE_CHECKING:
     from epcli.checkpoint.inputs import InputSpec
+    from epcli.layers import EPConfig
 
 __all__ = ["inspect_command"]
 
@@ -98,14 +99,11 @@ def inspect_command(
         s, c = layer.summary, layer.summary.config
         mark = "~" if layer.spectrum.approximate else ""  # the ranks are approximate
         kernel = f" k{'x'.join(map(str, s.effective_kernel))}" if s.effective_kernel else ""
-        chain = f"depth {c.depth} width {c.width:g}" + (" bn" if c.batch_norm else "")
-        if c.residual:
-            chain += f" skips {c.residual_mode}:{','.join(map(str, c.residual_intervals))}"
         rows.append(
             (
                 s.path,
                 f"{s.layer_type} {c.in_dim}->{c.out_dim}{kernel}",
-                chain,
+                _chain(c),
                 f"{s.expanded_params:,} -> {s.collapsed_params:,}",
                 f"{mark}{layer.spectrum.effective_rank:.1f}",
                 f"{mark}{layer.spectrum.rank}",
@@ -125,6 +123,17 @@ def inspect_command(
     if plot is not None:
         render.success(f"wrote {plot}")
     return Outcome(_payload(result), warnings=tuple(meta.get("notes", [])))
+
+
+def _chain(config: EPConfig) -> str:
+    """``depth 4, width 1, batch-norm, 2 identity skips over 2 layers``: the chain in the words of the layer docs (the
+    config's ``residual_mode`` "none" means identity skips, not none; its intervals are how many layers a skip spans)."""
+    parts = [f"depth {config.depth}", f"width {config.width:g}"] + (["batch-norm"] if config.batch_norm else [])
+    if config.skips:  # residual with intervals longer than the chain has no skip at all
+        spans = sorted({end - start for start, end in config.skips})
+        kind = "learnable skip" if config.learnable_skips else "identity skip"
+        parts.append(f"{plural(len(config.skips), kind)} over {' or '.join(map(str, spans))} layer{'s' * (spans != [1])}")
+    return ", ".join(parts)
 
 
 def _inputs(specs: Sequence[InputSpec]) -> str:
