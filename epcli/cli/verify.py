@@ -27,7 +27,14 @@ from epcli.cli.options import (
     takes_source,
     whole_number,
 )
-from epcli.cli.reports import render_report, report_cases, report_failure, report_payload, report_warnings
+from epcli.cli.reports import (
+    onnx_caption,
+    render_report,
+    report_cases,
+    report_failure,
+    report_payload,
+    report_warnings,
+)
 from epcli.errors import CheckpointError, UsageError
 
 __all__ = ["verify_command"]
@@ -181,7 +188,8 @@ def verify_command(
             plain_model=plain_model,
         )
     title = f"Verify {_names(checkpoint, artifact)}: expanded vs {_compared(artifact)}"
-    render_report(title, result.report)
+    onnx = artifact if artifact is not None and artifact.suffix.lower() == ".onnx" else None
+    render_report(title, result.report, None if onnx is None else onnx_caption(result.report, onnx))
     failure = report_failure(result.report)
     cases = report_cases(title, result.report)
     if result.artifact_stale:  # a failure of its own in CI reports: the comparisons may all have passed, or not run

@@ -200,6 +200,28 @@ def test_onnx_artifact_passes(stem, artifacts, invoke, json_doc, golden, schema_
     assert "onnx" in by_name["<model>"]["candidate"].lower()
 
 
+def test_the_table_says_the_layer_rows_of_an_onnx_check_ran_in_memory(artifacts, invoke, json_doc):
+    """An ONNX graph runs only as a whole: the table (titled "expanded vs X.onnx in onnxruntime") says under it that
+    the EP layer rows are each layer against its collapse in memory, and the JSON says it row by row; a collapsed
+    file's table, all of whose rows ran the file, has no such line."""
+    source, onnx_path = artifacts.sources["digits_mlp"], artifacts.onnx["digits_mlp"]
+    caption = (f"EP layer rows: each layer alone against its collapse computed in memory (an ONNX file runs only as a "
+               f"whole); the <model> row runs {onnx_path} in onnxruntime")
+
+    human = invoke("verify", source, onnx_path, "--samples", "8")
+    document = json_doc(invoke("verify", source, onnx_path, "--samples", "8", "--json").stdout)
+    collapsed = invoke("verify", source, artifacts.collapsed["digits_mlp"], "--samples", "8")
+
+    assert human.returncode == 0 and collapsed.returncode == 0, (human.describe(), collapsed.describe())
+    lines = human.stdout.splitlines()
+    bottom = next(index for index, line in enumerate(lines) if line.startswith("└"))  # the table's last line
+    assert lines[0].endswith(f"expanded vs {onnx_path} in onnxruntime") and lines[bottom + 1] == caption
+    assert [(c["name"], c["scope"], c["candidate"]) for c in document["comparisons"]] == [
+        ("0", "layer", "collapsed in memory"), ("3", "layer", "collapsed in memory"), ("<model>", "model", "onnxruntime")
+    ]
+    assert "EP layer rows" not in collapsed.stdout
+
+
 def test_static_batch_onnx_from_export_verifies(artifacts, invoke, json_doc):
     """``epcli export --static-batch`` writes an ONNX with batch fixed at 1; ``epcli verify`` must still check it.
 
