@@ -205,15 +205,15 @@ def verify_files(
             f"{artifact_path}: expected a collapsed checkpoint (from epcli collapse), found an expanded one"
         )
     stale, stale_note = _stale_artifact(checkpoint, artifact_path, artifact.metadata.get("provenance"))
-    misfit = _misfit(checkpoint, artifact)
-    if misfit is not None:
-        if stale_note is not None:  # another model's collapse: stale, as any file made from another checkpoint
-            return _not_compared(checkpoint_path, artifact_path, settings, f"{artifact_path}: {misfit}", stale_note)
-        raise CheckpointError(f"{artifact_path}: {misfit}; was it made from this checkpoint?", file=artifact_path)
     try:
         compression = compression_record(artifact.metadata.get("provenance") or {})
     except CheckpointError as e:
         raise CheckpointError(f"{artifact_path}: {e}", file=artifact_path) from e
+    misfit = _misfit(checkpoint, artifact, compressed=compression is not None)
+    if misfit is not None:
+        if stale_note is not None:  # another model's collapse: stale, as any file made from another checkpoint
+            return _not_compared(checkpoint_path, artifact_path, settings, f"{artifact_path}: {misfit}", stale_note)
+        raise CheckpointError(f"{artifact_path}: {misfit}; was it made from this checkpoint?", file=artifact_path)
     if compression is not None:  # from epcli compress: its layers are factored, so only the whole model
         if not has_model:
             raise UsageError(
@@ -251,10 +251,10 @@ def verify_files(
     )
 
 
-def _misfit(checkpoint: CheckpointFile, artifact: CheckpointFile) -> str | None:
-    """How a collapsed (or compressed) artifact does not fit the checkpoint, read from its metadata and tensor shapes
-    before anything runs (another model's file would fail inside the model), or None: its model's inputs, then for
-    a collapsed file the EP layers it collapses and the shape of each collapsed weight and bias."""
+def _misfit(checkpoint: CheckpointFile, artifact: CheckpointFile, *, compressed: bool) -> str | None:
+    """How a collapsed (or ``compressed``) artifact does not fit the checkpoint, read from its metadata and tensor
+    shapes before anything runs (another model's file would fail inside the model), or None: its model's inputs,
+    then for a collapsed file the EP layers it collapses and the shape of each collapsed weight and bias."""
 
     def fit(specs: Sequence[InputSpec]) -> list[tuple[tuple[int, ...], torch.dtype]]:
         return [(spec.shape, spec.dtype) for spec in specs]
@@ -264,7 +264,7 @@ def _misfit(checkpoint: CheckpointFile, artifact: CheckpointFile) -> str | None:
             f"its model takes {describe_inputs(artifact.inputs)}, but {checkpoint.path}'s takes "
             f"{describe_inputs(checkpoint.inputs)}"
         )
-    if artifact.metadata.get("provenance", {}).get("compression") is not None:  # factored: no EP layers to match
+    if compressed:  # its layers are factored: no EP layers to match
         return None
     if set(artifact.ep_layers) != set(checkpoint.ep_layers):
         return (
