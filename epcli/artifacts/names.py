@@ -19,6 +19,7 @@ __all__ = [
     "check_export_names",
     "default_compressed_output",
     "default_output",
+    "remake_artifact",
     "resolve_output",
     "source_stem",
 ]
@@ -97,3 +98,18 @@ def check_compress_names(source: Path, output: Path | None, onnx_path: Path | No
     if onnx_path is not None:
         check_output_name(onnx_path, (".onnx",), option="--onnx", example=f"{output.stem}.onnx")
     return output
+
+
+def remake_artifact(source: Path, artifact: Path) -> str:
+    """How to write ``artifact`` again from ``source``: the fix for an artifact that is unusable as a file (empty, a
+    write that did not finish), which a checkpoint's fix (save it again) does not fit."""
+    if artifact.suffix.lower() == ".onnx":
+        return (
+            f"write it again with epcli export {source} --onnx {artifact} (epcli compress {source} --onnx {artifact} "
+            "for a compressed model)"
+        )
+    output = sharded_base(artifact) if is_index(artifact) else artifact
+    return (
+        f"write it again with epcli collapse {source} -o {output} (epcli compress {source} -o {output} for a "
+        "compressed model)"
+    )

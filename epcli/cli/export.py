@@ -30,6 +30,7 @@ from epcli.cli.reports import (
     collapse_cases,
     collapse_payload,
     collapse_warnings,
+    onnx_caption,
     render_collapse,
     render_report,
     report_cases,
@@ -133,7 +134,7 @@ def export_command(
     if result.onnx is not None:
         onnx = result.onnx
         title = f"Export {checkpoint.name}: {onnx.reference} vs {onnx.output} in onnxruntime"
-        render_report(title, onnx.report)
+        render_report(title, onnx.report, onnx_caption(onnx.report, onnx.output))
         tables.append(report_cases(title, onnx.report))
         warnings += report_warnings(onnx.report)
         failure = report_failure(onnx.report)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -12,6 +13,10 @@ from epcli.cli.guard import Outcome
 from epcli.cli.options import NO_SOURCE, ForceOption, SourceOptions, check_source, takes_source
 from epcli.cli.reports import render_record
 from epcli.text import plural
+
+if TYPE_CHECKING:
+    from epcli.checkpoint.inputs import InputSpec
+    from epcli.layers import EPConfig
 
 __all__ = ["inspect_command"]
 
@@ -85,7 +90,7 @@ def inspect_command(
         render.info(note)
     render.info(
         f"{result.path.name}: {written}; "
-        f"input shape {list(result.input_shape)}; "
+        f"{_inputs(result.inputs)}; "
         f"architecture {architecture}; "
         f"{plural(result.tensor_count, 'tensor')}, {result.element_count:,} value{'' if result.element_count == 1 else 's'}"
     )
@@ -94,14 +99,11 @@ def inspect_command(
         s, c = layer.summary, layer.summary.config
         mark = "~" if layer.spectrum.approximate else ""  # the ranks are approximate
         kernel = f" k{'x'.join(map(str, s.effective_kernel))}" if s.effective_kernel else ""
-        chain = f"depth {c.depth} width {c.width:g}" + (" bn" if c.batch_norm else "")
-        if c.residual:
-            chain += f" skips {c.residual_mode}:{','.join(map(str, c.residual_intervals))}"
         rows.append(
             (
                 s.path,
                 f"{s.layer_type} {c.in_dim}->{c.out_dim}{kernel}",
-                chain,
+                _chain(c),
                 f"{s.expanded_params:,} -> {s.collapsed_params:,}",
                 f"{mark}{layer.spectrum.effective_rank:.1f}",
                 f"{mark}{layer.spectrum.rank}",
@@ -123,6 +125,29 @@ def inspect_command(
     return Outcome(_payload(result), warnings=tuple(meta.get("notes", [])))
 
 
+def _chain(config: EPConfig) -> str:
+    """``depth 4, width 1, batch-norm, 2 identity skips over 2 layers``: the chain in the words of the layer docs (the
+    config's ``residual_mode`` "none" means identity skips, not none; its intervals are how many layers a skip spans)."""
+    parts = [f"depth {config.depth}", f"width {config.width:g}"] + (["batch-norm"] if config.batch_norm else [])
+    if config.skips:  # residual with intervals longer than the chain has no skip at all
+        spans = sorted({end - start for start, end in config.skips})
+        kind = "learnable skip" if config.learnable_skips else "identity skip"
+        parts.append(f"{plural(len(config.skips), kind)} over {' or '.join(map(str, spans))} layer{'s' * (spans != [1])}")
+    return ", ".join(parts)
+
+
+def _inputs(specs: Sequence[InputSpec]) -> str:
+    """``input float32[64]``, ``input int64[16] with values in [0, 50257)``: each input's dtype and shape, and its
+    range when the spec records one (token ids), which a shape alone does not say."""
+
+    def one(spec: InputSpec) -> str:
+        text = f"{spec.name}[{','.join(map(str, spec.shape))}]"
+        bounded = spec.low is not None and spec.high is not None and spec.name != "bool"  # a bool is 0 or 1
+        return f"{text} with values in [{spec.low:g}, {spec.high:g})" if bounded else text
+
+    return f"input{'s' if len(specs) > 1 else ''} {' and '.join(one(spec) for spec in specs)}"
+
+
 def _payload(result: Any) -> dict[str, Any]:
     return {
         "checkpoint": str(result.path),
@@ -131,6 +156,7 @@ def _payload(result: Any) -> dict[str, Any]:
         "epcli_version": result.metadata.get("epcli_version"),
         "torch_version": result.metadata.get("torch_version"),
         "input_shape": list(result.input_shape),
+        "inputs": [spec.to_dict() for spec in result.inputs],
         "has_architecture": result.has_architecture,
         "tensor_count": result.tensor_count,
         "element_count": result.element_count,

@@ -405,14 +405,14 @@ _UNITS = {
 }
 
 
-def check_source(path: Path) -> None:
-    """The checkpoint argument exists and is not empty, before torch is imported (a mistyped path fails at once,
-    with the error opening it would give)."""
+def check_source(path: Path, remedy: str | None = None) -> None:
+    """The checkpoint argument (or another input file, whose ``remedy`` says how to write it again) exists and is
+    not empty, before torch is imported (a mistyped path fails at once, with the error opening it would give)."""
     from epcli.storage.paths import source_problem
 
-    problem = source_problem(path)
+    problem = source_problem(path) if remedy is None else source_problem(path, remedy)
     if problem is not None:
-        raise CheckpointError(f"{path}: {problem}")
+        raise CheckpointError(f"{path}: {problem}", file=path)
 
 
 def parse_size(text: str, option: str) -> int:

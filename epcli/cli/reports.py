@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from epcli.cli import render
@@ -18,6 +19,7 @@ __all__ = [
     "collapse_cases",
     "collapse_payload",
     "collapse_warnings",
+    "onnx_caption",
     "render_collapse",
     "render_record",
     "render_report",
@@ -208,9 +210,27 @@ def report_warnings(report: VerifyReport) -> tuple[str, ...]:
     return (*report.notes, *skipped)
 
 
-def render_report(title: str, report: VerifyReport) -> None:
-    """The comparison table under ``title`` (which says what was compared with what), then the verdict."""
-    default = report.comparisons[0].candidate if report.comparisons else ""
+def onnx_caption(report: VerifyReport, onnx: Path) -> str | None:
+    """What the rows of a check against an ONNX file compared, which its title (``expanded vs OUT.onnx in onnxruntime``)
+    does not say: the EP layer rows are each layer against its collapse in memory, since an ONNX graph runs only as a
+    whole; only the whole-model row ran the file. None when there are no layer rows (a compressed file's check)."""
+    if not any(c.scope == "layer" for c in report.comparisons):
+        return None
+    return (
+        f"EP layer rows: each layer alone against its collapse computed in memory (an ONNX file runs only as a "
+        f"whole); the {MODEL} row runs {onnx} in onnxruntime"
+    )
+
+
+def render_report(title: str, report: VerifyReport, caption: str | None = None) -> None:
+    """The comparison table under ``title`` (which says what was compared with what), ``caption`` under it (what
+    the title does not say of every row), then the verdict."""
+    if not report.comparisons:  # an artifact that does not fit (another model's): its notes say why, the caller fails
+        render.info(title)
+        for note in report.notes:
+            render.warning(note)
+        return
+    default = report.comparisons[0].candidate
     rows = [
         (
             c.name if c.candidate == default else f"{c.name} via {c.candidate}",
@@ -223,6 +243,8 @@ def render_report(title: str, report: VerifyReport) -> None:
         for c in report.comparisons
     ]
     render.table(title, ["compared", "max |err|", "mean |err|", "max rel err", "min atol", "pass"], rows)
+    if caption is not None:
+        render.info(caption)
     rule = _rule(report)
     for note in report.notes:
         render.warning(note)

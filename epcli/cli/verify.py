@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from epcli.cli import render
+from epcli.cli.ci_reports import Case
 from epcli.cli.guard import Outcome
 from epcli.cli.options import (
     NO_SOURCE,
@@ -17,21 +19,33 @@ from epcli.cli.options import (
     DeviceOption,
     Dtype,
     Rtol,
-    Samples,
     Seed,
     SourceOptions,
     Timeout,
     check_source,
     choice,
     takes_source,
+    whole_number,
 )
-from epcli.cli.reports import render_report, report_cases, report_failure, report_payload, report_warnings
+from epcli.cli.reports import (
+    onnx_caption,
+    render_report,
+    report_cases,
+    report_failure,
+    report_payload,
+    report_warnings,
+)
 from epcli.errors import CheckpointError, UsageError
 
 __all__ = ["verify_command"]
 
 ARTIFACT_SUFFIXES = (".safetensors", ".pt", ".pth", ".safetensors.index.json", ".onnx")
 """What ARTIFACT may be: a collapsed checkpoint (as epcli collapse writes it) or an ONNX file."""
+
+DEFAULT_SAMPLES = 64
+"""--samples without --inputs (as export's); repeated here so --help needs no torch."""
+ARTIFACT_CASE = "<artifact>"
+"""The JUnit case (and step-summary row) of the artifact's provenance: failed when it is stale."""
 
 # Defaults are repeated here (not imported) so --help needs no torch; tests pin them to epcli.verification.compare.
 HELP = """Compare the expanded model with its collapsed form on seeded random inputs.
@@ -76,7 +90,17 @@ def verify_command(
     ] = None,
     atol: Atol = None,
     rtol: Rtol = None,
-    samples: Samples = 64,
+    samples: Annotated[
+        int | None,
+        typer.Option(
+            "--samples",
+            metavar="N",
+            parser=whole_number(1),
+            show_default=False,
+            help=f"Number of random input samples; not with --inputs, whose samples are all compared. [default: "
+            f"{DEFAULT_SAMPLES}]",
+        ),
+    ] = None,
     batch_size: BatchSize = 32,
     seed: Seed = 0,
     dtype: Annotated[
@@ -128,12 +152,27 @@ def verify_command(
             f"{', '.join(ARTIFACT_SUFFIXES)}",
             file=artifact,
         )
+    if samples is not None and samples_file is not None:  # the file's samples are all compared: N would be ignored
+        raise UsageError(
+            f"give the samples either with --samples {samples} (seeded random ones) or with --inputs {samples_file} "
+            f"(yours: every sample of the file is compared), not both; drop --samples"
+        )
     check_source(checkpoint)  # before torch is imported
+    if artifact is not None:
+        from epcli.artifacts.names import remake_artifact
+
+        check_source(artifact, remake_artifact(checkpoint, artifact))
     from epcli.jobs.verify import verify_files
     from epcli.verification.compare import VerifySettings
 
     settings = VerifySettings(
-        samples=samples, batch_size=batch_size, seed=seed, dtype=dtype.value, atol=atol, rtol=rtol, device=device
+        samples=DEFAULT_SAMPLES if samples is None else samples,
+        batch_size=batch_size,
+        seed=seed,
+        dtype=dtype.value,
+        atol=atol,
+        rtol=rtol,
+        device=device,
     )
     with render.progress() as progress:
         result = verify_files(
@@ -149,11 +188,18 @@ def verify_command(
             plain_model=plain_model,
         )
     title = f"Verify {_names(checkpoint, artifact)}: expanded vs {_compared(artifact)}"
-    render_report(title, result.report)
+    onnx = artifact if artifact is not None and artifact.suffix.lower() == ".onnx" else None
+    render_report(title, result.report, None if onnx is None else onnx_caption(result.report, onnx))
     failure = report_failure(result.report)
-    if failure is None and result.artifact_stale:
-        failure = f"{artifact} was made from another checkpoint than {checkpoint} (stale artifact)"
-        render.error(failure)
+    cases = report_cases(title, result.report)
+    if result.artifact_stale:  # a failure of its own in CI reports: the comparisons may all have passed, or not run
+        stale = f"{artifact} was made from another checkpoint than {checkpoint} (stale artifact" + (
+            ")" if result.report.comparisons else "; it does not fit this checkpoint's model, so nothing was compared)"
+        )
+        cases = replace(cases, cases=(*cases.cases, Case(ARTIFACT_CASE, (str(artifact), "-", "-", "-", "-"), stale)))
+        if failure is None:
+            failure = stale
+            render.error(failure)
     if failure is None and require_model_check and result.report.model_check_skipped is not None:
         failure = (
             f"{checkpoint}: the whole model was not compared ({result.report.model_check_skipped}), which "
@@ -171,7 +217,7 @@ def verify_command(
             **report_payload(result.report),
         },
         failure=failure,
-        tables=(report_cases(title, result.report),),
+        tables=(cases,),
         warnings=report_warnings(result.report),
     )
 

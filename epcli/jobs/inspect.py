@@ -52,6 +52,7 @@ class InspectResult:
     kind: str
     metadata: dict[str, Any]
     input_shape: tuple[int, ...]
+    inputs: tuple[InputSpec, ...]  # every model input: shape, dtype and range (token ids, say)
     has_architecture: bool
     tensor_count: int
     element_count: int
@@ -98,6 +99,7 @@ def inspect_file(
         kind=opened.kind,
         metadata=opened.metadata,
         input_shape=opened.input_shape,
+        inputs=tuple(opened.inputs),
         has_architecture=opened.architecture is not None or model_factory is not None,
         tensor_count=len(opened.tensors),
         element_count=sum(math.prod(info.shape) for info in opened.tensors.values()),

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from epcli.artifacts.names import remake_artifact
 from epcli.checkpoint.factory import ModelFactory, factory_name
 from epcli.checkpoint.inputs import InputSpec, describe_inputs, tensor_leaves
 from epcli.checkpoint.load import open_checkpoint, read_model
@@ -23,10 +24,11 @@ from epcli.convert import (
     layer_states,
 )
 from epcli.errors import CheckpointError, ShapeMismatchError, UsageError
+from epcli.layers.registry import expected_state
 from epcli.layers.summary import natural_order
 from epcli.onnx.export import OnnxSession
 from epcli.progress import ProgressCallback
-from epcli.storage.paths import file_sha256
+from epcli.storage.paths import file_sha256, source_problem
 from epcli.text import plural, quote
 from epcli.verification.compare import SUPPORTED_DTYPES, VerifyReport, VerifySettings
 from epcli.verification.deployment import deploy_changes, deploy_notes, deployed_model
@@ -95,6 +97,9 @@ def verify_files(
     artifact is loaded into it with ``strict=True`` and compared with the expanded model end to end.
     """
     checkpoint = open_checkpoint(checkpoint_path, model_factory=model_factory, inputs=inputs, state_key=state_key)
+    problem = None if artifact_path is None else source_problem(artifact_path, remake_artifact(checkpoint_path, artifact_path))
+    if problem is not None:  # an artifact is written again by the command that made it, not saved as a checkpoint
+        raise CheckpointError(f"{artifact_path}: {problem}", file=artifact_path)
     if checkpoint.kind != "expanded":
         raise UsageError(
             f"{checkpoint_path}: this is a collapsed checkpoint; pass the expanded checkpoint first and the "
@@ -163,17 +168,20 @@ def verify_files(
         first = session()
         stale, stale_note = _stale_artifact(checkpoint, artifact_path, first.metadata)  # epcli's own export
         record = _onnx_compression(first.metadata, artifact_path)
-        if record is not None:  # from epcli compress --onnx: only the whole model, judged by its budget
+        try:
             settings = _onnx_settings(first, model, checkpoint, artifact_path, settings)
-            del first
+        except CheckpointError as e:  # its inputs or outputs do not fit: another model's, when it says so
+            if stale_note is None:
+                raise
+            return _not_compared(checkpoint_path, artifact_path, settings, str(e), stale_note)
+        del first  # opened again after the layers: its weights are not held beside the expanded model
+        if record is not None:  # from epcli compress --onnx: only the whole model, judged by its budget
             expected = expanded_outputs(model, checkpoint.inputs, settings, batches)
             del model
             report = _by_budget(expected, session(), artifact_path, record, settings, batches is not None)
             notes.extend([stale_note] if stale_note else [])
             return VerifyResult(checkpoint_path, artifact_path, replace(report, notes=(*report.notes, *notes)), stale)
         try:
-            settings = _onnx_settings(first, model, checkpoint, artifact_path, settings)
-            del first  # opened again after the layers: its weights are not held beside the expanded model
             handed = [model]  # the check owns the only reference, and drops each EP layer as it goes
             del model
             report = check_subject(
@@ -181,10 +189,10 @@ def verify_files(
                 settings, None, session, IN_MEMORY, progress, batches,
             )
         except ShapeMismatchError as e:  # an output whose sizes the file leaves open
-            raise CheckpointError(
-                f"{artifact_path}: the ONNX file does not match {checkpoint_path}: {e}"
-                + (f"; {stale_note}" if stale_note else "")
-            ) from e
+            mismatch = f"{artifact_path}: the ONNX file does not match {checkpoint_path}: {e}"
+            if stale_note is not None:
+                return _not_compared(checkpoint_path, artifact_path, settings, mismatch, stale_note)
+            raise CheckpointError(mismatch) from e
         except CheckpointError as e:
             if stale_note is None:
                 raise
@@ -201,6 +209,11 @@ def verify_files(
         compression = compression_record(artifact.metadata.get("provenance") or {})
     except CheckpointError as e:
         raise CheckpointError(f"{artifact_path}: {e}", file=artifact_path) from e
+    misfit = _misfit(checkpoint, artifact, compressed=compression is not None)
+    if misfit is not None:
+        if stale_note is not None:  # another model's collapse: stale, as any file made from another checkpoint
+            return _not_compared(checkpoint_path, artifact_path, settings, f"{artifact_path}: {misfit}", stale_note)
+        raise CheckpointError(f"{artifact_path}: {misfit}; was it made from this checkpoint?", file=artifact_path)
     if compression is not None:  # from epcli compress: its layers are factored, so only the whole model
         if not has_model:
             raise UsageError(
@@ -211,11 +224,6 @@ def verify_files(
                                     owned_model(settings.torch_dtype), compression, settings, batches)
         notes.extend([stale_note] if stale_note else [])
         return VerifyResult(checkpoint_path, artifact_path, replace(report, notes=(*report.notes, *notes)), stale)
-    if set(artifact.ep_layers) != set(checkpoint.ep_layers):
-        raise CheckpointError(
-            f"{artifact_path}: collapses EP layers {natural_order(artifact.ep_layers)}, but {checkpoint_path} has "
-            f"{natural_order(checkpoint.ep_layers)}; " + (stale_note or "was it made from this checkpoint?")
-        )
     if stale_note:
         notes.append(stale_note)
     collapsed_state = _ArtifactState(artifact)  # read a layer at a time: not held beside the expanded model
@@ -241,6 +249,51 @@ def verify_files(
     return VerifyResult(
         checkpoint_path, artifact_path, replace(report, notes=(*report.notes, *notes)), stale, changes
     )
+
+
+def _misfit(checkpoint: CheckpointFile, artifact: CheckpointFile, *, compressed: bool) -> str | None:
+    """How a collapsed (or ``compressed``) artifact does not fit the checkpoint, read from its metadata and tensor
+    shapes before anything runs (another model's file would fail inside the model), or None: its model's inputs,
+    then for a collapsed file the EP layers it collapses and the shape of each collapsed weight and bias."""
+
+    def fit(specs: Sequence[InputSpec]) -> list[tuple[tuple[int, ...], torch.dtype]]:
+        return [(spec.shape, spec.dtype) for spec in specs]
+
+    if fit(artifact.inputs) != fit(checkpoint.inputs):
+        return (
+            f"its model takes {describe_inputs(artifact.inputs)}, but {checkpoint.path}'s takes "
+            f"{describe_inputs(checkpoint.inputs)}"
+        )
+    if compressed:  # its layers are factored: no EP layers to match
+        return None
+    if set(artifact.ep_layers) != set(checkpoint.ep_layers):
+        return (
+            f"collapses EP layers {natural_order(artifact.ep_layers)}, but {checkpoint.path} has "
+            f"{natural_order(checkpoint.ep_layers)}"
+        )
+    for path in natural_order(checkpoint.ep_layers):
+        expected = expected_state(checkpoint.ep_layers[path], collapsed=True)
+        for name, key in zip(("weight", "bias"), collapsed_keys(path), strict=True):
+            want = list(expected[name].shape) if name in expected else None
+            held = artifact.tensors.get(key)
+            got = None if held is None else list(held.shape)
+            if got != want:
+                return (
+                    f"holds {quote(key)} {'not at all' if got is None else f'of shape {got}'}, but EP layer "
+                    f"{quote(path)} of {checkpoint.path} collapses to "
+                    + ("no bias" if want is None else f"a {name} of shape {want}")
+                )
+    return None
+
+
+def _not_compared(
+    checkpoint_path: Path, artifact_path: Path, settings: VerifySettings, misfit: str, stale_note: str
+) -> VerifyResult:
+    """A stale artifact that does not even fit the checkpoint (another model's): nothing can be compared, and the
+    run fails as a stale artifact does (exit 1), not as an unusable file (3): the file is sound, and it says which
+    checkpoint it was made from."""
+    notes = (f"{misfit}: nothing was compared", stale_note)
+    return VerifyResult(checkpoint_path, artifact_path, VerifyReport(settings, settings.tolerance, (), notes=notes), True)
 
 
 def _compressed_report(

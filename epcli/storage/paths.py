@@ -39,15 +39,16 @@ _Identity = tuple[int, int, int, int, int]
 _prefetched: dict[Path, tuple[_Identity, Future[str]]] = {}
 
 
-def source_problem(path: Path) -> str | None:
+def source_problem(path: Path, remedy: str = "save it again with epcli.save_checkpoint") -> str | None:
     """What makes ``path`` unreadable as an input before anything is parsed (missing, not a file or directory,
-    empty), or None: checked without torch, so a mistyped path fails at once."""
+    empty), or None: checked without torch, so a mistyped path fails at once. ``remedy`` says how to write the
+    file again, which depends on its role (a checkpoint, an artifact, a file of samples)."""
     if not path.exists():
         return "no such file; check the path"
     if not path.is_file() and not path.is_dir():
         return "is not a regular file"
     if path.is_file() and path.stat().st_size == 0:
-        return "is empty (0 bytes); it was not written completely: save it again with epcli.save_checkpoint"
+        return f"is empty (0 bytes); it was not written completely: {remedy}"
     return None
 
 

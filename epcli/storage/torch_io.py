@@ -39,7 +39,16 @@ from epcli.storage.pt_archive import check_archive
 from epcli.storage.raw import RawCheckpoint, missing_metadata
 from epcli.text import plural, quote
 
-__all__ = ["METADATA_KEY", "MIN_TORCH", "STATE_KEY", "read_pt", "read_pt_tensor", "write_pt"]
+__all__ = [
+    "METADATA_KEY",
+    "MIN_TORCH",
+    "STATE_KEY",
+    "checked_tensors",
+    "load_pt",
+    "read_pt",
+    "read_pt_tensor",
+    "write_pt",
+]
 
 METADATA_KEY = "epcli_metadata"
 STATE_KEY = "state_dict"
@@ -83,23 +92,34 @@ def read_pt(path: Path, state_key: str | None = None) -> RawCheckpoint:
     A file epcli did not write gives ``metadata=None``: a plain state dict, or with
     ``state_key`` the state dict a trainer's dict holds under that key.
     """
+    return _unpack(load_pt(path), state_key)
+
+
+def load_pt(
+    path: Path,
+    *,
+    what: str = "checkpoint",
+    remedy: str = "epcli writes checkpoints with epcli.save_checkpoint(model, path, input_shape=...)",
+) -> Any:
+    """Whatever a ``.pt`` file holds (tensors in plain containers), loaded as :func:`read_pt` loads it: archive
+    checks, then the weights-only unpickler on the memory-mapped file. Not yet checked for layout: pass its tensors
+    through :func:`checked_tensors`. ``what`` the file is and ``remedy`` (how to write one) go into the error for a
+    file that is not a torch zip archive at all."""
     _check_torch()
     with path.open("rb") as f:
         head = f.read(len(_ZIP_MAGIC))
     if head != _ZIP_MAGIC:
         raise CheckpointError(
-            f"is not a torch zip checkpoint (it starts with {head!r}, not {_ZIP_MAGIC!r}): it is corrupt, or was "
-            "not written by torch.save; epcli writes checkpoints with "
-            "epcli.save_checkpoint(model, path, input_shape=...)"
+            f"is not a torch zip {what} (it starts with {head!r}, not {_ZIP_MAGIC!r}): it is corrupt, or was "
+            f"not written by torch.save; {remedy}"
         )
     check_archive(path)
     try:
-        content = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as e:
         raise _classify(str(e)) from e
     except Exception as e:  # the zip reader and unpickler raise many types on damaged input
-        raise CheckpointError(f"cannot be read as a torch checkpoint; it is truncated or corrupt ({_brief(e)})") from e
-    return _unpack(content, state_key)
+        raise CheckpointError(f"cannot be read as a torch {what}; it is truncated or corrupt ({_brief(e)})") from e
 
 
 def read_pt_tensor(data: bytes) -> Tensor:
@@ -174,7 +194,7 @@ def _unpack(content: Any, state_key: str | None = None) -> RawCheckpoint:
         check_count(len(metadata), MAX_METADATA_CHARS, "epcli metadata (characters)")
         if not isinstance(state, dict):
             raise CheckpointError(f"{STATE_KEY!r} must be a dict of tensors, got {type(state).__name__}")
-        return RawCheckpoint(metadata, _checked_state(state, f"{STATE_KEY!r}"))
+        return RawCheckpoint(metadata, checked_tensors(state, f"{STATE_KEY!r}"))
     if state_key is not None:
         if not isinstance(content, Mapping) or state_key not in content:
             held = f"none (it holds a {type(content).__name__})"
@@ -184,7 +204,7 @@ def _unpack(content: Any, state_key: str | None = None) -> RawCheckpoint:
     else:
         where = "it"
     if isinstance(content, Mapping) and content and all(isinstance(v, Tensor) for v in content.values()):
-        state = _checked_state(dict(content), "state_dict")
+        state = checked_tensors(dict(content), "state_dict")
         return RawCheckpoint(None, state, f"{where} holds a plain state_dict of {plural(len(content), 'tensor')}")
     if isinstance(content, Mapping):
         tensors = [k for k, v in content.items() if isinstance(v, Mapping)]
@@ -196,8 +216,8 @@ def _unpack(content: Any, state_key: str | None = None) -> RawCheckpoint:
     raise missing_metadata(f"{where} holds a {type(content).__name__}")
 
 
-def _checked_state(state: dict[Any, Any], what: str) -> dict[str, Tensor]:
-    """Names and count bounded, every value a dense tensor inside its storage; detached."""
+def checked_tensors(state: dict[Any, Any], what: str) -> dict[str, Tensor]:
+    """Names and count bounded, every value a dense tensor inside its storage; detached. Errors name ``what``."""
     check_count(len(state), MAX_TENSORS, f"the number of tensors in {what}")
     for key, value in state.items():
         if not isinstance(key, str) or not key or not isinstance(value, Tensor):

@@ -5,8 +5,8 @@ instead of random inputs. The file holds one tensor per model input, batch first
 
 * ``.safetensors`` (read by epcli's checked reader),
 * ``.npz`` (``numpy.savez``; read without pickle),
-* ``.pt`` holding a dict of tensors (through the same safe path as checkpoints:
-  ``torch.load(weights_only=True)`` after the archive checks).
+* ``.pt`` holding a dict of tensors (``torch.save({"x": x}, path)``; through the same safe path as
+  checkpoints: ``torch.load(weights_only=True)`` after the archive checks).
 
 With one input the tensor's name does not matter; with several they are named
 ``input_0``, ``input_1``, ... (or ``arr_0``, ``arr_1``, ... as ``numpy.savez(path, *arrays)`` names them).
@@ -27,14 +27,22 @@ from torch import Tensor
 from epcli.checkpoint.inputs import InputSpec
 from epcli.errors import CheckpointError, EpcliError
 from epcli.limits import MAX_CHECK_BYTES, MAX_TENSORS, check_count, check_tensor_shape
+from epcli.storage.paths import source_problem
 from epcli.storage.safetensors_io import read_header, read_tensors
 from epcli.storage.source import check_finite
-from epcli.storage.torch_io import read_pt
+from epcli.storage.torch_io import checked_tensors, load_pt
 from epcli.text import plural, quote
 
-__all__ = ["SAMPLE_SUFFIXES", "read_samples", "sample_batches"]
+__all__ = ["SAMPLES_FORMAT", "SAMPLE_SUFFIXES", "read_samples", "sample_batches"]
 
 SAMPLE_SUFFIXES = (".safetensors", ".npz", ".pt", ".pth")
+SAMPLES_FORMAT = (
+    "--inputs takes a .npz, .safetensors or .pt file holding one tensor per model input, batch first (named "
+    "input_0, input_1, ... when the model takes several): write one with numpy.savez(path, x=array) or "
+    "torch.save({'x': tensor}, path)"
+)
+"""What a samples file is and how to make one: the fix of every error about the file's format (a user who gave a
+bare tensor or an ``.npy`` needs to know what to write instead)."""
 
 
 def read_samples(path: Path, specs: Sequence[InputSpec]) -> tuple[Tensor, ...]:
@@ -55,16 +63,33 @@ def sample_batches(samples: Sequence[Tensor], batch_size: int) -> list[tuple[Ten
 
 def _read(path: Path) -> dict[str, Tensor]:
     suffix = path.suffix.lower()
-    if not path.is_file():
-        raise CheckpointError("no such file; check the path")
+    problem = source_problem(path, remedy=f"write it again; {SAMPLES_FORMAT}")
+    if problem is not None or not path.is_file():
+        raise CheckpointError(problem or "is a directory; give the file of samples")
     if suffix == ".safetensors":
         header = read_header(path)
         return read_tensors(path, header, sorted(header.tensors), None)
     if suffix == ".npz":
         return _read_npz(path)
     if suffix in (".pt", ".pth"):
-        return {key: t.clone() for key, t in read_pt(path).tensors.items()}
-    raise CheckpointError(f"unsupported suffix {path.suffix!r}; give the samples as {', '.join(SAMPLE_SUFFIXES)}")
+        return _read_pt(path)
+    if suffix == ".npy":
+        raise CheckpointError(f"is one .npy array, not a file of named tensors; {SAMPLES_FORMAT}")
+    raise CheckpointError(f"unsupported suffix {path.suffix!r}; {SAMPLES_FORMAT}")
+
+
+def _read_pt(path: Path) -> dict[str, Tensor]:
+    """The dict of tensors a ``.pt`` holds, loaded as a checkpoint is (weights only, layout checked), then copied
+    out of the file's memory map."""
+    content = load_pt(path, what="file", remedy=SAMPLES_FORMAT)
+    if isinstance(content, Tensor):  # torch.save(x, path): the tensor has no name to match a model input
+        raise CheckpointError(
+            f"holds one bare tensor (shape {list(content.shape)}), not a dict of tensors; {SAMPLES_FORMAT}"
+        )
+    if not isinstance(content, Mapping) or not content or not all(isinstance(v, Tensor) for v in content.values()):
+        found = f"a dict with keys {quote(list(content))}" if isinstance(content, Mapping) else f"a {type(content).__name__}"
+        raise CheckpointError(f"holds {found}, not a dict of tensors; {SAMPLES_FORMAT}")
+    return {key: t.clone() for key, t in checked_tensors(dict(content), "the samples").items()}
 
 
 _NPZ_DTYPES = {"b1", "i1", "i2", "i4", "i8", "u1", "f2", "f4", "f8"}
@@ -85,7 +110,7 @@ def _read_npz(path: Path) -> dict[str, Tensor]:
 
     with path.open("rb") as f:
         if f.read(6) == b"\x93NUMPY":
-            raise CheckpointError("is one .npy array, not a .npz archive; save the samples with numpy.savez(path, x)")
+            raise CheckpointError(f"is one .npy array, not a .npz archive; {SAMPLES_FORMAT}")
     try:
         with zipfile.ZipFile(path) as archive:
             infos = archive.infolist()
@@ -108,7 +133,7 @@ def _read_npz(path: Path) -> dict[str, Tensor]:
     except EpcliError:
         raise
     except (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, EOFError, RuntimeError, ValueError) as e:
-        raise CheckpointError(f"cannot be read as a .npz file ({quote(str(e))})") from e
+        raise CheckpointError(f"cannot be read as a .npz file ({quote(str(e))}); {SAMPLES_FORMAT}") from e
 
 
 def _npz_header(archive: Any, info: Any) -> tuple[Any, tuple[int, ...], bool, int]:

@@ -16,7 +16,7 @@ import pytest
 import epcli
 from epcli.cli.ci_reports import annotation
 
-COMMANDS = ("collapse", "verify", "export", "inspect")
+COMMANDS = ("collapse", "verify", "export", "inspect", "compress")
 
 
 # ---- a small JSON Schema validator: the subset the shipped schemas use ----------------------------
@@ -99,6 +99,9 @@ ROWS = {
     "out-of-tolerance": (lambda s, e, o, a: ["verify", s.mlp, "--samples", "8", "--atol", "0", "--rtol", "0"], 1,
                          "VerificationError"),
     "stale-artifact": (lambda s, e, o, a: ["verify", o, a, "--samples", "8"], 1, "VerificationError"),
+    "another-models-artifact": (lambda s, e, o, a: ["verify", s.mlp, s.dir / "cnn.collapsed.safetensors", "--samples",
+                                                    "8"], 1, "VerificationError"),
+    "budget-not-met": (lambda s, e, o, a: ["compress", s.mlp, "--max-error", "0"], 1, "VerificationError"),
     "usage": (lambda s, e, o, a: ["verify", s.mlp, "--samples", "0"], 2, "UsageError"),
     "swapped-arguments": (lambda s, e, o, a: ["verify", s.dir / "m.onnx", s.mlp], 2, "UsageError"),
     "missing-input": (lambda s, e, o, a: ["verify", s.dir / "missing.pt"], 3, "CheckpointError"),
@@ -116,6 +119,8 @@ def test_exit_code_table(row, gate, invoke, json_doc):
     (samples.dir / "corrupt.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{not json")
     if row == "stale-artifact":
         assert invoke("collapse", samples.mlp, "-o", artifact).returncode == 0
+    if row == "another-models-artifact":  # stale too: it records the CNN as its source
+        assert invoke("collapse", samples.cnn, "-o", samples.dir / "cnn.collapsed.safetensors").returncode == 0
     build, code, error_type = ROWS[row]
     argv = build(samples, existing, other, artifact)
 
@@ -129,12 +134,15 @@ def test_exit_code_table(row, gate, invoke, json_doc):
     assert existing.read_bytes() == b"keep"
 
 
-def test_exit_codes_in_real_processes(gate, run_epcli_many, tmp_path):
-    """The codes the shell sees, for a few rows (the rest run in-process above)."""
+def test_exit_codes_in_real_processes(gate, run_epcli_many, tmp_path, invoke):
+    """The codes the shell sees, for a few rows (the rest run in-process above); exit 1 is another model's collapse,
+    which is stale (it records the CNN as its source) and does not fit the MLP."""
     samples, existing, _, _ = gate
+    another = samples.dir / "cnn.collapsed.safetensors"
+    assert invoke("collapse", samples.cnn, "-o", another).returncode == 0
     runs = run_epcli_many(
         [
-            ["verify", samples.mlp, "--samples", "8", "--atol", "0", "--rtol", "0", "-q"],
+            ["verify", samples.mlp, another, "--samples", "8", "-q"],
             ["verify", samples.mlp, "--samples", "8", "--bogus"],
             ["collapse", tmp_path / "missing.pt"],
             ["collapse", samples.mlp, "-o", existing],
@@ -166,6 +174,7 @@ def test_every_commands_documents_match_its_schema(command, samples, invoke, jso
         "export": ["export", samples.mlp, "--onnx", samples.dir / "m.onnx", "--safetensors", samples.dir / "m.safetensors",
                    "--samples", "8"],
         "inspect": ["inspect", samples.cnn],
+        "compress": ["compress", samples.mlp, "-o", samples.dir / "small.safetensors", "--max-error", "0.5"],
     }[command]
     for run in (invoke(*argv, "--json"), invoke(command, samples.dir / "missing.pt", "--json"),
                 invoke(command, samples.mlp, "--no-such-option", "--json")):
@@ -178,10 +187,25 @@ def test_every_commands_documents_match_its_schema(command, samples, invoke, jso
 def test_schemas_are_package_data():
     root = Path(__file__).resolve().parents[2]
     assert "schemas/*.json" in (root / "pyproject.toml").read_text()
-    for command in (*COMMANDS, "compress"):
+    for command in COMMANDS:
         schema = shipped_schema(command)
         assert schema["properties"]["schema_version"] == {"const": 1}
         assert set(schema["required"]) == {"schema_version", "command", "passed", "exit_code", "error", "warnings"}
+
+
+def test_schemas_declare_every_key_of_the_golden_documents(golden):
+    """Each key the golden files hold (the keys the commands print) is declared by the command's schema, down to the
+    items of its lists: a schema that declares only the envelope, or misses a key a command prints, fails here."""
+    for command in COMMANDS:
+        schema = shipped_schema(command)
+        for path, keys in golden(f"{command}_keys.json").items():
+            node = schema
+            for step in re.findall(r"\.(\w+)(\[\])?", path):
+                node = node["properties"][step[0]]
+                node = node["items"] if step[1] else node
+            missing = sorted(set(keys) - set(node.get("properties", {})))
+            assert not missing, f"{command}.json does not declare {missing} at {path}"
+            assert node.get("additionalProperties") is False or path != "$", f"{command}.json accepts any key at $"
 
 
 # ---- --require-model-check ---------------------------------------------------------------------------

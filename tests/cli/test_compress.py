@@ -40,7 +40,7 @@ def _accuracy(model: torch.nn.Module, shape: tuple[int, ...]) -> float:
         return float((model(x.reshape(-1, *shape)).argmax(1) == y).float().mean())
 
 
-def test_subprocess_compress_mlp_with_onnx(samples, run_epcli, invoke, json_doc):
+def test_subprocess_compress_mlp_with_onnx(samples, run_epcli, invoke, json_doc, golden, schema_of):
     inputs = _inputs(samples.dir, (64,))
     out, onnx_out = samples.dir / "mlp.small.safetensors", samples.dir / "mlp.small.onnx"
 
@@ -50,6 +50,7 @@ def test_subprocess_compress_mlp_with_onnx(samples, run_epcli, invoke, json_doc)
     assert run.returncode == 0, run.describe()
     document = json_doc(run.stdout)
     assert document["command"] == "compress" and document["passed"] is True and document["method"] == "whitened"
+    assert schema_of(document) == golden("compress_keys.json")
     assert document["model_max_rel_error"] <= 0.1 and document["onnx_max_rel_error"] <= 0.1
     assert document["params_after"] < document["params_before"] and document["macs_after"] < document["macs_before"]
     assert document["files"] == [str(out), str(onnx_out)]

@@ -103,6 +103,61 @@ def test_inspect_with_a_factory_checks_it_against_the_file(custom_model, invoke,
     assert wrong.returncode == 3 and str(custom_model.path) in flat(wrong.stderr), wrong.describe()
 
 
+def test_inspect_shows_each_inputs_dtype_and_range(tmp_path, artifacts, invoke, json_doc):
+    """Token ids are not "[16]": the report says int64 and the ids' range, and the JSON holds the specs; a plain
+    float input says float32 and no range."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(17, 8), epcli.EPLinear(8, 8, depth=2)).eval()
+    path = epcli.save_checkpoint(model, tmp_path / "tokens.safetensors",
+                                 inputs=[epcli.InputSpec((16,), torch.int64, 0, 17)])
+
+    tokens = invoke("inspect", path, "--json")
+    plain = invoke("inspect", artifacts.sources["digits_mlp"], "--json")
+
+    assert tokens.returncode == 0 and plain.returncode == 0, (tokens.describe(), plain.describe())
+    assert "; input int64[16] with values in [0, 17); " in tokens.stderr.replace("\n", "")
+    assert json_doc(tokens.stdout)["inputs"] == [{"shape": [16], "dtype": "int64", "low": 0, "high": 17}]
+    assert "; input float32[64]; " in plain.stderr.replace("\n", "")
+    assert json_doc(plain.stdout)["inputs"] == [{"shape": [64], "dtype": "float32", "low": None, "high": None}]
+
+
+def test_inspect_says_what_the_skips_are(tmp_path, artifacts, invoke):
+    """The chain column in the layer docs' words: "identity" / "learnable" skips, how many, and how many layers each
+    spans (the config's residual_mode "none" read as "no skips"); a layer whose interval exceeds its depth has none."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        epcli.EPLinear(8, 8, depth=6, residual=True, residual_intervals=[2, 3]),  # 0-2 2-4 4-6 and 0-3 3-6
+        epcli.EPLinear(8, 8, depth=2, residual=True, residual_intervals=1, batch_norm=True),  # 0-1 1-2
+        epcli.EPLinear(8, 8, depth=2, residual=True, residual_intervals=4),  # no node 4: no skip
+    ).eval()
+    path = epcli.save_checkpoint(model, tmp_path / "skips.safetensors", input_shape=(8,))
+
+    built, sample = invoke("inspect", path), invoke("inspect", artifacts.sources["digits_mlp"])
+
+    assert built.returncode == 0 and sample.returncode == 0, (built.describe(), sample.describe())
+    assert _chains(built.stdout) == {
+        "0": "depth 6, width 1, 5 identity skips over 2 or 3 layers",
+        "1": "depth 2, width 1, batch-norm, 2 identity skips over 1 layer",
+        "2": "depth 2, width 1",
+    }
+    assert _chains(sample.stdout) == {
+        "0": "depth 4, width 1, batch-norm, 2 identity skips over 2 layers",
+        "3": "depth 2, width 2, 1 learnable skip over 2 layers",
+    }
+
+
+def _chains(table: str) -> dict[str, str]:
+    """The chain column of inspect's table, by layer."""
+    rows = [line.split("│") for line in table.splitlines() if line.startswith("│")]
+    return {row[1].strip(): row[3].strip() for row in rows}
+
+
 def test_inspect_without_json_prints_the_report_on_stdout(artifacts, invoke):
     run = invoke("inspect", artifacts.sources["digits_mlp"])
 

@@ -50,7 +50,45 @@ def test_a_missing_or_empty_checkpoint_fails_before_torch_is_imported(samples, t
     ]
     runs.append((["collapse", "empty.pt"], 3, "empty.pt: is empty (0 bytes)"))
     runs.append((["verify", "missing.pt", str(samples.mlp)], 3, "missing.pt: no such file"))
+    # an empty artifact is written again by the command that made it, not saved as a checkpoint
+    (tmp_path / "empty.safetensors").write_bytes(b"")
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    runs.append((["verify", str(samples.mlp), "empty.safetensors"], 3,
+                 f"empty.safetensors: is empty (0 bytes); it was not written completely: write it again with epcli "
+                 f"collapse {samples.mlp} -o empty.safetensors (epcli compress {samples.mlp} -o empty.safetensors"))
+    runs.append((["verify", str(samples.mlp), "empty.onnx"], 3,
+                 f"empty.onnx: is empty (0 bytes); it was not written completely: write it again with epcli export "
+                 f"{samples.mlp} --onnx empty.onnx"))
     _fail_without_torch(runs, tmp_path)
+
+
+def test_the_library_says_how_to_write_an_empty_artifact_again(samples, tmp_path):
+    """``verify_files`` (the API behind ``epcli verify``) names the artifact and the command that writes it."""
+    from epcli.errors import CheckpointError
+    from epcli.jobs.verify import verify_files
+    from epcli.verification.compare import VerifySettings
+
+    empty = tmp_path / "m.collapsed.pt"
+    empty.write_bytes(b"")
+    with pytest.raises(CheckpointError) as raised:
+        verify_files(samples.mlp, empty, VerifySettings(samples=8))
+    assert raised.value.file == str(empty)
+    assert str(raised.value) == (
+        f"{empty}: is empty (0 bytes); it was not written completely: write it again with epcli collapse "
+        f"{samples.mlp} -o {empty} (epcli compress {samples.mlp} -o {empty} for a compressed model)"
+    )
+
+
+def test_samples_with_inputs_is_a_usage_error_before_torch(samples, tmp_path):
+    """--samples N would be ignored (every sample of --inputs FILE is compared): refused as --input-shape with --input
+    is, from the command line alone, before torch is imported; the default 64 is the library's."""
+    from epcli.cli.verify import DEFAULT_SAMPLES
+    from epcli.verification.compare import VerifySettings
+
+    assert DEFAULT_SAMPLES == VerifySettings().samples
+    message = ("give the samples either with --samples 5 (seeded random ones) or with --inputs x.npz (yours: every "
+               "sample of the file is compared), not both; drop --samples")
+    _fail_without_torch([(["verify", str(samples.mlp), "--inputs", "x.npz", "--samples", "5"], 2, message)], tmp_path)
 
 
 def _fail_without_torch(runs: list[tuple[list[str], int, str]], cwd: Path) -> None:

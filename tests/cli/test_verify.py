@@ -200,6 +200,28 @@ def test_onnx_artifact_passes(stem, artifacts, invoke, json_doc, golden, schema_
     assert "onnx" in by_name["<model>"]["candidate"].lower()
 
 
+def test_the_table_says_the_layer_rows_of_an_onnx_check_ran_in_memory(artifacts, invoke, json_doc):
+    """An ONNX graph runs only as a whole: the table (titled "expanded vs X.onnx in onnxruntime") says under it that
+    the EP layer rows are each layer against its collapse in memory, and the JSON says it row by row; a collapsed
+    file's table, all of whose rows ran the file, has no such line."""
+    source, onnx_path = artifacts.sources["digits_mlp"], artifacts.onnx["digits_mlp"]
+    caption = (f"EP layer rows: each layer alone against its collapse computed in memory (an ONNX file runs only as a "
+               f"whole); the <model> row runs {onnx_path} in onnxruntime")
+
+    human = invoke("verify", source, onnx_path, "--samples", "8")
+    document = json_doc(invoke("verify", source, onnx_path, "--samples", "8", "--json").stdout)
+    collapsed = invoke("verify", source, artifacts.collapsed["digits_mlp"], "--samples", "8")
+
+    assert human.returncode == 0 and collapsed.returncode == 0, (human.describe(), collapsed.describe())
+    lines = human.stdout.splitlines()
+    bottom = next(index for index, line in enumerate(lines) if line.startswith("└"))  # the table's last line
+    assert lines[0].endswith(f"expanded vs {onnx_path} in onnxruntime") and lines[bottom + 1] == caption
+    assert [(c["name"], c["scope"], c["candidate"]) for c in document["comparisons"]] == [
+        ("0", "layer", "collapsed in memory"), ("3", "layer", "collapsed in memory"), ("<model>", "model", "onnxruntime")
+    ]
+    assert "EP layer rows" not in collapsed.stdout
+
+
 def test_static_batch_onnx_from_export_verifies(artifacts, invoke, json_doc):
     """``epcli export --static-batch`` writes an ONNX with batch fixed at 1; ``epcli verify`` must still check it.
 
@@ -231,14 +253,6 @@ def test_tampered_onnx_exits_1(artifacts, tmp_path, invoke, json_doc):
 
 
 # ---- bad artifacts ---------------------------------------------------------------------------
-def test_artifact_from_another_checkpoint_is_an_input_error(artifacts, invoke, flat):
-    run = invoke("verify", artifacts.sources["digits_mlp"], artifacts.collapsed["digits_cnn"])
-
-    assert run.returncode == 3, run.describe()
-    assert str(artifacts.collapsed["digits_cnn"]) in flat(run.stderr)
-    assert isinstance(run.exception, SystemExit)
-
-
 def test_collapsed_checkpoint_as_first_argument_is_an_input_error(artifacts, invoke, flat):
     run = invoke("verify", artifacts.collapsed["digits_mlp"])
 
@@ -462,6 +476,37 @@ def test_user_samples_are_what_the_model_is_compared_on(custom_model, tmp_path, 
     model = json_doc(run.stdout)["comparisons"][-1]
     assert model["name"] == "<model>" and json_doc(run.stdout)["samples"] == 10
     assert model["max_abs_error"] == _reference_model_error(checkpoint, "float32", batches) > 0
+
+
+@pytest.mark.parametrize("form", ["bare tensor .pt", ".npy"])
+def test_a_samples_file_of_another_form_says_what_inputs_takes(form, samples, tmp_path, invoke, json_doc):
+    """``torch.save(x, path)`` or ``numpy.save``: one unnamed array, not a file of named tensors. The error says what
+    --inputs takes and how to write one (not the checkpoint loader's "no epcli metadata"), and the file written as
+    it says is taken."""
+    import torch
+
+    x = torch.randn(8, 64, generator=torch.Generator().manual_seed(2))
+    given, fixed = (tmp_path / "x.pt", tmp_path / "x_fixed.pt") if form.endswith(".pt") else (
+        tmp_path / "x.npy", tmp_path / "x_fixed.npz")
+    if form.endswith(".pt"):
+        torch.save(x, given)
+        torch.save({"x": x}, fixed)
+    else:
+        np.save(given, x.numpy())
+        np.savez(fixed, x=x.numpy())
+
+    run = invoke("verify", samples.mlp, "--inputs", given, "--json")
+
+    assert run.returncode == 3, run.describe()
+    error = json_doc(run.stdout)["error"]
+    assert error["type"] == "CheckpointError" and error["file"] == str(given)
+    message = error["message"]
+    assert message.startswith(f"{given} (--inputs): ") and "epcli metadata" not in message
+    assert ("holds one bare tensor (shape [8, 64])" if form.endswith(".pt") else "is one .npy array") in message
+    assert "--inputs takes a .npz, .safetensors or .pt file holding one tensor per model input, batch first" in message
+    assert "numpy.savez(path, x=array) or torch.save({'x': tensor}, path)" in message
+    followed = invoke("verify", samples.mlp, "--inputs", fixed, "--json")
+    assert followed.returncode == 0 and json_doc(followed.stdout)["samples"] == 8, followed.describe()
 
 
 def test_an_artifact_whose_plain_tensors_differ_fails_the_model_check_only(custom_model, invoke, json_doc):

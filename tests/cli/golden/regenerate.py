@@ -48,6 +48,8 @@ def main() -> None:
             "export", samples.mlp, "--onnx", directory / "m.onnx", "--safetensors", directory / "m.safetensors"
         )
         _write("export_keys.json", helpers.key_schema(export))
+        compress = _run_json("compress", samples.mlp, "-o", directory / "small.safetensors", "--max-error", "0.5")
+        _write("compress_keys.json", helpers.key_schema(compress))
         for stem, source in samples.by_name.items():
             target = directory / f"{stem}.onnx"
             _run_json("export", source, "--onnx", target)
