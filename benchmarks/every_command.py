@@ -21,7 +21,9 @@ inspect no slower than collapse, collapse within 1.3x of the bare script (that o
 
 Run from the repository root: ``python benchmarks/every_command.py`` (4 GiB: about 15 minutes on 2 cores without
 compress, whose SVD of each layer adds several seconds per layer; ``--layers 16`` for a 1 GiB rehearsal,
-``--layers 4`` for 256 MiB, ``--layers 16 --width 1024`` for 256 MiB in smaller layers).
+``--layers 4`` for 256 MiB, ``--layers 16 --width 1024`` for 256 MiB in smaller layers). ``--only NAME`` (repeatable,
+e.g. ``--only "export --onnx"``) runs only those commands, beside the floor and ``collapse`` (the time ratios' base,
+and the file ``verify COLLAPSED`` reads), and leaves out ``save_checkpoint``.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=MULTI_LAYERS)
     parser.add_argument("--width", type=int, default=MULTI_WIDTH)
+    parser.add_argument("--only", action="append", metavar="NAME", help="run only this command (repeatable)")
     args = parser.parse_args()
     print(machine_summary())
     with tempfile.TemporaryDirectory() as temp:
@@ -77,6 +80,12 @@ def main() -> None:
                          "--max-error", "0.5"],
             "verify --model": [*epcli, "verify", str(source), "--model", "bigfactory:make"],
         }
+        unknown = sorted(set(args.only or ()) - set(commands))
+        if unknown:
+            parser.error(f"unknown command {unknown[0]!r}; choose from {', '.join(map(repr, commands))}")
+        if args.only:
+            commands = {name: command for name, command in commands.items()
+                        if name in ("import torch", "collapse", *args.only)}
         (directory / "bigfactory.py").write_text(FACTORY.format(width=args.width, depth=DEPTH, layers=args.layers))
         print(f"input {source.name}: {size / 2**30:.2f} GiB ({args.layers} x EPLinear({args.width}, {args.width}, "
               f"depth={DEPTH}), float32)\n")
@@ -98,6 +107,8 @@ def main() -> None:
                 verdict = f"time <= {TIME_TARGETS[name]}x collapse: {'met' if ratio <= TIME_TARGETS[name] else 'NOT met'}"
             print(f"| `{name}` | {seconds:.1f} s | {ratio:.2f}x | {peak / 2**20:,.0f} MiB | "
                   f"{max(0, peak - floor) / 2**20:,.0f} MiB = {above:.2f}x | {verdict} |")
+        if args.only:
+            return
         report = directory / "save.json"
         seconds, peak = run([sys.executable, str(directory / "save.py"), str(args.layers), str(args.width),
                              str(directory / "saved.safetensors"), str(report)])
