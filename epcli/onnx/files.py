@@ -109,10 +109,19 @@ def check_written(written: WrittenOnnx) -> None:
     if written.weightless is None:
         check_onnx(written.path)
         return
-    weightless = written.path.with_name(f"{written.path.name}.weightless")  # beside it: its tensors name the file
+    # beside the file, which its tensors name; one dot, so never ".." (onnx refuses any location holding it)
+    weightless = written.path.with_name(f"{written.path.name.replace('.', '_')}.weightless")
+    shown = written.weightless
+    if ".." in written.path.name:  # the tensors cannot name the file: they name one the checker accepts (it reads none)
+        shown = type(shown)()
+        shown.CopyFrom(written.weightless)
+        for tensor in shown.graph.initializer:
+            for entry in tensor.external_data:
+                if entry.key == "location":
+                    entry.value = weightless.name
     try:
         try:
-            weightless.write_bytes(_serialized(written.weightless))
+            weightless.write_bytes(_serialized(shown))
         except OSError as e:
             raise ExportError(f"cannot write {weightless}: {e.strerror or e}") from e
         check_onnx(weightless, name=written.path)

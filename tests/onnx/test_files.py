@@ -97,6 +97,20 @@ def test_the_checker_is_shown_the_file_with_its_weights_left_out(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "weightless.onnx"]  # the check's copy is gone
 
 
+def test_a_file_named_with_two_dots_is_checked_too(tmp_path):
+    """onnx refuses an external data location holding "..", so the weightless model cannot name such a file."""
+    path = tmp_path / "model..v2.onnx"
+    written = write_onnx(_emitted(), path)
+
+    check_written(written)
+
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+    broken = _emitted()
+    _unknown_op(broken)
+    with pytest.raises(ExportError, match="Relu2"):
+        check_written(write_onnx(broken, path))
+
+
 def _undefined_input(proto: onnx.ModelProto) -> None:
     proto.graph.node[1].input[0] = "nowhere"
 
