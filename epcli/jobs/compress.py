@@ -30,8 +30,8 @@ from epcli.checkpoint.inputs import InputSpec
 from epcli.checkpoint.load import open_checkpoint
 from epcli.checkpoint.metadata import build_metadata, dump_metadata
 from epcli.checkpoint.opened import CheckpointFile
-from epcli.onnx.export import EXPORTED, OnnxSession, build_onnx, check_onnx
-from epcli.onnx.files import WrittenOnnx, write_metadata, write_onnx
+from epcli.onnx.export import EXPORTED, OnnxSession, build_onnx
+from epcli.onnx.files import WrittenOnnx, check_written, write_metadata, write_onnx
 from epcli.storage.atomic import StagedFiles
 from epcli.storage.paths import check_targets, existing_ancestor, file_sha256, make_parent
 from epcli.storage.scratch import ScratchTensors
@@ -182,14 +182,14 @@ def _onnx(
     path: Path,
 ) -> tuple[WrittenOnnx, float]:
     """The compressed model as ONNX (float32), written to ``path`` (a scratch file) a tensor at a time and checked
-    there, and its whole-model error in onnxruntime against the original model's outputs that the search measured
-    against."""
+    there (its graph by onnx.checker, :func:`~epcli.onnx.files.check_written`), and its whole-model error in
+    onnxruntime against the original model's outputs that the search measured against."""
     model = copy.deepcopy(compressed).to(torch.float32).eval()
     proto = build_onnx(model, specs[0].shape, inputs=specs, consume=True)
     del model
     written = write_onnx(proto, path)
     del proto
-    check_onnx(written.path)
+    check_written(written)
     session = OnnxSession(written.path, expected_inputs=len(specs), name=EXPORTED)
     comparisons: tuple[Comparison, ...] = reference.compare(session, ONNX_LABEL, settings)
     return written, max(c.max_rel_error for c in comparisons)

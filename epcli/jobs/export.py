@@ -6,12 +6,13 @@ file is written only after the ONNX file passed, so a failed run leaves nothing
 half-done behind.
 
 The ONNX file is written in a scratch directory beside the output under its final name, a tensor at a time
-(:mod:`epcli.onnx.files`), checked there with ``onnx.checker`` and run in onnxruntime from that path, then moved
-into place; on any failure nothing is left. A model over protobuf's 2 GiB limit (or any, with
-``external_data=True``) is written as ``NAME.onnx`` plus ``NAME.onnx.data`` (the model names its data file), and
-the pair is moved together, the data file first. The ONNX carries the provenance a collapsed safetensors file
-does, in ``metadata_props``; the validation result is added after the run it records (metadata does not change
-what runs), by rewriting only the file's tail.
+(:mod:`epcli.onnx.files`), its graph checked there with ``onnx.checker`` without its weights (onnxruntime checks
+those, :func:`~epcli.onnx.files.check_written`) and run in onnxruntime from that path, then moved into place; on
+any failure nothing is left. A model over protobuf's 2 GiB limit (or any, with ``external_data=True``) is written
+as ``NAME.onnx`` plus ``NAME.onnx.data`` (the model names its data file), and the pair is moved together, the data
+file first. The ONNX carries the provenance a collapsed safetensors file does, in ``metadata_props``; the
+validation result is added after the run it records (metadata does not change what runs), by rewriting only the
+file's tail.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from epcli.onnx.export import (
     external_data_path,
     initializer_nbytes,
 )
-from epcli.onnx.files import save_external, write_metadata, write_onnx
+from epcli.onnx.files import check_written, save_external, write_metadata, write_onnx
 from epcli.progress import ProgressCallback
 from epcli.storage.atomic import StagedFiles
 from epcli.storage.mapped_pages import trim_heap
@@ -174,7 +175,8 @@ def _export_onnx(
     The model is collapsed as :func:`~epcli.verification.layered.collapse_opened` says (an embedded architecture a
     module at a time), so the expanded model is never held beside a copy of itself, nor beside the ONNX weights.
     The collapsed model's tensors are freed as the ONNX model takes its copies, and that model as soon as it is
-    written, so the checker and onnxruntime (which read the file) run beside no copy of the weights.
+    written, so the checker (shown the graph without its weights) and onnxruntime (which reads the file, in its own
+    process) run beside no copy of the weights.
     """
     output = plan.output
     if plan.static_batch:
@@ -204,7 +206,7 @@ def _export_onnx(
     scratch = staged.scratch(output)
     written = (save_external if external else write_onnx)(proto, scratch / output.name)
     del proto
-    check_onnx(written.path)
+    check_written(written)  # the graph without its weights: onnxruntime checks those, running the real file
     if progress is not None:
         progress(len(layers), len(layers) + 1, "checking the whole model in onnxruntime")
     trim_heap()  # what the checker parsed and freed: onnxruntime maps its own

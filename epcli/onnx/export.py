@@ -136,15 +136,17 @@ def _newest_opset() -> int:
     return int(onnx.defs.onnx_opset_version())
 
 
-def check_onnx(proto: onnx.ModelProto | bytes | Path) -> None:
-    """``onnx.checker`` (full check), in memory or, for a model with external data, on its path. Given the
-    serialised bytes, the checker does not serialise the model again (a copy of every weight)."""
+def check_onnx(proto: onnx.ModelProto | bytes | Path, *, name: Path | None = None) -> None:
+    """``onnx.checker`` (full check), in memory or on a path (external data is resolved beside it, not read). Given
+    the serialised bytes, the checker does not serialise the model again (a copy of every weight). Errors name
+    ``name``, else the path."""
     import onnx
 
     try:
         onnx.checker.check_model(proto if not isinstance(proto, Path) else str(proto), full_check=True)
     except Exception as e:
-        where = f"{proto}: " if isinstance(proto, Path) else ""
+        shown = name if name is not None else proto if isinstance(proto, Path) else None
+        where = f"{shown}: " if shown is not None else ""
         raise ExportError(f"{where}{EXPORTED} does not pass onnx.checker: {e}") from e
 
 
