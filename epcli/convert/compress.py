@@ -30,6 +30,7 @@ from epcli.core.spectrum import spectrum
 from epcli.errors import CheckpointError
 from epcli.layers.lowrank import LOW_RANK, LowRankConv, LowRankLinear
 from epcli.layers.registry import is_transformers_conv1d
+from epcli.storage.mapped_pages import trim_heap
 from epcli.storage.scratch import ScratchTensors
 
 __all__ = [
@@ -215,6 +216,7 @@ def layer_plans(
             positions=positions.get(path, 1),
             effective_rank=spectrum(_read_weight(layer)).effective_rank,
         )
+        trim_heap()  # LAPACK's and NumPy's small blocks would otherwise pin a layer's worth of freed heap each
     return plans
 
 

@@ -14,8 +14,8 @@ from torch import nn
 from epcli.convert.compress import ParkedFactors, layer_plans
 from epcli.convert.offload import is_offloaded, offload, offloaded_weight, restore
 from epcli.storage.scratch import ScratchTensors
-from epcli.verification.compress import compress_against, reference_outputs
 from epcli.verification.compare import VerifySettings
+from epcli.verification.compress import compress_against, reference_outputs
 
 
 def _model() -> nn.Module:
