@@ -1,8 +1,8 @@
 """Low-rank factoring of a plain model's Linear / ConvNd layers at chosen ranks (the transform, not the search).
 
 :func:`layer_plans` runs the model once on calibration batches (recording each layer's output positions, for
-MACs, and with ``whiten`` the Gram matrix of its inputs) and keeps, from the SVD of every layer's (whitened)
-weight, its factors at the largest rank that saves, in the layer's dtype; :func:`factored` then puts chosen
+MACs, and with ``whiten`` the Gram matrix of its inputs) and keeps, from the truncated SVD of every layer's
+(whitened) weight, its factors at the largest rank that saves, in the layer's dtype; :func:`factored` then puts chosen
 layers' :mod:`~epcli.layers.lowrank` modules, views of those factors, in the model's place for a measurement, and
 :func:`factor_in_place` for good. Which ranks to choose, measured on the whole model, is
 :func:`epcli.verification.compress.compress_model`'s job.

@@ -1,8 +1,8 @@
 """Layers whose weight waits on disk and is read only while the layer runs.
 
 ``compress`` runs the whole collapsed model many times (a reference pass, a whitening pass per layer, a
-measurement per candidate) but between those runs needs one layer's weight at a time (for its SVD): with the
-weights parked in a :class:`~epcli.storage.scratch.ScratchTensors`, the model is held a layer at a time. Only
+measurement per candidate) but between those runs needs one layer's weight at a time (for its decomposition):
+with the weights parked in a :class:`~epcli.storage.scratch.ScratchTensors`, the model is held a layer at a time. Only
 for models epcli built from an embedded architecture: user code may read a layer's weight outside its
 forward, where it would find the placeholder.
 

@@ -167,10 +167,10 @@ def compress_against(
 
     Every candidate is measured in the model's own dtype, as it will be stored, with its factored layers views of
     the factors put in the model's place for the measurement (:func:`~epcli.convert.compress.factored`): the
-    peak is the collapsed model, its factors (fewer weights than its layers) and one layer's SVD. With
+    peak is the collapsed model, its factors (fewer weights than its layers) and one layer's decomposition. With
     ``scratch`` (for a model built from an embedded architecture: see
     :func:`~epcli.convert.compress.offload_layers`), the layers' weights and factors wait there between uses, and
-    the peak is one layer's SVD, or one candidate's factors."""
+    the peak is one layer's decomposition, or one candidate's factors."""
     _check_budget(max_error)
     if find_ep_layers(model):
         model = collapse_model(model)  # a new model
