@@ -35,7 +35,10 @@ class ScratchTensors:
         try:
             self._file = tempfile.TemporaryFile(dir=directory)
         except OSError as e:
-            raise OutputError(f"{directory}: cannot hold a scratch file there ({e.strerror or e})") from e
+            raise OutputError(
+                f"{directory}: cannot hold a scratch file there ({e.strerror or e}); choose an output in a writable "
+                "directory"
+            ) from e
         self._directory = directory
         self._entries: list[_Entry] = []
         self._end = 0

@@ -3,6 +3,7 @@ figures of the whole model read at once."""
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import weakref
 from collections.abc import Callable
@@ -18,9 +19,12 @@ from torch import nn
 from epcli import CheckpointError, load_checkpoint, overparameterize, save_checkpoint
 from epcli.checkpoint.load import open_checkpoint
 from epcli.checkpoint.opened import CheckpointFile
+from epcli.convert.offload import is_offloaded, restore
 from epcli.jobs.collapse import collapse_file
 from epcli.jobs.verify import verify_files
 from epcli.layers import EPLinear
+from epcli.layers.registry import find_ep_layers
+from epcli.storage.scratch import ScratchTensors
 from epcli.verification import model_check
 from epcli.verification.compare import VerifySettings
 from epcli.verification.layered import collapse_opened
@@ -127,16 +131,23 @@ def test_each_ep_layer_is_read_when_it_runs_and_freed_before_the_next(tmp_path: 
     assert alive_at_build == [0] * 4  # no EP layer is resident when the next one is built
 
 
+@pytest.mark.parametrize("parked", [False, True], ids=["held", "parked"])
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 @pytest.mark.parametrize("name", sorted(MODELS))
-def test_the_collapsed_model_as_stored_holds_what_collapse_writes(name: str, dtype: str, tmp_path: Path):
+def test_the_collapsed_model_as_stored_holds_what_collapse_writes(name: str, dtype: str, parked: bool, tmp_path: Path):
     """compress's starting point, built a layer at a time while the float64 reference runs, is bit for bit the
-    file ``epcli collapse`` writes (each tensor in its stored dtype), and the reference is the expanded model's."""
+    file ``epcli collapse`` writes (each tensor in its stored dtype; parked collapsed weights too, once read back),
+    and the reference is the expanded model's."""
     source = _saved(name, dtype, tmp_path)
     written = load_file(collapse_file(source, tmp_path / "collapsed.safetensors").output)
     settings = VerifySettings(samples=8, batch_size=4, seed=0, dtype="float64")
 
-    collapsed = collapse_opened(open_checkpoint(source), settings, what="test", as_stored=True)
+    with ScratchTensors(tmp_path) if parked else contextlib.nullcontext() as scratch:
+        collapsed = collapse_opened(open_checkpoint(source), settings, what="test", as_stored=True, scratch=scratch)
+        offloaded = [module for module in collapsed.model.modules() if is_offloaded(module)]
+        assert len(offloaded) == (len(find_ep_layers(load_checkpoint(source).model)) if parked else 0)
+        for module in offloaded:
+            restore(module)
 
     state = collapsed.model.state_dict()
     assert set(state) == set(written)
