@@ -27,7 +27,7 @@ from epcli.convert.model import replaced_copy
 from epcli.convert.offload import offload, offloaded_weight, restore
 from epcli.core.lowrank import DEFAULT_RIDGE, Factors, conv_factors, eigenbasis, group_matrices, ridged
 from epcli.core.spectrum import spectrum
-from epcli.errors import CheckpointError
+from epcli.errors import CheckpointError, UsageError
 from epcli.layers.lowrank import LOW_RANK, LowRankConv, LowRankLinear
 from epcli.layers.registry import is_transformers_conv1d
 from epcli.storage.mapped_pages import trim_heap
@@ -202,7 +202,10 @@ def layer_plans(
         layer_grams: list[Tensor | None] = list(grams.pop(path, [None] * groups))  # a layer never run: plain
         for index in range(groups):
             # the weight read and the Gram matrix taken are let go before the eigensolve; the weight is read again
-            basis = eigenbasis(_group(layer, groups, index), _covariance(layer_grams, ridge), limit=limit)
+            try:
+                basis = eigenbasis(_group(layer, groups, index), _covariance(layer_grams, ridge), limit=limit)
+            except ValueError as e:
+                raise UsageError(f"layer {path!r}: {e}; only a finite model can be compressed") from e
             factors = basis.factors(_group(layer, groups, index), weight.dtype)
             del basis
             kept.append(factors if scratch is None else ParkedFactors.park(factors, scratch))

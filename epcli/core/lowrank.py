@@ -13,6 +13,7 @@ an SVD (see :func:`eigenbasis`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -139,7 +140,9 @@ def eigenbasis(weight: Tensor, covariance: Tensor | None = None, *, limit: int) 
             chol = torch.linalg.cholesky(covariance)
             kernel = chol.T @ kernel @ chol
     del weight, covariance
-    total = float(kernel.trace())
+    total = float(kernel.trace())  # a NaN or inf anywhere in the weight reaches the diagonal
+    if not math.isfinite(total):
+        raise ValueError("the weight (or its whitening) holds values that are not finite")  # LAPACK would not stop
     if limit < 1:
         energies, vectors = torch.zeros(0, dtype=torch.float64), kernel.new_zeros(kernel.shape[0], 0)
     else:

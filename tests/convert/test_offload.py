@@ -13,6 +13,7 @@ from torch import nn
 
 from epcli.convert.compress import ParkedFactors, layer_plans
 from epcli.convert.offload import is_offloaded, offload, offloaded_weight, restore
+from epcli.errors import UsageError
 from epcli.storage.scratch import ScratchTensors
 from epcli.verification.compare import VerifySettings
 from epcli.verification.compress import compress_against, reference_outputs
@@ -97,3 +98,11 @@ def test_compress_with_a_scratch_store_finds_what_it_finds_in_memory(tmp_path, w
     assert all(torch.isfinite(p).all() for p in parked.parameters())
     with torch.no_grad():
         torch.testing.assert_close(parked(batches[0][0]), in_memory(batches[0][0]), rtol=1e-5, atol=1e-5)
+
+
+def test_a_layer_that_is_not_finite_is_named():
+    model = _model()
+    with torch.no_grad():
+        model[4].weight[0, 0] = torch.inf
+    with pytest.raises(UsageError, match="layer '4': the weight .* not finite; only a finite model can be compressed"):
+        layer_plans(model, [(torch.randn(2, 3, 8, 8),)], whiten=False)

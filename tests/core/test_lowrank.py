@@ -117,3 +117,10 @@ def test_conv_factors_compose_to_the_truncated_conv(conv, groups, in_ch, out_ch,
         composed = conv(conv(x, first, stride=1, padding=1, groups=groups), second, groups=groups)
         torch.testing.assert_close(composed, conv(x, truncated, padding=1, groups=groups), atol=1e-10, rtol=0)
     torch.testing.assert_close(composed, conv(x, weight, padding=1, groups=groups), atol=1e-10, rtol=0)
+
+
+def test_a_weight_that_is_not_finite_is_refused_before_lapack_sees_it():
+    weight = torch.randn(4, 6)
+    weight[2, 3] = torch.nan
+    with pytest.raises(ValueError, match="not finite"):
+        eigenbasis(weight, limit=2)
