@@ -8,18 +8,20 @@ which also runs the tests marked ``@pytest.mark.slow``.
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import os
 import zlib
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import pytest
 
 if TYPE_CHECKING:  # torch is imported where it is used: the pytest-xdist controller loads this file, runs no test,
-    # and starts its workers only once it has (an `import torch` here delayed every run by ~1.5 s)
+    # and starts its workers only once it has (an `import torch` here delayed every run by ~1.5 s). numpy too: a
+    # worker sets OMP_NUM_THREADS before anything loads OpenBLAS (see pytest_configure)
     from torch import Tensor, nn
 
 RandomiseBatchNorm = Callable[["nn.Module"], None]
@@ -95,7 +97,9 @@ GridAxes = Callable[[Any], Sequence[Hashable]]
 
 def pytest_configure(config: pytest.Config) -> None:
     """Under pytest-xdist each worker computes on one thread: two workers already fill two cores, and more
-    threads than cores made torch's spin-waiting threads slow everything down.
+    threads than cores made torch's spin-waiting threads slow everything down. numpy's OpenBLAS reads
+    ``OMP_NUM_THREADS`` when it loads, so nothing imports numpy before this hook (an SVD of the inspect tests
+    spun a second OpenBLAS thread beside the other worker).
 
     The processes the tests start (``epcli`` runs, fresh interpreters) inherit ``OMP_NUM_THREADS=1`` (unless it is
     set already) for the same reason: they run beside both workers, and their tiny models gain nothing from a
@@ -154,6 +158,8 @@ def covering_subset(rows: Sequence[Sequence[Hashable]], strength: int) -> list[i
     gains kept up to date through an index of which rows hold each: a fraction of a second
     for ten thousand rows.
     """
+    import numpy as np
+
     if not rows:
         return []
     values: list[dict[Hashable, int]] = [{} for _ in rows[0]]
@@ -200,6 +206,44 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 @pytest.fixture
 def covering() -> Callable[[Sequence[Sequence[Hashable]], int], list[int]]:
     return covering_subset
+
+
+# --- made once per run, whatever the number of workers -----------------------------------------------------------
+Shared = Callable[[str, Callable[[Path], Any]], Any]
+
+
+def _shared_by_workers(tmp_path_factory: pytest.TempPathFactory, name: str, make: Callable[[Path], Any]) -> Any:
+    """``make(directory)``'s JSON-able result, made once per run: under pytest-xdist by the first worker that asks, in
+    a directory of the run's temporary root, while the others wait on a lock and then read its record (the pattern
+    pytest-xdist documents for session fixtures); without workers, or without ``fcntl``, made here.
+
+    A ``make`` that fails leaves no record, so the next worker to ask makes it again, in a directory of its own."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: each worker makes its own
+        worker = None
+    if worker is None:
+        return make(tmp_path_factory.mktemp(name))
+    root = tmp_path_factory.getbasetemp().parent  # the run's root, shared by its workers (a fresh one each run)
+    record = root / f"{name}.json"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+        if record.is_file():
+            return json.loads(record.read_text())
+        directory = root / f"{name}-{worker}"
+        directory.mkdir()
+        result = make(directory)
+        record.write_text(json.dumps(result))
+        return result
+
+
+@pytest.fixture(scope="session")
+def shared_by_workers(tmp_path_factory: pytest.TempPathFactory) -> Shared:
+    """``shared_by_workers(name, make)``: ``make(directory)``'s JSON-able result, made by one worker for all of them.
+
+    For data many tests only read (never modify) and every worker would otherwise make again."""
+    return lambda name, make: _shared_by_workers(tmp_path_factory, name, make)
 
 
 @dataclass(frozen=True)

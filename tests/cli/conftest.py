@@ -289,42 +289,58 @@ def samples(tmp_path: Path) -> SimpleNamespace:
     return copy_samples(tmp_path)
 
 
+def _make_artifacts(directory: Path) -> dict[str, Any]:
+    """The outputs :func:`artifacts` describes, as JSON (paths as text, each run as its fields)."""
+    copies = copy_samples(directory)
+    runs: dict[str, dict[str, Any]] = {"collapse": {}, "export": {}}
+
+    def record(kind: str, stem: str, run: Run) -> None:
+        assert run.returncode == 0, run.describe()
+        runs[kind][stem] = {"args": run.args, "returncode": run.returncode, "stdout": run.stdout, "stderr": run.stderr}
+
+    for stem, source in copies.by_name.items():
+        record("collapse", stem, invoke_app("collapse", source, "--json"))
+    export_safetensors = directory / "digits_mlp.export.safetensors"
+    for stem, source in copies.by_name.items():
+        extra = ["--safetensors", export_safetensors] if stem == "digits_mlp" else []
+        record("export", stem, invoke_app("export", source, "--onnx", directory / f"{stem}.onnx", *extra, "--json"))
+    onnx_static = directory / "digits_cnn.static.onnx"
+    run = invoke_app("export", copies.cnn, "--onnx", onnx_static, "--static-batch")
+    assert run.returncode == 0, run.describe()
+    return {
+        "dir": str(directory),
+        "sources": {stem: str(path) for stem, path in copies.by_name.items()},
+        "runs": runs,
+        "export_safetensors": str(export_safetensors),
+        "onnx_static": str(onnx_static),
+    }
+
+
 @pytest.fixture(scope="session")
-def artifacts(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
-    """Outputs that many tests read (never modify): made once, in-process, from sample copies.
+def artifacts(shared_by_workers: Callable[..., Any]) -> SimpleNamespace:
+    """Outputs that many tests read (never modify): made once per run (by the first worker that needs them, for all
+    of them), in-process, from sample copies.
 
     - ``collapsed[stem]``: ``epcli collapse SAMPLE --json`` (default name), ``collapse_runs[stem]`` its Run
     - ``onnx[stem]``: ``epcli export SAMPLE --onnx ... --json`` (dynamic batch), ``export_runs[stem]``
       (the MLP's export also writes ``--safetensors export_safetensors``)
     - ``onnx_static``: the CNN exported with ``--static-batch``
     """
-    directory = tmp_path_factory.mktemp("cli_artifacts")
-    copies = copy_samples(directory)
-    collapsed, collapse_runs, onnx_paths, export_runs = {}, {}, {}, {}
-    for stem, source in copies.by_name.items():
-        run = invoke_app("collapse", source, "--json")
-        assert run.returncode == 0, run.describe()
-        collapsed[stem] = directory / f"{stem}.collapsed.safetensors"
-        collapse_runs[stem] = run
-    export_safetensors = directory / "digits_mlp.export.safetensors"
-    for stem, source in copies.by_name.items():
-        onnx_paths[stem] = directory / f"{stem}.onnx"
-        extra = ["--safetensors", export_safetensors] if stem == "digits_mlp" else []
-        run = invoke_app("export", source, "--onnx", onnx_paths[stem], *extra, "--json")
-        assert run.returncode == 0, run.describe()
-        export_runs[stem] = run
-    onnx_static = directory / "digits_cnn.static.onnx"
-    run = invoke_app("export", copies.cnn, "--onnx", onnx_static, "--static-batch")
-    assert run.returncode == 0, run.describe()
+    made = shared_by_workers("cli_artifacts", _make_artifacts)
+    directory = Path(made["dir"])
+
+    def runs(kind: str) -> dict[str, Run]:
+        return {stem: Run(tuple(r["args"]), r["returncode"], r["stdout"], r["stderr"]) for stem, r in made["runs"][kind].items()}
+
     return SimpleNamespace(
         dir=directory,
-        sources=copies.by_name,
-        collapsed=collapsed,
-        collapse_runs=collapse_runs,
-        onnx=onnx_paths,
-        export_runs=export_runs,
-        export_safetensors=export_safetensors,
-        onnx_static=onnx_static,
+        sources={stem: Path(path) for stem, path in made["sources"].items()},
+        collapsed={stem: directory / f"{stem}.collapsed.safetensors" for stem in made["sources"]},
+        collapse_runs=runs("collapse"),
+        onnx={stem: directory / f"{stem}.onnx" for stem in made["sources"]},
+        export_runs=runs("export"),
+        export_safetensors=Path(made["export_safetensors"]),
+        onnx_static=Path(made["onnx_static"]),
     )
 
 

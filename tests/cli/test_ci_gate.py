@@ -135,9 +135,11 @@ def test_exit_code_table(row, gate, invoke, json_doc):
 
 
 def test_exit_codes_in_real_processes(gate, run_epcli_many, tmp_path, invoke):
-    """The codes the shell sees, for a few rows (the rest run in-process above); exit 1 is another model's collapse,
-    which is stale (it records the CNN as its source) and does not fit the MLP."""
-    samples, existing, _, _ = gate
+    """The codes the shell sees, for a few rows (the rest run in-process above). Exit 1 is another model's collapse,
+    which is stale (it records the CNN as its source) and does not fit the MLP; the others are rows that fail before
+    torch is imported (``-o`` an existing file is refused only once the checkpoint is open: in-process, as the
+    table's ``output-exists`` row)."""
+    samples, _, _, _ = gate
     another = samples.dir / "cnn.collapsed.safetensors"
     assert invoke("collapse", samples.cnn, "-o", another).returncode == 0
     runs = run_epcli_many(
@@ -145,7 +147,7 @@ def test_exit_codes_in_real_processes(gate, run_epcli_many, tmp_path, invoke):
             ["verify", samples.mlp, another, "--samples", "8", "-q"],
             ["verify", samples.mlp, "--samples", "8", "--bogus"],
             ["collapse", tmp_path / "missing.pt"],
-            ["collapse", samples.mlp, "-o", existing],
+            ["export", samples.mlp, "--onnx", samples.dir],  # the table's output-is-a-directory row
         ]
     )
     assert [run.returncode for run in runs] == [1, 2, 3, 4], [run.describe() for run in runs]

@@ -75,7 +75,7 @@ def test_subprocess_compress_mlp_with_onnx(samples, run_epcli, invoke, json_doc,
     # the ONNX carries the checkpoint's record, so verify judges it by its budget, on the samples it was made on
     props = {entry.key: entry.value for entry in onnx.load(str(onnx_out)).metadata_props}
     assert json.loads(props["compression"]) == recorded and props["source_sha256"] == recorded_source(compressed)
-    run = run_epcli("verify", samples.mlp, onnx_out, "--inputs", inputs, "--json")
+    run = invoke("verify", samples.mlp, onnx_out, "--inputs", inputs, "--json")  # the process: compress's, above
     assert run.returncode == 0, run.describe()
     report = json_doc(run.stdout)
     assert report["max_error"] == 0.1 and report["artifact_stale"] is False
