@@ -58,7 +58,7 @@ class ParkedFactors(Factors):
     def park(cls, factors: Factors, store: ScratchTensors) -> ParkedFactors:
         keys = store.put(factors.b.T), store.put(factors.a)
         b, a = (torch.empty(t.shape, dtype=t.dtype, device="meta") for t in (factors.b, factors.a))
-        return cls(b, a, factors.energies, factors.total, factors.full_rank, store, keys)
+        return cls(b, a, factors.energies, factors.total, store, keys)
 
     def factors(self, rank: int) -> tuple[Tensor, Tensor]:
         """``B [out, rank]`` (a transposed view of what was read), ``A [rank, n]``."""

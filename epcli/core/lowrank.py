@@ -44,8 +44,8 @@ def ridged(gram: Tensor, ridge: float = DEFAULT_RIDGE) -> Tensor:
 @dataclass(frozen=True)
 class Factors:
     """The factors ``B [out, limit]``, ``A [limit, n]`` of a weight's best approximation at the largest rank that
-    will be kept, the (whitened) energies ``s_i^2`` of those ``limit`` singular values, the weight's whole
-    (whitened) energy and its full rank.
+    will be kept, the (whitened) energies ``s_i^2`` of those ``limit`` singular values and the weight's whole
+    (whitened) energy.
 
     The factors at a lower rank ``r`` are the first ``r`` columns of ``B`` and rows of ``A``, so cutting needs no
     new decomposition and :meth:`factors` gives views, not copies.
@@ -55,7 +55,10 @@ class Factors:
     a: Tensor
     energies: Tensor  # float64, descending
     total: float
-    full_rank: int
+
+    @property
+    def full_rank(self) -> int:
+        return min(self.shape)
 
     @property
     def limit(self) -> int:
@@ -83,26 +86,28 @@ class Eigenbasis:
     :meth:`factors` needs besides the weight itself.
 
     ``energies`` (ascending, as LAPACK gives them) are the squared singular values ``s_i^2`` of ``W S``,
-    ``vectors`` their eigenvectors (left singular vectors when ``left``, else right ones), ``total`` the whole
+    ``vectors`` their eigenvectors (left singular vectors when :attr:`left`, else right ones), ``total`` the whole
     energy, ``chol`` the whitening ``S`` (on the right side only; on the left it enters the Gram matrix alone).
     """
 
     energies: Tensor
     vectors: Tensor
     total: float
-    shape: tuple[int, int]
-    left: bool
+    shape: tuple[int, int]  # the weight's (out, n)
     chol: Tensor | None
+
+    @property
+    def left(self) -> bool:
+        """The Gram matrix is ``W W^T`` (the weight is no taller than wide), not ``W^T W``."""
+        return self.shape[0] <= self.shape[1]
 
     def factors(self, weight: Tensor, dtype: torch.dtype) -> Factors:
         """The factors of ``weight`` (the one the basis is of) at the rank limit, in ``dtype``, each block flipped
         to descending order as it is made."""
         (out, n), limit, vectors = self.shape, self.energies.numel(), self.vectors
-        full_rank = min(out, n)
         if limit < 1:
             none = torch.zeros(0, dtype=torch.float64)
-            b, a = weight.new_empty(out, 0, dtype=dtype), weight.new_empty(0, n, dtype=dtype)
-            return Factors(b, a, none, self.total, full_rank)
+            return Factors(weight.new_empty(out, 0, dtype=dtype), weight.new_empty(0, n, dtype=dtype), none, self.total)
         singular = self.energies.clamp(min=0).sqrt()
         root = torch.where(singular > 0, singular.sqrt(), torch.ones_like(singular))  # s split evenly; 0s left whole
         if self.left:  # W ~ U (U^T W)
@@ -116,7 +121,7 @@ class Eigenbasis:
             if self.chol is not None:
                 a64 = torch.linalg.solve_triangular(self.chol, a64, upper=False, left=False)  # A S = root V^T
             a = a64.to(dtype).flip(0)
-        return Factors(b, a, self.energies.clamp(min=0).flip(0), self.total, full_rank)
+        return Factors(b, a, self.energies.clamp(min=0).flip(0), self.total)
 
 
 def eigenbasis(weight: Tensor, covariance: Tensor | None = None, *, limit: int) -> Eigenbasis:
@@ -131,8 +136,8 @@ def eigenbasis(weight: Tensor, covariance: Tensor | None = None, *, limit: int) 
     frees them for the eigensolve (and passes the weight again to :meth:`Eigenbasis.factors`).
     """
     out, n = weight.shape
-    left, chol = out <= n, None
-    if left:  # M = W S, M M^T = W (S S^T) W^T
+    chol = None
+    if out <= n:  # M = W S, M M^T = W (S S^T) W^T (as Eigenbasis.left says)
         kernel = _outer(weight, covariance)
     else:  # M^T M = S^T (W^T W) S
         kernel = _outer(weight.T, None)
@@ -147,7 +152,7 @@ def eigenbasis(weight: Tensor, covariance: Tensor | None = None, *, limit: int) 
         energies, vectors = torch.zeros(0, dtype=torch.float64), kernel.new_zeros(kernel.shape[0], 0)
     else:
         energies, vectors = _top_eigenpairs(kernel, limit)  # the kernel is overwritten
-    return Eigenbasis(energies, vectors, total, (out, n), left, chol)
+    return Eigenbasis(energies, vectors, total, (out, n), chol)
 
 
 _BLOCK = 256
