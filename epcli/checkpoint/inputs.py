@@ -102,7 +102,11 @@ class InputSpec:
     def __post_init__(self) -> None:
         object.__setattr__(self, "shape", sample_shape(self.shape, "InputSpec.shape", scalar=True))
         if self.dtype not in INPUT_DTYPES.values():
-            raise ConfigError(f"InputSpec.dtype must be one of {sorted(INPUT_DTYPES)}, got {quote(self.dtype)}")
+            given = f"the string {quote(self.dtype)}" if isinstance(self.dtype, str) else quote(self.dtype)
+            raise ConfigError(
+                f"InputSpec.dtype must be a torch dtype, one of {', '.join(f'torch.{n}' for n in sorted(INPUT_DTYPES))}; "
+                f"got {given}"
+            )
         if (self.low is None) != (self.high is None):
             raise ConfigError("InputSpec: give both low and high (values in [low, high)) or neither")
         if self.low is None or self.high is None:

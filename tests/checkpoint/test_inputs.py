@@ -62,6 +62,12 @@ def test_bad_input_specs_say_what_to_write(text: str, match: str):
         parse_input(text)
 
 
+def test_a_dtype_given_by_name_says_to_pass_the_torch_dtype():
+    """The string ``"int64"`` is not ``torch.int64``: the message must not list ``int64`` as if it were accepted."""
+    with pytest.raises(ConfigError, match=r"must be a torch dtype, one of .*torch\.int64.*; got the string 'int64'"):
+        InputSpec((16,), "int64", 0, 100)  # type: ignore[arg-type]
+
+
 def test_random_inputs_are_seeded_typed_and_in_range():
     specs = [InputSpec((3,)), InputSpec((6,), torch.int64, 5, 9)]
     first = list(random_inputs(specs, 10, 4, 7, dtype=torch.float64))
